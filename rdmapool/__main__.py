@@ -1,0 +1,5 @@
+import sys
+
+from rdmapool.cli import main
+
+sys.exit(main())

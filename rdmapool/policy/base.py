@@ -1,0 +1,67 @@
+"""The eviction-policy interface that memory servers and the trace simulator share (the same objects).
+
+Theory of operation
+-------------------
+A policy tracks the keys of resident blocks and answers "which one goes next?". It is pure: no sockets, no
+clock of its own (time is passed in), O(1) or O(log n) per call, no scan over every entry per eviction.
+
+With one-sided reads a server never sees reads; it learns about accesses only from `lookup` (a read lease
+granted) and `touch` (clients' access reports). Those arrive here as `on_access`.
+
+Call order, as the server and the simulator drive it:
+- `admit(info, now)` before inserting when the pool is full: False bypasses the newcomer (admission filter).
+- `on_insert(info, now)` once a block is committed (resident).
+- `on_access(key, now)` on each lookup hit or touch.
+- `victim(now)` names the next key to evict, or None when nothing is tracked. It does not remove the key: the
+  owner calls `on_remove(key)` once the block is really gone. A caller that cannot evict the named key right
+  now (it is leased) calls `on_access(key, now)` to move it out of the way and asks again, a bounded number
+  of times.
+- `on_remove(key)` when a block leaves for any reason (evicted, deleted, expired).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+Key = Hashable
+
+
+@dataclass(frozen=True, slots=True)
+class BlockInfo:
+    """What a server knows of a block when it becomes resident."""
+
+    key: Key
+    size: int = 1
+    #: key of the previous block in the prefix chain (None for a chain's first block or when unknown)
+    parent: Key | None = None
+    #: position in the chain, 0 for the first block (-1 when unknown)
+    depth: int = -1
+    tenant: str = ""
+
+
+class EvictionPolicy(ABC):
+    name: str = "abstract"
+
+    def admit(self, info: BlockInfo, now: float) -> bool:
+        """Is the newcomer worth more than what it would displace? Default: always admit."""
+        return True
+
+    @abstractmethod
+    def on_insert(self, info: BlockInfo, now: float) -> None: ...
+
+    @abstractmethod
+    def on_access(self, key: Key, now: float) -> None: ...
+
+    @abstractmethod
+    def on_remove(self, key: Key) -> None: ...
+
+    @abstractmethod
+    def victim(self, now: float) -> Key | None: ...
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    def __contains__(self, key: Key) -> bool:
+        raise NotImplementedError

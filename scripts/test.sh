@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command: set up what is missing (idempotent), then run the whole suite.
+# Extra arguments go to pytest, e.g. scripts/test.sh tests/transport -x
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$here"
+bash scripts/setup.sh
+venv="${RDMAPOOL_VENV:-$here/.venv}"
+"$venv/bin/ruff" check rdmapool tests bench scripts
+set +e
+"$venv/bin/python" -m pytest "$@"
+rc=$?
+set -e
+# pytest exits 5 when it collected nothing: that is a failure of the suite, not a pass.
+exit $rc

@@ -1,0 +1,20 @@
+"""Builds the compiled hot paths in native/ as extension modules of the rdmapool package.
+
+Each native/<name>.c becomes rdmapool._<name>; the pure-Python package works without them where a
+fallback exists, and says so loudly where it does not.
+"""
+from pathlib import Path
+
+from setuptools import Extension, setup
+
+native = Path(__file__).parent / "native"
+extensions = [
+    Extension(
+        f"rdmapool._{src.stem}",
+        sources=[str(src.relative_to(Path(__file__).parent))],
+        extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wno-unused-function"],
+        libraries=["pthread"],
+    )
+    for src in sorted(native.glob("*.c"))
+]
+setup(ext_modules=extensions)
