@@ -12,11 +12,12 @@ INIT and sends their numbers and PSNs with its port facts; the passive side's `a
 pairs, moves them to RTS against the request and replies with its own; the active side then moves its queue
 pairs to RTS. Both derive the QP attributes (`negotiate`) from both ports. The messages are plain dicts, so a
 memory server carries them over its control protocol (`connect(peer_info, exchange=client_call)`); without an
-`exchange`, the built-in bootstrap listener (`verbs_bootstrap`) named in `peer_info()` carries them.
+`exchange`, the built-in bootstrap listener (`verbs_bootstrap`) named in `peer_info()` carries them. The reply
+names a `session`; the server calls `release(session)` when that client's control connection ends.
 
 One endpoint is one RC queue pair, so the ordering rules of `base` hold exactly. Several queue pairs per peer
 (`connect_many`, default `qps_per_peer` = 2) let a client keep transfers in flight on independent queues;
-they are made in a single handshake. Passive queue pairs live until the transport closes.
+they are made in a single handshake. Passive queue pairs live until `release` or the transport closes.
 """
 
 from __future__ import annotations
@@ -63,10 +64,11 @@ class VerbsOptions:
     port: int | None = None
     gid_index: int | None = None
     qps_per_peer: int = 2
-    sq_depth: int = 512
+    sq_depth: int = 2048
     timeout: int = DEFAULT_TIMEOUT
     retry_cnt: int = DEFAULT_RETRY_CNT
     rd_atomic_cap: int | None = None
+    stall_timeout: float | None = None  # see verbs_endpoint: default 2x the dead-peer time, >= 5 s
     bootstrap_host: str | None = None
 
 
@@ -109,7 +111,8 @@ class VerbsTransport(Transport):
         self._lock = threading.Lock()
         self._regions: dict[int, MemoryRegion] = {}
         self._endpoints: list[VerbsEndpoint] = []
-        self._passive: list[_Qp] = []
+        self._passive: dict[int, list[_Qp]] = {}
+        self._session = 0
         self._bootstrap: verbs_bootstrap.BootstrapServer | None = None
         self._closed = False
 
@@ -234,7 +237,8 @@ class VerbsTransport(Transport):
             for q in qps:
                 _close_quietly(q.qp, q.cq)
             raise
-        endpoints = [VerbsEndpoint(self._e, q.qp, q.cq, params, self._sq_depth) for q in qps]
+        endpoints = [VerbsEndpoint(self._e, q.qp, q.cq, params, self._sq_depth, self.options.stall_timeout)
+                     for q in qps]
         with self._lock:
             self._endpoints = [ep for ep in self._endpoints if ep.state != EndpointState.CLOSED] + endpoints
         return endpoints
@@ -254,8 +258,20 @@ class VerbsTransport(Transport):
                 _close_quietly(q.qp, q.cq)
             raise
         with self._lock:
-            self._passive.extend(qps)
-        return Handshake(self.port_info, tuple(QpInfo(int(q.qp.qp_num), q.psn) for q in qps)).to_wire()
+            self._session += 1
+            self._passive[self._session] = qps
+            session = self._session
+        reply = Handshake(self.port_info, tuple(QpInfo(int(q.qp.qp_num), q.psn) for q in qps)).to_wire()
+        reply["session"] = session
+        return reply
+
+    def release(self, session: int) -> None:
+        """Close the passive queue pairs of one accepted handshake (`reply["session"]`), e.g. when the memory
+        server's control connection to that client closes. Unknown sessions are ignored (idempotent)."""
+        with self._lock:
+            qps = self._passive.pop(session, [])
+        for q in qps:
+            _close_quietly(q.qp, q.cq)
 
     def _new_qp(self) -> _Qp:
         e, qp_mod = self._e, self._mods["qp"]
@@ -310,7 +326,8 @@ class VerbsTransport(Transport):
             self._bootstrap.close()
         with self._lock:
             endpoints, self._endpoints = self._endpoints, []
-            passive, self._passive = self._passive, []
+            passive = [q for qps in self._passive.values() for q in qps]
+            self._passive = {}
             regions, self._regions = list(self._regions.values()), {}
         for ep in endpoints:
             ep.close()

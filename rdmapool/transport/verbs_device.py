@@ -82,6 +82,21 @@ def read_gid_table(device: str, port: int, size: int, root: Path = SYSFS) -> lis
     return entries
 
 
+def _gid_table(ctx: Any, device: str, port: int, pattr: Any) -> list[GidEntry]:
+    """Valid GID entries of a port: ibv_query_gid_table (one call) where pyverbs has it, else sysfs."""
+    kinds = {0: "IB", 1: "IB/RoCE v1", 2: "RoCE v2"}  # enum ibv_gid_type
+    try:
+        table = ctx.query_gid_table(pattr.gid_tbl_len)
+        entries = []
+        for g in table:
+            text = g.gid_str() if callable(g.gid_str) else g.gid_str  # a method in rdma-core 44
+            if int(g.port_num) == port:
+                entries.append(GidEntry(int(g.gid_index), gid_hex(str(text)), kinds.get(int(g.gid_type), "unknown")))
+        return entries
+    except Exception:  # older pyverbs or provider without the call: the slower sysfs walk
+        return read_gid_table(device, port, pattr.gid_tbl_len)
+
+
 def memlock_problem(length: int) -> str | None:
     """Why `length` bytes may not be pinnable by this process, or None. Registration pins pages: it needs
     CAP_IPC_LOCK or a memlock limit that covers everything registered."""
@@ -141,8 +156,7 @@ def open_device(name: str | None = None, port: int | None = None, gid_index: int
                 problems.append(f"{candidate} port {p} is not ACTIVE (state {int(pattr.state)})")
                 continue
             link = "ethernet" if int(pattr.link_layer) == e.IBV_LINK_LAYER_ETHERNET else "infiniband"
-            index = gid_index if gid_index is not None else choose_gid(
-                read_gid_table(candidate, p, pattr.gid_tbl_len), link)
+            index = gid_index if gid_index is not None else choose_gid(_gid_table(ctx, candidate, p, pattr), link)
             gid = gid_hex(str(ctx.query_gid(p, index))) if link == "ethernet" or index else ZERO_GID
             info = PortInfo(gid=gid, gid_index=index, lid=int(pattr.lid), link_layer=link,
                             active_mtu=int(pattr.active_mtu), max_qp_rd_atom=int(attr.max_qp_rd_atom),

@@ -12,6 +12,14 @@ The first error completion (bad rkey, out of bounds, retry exceeded when the pee
 ERROR: that request is reported with its status (signalled or not), every request still in flight and every one
 posted later is reported as WR_FLUSH_ERR, and the queue pair is never posted to again (what the hardware still
 flushes is drained and dropped). Recovery is the caller's: connect a new endpoint, or fail over.
+
+Progress watchdog: a NIC reports RETRY_EXC_ERR by itself once a peer stops acknowledging for the dead-peer time
+of `QpParams`. rxe in Debian's 6.1 kernel does not when the peer's queue pair is destroyed (measured in the VM:
+no completion at all after 15 s, for ack timeouts 10, 14 and 17), so a request would hang. When requests are in
+flight and the device has produced no completion for `stall_timeout` (default twice the dead-peer time, at least
+5 s), `poll` reports RETRY_EXC_ERR itself and moves the queue pair to ERR. Hidden signals every
+`HIDDEN_SIGNAL_EVERY` requests keep completions flowing during long unsignalled batches, so a slow but live
+transfer is never mistaken for a dead peer.
 """
 
 from __future__ import annotations
@@ -34,10 +42,11 @@ from rdmapool.transport.base import (
     check_work_request,
 )
 from rdmapool.transport.verbs_conn import QpParams
-from rdmapool.transport.verbs_enums import EnumTable
+from rdmapool.transport.verbs_enums import EnumTable, import_pyverbs
 from rdmapool.transport.verbs_wr import build_chain, completion
 
 POLL_BATCH = 64
+HIDDEN_SIGNAL_EVERY = 64
 
 
 @dataclass(slots=True)
@@ -49,14 +58,16 @@ class _Inflight:
 
 
 class VerbsEndpoint(Endpoint):
-    def __init__(self, e: EnumTable, qp: Any, cq: Any, params: QpParams, sq_depth: int, space_timeout: float = 30.0
-                 ) -> None:
+    def __init__(self, e: EnumTable, qp: Any, cq: Any, params: QpParams, sq_depth: int,
+                 stall_timeout: float | None = None, space_timeout: float = 30.0) -> None:
         self._e = e
         self._qp = qp
         self._cq = cq
         self.params = params
         self._sq_depth = sq_depth
-        self._signal_every = max(1, sq_depth // 4)
+        self._signal_every = max(1, min(HIDDEN_SIGNAL_EVERY, sq_depth // 4))
+        self._stall_timeout = stall_timeout if stall_timeout else max(5.0, 2 * params.dead_peer_seconds)
+        self._last_progress = time.monotonic()
         self._space_timeout = space_timeout
         self._state = EndpointState.READY
         self._inflight: deque[_Inflight] = deque()
@@ -103,6 +114,8 @@ class VerbsEndpoint(Endpoint):
             hw_signal.append(wr.signaled or i == len(wrs) - 1 or self._seq % self._signal_every == 0)
             entries.append(_Inflight(self._seq, wr.wr_id, wr.opcode, wr.signaled))
         chain = build_chain(self._e, wrs, seqs, hw_signal)
+        if not self._inflight:
+            self._last_progress = time.monotonic()
         try:
             self._qp.post_send(chain[0])
         except Exception as exc:  # the provider refused the list (e.g. QP already in error): nothing was queued
@@ -125,14 +138,29 @@ class VerbsEndpoint(Endpoint):
             raise UsageError("poll needs max_entries >= 1")
         if self._state != EndpointState.CLOSED and len(self._ready) < max_entries:
             self._drain_device()
+            if self._inflight and time.monotonic() - self._last_progress > self._stall_timeout:
+                self._declare_dead_peer()
         out = []
         while self._ready and len(out) < max_entries:
             out.append(self._ready.popleft())
         return out
 
+    def _declare_dead_peer(self) -> None:
+        entry = self._inflight.popleft()
+        if entry.user_signaled:
+            self._visible_inflight -= 1
+        self._ready.append(Completion(entry.wr_id, WcStatus.RETRY_EXC_ERR, entry.opcode, 0,
+                                      f"no progress for {self._stall_timeout:.1f}s (software watchdog)"))
+        self._enter_error()
+        with contextlib.suppress(Exception):  # stop the device retrying; we never post here again anyway
+            attr = import_pyverbs("qp").QPAttr(qp_state=self._e.IBV_QPS_ERR)
+            self._qp.modify(attr, self._e.IBV_QP_STATE)
+
     def _drain_device(self) -> int:
         """Move device completions into `_ready`; returns how many the device produced."""
         npolled, wcs = self._cq.poll(POLL_BATCH)
+        if npolled:
+            self._last_progress = time.monotonic()
         for wc in wcs[:npolled]:
             if self._state != EndpointState.READY:
                 continue  # flushes of an endpoint already reported as failed

@@ -41,6 +41,7 @@ class FakeQueuePair:
     posted: int = 0
     max_depth_seen: int = 0
     closed: bool = False
+    dead: bool = False  # the peer vanished and the device never says so (rxe in 6.1)
     qp_num: int = 17
 
     def post_send(self, head):
@@ -54,6 +55,8 @@ class FakeQueuePair:
             raise RuntimeError("send queue overflow")
 
     def run(self):
+        if self.dead:
+            return
         for wr in self.queue:
             if self.in_error:
                 self.cqes.append(FakeWC(wr.wr_id, FLUSH))
@@ -72,6 +75,9 @@ class FakeQueuePair:
 
     def close(self):
         self.closed = True
+
+    def modify(self, attr, mask):
+        self.in_error = True
 
 
 @pytest.fixture()
@@ -137,3 +143,20 @@ def test_local_mistakes_are_usage_errors_before_posting(fake):
     with pytest.raises(UsageError):
         ep.post([WorkRequest.cas(1, Sge(0x1000, 8, 1), 0x2001, GOOD, 0, 1)])  # misaligned atomic
     assert qp.posted == 0
+
+
+def test_watchdog_turns_a_silent_dead_peer_into_retry_exceeded(monkeypatch):
+    qp = FakeQueuePair(depth=16, dead=True)
+    monkeypatch.setattr(verbs_endpoint, "build_chain", lambda e, wrs, ids, sig: [
+        FakeWR(i, w.rkey, s) for w, i, s in zip(wrs, ids, sig, strict=True)][:1])
+    ep = VerbsEndpoint(None, qp, qp, QpParams(3, 16, 16, 17, 7), sq_depth=16, stall_timeout=0.05)
+    ep.post([read(0, signaled=False), read(1)])
+    got = ep.wait(2, timeout=5)
+    assert [(c.wr_id, c.status) for c in got] == [(0, WcStatus.RETRY_EXC_ERR), (1, WcStatus.WR_FLUSH_ERR)]
+    assert "watchdog" in got[0].detail and ep.state == EndpointState.ERROR
+
+
+def test_default_watchdog_is_twice_the_dead_peer_time(fake):
+    qp, _ = fake
+    ep = VerbsEndpoint(None, qp, qp, QpParams(3, 16, 16, 17, 7), sq_depth=16)
+    assert ep._stall_timeout == pytest.approx(2 * 4.295, rel=1e-3)
