@@ -17,6 +17,7 @@ from collections.abc import Callable
 import msgpack
 
 from rdmapool.errors import ProtocolError, ServerUnavailable
+from rdmapool.transport.verbs_conn import timeout_scale
 
 MAX_FRAME = 1 << 20
 _LEN = struct.Struct(">I")
@@ -55,7 +56,7 @@ class BootstrapServer:
 
     def __init__(self, host: str, handler: Callable[[dict], dict], io_timeout: float = 10.0) -> None:
         self._handler = handler
-        self._io_timeout = io_timeout
+        self._io_timeout = io_timeout * timeout_scale()
         self._sock = socket.create_server((host, 0))
         self._sock.settimeout(0.2)
         self.address = (host, self._sock.getsockname()[1])
@@ -90,6 +91,7 @@ class BootstrapServer:
 
 def exchange(address: tuple[str, int], request: dict, timeout: float) -> dict:
     """Send `request` to a BootstrapServer and return its reply."""
+    timeout *= timeout_scale()
     try:
         with socket.create_connection(address, timeout=timeout) as sock:
             sock.settimeout(timeout)

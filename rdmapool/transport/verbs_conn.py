@@ -21,6 +21,7 @@ Wire form: plain dicts/lists of ints and strings (msgpack-able), versioned, vali
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,16 @@ LINK_LAYERS = ("ethernet", "infiniband")
 DEFAULT_TIMEOUT = 17
 DEFAULT_RETRY_CNT = 7
 MAX_RD_ATOMIC_FIELD = 255  # the QP attribute is 8 bits wide
+
+
+def timeout_scale() -> float:
+    """Factor for handshake and watchdog timeouts from $RDMAPOOL_TIMEOUT_SCALE (>= 1, default 1). The rxe VM
+    harness sets it: under TCG on a loaded host the guest's clock runs at wall speed while its CPUs run tens of
+    times slower, so seconds-long bounds meant for real machines fire on work that is merely slow."""
+    try:
+        return max(1.0, float(os.environ.get("RDMAPOOL_TIMEOUT_SCALE", "1")))
+    except ValueError:
+        return 1.0
 
 
 def dead_peer_seconds(timeout: int, retry_cnt: int) -> float:

@@ -41,7 +41,7 @@ from rdmapool.transport.base import (
     WorkRequest,
     check_work_request,
 )
-from rdmapool.transport.verbs_conn import QpParams
+from rdmapool.transport.verbs_conn import QpParams, timeout_scale
 from rdmapool.transport.verbs_enums import EnumTable, import_pyverbs
 from rdmapool.transport.verbs_wr import build_chain, completion
 
@@ -66,7 +66,7 @@ class VerbsEndpoint(Endpoint):
         self.params = params
         self._sq_depth = sq_depth
         self._signal_every = max(1, min(HIDDEN_SIGNAL_EVERY, sq_depth // 4))
-        self._stall_timeout = stall_timeout if stall_timeout else max(5.0, 2 * params.dead_peer_seconds)
+        self._stall_timeout = stall_timeout if stall_timeout else max(5.0, 2 * params.dead_peer_seconds) * timeout_scale()
         self._last_progress = time.monotonic()
         self._space_timeout = space_timeout
         self._state = EndpointState.READY

@@ -44,7 +44,8 @@ hostname "rxe-vm-${ip%%/*}"
 ulimit -l unlimited
 
 cd /mnt/proj 2>/dev/null || cd /
-export HOME=/root PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/mnt/proj RDMAPOOL_JOB=/mnt/job RDMAPOOL_IN_VM=1
+# The checkout is read-only: byte-code goes to a tmpfs cache, compiled once per boot (TCG compiles slowly).
+export HOME=/root PYTHONPYCACHEPREFIX=/tmp/pycache PYTHONPATH=/mnt/proj RDMAPOOL_JOB=/mnt/job RDMAPOOL_IN_VM=1
 export RDMAPOOL_VM_IP="${ip%%/*}"
 timeout -k 5 "$timeout" sh /mnt/job/cmd.sh >/mnt/job/output.log 2>&1
 echo $? >/mnt/job/rc.tmp
