@@ -9,10 +9,12 @@ import time
 import numpy as np
 import pytest
 
+from rdmapool import transport as transports
 from rdmapool.client import PoolClient, PutStatus
 from rdmapool.config import ClientConfig, ServerConfig, TenantConfig
 from rdmapool.server import MemoryServer
 from rdmapool.server.slots import stride_for
+from rdmapool.transport.base import Transport
 from tests.support.localmem import LocalTransport
 
 TOKENS = {"a": "token-a-secret", "b": "token-b-secret"}
@@ -22,17 +24,25 @@ def key(i: int) -> bytes:
     return i.to_bytes(16, "big")
 
 
-@pytest.fixture
-def server():
+TRANSPORTS = ["local", "tcp", "shm"]
+
+
+def new_transport(name: str) -> Transport:
+    return LocalTransport() if name == "local" else transports.create(name)
+
+
+@pytest.fixture(params=TRANSPORTS)
+def server(request):
     cfg = ServerConfig(tenants=tuple(TenantConfig(t, tok, 8 << 20) for t, tok in TOKENS.items()),
                        size_classes=(4096, 256 << 10), lease_s=0.5, grace_s=0.2, reservation_s=2.0)
-    with MemoryServer(cfg, transport=LocalTransport()) as srv:
+    with MemoryServer(cfg, transport=new_transport(request.param)) as srv:
+        srv.transport_name = request.param
         yield srv
 
 
 def make_client(server, tenant="a", **options) -> PoolClient:
     cfg = ClientConfig(token=TOKENS[tenant], staging_bytes=1 << 20, request_timeout_s=2.0, **options)
-    return PoolClient([server.address], cfg, transport=LocalTransport())
+    return PoolClient([server.address], cfg, transport=new_transport(server.transport_name))
 
 
 def test_round_trip_byte_exact(server) -> None:
@@ -78,6 +88,8 @@ def test_tenants_pairwise_same_hits_other_misses(server) -> None:
 
 
 def test_torn_read_is_a_miss_never_data(server) -> None:
+    if server.transport_name != "local":
+        pytest.skip("torn reads are injected by the local test transport here (real transports: test_processes)")
     with make_client(server) as c:
         c.put([key(1)], [os.urandom(4000)])
         ep = c._conn(c.router.servers[0]).endpoint
@@ -107,23 +119,30 @@ def test_corrupted_slot_detected(server) -> None:
         assert c.counters["corrupt_blocks"] == 2
 
 
-def test_slot_reused_under_slow_reader_gives_miss() -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_slot_reused_under_slow_reader_gives_miss(transport: str) -> None:
     """Two slots only. A reader holds a ref; the block is deleted; while the lease runs the slot is not reused;
     once lease + grace pass it is, and the slow reader's READ then gets a miss, never the new bytes."""
     stride = stride_for(4096)
     cfg = ServerConfig(tenants=(TenantConfig("a", TOKENS["a"], 2 * stride),), size_classes=(4096,),
                        lease_s=0.5, grace_s=0.2)
-    with MemoryServer(cfg, transport=LocalTransport()) as srv, make_client(srv) as c:
-        c.put([key(1)], [b"old" * 100])
-        (ref,) = c.lookup_prefix([key(1)]).refs
-        assert c.delete([key(1)]) == [True]
-        assert c.put([key(2), key(3)], [b"new" * 100] * 2) == [PutStatus.STORED, PutStatus.FULL]
-        time.sleep(0.75)  # lease 0.5 + grace 0.2
-        assert c.put([key(3)], [b"new" * 100]) == [PutStatus.STORED]  # the old slot, new generation
-        stale = type(ref)(ref.key, ref.server, ref.epoch, ref.hit, time.monotonic() + 10)  # a stalled READ
-        assert c.read([stale], [bytearray(300)]) == [None]
-        assert c.counters["corrupt_blocks"] == 1
-        assert c.get([key(3)], [bytearray(300)]) == [300]
+    with MemoryServer(cfg, transport=new_transport(transport)) as srv:
+        srv.transport_name = transport
+        with make_client(srv) as c:
+            _reuse_under_slow_reader(c)
+
+
+def _reuse_under_slow_reader(c: PoolClient) -> None:
+    c.put([key(1)], [b"old" * 100])
+    (ref,) = c.lookup_prefix([key(1)]).refs
+    assert c.delete([key(1)]) == [True]
+    assert c.put([key(2), key(3)], [b"new" * 100] * 2) == [PutStatus.STORED, PutStatus.FULL]
+    time.sleep(0.75)  # lease 0.5 + grace 0.2
+    assert c.put([key(3)], [b"new" * 100]) == [PutStatus.STORED]  # the old slot, new generation
+    stale = type(ref)(ref.key, ref.server, ref.epoch, ref.hit, time.monotonic() + 10)  # a stalled READ
+    assert c.read([stale], [bytearray(300)]) == [None]
+    assert c.counters["corrupt_blocks"] == 1
+    assert c.get([key(3)], [bytearray(300)]) == [300]
 
 
 def test_unavailable_server_gives_misses_fast() -> None:
