@@ -24,7 +24,7 @@ from rdmapool.transport.base import Endpoint, Transport
 
 class ServerConnection:
     def __init__(self, address: ServerAddress, config: ClientConfig,
-                 transport_for: Callable[[str], Transport], clock: Callable[[], float] = time.monotonic) -> None:
+                 transport_for: Callable[[str], Transport | None], clock: Callable[[], float] = time.monotonic) -> None:
         self.address = address
         self.config = config
         self._transport_for = transport_for
@@ -62,11 +62,13 @@ class ServerConnection:
         self._session = ClientSession(cfg.max_frame)
         self.hello = self._call_raw([("hello", {"token": cfg.token})])[0]
         transport = self._transport_for(str(self.hello.get("transport")))
+        self.connects += 1
+        if transport is None:  # a control-only connection (stats)
+            return
         peer_info = self.hello.get("peer_info")
         if not isinstance(peer_info, dict):
             raise ProtocolError("hello reply lacks peer_info")
         self.endpoint = transport.connect(peer_info, exchange=self._exchange, timeout=cfg.connect_timeout_s)
-        self.connects += 1
 
     def _exchange(self, request: dict) -> dict:
         reply = self._call_raw([("accept", {"request": request})])[0].get("reply")
