@@ -26,7 +26,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from rdmapool import block
 from rdmapool.client.buffers import Arena, RegionSlice, Registry
@@ -65,9 +65,9 @@ _FROM_ALLOC = {AllocStatus.EXISTS: PutStatus.EXISTS, AllocStatus.FULL: PutStatus
                AllocStatus.TOO_BIG: PutStatus.TOO_BIG}
 
 
-@dataclass(frozen=True, slots=True)
-class BlockRef:
-    """A leased hit from a lookup, readable with `PoolClient.read` until `lease_until` (client clock)."""
+class BlockRef(NamedTuple):
+    """A leased hit from a lookup, readable with `PoolClient.read` until `lease_until` (client clock).
+    A NamedTuple because a lookup builds one per hit (see docs/decisions.md)."""
 
     key: bytes
     server: ServerAddress
@@ -77,7 +77,7 @@ class BlockRef:
 
     @property
     def length(self) -> int:
-        return self.hit.length
+        return self.hit[3]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +102,7 @@ class PoolClient:
         self.clock = clock
         self.counters = ClientCounters()
         self._transport = transport
+        self._own_transport = transport is None
         self._transport_name = transport.name if transport is not None else transport_name
         self._conns: dict[ServerAddress, ServerConnection] = {}
         self._arena: Arena | None = None
@@ -142,6 +143,8 @@ class PoolClient:
 
     def _groups(self, keys: Sequence[bytes]) -> dict[ServerAddress, list[int]]:
         servers = self.router.servers
+        if len(servers) == 1:
+            return {servers[0]: list(range(len(keys)))}
         groups: dict[ServerAddress, list[int]] = defaultdict(list)
         for i, key in enumerate(keys):
             groups[servers[self.router.route(key)]].append(i)
@@ -280,9 +283,10 @@ class PoolClient:
                 hits = parse_hits(reply, len(idx))
                 lease = float(conn.hello.get("lease_s", 0)) * LEASE_MARGIN
                 epoch = int(conn.hello.get("epoch", 0))
+                until = start + lease
                 for i, hit in zip(idx, hits, strict=False):
                     if hit is not None:
-                        refs[i] = BlockRef(keys[i], addr, epoch, hit, start + lease)
+                        refs[i] = BlockRef(keys[i], addr, epoch, hit, until)
             except _DEGRADE as exc:
                 self._degraded(conn, exc)
         return refs
@@ -439,6 +443,9 @@ class PoolClient:
                 for region in self._registry.regions:
                     self._transport.deregister(region)
                 self._registry.regions.clear()
+                if self._own_transport:
+                    self._transport.close()
+                    self._transport = None
 
     def __enter__(self) -> PoolClient:
         return self

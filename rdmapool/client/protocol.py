@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from rdmapool.errors import AuthError, ProtocolError, UsageError
 from rdmapool.server import wire
 
 
-@dataclass(frozen=True, slots=True)
-class Hit:
-    """A lookup hit: where the block is, the generation it must carry, its payload length."""
+class Hit(NamedTuple):
+    """A lookup hit: where the block is, the generation it must carry, its payload length. (A NamedTuple: one
+    is built per hit, 512 per lookup; see docs/decisions.md.)"""
 
     addr: int
     rkey: int
@@ -68,7 +69,19 @@ def _ints(item: object, n: int, where: str) -> list[int]:
 
 def parse_hits(reply: dict, asked: int) -> list[Hit | None]:
     raw = wire.get_list(reply, "hits", asked)
-    return [None if item is None else Hit(*_ints(item, 4, f"hits[{i}]")) for i, item in enumerate(raw)]
+    out: list[Hit | None] = []
+    for item in raw:
+        if item is None:
+            out.append(None)
+            continue
+        # one type check per field, no generator: this runs once per hit
+        if type(item) is not list or len(item) != 4:
+            raise ProtocolError("hits: each hit is [addr, rkey, generation, length]")
+        a, r, g, n = item
+        if type(a) is not int or type(r) is not int or type(g) is not int or type(n) is not int or min(item) < 0:
+            raise ProtocolError("hits: fields must be non-negative integers")
+        out.append(Hit(a, r, g, n))
+    return out
 
 
 def parse_grants(reply: dict, asked: int) -> list[Reservation]:

@@ -92,7 +92,7 @@ class Handler:
 
     def _lookup(self, tenant: str, msg: dict, now: float) -> dict:
         hits = self.core.lookup(tenant, self._keys(msg), now, prefix=wire.get_bool(msg, "prefix", True))
-        return {"hits": [None if h is None else [h.addr, h.rkey, h.generation, h.length] for h in hits]}
+        return {"hits": [None if h is None else h[:4] for h in hits]}
 
     def _allocate(self, tenant: str, msg: dict, now: float) -> dict:
         keys = self._keys(msg)

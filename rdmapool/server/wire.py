@@ -118,7 +118,11 @@ def check_key(value: object, where: str) -> bytes:
 
 
 def get_keys(msg: dict, name: str, max_items: int) -> list[bytes]:
-    return [check_key(k, f"{name}[{i}]") for i, k in enumerate(get_list(msg, name, max_items))]
+    keys = get_list(msg, name, max_items)
+    for i, k in enumerate(keys):
+        if type(k) is not bytes or len(k) != KEY_SIZE:
+            check_key(k, f"{name}[{i}]")  # raises, naming the field
+    return keys
 
 
 def get_key_generations(msg: dict, name: str, max_items: int) -> list[tuple[bytes, int]]:
