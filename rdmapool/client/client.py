@@ -24,7 +24,7 @@ import enum
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -50,6 +50,7 @@ from rdmapool.transport.base import Access, EndpointState, MemoryRegion, Opcode,
 _DEGRADE = (ServerUnavailable, TransportError, ProtocolError, AuthError)
 #: a lease is trusted until this fraction of it has passed on the client's clock
 LEASE_MARGIN = 0.8
+DEFAULT_MAX_KEYS = 4096
 
 
 class PutStatus(enum.Enum):
@@ -150,6 +151,20 @@ class PoolClient:
             groups[servers[self.router.route(key)]].append(i)
         return groups
 
+    def _batches(self, keys: Sequence[bytes]) -> Iterator[tuple[ServerConnection, list[int]]]:
+        """(connection, key indices) per server, in chunks of at most the server's `max_keys`. A server that
+        cannot be reached is counted and skipped (its keys stay misses)."""
+        for addr, idx in self._groups(keys).items():
+            conn = self._conn(addr)
+            try:
+                conn.ensure()
+            except _DEGRADE as exc:
+                self._degraded(conn, exc)
+                continue
+            step = max(1, int(conn.hello.get("max_keys", DEFAULT_MAX_KEYS)))
+            for start in range(0, len(idx), step):
+                yield conn, idx[start : start + step]
+
     def _degraded(self, conn: ServerConnection, exc: Exception) -> None:
         self.counters.add("unavailable" if isinstance(exc, ServerUnavailable) else f"error_{type(exc).__name__}")
         if not isinstance(exc, ServerUnavailable):
@@ -163,8 +178,7 @@ class PoolClient:
         sources = [_as_source(b) for b in buffers]
         out = [PutStatus.UNAVAILABLE] * len(keys)
         with self._lock:
-            for addr, idx in self._groups(keys).items():
-                conn = self._conn(addr)
+            for conn, idx in self._batches(keys):
                 try:
                     self._put_one_server(conn, [keys[i] for i in idx], [sources[i] for i in idx], idx, out)
                 except _DEGRADE as exc:
@@ -275,8 +289,11 @@ class PoolClient:
 
     def _lookup(self, keys: list[bytes], prefix: bool) -> list[BlockRef | None]:
         refs: list[BlockRef | None] = [None] * len(keys)
-        for addr, idx in self._groups(keys).items():
-            conn = self._conn(addr)
+        missed: set[ServerAddress] = set()
+        for conn, idx in self._batches(keys):
+            addr = conn.address
+            if prefix and addr in missed:
+                continue  # this server's part of the chain already ended: the prefix cannot reach further
             try:
                 start = self.clock()
                 reply = conn.call("lookup", keys=[keys[i] for i in idx], prefix=prefix)
@@ -287,6 +304,8 @@ class PoolClient:
                 for i, hit in zip(idx, hits, strict=False):
                     if hit is not None:
                         refs[i] = BlockRef(keys[i], addr, epoch, hit, until)
+                if prefix and len(hits) < len(idx):
+                    missed.add(addr)
             except _DEGRADE as exc:
                 self._degraded(conn, exc)
         return refs
@@ -402,8 +421,7 @@ class PoolClient:
         keys = [block.check_key(k) for k in keys]
         out = [False] * len(keys)
         with self._lock:
-            for addr, idx in self._groups(keys).items():
-                conn = self._conn(addr)
+            for conn, idx in self._batches(keys):
                 try:
                     results = parse_results(conn.call("delete", keys=[keys[i] for i in idx]), len(idx))
                     for i, ok in zip(idx, results, strict=True):
@@ -416,8 +434,7 @@ class PoolClient:
         """Report accesses (e.g. reads through cached refs) to the servers' eviction policies."""
         keys = [block.check_key(k) for k in keys]
         with self._lock:
-            for addr, idx in self._groups(keys).items():
-                conn = self._conn(addr)
+            for conn, idx in self._batches(keys):
                 try:
                     conn.call("touch", keys=[keys[i] for i in idx])
                 except _DEGRADE as exc:

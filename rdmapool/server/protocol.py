@@ -11,7 +11,8 @@ moves the session to CLOSED; the driver then closes that socket. Nothing here to
 Requests and replies (every request also has `v`, `id`, `op`; every reply `v`, `id`, `ok`):
     hello     {token}                 -> {tenant, server_id, epoch, transport, peer_info, lease_s, max_keys,
                                           max_frame, size_classes}
-    lookup    {keys, prefix=true}     -> {hits: [[addr, rkey, generation, length] | nil, ...]}
+    lookup    {keys, prefix=true}     -> {hits: bytes, 32 per hit: addr, rkey, generation, length as u64 LE;
+                                          generation 0 marks a miss (prefix=false only)}
     allocate  {keys, lengths}         -> {grants: [[status] | [status, addr, rkey, generation, capacity], ...]}
     commit    {items: [[key, gen]]}   -> {results: [bool, ...]}
     abort     {items: [[key, gen]]}   -> {results: [bool, ...]}
@@ -92,7 +93,8 @@ class Handler:
 
     def _lookup(self, tenant: str, msg: dict, now: float) -> dict:
         hits = self.core.lookup(tenant, self._keys(msg), now, prefix=wire.get_bool(msg, "prefix", True))
-        return {"hits": [None if h is None else h[:4] for h in hits]}
+        pack, miss = wire.HIT.pack, bytes(wire.HIT.size)
+        return {"hits": b"".join(miss if h is None else pack(h[0], h[1], h[2], h[3]) for h in hits)}
 
     def _allocate(self, tenant: str, msg: dict, now: float) -> dict:
         keys = self._keys(msg)

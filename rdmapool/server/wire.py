@@ -24,6 +24,8 @@ from rdmapool.errors import ProtocolError
 
 VERSION = 1
 _LEN = struct.Struct(">I")
+#: one lookup hit on the wire: addr, rkey, generation, length (u64 little-endian each); generation 0 = miss
+HIT = struct.Struct("<QQQQ")
 U64 = 2**64
 
 
