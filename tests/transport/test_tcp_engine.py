@@ -147,7 +147,7 @@ def test_argument_checks(tcp):
         assert [c.wr_id for c in ep.wait(3, T)] == [1, 3, 4]
 
 
-def test_register_existing_buffer_and_pointer(tcp):
+def test_register_existing_buffer(tcp):
     server, client = tcp
     buf = bytearray(b"z" * 4096)
     region = server.register(buf)
