@@ -62,7 +62,7 @@ class ARC(EvictionPolicy):
     def victim(self, now: float) -> Key | None:
         if self._t1 and (len(self._t1) > self.p or not self._t2):
             return next(iter(self._t1))
-        return next(iter(self._t2), None) or next(iter(self._t1), None)
+        return next(iter(self._t2 if self._t2 else self._t1), None)
 
     def __len__(self) -> int:
         return len(self._t1) + len(self._t2)

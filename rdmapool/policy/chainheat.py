@@ -18,7 +18,7 @@ What a pool sees online, and what this policy makes of it:
 
 Order of eviction: priority = (last touch time + bonus(heat), -depth); the smallest goes first. The bonus is
 `beta * (min(heat, cap) - 1)` retention periods, where a retention period is the running average age of the
-blocks this policy evicts, so the policy is free of any time scale of its own. Within one touch time the
+heat-one blocks this policy evicts (how long a plain block lasts here), so the policy is free of any time scale of its own. Within one touch time the
 deepest block goes first: chains are cut from the tail, keeping their prefixes useful. A newcomer is admitted
 only if its priority beats the victim's. A lazy heap: O(log n) per call; the ghost and counters are O(1).
 """
@@ -115,7 +115,7 @@ class ChainHeat(EvictionPolicy):
         if top is None:
             return None
         m = self._meta[top[0]]
-        if not m[2]:
+        if m[0] == 1 and not m[2]:
             self._scale += 0.01 * (max(0.0, now - m[3]) - self._scale)
         return top[0]
 

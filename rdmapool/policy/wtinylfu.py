@@ -69,7 +69,7 @@ class WTinyLFU(EvictionPolicy):
         return max(1, int(self.window_share * self._peak.value))
 
     def victim(self, now: float) -> Key | None:
-        main_lru = next(iter(self._probation), None) or next(iter(self._protected), None)
+        main_lru = next(iter(self._probation if self._probation else self._protected), None)
         candidate = next(iter(self._candidates), None)
         if candidate is None:
             return main_lru if main_lru is not None else next(iter(self._window), None)
