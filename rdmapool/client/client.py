@@ -94,7 +94,7 @@ Buffer = Any  # a buffer-protocol object or a RegionSlice
 
 class PoolClient:
     def __init__(self, servers: Sequence[ServerAddress | str] | Router, config: ClientConfig,
-                 transport: Transport | None = None, transport_name: str = "tcp",
+                 transport: Transport | None = None, transport_name: str | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if isinstance(servers, Sequence):
             servers = RendezvousRouter([s if isinstance(s, ServerAddress) else ServerAddress.parse(s) for s in servers])
@@ -104,7 +104,8 @@ class PoolClient:
         self.counters = ClientCounters()
         self._transport = transport
         self._own_transport = transport is None
-        self._transport_name = transport.name if transport is not None else transport_name
+        # the servers' transport name; an injected transport (e.g. a fault-injecting wrapper) may be named otherwise
+        self._transport_name = transport_name or (transport.name if transport is not None else "tcp")
         self._conns: dict[ServerAddress, ServerConnection] = {}
         self._arena: Arena | None = None
         self._registry = Registry()
