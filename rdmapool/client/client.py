@@ -44,6 +44,7 @@ from rdmapool.errors import (
     UsageError,
 )
 from rdmapool.server.core import AllocStatus
+from rdmapool.server.slots import BlockHint
 from rdmapool.transport.base import Access, EndpointState, MemoryRegion, Opcode, Transport, WorkRequest
 
 #: errors that make a server's keys misses instead of failing the caller
@@ -172,16 +173,23 @@ class PoolClient:
             conn.close(mark_down=True)
 
     # ---- put --------------------------------------------------------------------------------------------
-    def put(self, keys: Sequence[bytes], buffers: Sequence[Buffer]) -> list[PutStatus]:
+    def put(self, keys: Sequence[bytes], buffers: Sequence[Buffer],
+            hints: Sequence[BlockHint] | None = None) -> list[PutStatus]:
+        """Store blocks. `hints` (optional, one per key) tell the servers' eviction policy each block's parent
+        key, depth and token count."""
         keys = [block.check_key(k) for k in keys]
-        if len(keys) != len(buffers):
-            raise UsageError(f"put got {len(keys)} keys and {len(buffers)} buffers")
+        if len(keys) != len(buffers) or (hints is not None and len(hints) != len(keys)):
+            raise UsageError(f"put got {len(keys)} keys, {len(buffers)} buffers"
+                             + (f" and {len(hints)} hints" if hints is not None else ""))
+        wire_hints = None if hints is None else [_hint_to_wire(h) for h in hints]
         sources = [_as_source(b) for b in buffers]
         out = [PutStatus.UNAVAILABLE] * len(keys)
         with self._lock:
             for conn, idx in self._batches(keys):
                 try:
-                    self._put_one_server(conn, [keys[i] for i in idx], [sources[i] for i in idx], idx, out)
+                    hint_part = None if wire_hints is None else [wire_hints[i] for i in idx]
+                    self._put_one_server(conn, [keys[i] for i in idx], [sources[i] for i in idx], idx, out,
+                                         hint_part)
                 except _DEGRADE as exc:
                     self._degraded(conn, exc)
             for status in out:
@@ -189,8 +197,11 @@ class PoolClient:
         return out
 
     def _put_one_server(self, conn: ServerConnection, keys: list[bytes], sources: list, idx: list[int],
-                        out: list[PutStatus]) -> None:
-        reply = conn.call("allocate", keys=keys, lengths=[_length(s) for s in sources])
+                        out: list[PutStatus], hints: list | None) -> None:
+        fields = {"keys": keys, "lengths": [_length(s) for s in sources]}
+        if hints is not None:
+            fields["hints"] = hints
+        reply = conn.call("allocate", **fields)
         grants = parse_grants(reply, len(keys))
         todo = []
         for j, grant in enumerate(grants):
@@ -470,6 +481,14 @@ class PoolClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _hint_to_wire(h: BlockHint) -> list:
+    if not isinstance(h, BlockHint):
+        raise UsageError(f"hints must be BlockHint objects, got {type(h).__name__}")
+    if h.parent is not None:
+        block.check_key(h.parent)
+    return [h.parent, int(h.depth), int(h.tokens)]
 
 
 def _as_source(buf: Buffer):

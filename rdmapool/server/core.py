@@ -33,7 +33,7 @@ from rdmapool.errors import UsageError
 from rdmapool.policy import BlockInfo
 from rdmapool.policy import create as create_policy
 from rdmapool.server.lifecycle import SlotState
-from rdmapool.server.slots import NEVER, Slot, SlotClass, plan_classes
+from rdmapool.server.slots import NEVER, NO_HINT, BlockHint, Slot, SlotClass, plan_classes
 from rdmapool.transport.base import RegionDescriptor
 
 #: how many leased victims the policy may name before an allocate gives up on a full class
@@ -133,14 +133,16 @@ class PoolCore:
         self.counters["lookup_misses"] += misses
         return out
 
-    def allocate(self, tenant: str, keys: Sequence[bytes], lengths: Sequence[int], now: float) -> list[Grant]:
+    def allocate(self, tenant: str, keys: Sequence[bytes], lengths: Sequence[int], now: float,
+                 hints: Sequence[BlockHint] | None = None) -> list[Grant]:
         pool = self._pool(tenant)
-        if len(keys) != len(lengths):
-            raise UsageError("allocate needs one length per key")
+        hints = hints if hints is not None else [NO_HINT] * len(keys)
+        if not len(keys) == len(lengths) == len(hints):
+            raise UsageError("allocate needs one length (and one hint, if any) per key")
         self.sweep(now)
         grants = []
-        for key, length in zip(keys, lengths, strict=True):
-            grant = self._allocate_one(pool, key, length, now)
+        for key, length, hint in zip(keys, lengths, hints, strict=True):
+            grant = self._allocate_one(pool, key, length, hint, now)
             self.counters[f"allocate_{grant.status.name.lower()}"] += 1
             grants.append(grant)
         return grants
@@ -156,7 +158,7 @@ class PoolCore:
             if ok:
                 slot.move(SlotState.RESIDENT)
                 slot.committed_at = slot.last_access = now
-                slot.cls.policy.on_insert(BlockInfo(key, slot.length, tenant=tenant), now)
+                slot.cls.policy.on_insert(_info(key, slot.length, slot.hint, tenant), now)
                 self._push_ttl(pool, slot, now)
             self.counters["commits" if ok else "commit_rejected"] += 1
             results.append(ok)
@@ -221,31 +223,31 @@ class PoolCore:
         except KeyError:
             raise UsageError(f"unknown tenant {tenant!r}") from None
 
-    def _allocate_one(self, pool: TenantPool, key: bytes, length: int, now: float) -> Grant:
+    def _allocate_one(self, pool: TenantPool, key: bytes, length: int, hint: BlockHint, now: float) -> Grant:
         if key in pool.index:
             return Grant(AllocStatus.EXISTS)
         ci = pool.class_for(length)
         if ci is None:
             return Grant(AllocStatus.TOO_BIG)
         cls = pool.classes[ci]
-        slot = cls.take_free() or self._evict_for(pool, ci, key, length, now)
+        slot = cls.take_free() or self._evict_for(pool, ci, _info(key, length, hint, pool.name), now)
         if slot is None:
             return Grant(AllocStatus.FULL)
         slot.move(SlotState.WRITING)
         slot.generation = self._next_generation
         self._next_generation += 1
-        slot.key, slot.length = key, length
+        slot.key, slot.length, slot.hint = key, length, hint
         slot.lease_until = NEVER
         slot.deadline = now + self.config.reservation_s
         pool.index[key] = slot
         heapq.heappush(self._reservations, (slot.deadline, slot.generation, pool.name, slot))
         return Grant(AllocStatus.OK, pool.ref(slot))
 
-    def _evict_for(self, pool: TenantPool, ci: int, key: bytes, length: int, now: float) -> Slot | None:
-        """Free one slot of class `ci` by evicting an unleased resident block, if the policy admits `key`."""
+    def _evict_for(self, pool: TenantPool, ci: int, info: BlockInfo, now: float) -> Slot | None:
+        """Free one slot of class `ci` by evicting an unleased resident block, if the policy admits `info`."""
         cls = pool.classes[ci]
         policy = cls.policy
-        if not policy.admit(BlockInfo(key, length, tenant=pool.name), now):
+        if not policy.admit(info, now):
             self.counters["admission_rejected"] += 1
             return None
         grace = self.config.grace_s
@@ -314,3 +316,7 @@ class PoolCore:
                 })
             tenants[pool.name] = {"region_bytes": pool.region.length, "keys": len(pool.index), "classes": classes}
         return {"tenants": tenants, "counters": dict(self.counters)}
+
+
+def _info(key: bytes, length: int, hint: BlockHint, tenant: str) -> BlockInfo:
+    return BlockInfo(key, length, parent=hint.parent, depth=hint.depth, tenant=tenant, tokens=hint.tokens)

@@ -13,7 +13,7 @@ Requests and replies (every request also has `v`, `id`, `op`; every reply `v`, `
                                           max_frame, size_classes}
     lookup    {keys, prefix=true}     -> {hits: bytes, 32 per hit: addr, rkey, generation, length as u64 LE;
                                           generation 0 marks a miss (prefix=false only)}
-    allocate  {keys, lengths}         -> {grants: [[status] | [status, addr, rkey, generation, capacity], ...]}
+    allocate  {keys, lengths, hints?} -> {grants: [[status] | [status, addr, rkey, generation, capacity], ...]}
     commit    {items: [[key, gen]]}   -> {results: [bool, ...]}
     abort     {items: [[key, gen]]}   -> {results: [bool, ...]}
     delete    {keys}                  -> {results: [bool, ...]}
@@ -32,6 +32,7 @@ from rdmapool.config import ServerConfig
 from rdmapool.errors import AuthError, ProtocolError, UsageError
 from rdmapool.server import wire
 from rdmapool.server.core import PoolCore
+from rdmapool.server.slots import BlockHint
 
 
 class SessionState(enum.Enum):
@@ -104,10 +105,30 @@ class Handler:
         for i, n in enumerate(lengths):
             if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < wire.U64:
                 raise ProtocolError(f"lengths[{i}] must be a non-negative integer")
-        grants = self.core.allocate(tenant, keys, lengths, now)
+        grants = self.core.allocate(tenant, keys, lengths, now, self._hints(msg, len(keys)))
         return {"grants": [[g.status.value] if g.slot is None else
                            [g.status.value, g.slot.addr, g.slot.rkey, g.slot.generation, g.slot.capacity]
                            for g in grants]}
+
+    def _hints(self, msg: dict, n: int) -> list[BlockHint] | None:
+        """Optional per-key `hints: [[parent key | nil, depth, tokens], ...]` for the eviction policy."""
+        if msg.get("hints") is None:
+            return None
+        raw = wire.get_list(msg, "hints", self.config.max_keys)
+        if len(raw) != n:
+            raise ProtocolError("allocate: hints must have one entry per key")
+        out = []
+        for i, h in enumerate(raw):
+            if not (isinstance(h, list) and len(h) == 3):
+                raise ProtocolError(f"hints[{i}] must be [parent, depth, tokens]")
+            parent, depth, tokens = h
+            if parent is not None:
+                wire.check_key(parent, f"hints[{i}] parent")
+            for v, lo in ((depth, -1), (tokens, 0)):
+                if not isinstance(v, int) or isinstance(v, bool) or not lo <= v < 2**31:
+                    raise ProtocolError(f"hints[{i}]: depth >= -1 and tokens >= 0, both below 2**31")
+            out.append(BlockHint(parent, depth, tokens))
+        return out
 
     def _commit(self, tenant: str, msg: dict, now: float) -> dict:
         items = wire.get_key_generations(msg, "items", self.config.max_keys)

@@ -25,11 +25,25 @@ def stride_for(capacity: int) -> int:
     return -(-(capacity + OVERHEAD) // ALIGN) * ALIGN
 
 
+@dataclass(frozen=True, slots=True)
+class BlockHint:
+    """What a writer may tell about a block for the eviction policy: its parent key in a prefix chain, its depth
+    in the chain (-1 unknown) and how many tokens it holds (0 unknown). Keys stay opaque: a parent is just
+    another key of the same tenant."""
+
+    parent: bytes | None = None
+    depth: int = -1
+    tokens: int = 0
+
+
+NO_HINT = BlockHint()
+
+
 class Slot:
     """One slot's metadata (the server never reads or writes the slot's bytes)."""
 
     __slots__ = ("cls", "index", "offset", "state", "generation", "key", "length", "lease_until",
-                 "deadline", "committed_at", "last_access", "free_at")
+                 "deadline", "committed_at", "last_access", "free_at", "hint")
 
     def __init__(self, cls: SlotClass, index: int, offset: int) -> None:
         self.cls = cls
@@ -44,6 +58,7 @@ class Slot:
         self.committed_at = 0.0
         self.last_access = 0.0
         self.free_at = 0.0  # RETIRED: when it may become FREE
+        self.hint: BlockHint = NO_HINT  # chain position the writer reported, for the eviction policy
 
     def move(self, dst: SlotState) -> None:
         check_move(self.state, dst)

@@ -12,6 +12,7 @@ import pytest
 from rdmapool import transport as transports
 from rdmapool.client import PoolClient, PutStatus
 from rdmapool.config import ClientConfig, ServerConfig, TenantConfig
+from rdmapool.errors import UsageError
 from rdmapool.server import MemoryServer
 from rdmapool.server.slots import stride_for
 from rdmapool.transport.base import Transport
@@ -176,3 +177,15 @@ def test_batches_larger_than_server_max_keys_are_split() -> None:
             bufs = [bytearray(10) for _ in keys]
             got = c.get(keys, bufs)
             assert got == [10] * 20 + [None] + [10] * 29 and bufs[49] == bytes([49]) * 10
+
+
+def test_put_with_chain_hints(server) -> None:
+    from rdmapool.client import BlockHint
+
+    with make_client(server) as c:
+        keys = [key(i) for i in range(3)]
+        hints = [BlockHint(None, 0, 16), BlockHint(keys[0], 1, 16), BlockHint(keys[1], 2, 5)]
+        assert c.put(keys, [b"a", b"b", b"c"], hints) == [PutStatus.STORED] * 3
+        assert len(c.lookup_prefix(keys)) == 3
+        with pytest.raises(UsageError):
+            c.put(keys, [b"a", b"b", b"c"], hints[:2])
