@@ -147,7 +147,7 @@ class ClientConfig:
     request_timeout_s: float = 2.0  # one control round trip
     data_timeout_s: float = 5.0  # one batch of one-sided operations
     retry_after_s: float = 1.0  # a server that failed is not retried before this (misses meanwhile)
-    verify_checksum: bool = True
+    verify_checksum: bool = True  # on reads into host memory (writes from host memory always carry one)
     staging_bytes: int = 64 << 20  # registered staging memory for unregistered user buffers
     max_frame: int = 16 << 20
 

@@ -228,27 +228,32 @@ class PoolClient:
                 self.counters.add("bytes_written", _length(sources[j]))
 
     def _write_blocks(self, conn: ServerConnection, items: list) -> list[bool]:
-        """One WRITE per block; returns which completed. Flushes when the staging arena fills."""
+        """One WRITE per block, each posted as soon as it is built (so hashing the next block overlaps the
+        transfer of this one); returns which completed. Drains when the staging arena fills."""
         arena = self._arena_now()
         ok: list[bool] = [False] * len(items)
-        batch: list[tuple[int, WorkRequest]] = []
+
+        def done(n: int, success: bool) -> None:
+            ok[n] = success
+
+        batch = _Batch(self, conn, done)
         arena.reset()
         for n, (key, grant, src) in enumerate(items):
             wr = self._write_request(n, arena, key, grant, src)
-            if wr is None:  # arena full: send what is staged, then start over
-                self._execute(conn, batch, ok)
-                batch = []
+            if wr is None:  # arena full: let what is staged land, then start over
+                batch.drain()
                 arena.reset()
                 wr = self._write_request(n, arena, key, grant, src)
-            batch.append((n, wr))
-        self._execute(conn, batch, ok)
+            batch.post(wr)
+        batch.drain()
         arena.reset()
         return ok
 
     def _write_request(self, n: int, arena: Arena, key: bytes, grant, src) -> WorkRequest | None:
         length = _length(src)
         host = src.view() if isinstance(src, RegionSlice) else src
-        checksum = block.payload_checksum(host) if host is not None and self.config.verify_checksum else None
+        # always checksum host payloads, so every reader may verify; device memory cannot be hashed here
+        checksum = block.payload_checksum(host) if host is not None else None
         head, tail = arena.take(block.HEADER_SIZE), arena.take(block.TRAILER_SIZE)
         payload_sge = self._local_sge(src)
         if payload_sge is None and length:
@@ -268,25 +273,6 @@ class PoolClient:
         if isinstance(src, RegionSlice):
             return src.region.sge(src.offset, src.length)
         return self._registry.find(src)
-
-    def _execute(self, conn: ServerConnection, batch: list[tuple[int, WorkRequest]], ok: list[bool]) -> None:
-        if not batch:
-            return
-        endpoint = conn.endpoint
-        if endpoint is None:
-            raise ServerUnavailable(f"{conn.address}: no data endpoint")
-        try:
-            completions = endpoint.execute([wr for _, wr in batch], timeout=self.config.data_timeout_s)
-        except TimeoutError as exc:
-            conn.close(mark_down=True)
-            raise ServerUnavailable(f"{conn.address}: one-sided operations timed out") from exc
-        for c in completions:
-            if c.ok:
-                ok[c.wr_id] = True
-            else:
-                self.counters.add(f"wc_{c.status.name.lower()}")
-        if endpoint.state is not EndpointState.READY:
-            conn.close()  # a broken endpoint is never repaired: reconnect on the next call
 
     # ---- lookup -----------------------------------------------------------------------------------------
     def lookup_prefix(self, keys: Sequence[bytes]) -> LookupResult:
@@ -368,35 +354,32 @@ class PoolClient:
 
     def _read_one_server(self, conn: ServerConnection, refs: list[BlockRef], targets: list, idx: list[int],
                          out: list[int | None]) -> None:
+        """Post one READ per block, validate each as its completion arrives (overlapping the next transfers)."""
         arena = self._arena_now()
         arena.reset()
-        staged: list = []
-        pending: list[tuple[int, WorkRequest]] = []
+        staged: dict[int, tuple] = {}
 
-        def flush() -> None:
-            ok = [False] * len(refs)
-            self._execute(conn, pending, ok)
-            for n, head, payload, tail, target, copy in staged:
-                if ok[n]:
-                    self._check_read(refs[n], head, payload, tail, target, copy, idx[n], out)
-            staged.clear()
-            pending.clear()
-            arena.reset()
+        def done(n: int, success: bool) -> None:
+            head, payload, tail, target, copy = staged.pop(n)
+            if success:
+                self._check_read(refs[n], head, payload, tail, target, copy, idx[n], out)
 
+        batch = _Batch(self, conn, done)
+        epoch = int(conn.hello.get("epoch", -1))
         for n, (ref, target) in enumerate(zip(refs, targets, strict=True)):
-            if ref.epoch != int(conn.hello.get("epoch", -1)):
+            if ref.epoch != epoch:
                 self.counters.add("stale_refs")  # the server restarted since the lookup
                 continue
-            for _attempt in range(2):
+            pieces = self._read_pieces(arena, ref, target)
+            if pieces is None:  # arena full: finish what is in flight, then reuse the arena
+                batch.drain()
+                arena.reset()
                 pieces = self._read_pieces(arena, ref, target)
-                if pieces is not None:
-                    break
-                flush()
             head, payload_sge, payload_view, tail, copy = pieces
             sgl = (head[0], payload_sge, tail[0]) if ref.length else (head[0], tail[0])
-            pending.append((n, WorkRequest(n, Opcode.READ, sgl, ref.hit.addr, ref.hit.rkey)))
-            staged.append((n, head[1], payload_view, tail[1], target, copy))
-        flush()
+            staged[n] = (head[1], payload_view, tail[1], target, copy)
+            batch.post(WorkRequest(n, Opcode.READ, sgl, ref.hit.addr, ref.hit.rkey))
+        batch.drain()
 
     def _read_pieces(self, arena: Arena, ref: BlockRef, target):
         head, tail = arena.take(block.HEADER_SIZE), arena.take(block.TRAILER_SIZE)
@@ -481,6 +464,45 @@ class PoolClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Batch:
+    """One-sided requests on one server's endpoint: posted one by one, completions handed to `done(wr_id, ok)`
+    as they arrive, all within one `data_timeout_s` deadline. A timeout or a broken endpoint closes the
+    connection (the next call reconnects); a timeout also marks the server down."""
+
+    def __init__(self, client: PoolClient, conn: ServerConnection, done: Callable[[int, bool], None]) -> None:
+        if conn.endpoint is None:
+            raise ServerUnavailable(f"{conn.address}: no data endpoint")
+        self.client, self.conn, self.endpoint, self.done = client, conn, conn.endpoint, done
+        self.deadline = client.clock() + client.config.data_timeout_s
+        self.in_flight = 0
+
+    def post(self, wr: WorkRequest) -> None:
+        self.endpoint.post([wr])
+        self.in_flight += 1
+        self._reap(self.endpoint.poll(self.in_flight))
+
+    def drain(self) -> None:
+        while self.in_flight:
+            remaining = self.deadline - self.client.clock()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                got = self.endpoint.wait(1, remaining)
+            except TimeoutError as exc:
+                self.conn.close(mark_down=True)
+                raise ServerUnavailable(f"{self.conn.address}: one-sided operations timed out") from exc
+            self._reap(got + self.endpoint.poll(self.in_flight))
+        if self.endpoint.state is not EndpointState.READY:
+            self.conn.close()  # a broken endpoint is never repaired: reconnect on the next call
+
+    def _reap(self, completions: list) -> None:
+        for c in completions:
+            self.in_flight -= 1
+            if not c.ok:
+                self.client.counters.add(f"wc_{c.status.name.lower()}")
+            self.done(c.wr_id, c.ok)
 
 
 def _hint_to_wire(h: BlockHint) -> list:

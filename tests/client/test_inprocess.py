@@ -189,3 +189,16 @@ def test_put_with_chain_hints(server) -> None:
         assert len(c.lookup_prefix(keys)) == 3
         with pytest.raises(UsageError):
             c.put(keys, [b"a", b"b", b"c"], hints[:2])
+
+
+def test_connection_closed_by_server_idle_timeout_is_reopened_transparently() -> None:
+    cfg = ServerConfig(tenants=(TenantConfig("a", TOKENS["a"], 1 << 20),), size_classes=(4096,),
+                       idle_timeout_s=0.2, tick_s=0.02)
+    with MemoryServer(cfg, transport=LocalTransport()) as srv:
+        srv.transport_name = "local"
+        with make_client(srv) as c:
+            assert c.put([key(1)], [b"x"]) == [PutStatus.STORED]
+            time.sleep(0.5)  # the server closes the idle control connection
+            assert len(c.lookup_prefix([key(1)])) == 1
+            assert c.counters["unavailable"] == 0
+            assert c._conn(c.router.servers[0]).connects == 2
