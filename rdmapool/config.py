@@ -95,6 +95,7 @@ class ServerConfig:
     metrics_port: int | None = None  # None: no HTTP endpoint; 0: any free port
     idle_timeout_s: float = 300.0  # a control connection silent this long is closed
     tick_s: float = 0.05  # how often expiries are swept
+    prefault: bool = True  # touch every page of the pool at start (no page faults on first writes)
 
     def __post_init__(self) -> None:
         if not self.tenants:
