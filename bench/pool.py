@@ -40,18 +40,18 @@ def _key(i: int) -> bytes:
     return i.to_bytes(16, "big")
 
 
-def bench_size(transport: str, size: int, batch_bytes: int, repeat: int) -> dict:
+def bench_size(transport: str, size: int, batch_bytes: int, repeat: int, hash_threads: int = 2) -> dict:
     n = max(1, batch_bytes // size)
     # room for the raw slots plus every round's blocks: deleted blocks stay leased by the round's gets
     quota = (n * (repeat + 2) + 1) * (block.block_size(size) + 64) + (1 << 20)
     with procs.running(transport, str(quota), "--size-classes", str(size), "--lease-s", "2", "--grace-s", "0") as srv:
         cfg = ClientConfig(token=procs.TOKENS["a"], staging_bytes=1 << 20, data_timeout_s=60.0,
-                           request_timeout_s=10.0)
+                           request_timeout_s=10.0, hash_threads=hash_threads)
         with PoolClient([srv.address], cfg, transport_name=transport) as c:
             src = c.transport.allocate(n * size)
             dst = c.transport.allocate(n * size)
             src.view[:] = os.urandom(size) * n
-            c._registry.regions += [src, dst]
+            c.registry.regions.extend([src, dst])
             srcs = [src.view[i * size : (i + 1) * size] for i in range(n)]
             dsts = [dst.view[i * size : (i + 1) * size] for i in range(n)]
             # raw: reserve n slots once (never committed) and move whole blocks to / from them
@@ -147,14 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-bytes", default="64MiB", help="payload bytes per put/get call")
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--lookup-samples", type=int, default=300)
+    ap.add_argument("--hash-threads", type=int, default=2, help="client checksum workers (0: inline)")
     ap.add_argument("--record", action="store_true", help="also write bench/results/pool-<date>.json")
     args = ap.parse_args(argv)
     sizes = [parse_size(s) for s in args.sizes.split(",")]
-    result: dict = {"bench": "pool", "transports": {}}
+    result: dict = {"bench": "pool", "hash_threads": args.hash_threads, "transports": {}}
     for transport in args.transports.split(","):
         per = {}
         for size in sizes:
-            per[str(size)] = bench_size(transport, size, parse_size(args.batch_bytes), args.repeat)
+            per[str(size)] = bench_size(transport, size, parse_size(args.batch_bytes), args.repeat,
+                                       args.hash_threads)
             print(f"{transport} {size:>9}: {json.dumps(per[str(size)])}", file=sys.stderr, flush=True)
         lookup = bench_lookup(transport, 512, args.lookup_samples)
         print(f"{transport} lookup 512: {json.dumps(lookup)}", file=sys.stderr, flush=True)

@@ -151,6 +151,15 @@ def validate(header: object, payload: object, trailer: object, expected: Expecte
         raise CorruptBlock("payload checksum mismatch (torn or corrupted payload)")
 
 
+def stored_checksum(header: object) -> bytes:
+    """The payload checksum a (validated) header carries; CorruptBlock if it was written without one."""
+    h = bytes(memoryview(header).cast("B")[:HEADER_SIZE])
+    _, _, flags, _, _, _, _, checksum = _HEADER.unpack_from(h)
+    if flags & FLAG_NO_CHECKSUM:
+        raise CorruptBlock("block was written without a checksum but the reader requires one")
+    return checksum
+
+
 def validate_block(data: object, expected: Expected, verify_checksum: bool = True) -> memoryview:
     """Validate one contiguous block; return a view of its payload."""
     view = memoryview(data).cast("B")

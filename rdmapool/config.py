@@ -151,8 +151,11 @@ class ClientConfig:
     verify_checksum: bool = True  # on reads into host memory (writes from host memory always carry one)
     staging_bytes: int = 64 << 20  # registered staging memory for unregistered user buffers
     max_frame: int = 16 << 20
+    hash_threads: int = 2  # workers hashing large payloads while transfers run (0: hash inline)
 
     def __post_init__(self) -> None:
+        if self.hash_threads < 0:
+            raise UsageError("hash_threads must be >= 0")
         for name in ("connect_timeout_s", "request_timeout_s", "data_timeout_s"):
             _positive(name, getattr(self, name))
         if self.retry_after_s < 0:

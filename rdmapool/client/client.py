@@ -31,13 +31,14 @@ from typing import Any, NamedTuple
 from rdmapool import block
 from rdmapool.client.buffers import Arena, RegionSlice, Registry
 from rdmapool.client.connection import ServerConnection
+from rdmapool.client.datapath import read_blocks, write_blocks
+from rdmapool.client.hashing import Hasher
 from rdmapool.client.protocol import Hit, parse_grants, parse_hits, parse_results
 from rdmapool.client.routing import RendezvousRouter, Router
 from rdmapool.client.stats import ClientCounters
 from rdmapool.config import ClientConfig, ServerAddress
 from rdmapool.errors import (
     AuthError,
-    CorruptBlock,
     ProtocolError,
     ServerUnavailable,
     TransportError,
@@ -45,7 +46,7 @@ from rdmapool.errors import (
 )
 from rdmapool.server.core import AllocStatus
 from rdmapool.server.slots import BlockHint
-from rdmapool.transport.base import Access, EndpointState, MemoryRegion, Opcode, Transport, WorkRequest
+from rdmapool.transport.base import Access, MemoryRegion, Transport
 
 #: errors that make a server's keys misses instead of failing the caller
 _DEGRADE = (ServerUnavailable, TransportError, ProtocolError, AuthError)
@@ -110,6 +111,7 @@ class PoolClient:
         self._conns: dict[ServerAddress, ServerConnection] = {}
         self._arena: Arena | None = None
         self._registry = Registry()
+        self.hasher = Hasher(config.hash_threads)
         self._lock = threading.RLock()
 
     # ---- memory -----------------------------------------------------------------------------------------
@@ -128,10 +130,16 @@ class PoolClient:
             self._registry.regions.append(region)
             return region
 
-    def _arena_now(self) -> Arena:
+    def arena(self) -> Arena:
+        """The registered staging arena (made on first use)."""
         if self._arena is None:
             self._arena = Arena(self.transport, self.config.staging_bytes)
         return self._arena
+
+    @property
+    def registry(self) -> Registry:
+        """Regions registered through `register`: buffers inside them move without a copy."""
+        return self._registry
 
     def _transport_for(self, name: str) -> Transport:
         if name != self._transport_name:
@@ -212,7 +220,7 @@ class PoolClient:
                 todo.append(j)
             else:
                 out[idx[j]] = _FROM_ALLOC.get(status, PutStatus.FAILED)
-        written = self._write_blocks(conn, [(keys[j], grants[j], sources[j]) for j in todo])
+        written = write_blocks(self, conn, [(keys[j], grants[j], sources[j]) for j in todo])
         commits = [[keys[j], grants[j].generation] for j, ok in zip(todo, written, strict=True) if ok]
         aborts = [[keys[j], grants[j].generation] for j, ok in zip(todo, written, strict=True) if not ok]
         requests = ([("commit", {"items": commits})] if commits else []) + (
@@ -226,53 +234,6 @@ class PoolClient:
             out[idx[j]] = PutStatus.STORED if ok and next(it) else PutStatus.FAILED
             if out[idx[j]] is PutStatus.STORED:
                 self.counters.add("bytes_written", _length(sources[j]))
-
-    def _write_blocks(self, conn: ServerConnection, items: list) -> list[bool]:
-        """One WRITE per block, each posted as soon as it is built (so hashing the next block overlaps the
-        transfer of this one); returns which completed. Drains when the staging arena fills."""
-        arena = self._arena_now()
-        ok: list[bool] = [False] * len(items)
-
-        def done(n: int, success: bool) -> None:
-            ok[n] = success
-
-        batch = _Batch(self, conn, done)
-        arena.reset()
-        for n, (key, grant, src) in enumerate(items):
-            wr = self._write_request(n, arena, key, grant, src)
-            if wr is None:  # arena full: let what is staged land, then start over
-                batch.drain()
-                arena.reset()
-                wr = self._write_request(n, arena, key, grant, src)
-            batch.post(wr)
-        batch.drain()
-        arena.reset()
-        return ok
-
-    def _write_request(self, n: int, arena: Arena, key: bytes, grant, src) -> WorkRequest | None:
-        length = _length(src)
-        host = src.view() if isinstance(src, RegionSlice) else src
-        # always checksum host payloads, so every reader may verify; device memory cannot be hashed here
-        checksum = block.payload_checksum(host) if host is not None else None
-        head, tail = arena.take(block.HEADER_SIZE), arena.take(block.TRAILER_SIZE)
-        payload_sge = self._local_sge(src)
-        if payload_sge is None and length:
-            staged = arena.take(length)
-            if staged is None:
-                return None
-            payload_sge, view = staged
-            view[:] = src
-        if head is None or tail is None:
-            return None
-        head[1][:] = block.encode_header(key, grant.generation, length, checksum)
-        tail[1][:] = block.encode_trailer(key, grant.generation, length, checksum is None)
-        sgl = (head[0], payload_sge, tail[0]) if length else (head[0], tail[0])
-        return WorkRequest(n, Opcode.WRITE, sgl, grant.addr, grant.rkey)
-
-    def _local_sge(self, src):
-        if isinstance(src, RegionSlice):
-            return src.region.sge(src.offset, src.length)
-        return self._registry.find(src)
 
     # ---- lookup -----------------------------------------------------------------------------------------
     def lookup_prefix(self, keys: Sequence[bytes]) -> LookupResult:
@@ -344,72 +305,13 @@ class PoolClient:
             conn = self._conn(addr)
             try:
                 conn.ensure()
-                self._read_one_server(conn, [refs[i] for i in idx], [targets[i] for i in idx], idx, out)
+                read_blocks(self, conn, [refs[i] for i in idx], [targets[i] for i in idx], idx, out)
             except _DEGRADE as exc:
                 self._degraded(conn, exc)
         hits = sum(1 for v in out if v is not None)
         self.counters.add("get_hits", hits)
         self.counters.add("get_misses", len(refs) - hits)
         return out
-
-    def _read_one_server(self, conn: ServerConnection, refs: list[BlockRef], targets: list, idx: list[int],
-                         out: list[int | None]) -> None:
-        """Post one READ per block, validate each as its completion arrives (overlapping the next transfers)."""
-        arena = self._arena_now()
-        arena.reset()
-        staged: dict[int, tuple] = {}
-
-        def done(n: int, success: bool) -> None:
-            head, payload, tail, target, copy = staged.pop(n)
-            if success:
-                self._check_read(refs[n], head, payload, tail, target, copy, idx[n], out)
-
-        batch = _Batch(self, conn, done)
-        epoch = int(conn.hello.get("epoch", -1))
-        for n, (ref, target) in enumerate(zip(refs, targets, strict=True)):
-            if ref.epoch != epoch:
-                self.counters.add("stale_refs")  # the server restarted since the lookup
-                continue
-            pieces = self._read_pieces(arena, ref, target)
-            if pieces is None:  # arena full: finish what is in flight, then reuse the arena
-                batch.drain()
-                arena.reset()
-                pieces = self._read_pieces(arena, ref, target)
-            head, payload_sge, payload_view, tail, copy = pieces
-            sgl = (head[0], payload_sge, tail[0]) if ref.length else (head[0], tail[0])
-            staged[n] = (head[1], payload_view, tail[1], target, copy)
-            batch.post(WorkRequest(n, Opcode.READ, sgl, ref.hit.addr, ref.hit.rkey))
-        batch.drain()
-
-    def _read_pieces(self, arena: Arena, ref: BlockRef, target):
-        head, tail = arena.take(block.HEADER_SIZE), arena.take(block.TRAILER_SIZE)
-        if head is None or tail is None:
-            return None
-        n = ref.length
-        if isinstance(target, RegionSlice):
-            sge = target.region.sge(target.offset, n)
-            view = target.view()
-            return head, sge, None if view is None else view[:n], tail, False
-        direct = self._registry.find(target[:n])
-        if direct is not None:
-            return head, direct, target[:n], tail, False
-        staged = arena.take(n)
-        if staged is None:
-            return None
-        return head, staged[0], staged[1], tail, True
-
-    def _check_read(self, ref: BlockRef, head, payload, tail, target, copy: bool, i: int,
-                    out: list[int | None]) -> None:
-        verify = self.config.verify_checksum and payload is not None
-        try:
-            block.validate(head, payload, tail, block.Expected(ref.key, ref.hit.generation, ref.length), verify)
-        except CorruptBlock:
-            self.counters.add("corrupt_blocks")
-            return
-        if copy:
-            target[: ref.length] = payload
-        out[i] = ref.length
-        self.counters.add("bytes_read", ref.length)
 
     # ---- delete, touch, stats ---------------------------------------------------------------------------
     def delete(self, keys: Sequence[bytes]) -> list[bool]:
@@ -448,6 +350,7 @@ class PoolClient:
             for conn in self._conns.values():
                 conn.close()
             self._conns.clear()
+            self.hasher.close()
             if self._arena is not None:
                 self._arena.close()
                 self._arena = None
@@ -464,45 +367,6 @@ class PoolClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _Batch:
-    """One-sided requests on one server's endpoint: posted one by one, completions handed to `done(wr_id, ok)`
-    as they arrive, all within one `data_timeout_s` deadline. A timeout or a broken endpoint closes the
-    connection (the next call reconnects); a timeout also marks the server down."""
-
-    def __init__(self, client: PoolClient, conn: ServerConnection, done: Callable[[int, bool], None]) -> None:
-        if conn.endpoint is None:
-            raise ServerUnavailable(f"{conn.address}: no data endpoint")
-        self.client, self.conn, self.endpoint, self.done = client, conn, conn.endpoint, done
-        self.deadline = client.clock() + client.config.data_timeout_s
-        self.in_flight = 0
-
-    def post(self, wr: WorkRequest) -> None:
-        self.endpoint.post([wr])
-        self.in_flight += 1
-        self._reap(self.endpoint.poll(self.in_flight))
-
-    def drain(self) -> None:
-        while self.in_flight:
-            remaining = self.deadline - self.client.clock()
-            try:
-                if remaining <= 0:
-                    raise TimeoutError
-                got = self.endpoint.wait(1, remaining)
-            except TimeoutError as exc:
-                self.conn.close(mark_down=True)
-                raise ServerUnavailable(f"{self.conn.address}: one-sided operations timed out") from exc
-            self._reap(got + self.endpoint.poll(self.in_flight))
-        if self.endpoint.state is not EndpointState.READY:
-            self.conn.close()  # a broken endpoint is never repaired: reconnect on the next call
-
-    def _reap(self, completions: list) -> None:
-        for c in completions:
-            self.in_flight -= 1
-            if not c.ok:
-                self.client.counters.add(f"wc_{c.status.name.lower()}")
-            self.done(c.wr_id, c.ok)
 
 
 def _hint_to_wire(h: BlockHint) -> list:

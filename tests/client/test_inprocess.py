@@ -106,17 +106,20 @@ def test_torn_read_is_a_miss_never_data(server) -> None:
         assert c.get([key(1)], [bytearray(4096)]) == [4000]
 
 
-def test_corrupted_slot_detected(server) -> None:
+@pytest.mark.parametrize("size", [1000, 256 << 10])  # hashed inline / on a worker thread
+def test_corrupted_slot_detected(server, size: int) -> None:
     with make_client(server) as c:
-        c.put([key(1)], [b"x" * 1000])
+        c.put([key(1)], [b"x" * size])
         (ref,) = c.lookup_prefix([key(1)]).refs
         region = server.regions["a"]
         off = ref.hit.addr - region.descriptor.addr
-        region.view[off + 100] ^= 1  # payload byte
-        assert c.get([key(1)], [bytearray(1000)]) == [None]
-        region.view[off + 100] ^= 1
+        region.view[off + 100 + size // 2] ^= 1  # payload byte
+        assert c.get([key(1)], [bytearray(size)]) == [None]
+        region.view[off + 100 + size // 2] ^= 1
         region.view[off + 30] ^= 1  # header key byte
-        assert c.get([key(1)], [bytearray(1000)]) == [None]
+        assert c.get([key(1)], [bytearray(size)]) == [None]
+        region.view[off + 30] ^= 1
+        assert c.get([key(1)], [bytearray(size)]) == [size]
         assert c.counters["corrupt_blocks"] == 2
 
 
