@@ -71,6 +71,8 @@ class Expected:
 
 
 def check_key(key: object) -> bytes:
+    if type(key) is bytes and len(key) == KEY_SIZE:  # the common case, kept cheap: runs once per key
+        return key
     if not isinstance(key, bytes | bytearray) or len(key) != KEY_SIZE:
         raise UsageError(f"a key is exactly {KEY_SIZE} bytes, got {type(key).__name__} of {len(key) if hasattr(key, '__len__') else '?'}")
     return bytes(key)

@@ -124,8 +124,10 @@ class PoolCore:
                 continue
             if slot.lease_until < lease_until:
                 slot.lease_until = lease_until
-            slot.last_access = now
-            slot.cls.policy.on_access(key, now)
+            if slot.last_access != now:
+                # one access report per key and call: a request naming a key 4096 times is one access
+                slot.last_access = now
+                slot.cls.policy.on_access(key, now)
             out.append(SlotRef(base + slot.offset, rkey, slot.generation, slot.length, slot.cls.layout.capacity))
         hits = len(out) - (0 if prefix else misses)
         self.counters["lookup_hits"] += hits
@@ -192,8 +194,9 @@ class PoolCore:
         for key in keys:
             slot = pool.index.get(key)
             if slot is not None and slot.state is SlotState.RESIDENT:
-                slot.last_access = now
-                slot.cls.policy.on_access(key, now)
+                if slot.last_access != now:  # one access report per key and call
+                    slot.last_access = now
+                    slot.cls.policy.on_access(key, now)
                 n += 1
         self.counters["touches"] += n
         return n

@@ -251,3 +251,18 @@ def test_default_policy_runs_the_flood_with_chain_hints() -> None:
         check_invariants(core)
     assert statuses.count(AllocStatus.OK) >= 4
     assert set(statuses) <= {AllocStatus.OK, AllocStatus.FULL}
+
+
+def test_repeated_key_in_one_request_is_one_access() -> None:
+    """A request naming one key 4096 times must not cost 4096 policy updates (with a lazy-heap policy at one
+    timestamp that was quadratic: a client could stall the server)."""
+    import time
+
+    core = make_core(slots=4, policy="default")
+    put(core, "a", key(1), 0.0)
+    t = time.perf_counter()
+    for i in range(20):
+        assert len(core.lookup("a", [key(1)] * 4096, 1.0 + i)) == 4096
+        assert core.touch("a", [key(1)] * 4096, 1.0 + i) == 4096
+    assert time.perf_counter() - t < 5.0
+    check_invariants(core)
