@@ -302,23 +302,25 @@ class PoolCore:
             heapq.heappush(self._ttl, (deadline, slot.generation, pool.name, slot))
 
     # ---- observability ----------------------------------------------------------------------------------
-    def snapshot(self, now: float) -> dict:
-        """Slots by state, bytes, active leases, per tenant and class, plus the operation counters.
-        O(slots): for scrapes and `stats`, never on the hot path."""
+    def snapshot(self, now: float, count_leases: bool = True) -> dict:
+        """Slots by state, resident bytes, per tenant and class (O(classes), kept incrementally), the operation
+        counters, and with `count_leases` the slots under an unexpired lease (a scan of all slots)."""
         tenants = {}
         for pool in self.tenants.values():
             classes = []
             for cls in pool.classes:
-                states = Counter(s.state.name.lower() for s in cls.slots)
                 classes.append({
                     "capacity": cls.capacity,
                     "slots": len(cls.slots),
-                    **{st.name.lower(): states.get(st.name.lower(), 0) for st in SlotState},
-                    "resident_bytes": sum(s.length for s in cls.slots if s.state is SlotState.RESIDENT),
-                    "leased": sum(1 for s in cls.slots if s.state is not SlotState.FREE and s.lease_until > now),
+                    **{st.name.lower(): cls.counts[st] for st in SlotState},
+                    "resident_bytes": cls.resident_bytes,
+                    "leased": cls.leased(now) if count_leases else None,
                 })
             tenants[pool.name] = {"region_bytes": pool.region.length, "keys": len(pool.index), "classes": classes}
         return {"tenants": tenants, "counters": dict(self.counters)}
+
+    def total_slots(self) -> int:
+        return sum(len(cls.slots) for pool in self.tenants.values() for cls in pool.classes)
 
 
 def _info(key: bytes, length: int, hint: BlockHint, tenant: str) -> BlockInfo:

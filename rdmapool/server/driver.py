@@ -172,8 +172,16 @@ class MemoryServer:
         return f"{self.info.host}:{self.info.port}"
 
     def snapshot(self) -> dict:
+        """For scrapes: exact counts under the lock; leased slots by a scan outside it (approximate while
+        the loop runs, never stalling it for the length of the scan)."""
+        now = self.clock()
         with self.lock:
-            return {"server": self.info.to_dict(), "connections": len(self._conns), **self.core.snapshot(self.clock())}
+            snap = self.core.snapshot(now, count_leases=False)
+            connections = len(self._conns)
+        for pool, t in zip(self.core.tenants.values(), snap["tenants"].values(), strict=True):
+            for cls, c in zip(pool.classes, t["classes"], strict=True):
+                c["leased"] = cls.leased(now)
+        return {"server": self.info.to_dict(), "connections": connections, **snap}
 
     def _accept_transport(self, tenant: str, msg: dict, now: float) -> dict:
         request = msg.get("request")

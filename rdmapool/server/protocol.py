@@ -34,6 +34,9 @@ from rdmapool.server import wire
 from rdmapool.server.core import PoolCore
 from rdmapool.server.slots import BlockHint
 
+#: the `stats` op counts leased slots only up to this pool size (the metrics endpoint always counts them)
+LEASE_SCAN_MAX_SLOTS = 1 << 16
+
 
 class SessionState(enum.Enum):
     AWAIT_HELLO = "await_hello"
@@ -145,7 +148,9 @@ class Handler:
         return {"count": self.core.touch(tenant, self._keys(msg), now)}
 
     def _stats(self, tenant: str, msg: dict, now: float) -> dict:
-        return {"stats": {"server": self.info.to_dict(), **self.core.snapshot(now)}}
+        # counting leases scans every slot, which would stall this server's loop on a big pool
+        scan = self.core.total_slots() <= LEASE_SCAN_MAX_SLOTS
+        return {"stats": {"server": self.info.to_dict(), **self.core.snapshot(now, count_leases=scan)}}
 
 
 class ServerSession:

@@ -62,6 +62,13 @@ class Slot:
 
     def move(self, dst: SlotState) -> None:
         check_move(self.state, dst)
+        counts = self.cls.counts
+        counts[self.state] -= 1
+        counts[dst] += 1
+        if dst is SlotState.RESIDENT:
+            self.cls.resident_bytes += self.length
+        elif self.state is SlotState.RESIDENT:
+            self.cls.resident_bytes -= self.length
         self.state = dst
 
     def unleased(self, now: float, grace: float) -> bool:
@@ -104,6 +111,9 @@ class SlotClass:
         self.policy = policy  # eviction order among this class's resident blocks
         self.slots = [Slot(self, i, layout.offset + i * layout.stride) for i in range(layout.count)]
         self.free: deque[int] = deque(range(layout.count))
+        #: slots per state (indexed by SlotState) and payload bytes resident, kept by Slot.move: O(1) stats
+        self.counts = [layout.count, 0, 0, 0]
+        self.resident_bytes = 0
 
     @property
     def capacity(self) -> int:
@@ -119,7 +129,6 @@ class SlotClass:
         slot.lease_until = NEVER
         self.free.append(slot.index)
 
-    def count(self, state: SlotState) -> int:
-        if state is SlotState.FREE:
-            return len(self.free)
-        return sum(1 for s in self.slots if s.state is state)
+    def leased(self, now: float) -> int:
+        """Slots with an unexpired read lease: a scan (O(slots)), for scrapes, not for the hot path."""
+        return sum(1 for s in self.slots if s.lease_until > now and s.state is not SlotState.FREE)

@@ -39,6 +39,8 @@ def check_invariants(core: PoolCore) -> None:
             resident = [s for s in cls.slots if s.state is SlotState.RESIDENT]
             assert len(cls.policy) == len(resident)
             assert all(s.key in cls.policy for s in resident)
+            assert cls.counts == [sum(1 for s in cls.slots if s.state is st) for st in SlotState]
+            assert cls.resident_bytes == sum(s.length for s in resident)
 
 
 def put(core: PoolCore, tenant: str, k: bytes, now: float, length: int = 100) -> int:
