@@ -51,6 +51,7 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+#include <stdlib.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -68,6 +69,7 @@
 #define SEND_IOV 64
 #define RECV_IOV 64
 #define SMALL_READ (64 * 1024)
+#define BLOCKING_RECV_MIN (64 * 1024) /* payloads this large are awaited with MSG_WAITALL, not poll() */
 
 enum { OP_READ = 1, OP_WRITE = 2, OP_CAS = 3, OP_FAA = 4 };
 enum { ACC_LOCAL_WRITE = 1, ACC_REMOTE_WRITE = 2, ACC_REMOTE_READ = 4, ACC_REMOTE_ATOMIC = 8 };
@@ -375,6 +377,14 @@ static void *accept_main(void *arg) {
             return NULL;
         }
         tune_socket(fd);
+        /* a client host that vanishes without a RST must not pin a thread (and its regions) forever */
+        int one = 1, idle = 10, intvl = 2, cnt = 3;
+        unsigned int uto = 30000;
+        setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof intvl);
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof cnt);
+        setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &uto, sizeof uto);
         sconn *c = calloc(1, sizeof *c);
         uint8_t *ibuf = malloc(IBUF_SIZE);
         if (!c || !ibuf) { free(c); free(ibuf); close(fd); continue; }
@@ -680,6 +690,7 @@ typedef struct {
     cqe_t *cq;
     uint64_t cq_cap, cq_head, cq_tail;
     long outstanding;
+    uint64_t rcvtimeo_ns;
 } EndpointObject;
 
 static inline cop *OP(EndpointObject *s, uint64_t seq) { return &s->ring[seq & (s->cap - 1)]; }
@@ -787,13 +798,27 @@ static int ep_progress_send(EndpointObject *s) {
 }
 
 /* Receive without blocking; returns bytes consumed (0 if nothing), -1 if the endpoint failed. */
-static long ep_progress_recv(EndpointObject *s) {
+static long ep_progress_recv_mode(EndpointObject *s, int block_one);
+static long ep_progress_recv(EndpointObject *s) { return ep_progress_recv_mode(s, 0); }
+
+/* block_one: wait (MSG_WAITALL, bounded by SO_RCVTIMEO) for the rest of the current response's header, or of
+ * its payload once the header said success. Used by wait() for large payloads instead of poll()+recv, which
+ * costs one wake-up per few socket-buffer fills. */
+static long ep_progress_recv_mode(EndpointObject *s, int block_one) {
     skip_silent(s);
     if (s->head >= s->tail) return 0;
     struct iovec iov[RECV_IOV];
     int n = 0;
     uint64_t off = s->recv_off;
-    for (uint64_t q = s->recv_seq; q < s->tail && n < RECV_IOV - 1; q++) {
+    if (block_one) {
+        cop *o = OP(s, s->recv_seq);
+        if (off < RESP_HDR) {
+            iov[0].iov_base = o->resp + off;
+            iov[0].iov_len = RESP_HDR - off;
+            n = 1;
+        } else n = add_sgl(iov, 0, RECV_IOV, o, off - RESP_HDR);
+    }
+    for (uint64_t q = s->recv_seq; !block_one && q < s->tail && n < RECV_IOV - 1; q++) {
         cop *o = OP(s, q);
         if (!o->expect) continue;
         if (off < RESP_HDR) {
@@ -824,7 +849,7 @@ static long ep_progress_recv(EndpointObject *s) {
     struct msghdr m = {0};
     m.msg_iov = iov;
     m.msg_iovlen = n;
-    ssize_t r = recvmsg(s->fd, &m, MSG_DONTWAIT);
+    ssize_t r = recvmsg(s->fd, &m, block_one ? MSG_WAITALL : MSG_DONTWAIT);
     if (r == 0) { ep_fail(s, s->head, ST_RETRY_EXC); return -1; }
     if (r < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return 0;
@@ -1211,6 +1236,22 @@ static PyObject *Endpoint_wait(EndpointObject *self, PyObject *args) {
         uint64_t t = now_ns();
         if (t >= deadline) break;
         if (t < spin_until) { cpu_relax(); continue; }
+        pthread_mutex_lock(&self->lock);
+        skip_silent(self);
+        int big = self->state == EP_READY && self->fd >= 0 && self->recv_seq < self->send_seq &&
+                  resp_payload(OP(self, self->recv_seq)) >= BLOCKING_RECV_MIN;
+        if (big) {
+            uint64_t slice = deadline - t < 100000000ULL ? deadline - t : 100000000ULL;
+            if (slice != self->rcvtimeo_ns) {
+                struct timeval tv = {.tv_sec = (long)(slice / 1000000000ULL), .tv_usec = (long)((slice % 1000000000ULL) / 1000)};
+                if (!tv.tv_sec && !tv.tv_usec) tv.tv_usec = 1;
+                setsockopt(self->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+                self->rcvtimeo_ns = slice;
+            }
+            ep_progress_recv_mode(self, 1);
+        }
+        pthread_mutex_unlock(&self->lock);
+        if (big) continue;
         struct pollfd p = {.fd = fd, .events = events};
         uint64_t left_ms = (deadline - t) / 1000000ULL + 1;
         poll(&p, 1, left_ms > 100 ? 100 : (int)left_ms);
