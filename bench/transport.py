@@ -145,6 +145,7 @@ class BackendRun:
         try:
             self.server = Server(name, region)
             self.local = self.client.allocate(region)
+            self.local.view[:] = bytes(region)  # fault the pages in now, not during the first measurement
             self.ep = self.client.connect(self.server.peer_info)
         except Exception:
             self.close()

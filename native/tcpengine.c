@@ -1231,27 +1231,31 @@ static PyObject *Endpoint_wait(EndpointObject *self, PyObject *args) {
         int fd = self->fd;
         short events = POLLIN | (self->send_seq < self->tail ? POLLOUT : 0);
         int idle = self->head >= self->tail;
+        skip_silent(self);
+        /* a large payload is on its way: wait for it in one MSG_WAITALL recv rather than spinning on chunks */
+        int big = self->state == EP_READY && fd >= 0 && self->recv_seq < self->send_seq &&
+                  resp_payload(OP(self, self->recv_seq)) >= BLOCKING_RECV_MIN;
         pthread_mutex_unlock(&self->lock);
         if (have >= count || fd < 0 || idle) break;
         uint64_t t = now_ns();
         if (t >= deadline) break;
-        if (t < spin_until) { cpu_relax(); continue; }
-        pthread_mutex_lock(&self->lock);
-        skip_silent(self);
-        int big = self->state == EP_READY && self->fd >= 0 && self->recv_seq < self->send_seq &&
-                  resp_payload(OP(self, self->recv_seq)) >= BLOCKING_RECV_MIN;
         if (big) {
-            uint64_t slice = deadline - t < 100000000ULL ? deadline - t : 100000000ULL;
-            if (slice != self->rcvtimeo_ns) {
-                struct timeval tv = {.tv_sec = (long)(slice / 1000000000ULL), .tv_usec = (long)((slice % 1000000000ULL) / 1000)};
-                if (!tv.tv_sec && !tv.tv_usec) tv.tv_usec = 1;
-                setsockopt(self->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-                self->rcvtimeo_ns = slice;
+            pthread_mutex_lock(&self->lock);
+            if (self->fd >= 0 && self->state == EP_READY) {
+                uint64_t slice = deadline - t < 100000000ULL ? deadline - t : 100000000ULL;
+                if (slice != self->rcvtimeo_ns) {
+                    struct timeval tv = {.tv_sec = (long)(slice / 1000000000ULL),
+                                         .tv_usec = (long)((slice % 1000000000ULL) / 1000)};
+                    if (!tv.tv_sec && !tv.tv_usec) tv.tv_usec = 1;
+                    setsockopt(self->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+                    self->rcvtimeo_ns = slice;
+                }
+                ep_progress_recv_mode(self, 1);
             }
-            ep_progress_recv_mode(self, 1);
+            pthread_mutex_unlock(&self->lock);
+            continue;
         }
-        pthread_mutex_unlock(&self->lock);
-        if (big) continue;
+        if (t < spin_until) { cpu_relax(); continue; }
         struct pollfd p = {.fd = fd, .events = events};
         uint64_t left_ms = (deadline - t) / 1000000ULL + 1;
         poll(&p, 1, left_ms > 100 ? 100 : (int)left_ms);
