@@ -91,6 +91,32 @@ static inline void cpu_relax(void) {
     __builtin_ia32_pause();
 #endif
 }
+/* Preemption-aware busy-polling. Spinning wins on an idle host (no wake-up latency) and loses badly on an
+ * oversubscribed one: a spinning thread that the scheduler has descheduled is not woken by arriving data, it
+ * waits for its next time slice. A spinner that finds a gap of more than SPIN_GAP_NS between two of its own
+ * iterations has been descheduled; it then blocks instead of spinning for its next SPIN_BACKOFF waits. */
+#define SPIN_GAP_NS 30000ULL
+#define SPIN_BACKOFF 256
+
+typedef struct {
+    uint64_t until, last;
+    int backoff;
+} spinner;
+
+static inline void spin_start(spinner *sp, uint64_t now, int spin_us) {
+    sp->last = now;
+    if (sp->backoff > 0) { sp->backoff--; sp->until = 0; return; }
+    sp->until = now + (uint64_t)spin_us * 1000ULL;
+}
+
+/* true while the caller should keep spinning */
+static inline int spin_more(spinner *sp, uint64_t now) {
+    if (now >= sp->until) return 0;
+    if (now - sp->last > SPIN_GAP_NS) { sp->backoff = SPIN_BACKOFF; sp->until = 0; return 0; }
+    sp->last = now;
+    return 1;
+}
+
 static inline void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); } /* x86/arm64 little-endian hosts */
 static inline uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 static inline void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
@@ -137,6 +163,7 @@ typedef struct sconn {
     int nout;
     uint8_t arena[OUT_ARENA][RESP_HDR + 8];
     int narena;
+    spinner spin;
 } sconn;
 
 /* caller holds eng->lock */
@@ -243,7 +270,7 @@ static int srv_fill(sconn *c, size_t need) {
         c->ilen -= c->ipos;
         c->ipos = 0;
     }
-    uint64_t spin_until = 0;
+    int spinning = 0;
     while (c->ilen < need) {
         ssize_t r = recv(c->fd, c->ibuf + c->ilen, IBUF_SIZE - c->ilen, MSG_DONTWAIT);
         if (r > 0) { c->ilen += r; continue; }
@@ -251,11 +278,12 @@ static int srv_fill(sconn *c, size_t need) {
         if (errno == EINTR) continue;
         if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
         if (c->nout && srv_flush(c) < 0) return -1;
-        if (!spin_until) spin_until = now_ns() + (uint64_t)c->eng->spin_us * 1000ULL;
-        if (now_ns() < spin_until) { cpu_relax(); continue; }
+        uint64_t t = now_ns();
+        if (!spinning) { spin_start(&c->spin, t, c->eng->spin_us); spinning = 1; }
+        if (spin_more(&c->spin, t)) { cpu_relax(); continue; }
         struct pollfd p = {.fd = c->fd, .events = POLLIN};
         if (poll(&p, 1, -1) < 0 && errno != EINTR) return -1;
-        spin_until = 0;
+        spinning = 0;
     }
     return 0;
 }
@@ -691,6 +719,7 @@ typedef struct {
     uint64_t cq_cap, cq_head, cq_tail;
     long outstanding;
     uint64_t rcvtimeo_ns;
+    spinner spin;
 } EndpointObject;
 
 static inline cop *OP(EndpointObject *s, uint64_t seq) { return &s->ring[seq & (s->cap - 1)]; }
@@ -1223,7 +1252,7 @@ static PyObject *Endpoint_wait(EndpointObject *self, PyObject *args) {
     if (!(timeout > 0)) { PyErr_SetString(UsageError, "wait needs a positive timeout"); return NULL; }
     Py_BEGIN_ALLOW_THREADS
     uint64_t start = now_ns(), deadline = start + (uint64_t)(timeout * 1e9);
-    uint64_t spin_until = start + (uint64_t)self->spin_us * 1000ULL;
+    spin_start(&self->spin, start, self->spin_us);
     for (;;) {
         pthread_mutex_lock(&self->lock);
         ep_progress(self);
@@ -1255,7 +1284,7 @@ static PyObject *Endpoint_wait(EndpointObject *self, PyObject *args) {
             pthread_mutex_unlock(&self->lock);
             continue;
         }
-        if (t < spin_until) { cpu_relax(); continue; }
+        if (spin_more(&self->spin, t)) { cpu_relax(); continue; }
         struct pollfd p = {.fd = fd, .events = events};
         uint64_t left_ms = (deadline - t) / 1000000ULL + 1;
         poll(&p, 1, left_ms > 100 ? 100 : (int)left_ms);
