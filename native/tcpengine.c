@@ -49,6 +49,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
@@ -280,7 +281,7 @@ static int srv_fill(sconn *c, size_t need) {
         if (c->nout && srv_flush(c) < 0) return -1;
         uint64_t t = now_ns();
         if (!spinning) { spin_start(&c->spin, t, c->eng->spin_us); spinning = 1; }
-        if (spin_more(&c->spin, t)) { cpu_relax(); continue; }
+        if (spin_more(&c->spin, t)) { sched_yield(); continue; }
         struct pollfd p = {.fd = c->fd, .events = POLLIN};
         if (poll(&p, 1, -1) < 0 && errno != EINTR) return -1;
         spinning = 0;
@@ -1284,7 +1285,7 @@ static PyObject *Endpoint_wait(EndpointObject *self, PyObject *args) {
             pthread_mutex_unlock(&self->lock);
             continue;
         }
-        if (spin_more(&self->spin, t)) { cpu_relax(); continue; }
+        if (spin_more(&self->spin, t)) { sched_yield(); continue; }
         struct pollfd p = {.fd = fd, .events = events};
         uint64_t left_ms = (deadline - t) / 1000000ULL + 1;
         poll(&p, 1, left_ms > 100 ? 100 : (int)left_ms);
