@@ -45,11 +45,11 @@ _REC = struct.Struct("<IIQQQQQQQ")
 _PLAN_LOCAL = struct.Struct("<QQQQ")  # addr, len, writable, err
 _PLAN_REMOTE = struct.Struct("<QQQQQQ")  # ptr, avail, valid_ptr, rkey, access, err
 _PLAN_CACHE = 32
-_NEED = {
-    Opcode.READ: Access.REMOTE_READ,
-    Opcode.WRITE: Access.REMOTE_WRITE,
-    Opcode.CAS: Access.REMOTE_ATOMIC,
-    Opcode.FAA: Access.REMOTE_ATOMIC,
+_NEED = {  # plain ints: enum flag arithmetic costs microseconds per request
+    Opcode.READ: int(Access.REMOTE_READ),
+    Opcode.WRITE: int(Access.REMOTE_WRITE),
+    Opcode.CAS: int(Access.REMOTE_ATOMIC),
+    Opcode.FAA: int(Access.REMOTE_ATOMIC),
 }
 _WRITES_REMOTE = Access.REMOTE_WRITE | Access.REMOTE_ATOMIC
 _ST_OK, _ST_REM_ACCESS, _ST_RETRY_EXC = 0, 10, 12
@@ -68,7 +68,7 @@ class LocalRegion:
 class _Remote:
     addr: int
     end: int
-    access: Access
+    access: int  # Access bits
     base: int  # where the region starts in this process's mapping
     valid_ptr: int
     seg: Segment
@@ -183,7 +183,7 @@ class ShmEndpoint(Endpoint):
                 remote += _PLAN_REMOTE.pack(0, 0, 0, 0, 0, WcStatus.REM_ACCESS_ERR)
             else:
                 remote += _PLAN_REMOTE.pack(rem.base + addr - rem.addr, rem.end - addr, rem.valid_ptr, rkey,
-                                            int(rem.access), 0)
+                                            rem.access, 0)
         if len(self._plans) >= _PLAN_CACHE:
             del self._plans[next(iter(self._plans))]
         self._plans[key] = (plan, self._transport.local_epoch, bytes(local), bytes(remote))
@@ -211,6 +211,16 @@ class ShmEndpoint(Endpoint):
             n = min(max_entries, len(self._cq))
             return [self._cq.popleft() for _ in range(n)]
 
+    def wait(self, count: int, timeout: float) -> list[Completion]:
+        """Completions are ready when `post` returns, so the common case needs no waiting loop."""
+        if timeout is None or timeout <= 0:
+            raise UsageError("wait needs a positive timeout: every wait in rdmapool is bounded")
+        with self._lock:
+            if len(self._cq) >= count:
+                cq = self._cq
+                return [cq.popleft() for _ in range(count)]
+        return super().wait(count, timeout)
+
     def close(self) -> None:
         with self._lock:
             if self._state is EndpointState.CLOSED:
@@ -227,14 +237,15 @@ class ShmEndpoint(Endpoint):
     def _execute(self, wrs: Sequence[WorkRequest]) -> None:
         recs = bytearray()
         rec_wr: list[int] = []
+        lengths: list[int] = []
         fail_at, failure = len(wrs), None
         for i, wr in enumerate(wrs):
             try:
-                self._encode(wr, recs, rec_wr, i)
+                lengths.append(self._encode(wr, recs, rec_wr, i))
             except _Failure as f:
                 fail_at, failure = i, f
                 break
-        done, status = native.run(bytes(recs), len(rec_wr), self._table.state_ptr, STATE_OPEN, self._pidfd)
+        done, status = native.run(recs, len(rec_wr), self._table.state_ptr, STATE_OPEN, self._pidfd)
         if status == _ST_RETRY_EXC:
             self._peer_lost(wrs)
             return
@@ -243,18 +254,20 @@ class ShmEndpoint(Endpoint):
             rkey = wrs[fail_at].rkey
             failure = _Failure(WcStatus.REM_ACCESS_ERR, f"rkey {rkey:#x} was deregistered")
             self._drop(rkey)
-        for wr in wrs[:fail_at]:
+        for wr, length in zip(wrs[:fail_at], lengths, strict=False):
             if wr.signaled:
-                self._cq.append(Completion(wr.wr_id, WcStatus.SUCCESS, wr.opcode, wr.length))
+                self._cq.append(Completion(wr.wr_id, WcStatus.SUCCESS, wr.opcode, length))
         if failure is not None:
             wr = wrs[fail_at]
             self._cq.append(Completion(wr.wr_id, failure.status, wr.opcode, 0, failure.detail))
             self._state = EndpointState.ERROR
             self._flush(wrs, fail_at + 1)
 
-    def _encode(self, wr: WorkRequest, recs: bytearray, rec_wr: list[int], index: int) -> None:
+    def _encode(self, wr: WorkRequest, recs: bytearray, rec_wr: list[int], index: int) -> int:
+        """Check one request and append its records; returns its byte length, raises _Failure."""
         op = wr.opcode
-        for sge in wr.sgl:
+        sgl = wr.sgl
+        for sge in sgl:
             loc = self._local.get(sge.lkey)
             if loc is None or sge.addr < loc.addr or sge.addr + sge.length > loc.end or sge.length < 0:
                 raise _Failure(WcStatus.LOC_PROT_ERR, f"local SGE {sge} is not inside a region with lkey {sge.lkey}")
@@ -263,20 +276,20 @@ class ShmEndpoint(Endpoint):
         rem = self._remotes.get(wr.rkey) or self._map(wr.rkey)
         if not rem.access & _NEED[op]:
             raise _Failure(WcStatus.REM_ACCESS_ERR, f"rkey {wr.rkey:#x} does not allow {op.name}")
-        length = wr.length
+        length = sgl[0].length if len(sgl) == 1 else sum(sge.length for sge in sgl)
         if wr.remote_addr < rem.addr or wr.remote_addr + length > rem.end:
             raise _Failure(WcStatus.REM_ACCESS_ERR,
                            f"[{wr.remote_addr:#x}, +{length}) is outside region {wr.rkey:#x}")
         ptr = rem.base + (wr.remote_addr - rem.addr)
         if op is Opcode.READ or op is Opcode.WRITE:
-            for sge in wr.sgl:
+            for sge in sgl:
                 recs += _REC.pack(op, 0, sge.addr, ptr, sge.length, 0, 0, rem.valid_ptr, wr.rkey)
                 rec_wr.append(index)
                 ptr += sge.length
         else:
-            sge = wr.sgl[0]
-            recs += _REC.pack(op, 0, sge.addr, ptr, 8, wr.compare, wr.swap, rem.valid_ptr, wr.rkey)
+            recs += _REC.pack(op, 0, sgl[0].addr, ptr, 8, wr.compare, wr.swap, rem.valid_ptr, wr.rkey)
             rec_wr.append(index)
+        return length
 
     def _map(self, rkey: int) -> _Remote:
         if rkey & LOCAL_ONLY:
@@ -301,7 +314,7 @@ class ShmEndpoint(Endpoint):
             raise _Failure(WcStatus.REM_ACCESS_ERR, f"rkey {rkey:#x} was deregistered") from None
         except OSError as exc:
             raise _Failure(WcStatus.REM_ACCESS_ERR, f"cannot map region {rkey:#x}: {exc}") from None
-        rem = _Remote(addr, addr + length, access, seg.addr, self._table.valid_ptr(rkey), seg)
+        rem = _Remote(addr, addr + length, int(access), seg.addr, self._table.valid_ptr(rkey), seg)
         self._remotes[rkey] = rem
         return rem
 
