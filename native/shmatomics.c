@@ -164,6 +164,9 @@ static void run_ops(const struct op *ops, Py_ssize_t n, const uint64_t *state_pt
         }
         *done = i + 1;
     }
+    /* Our stores are visible to every process before the completion says so (a no-op ordering on x86 TSO,
+     * a real barrier on weakly ordered CPUs), and ordered before the liveness re-check. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (peer_gone(state_ptr, state_expect, pidfd)) *status = ST_RETRY_EXC;
 }
 
@@ -264,6 +267,7 @@ static PyObject *py_run_plan(PyObject *self, PyObject *args) {
             else memcpy((void *)(uintptr_t)r->ptr, (const void *)(uintptr_t)l->addr, l->len);
             done = i + 1;
         }
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
         if (peer_gone(state_ptr, state_expect, pidfd)) status = ST_RETRY_EXC;
     }
     if (ts) PyEval_RestoreThread(ts);

@@ -331,6 +331,36 @@ def test_read_racing_deregistration_sees_old_bytes_or_error(pair):
     assert set(statuses[:-1]) == {WcStatus.SUCCESS}
 
 
+def test_deregistering_a_local_region_waits_for_running_copies(pair):
+    """A local allocate()d region is unmapped on deregistration; a copy into it running on another thread
+    must finish first (else the process would crash), and later requests get LOC_PROT_ERR."""
+    srv, cli = pair
+    size = 16 << 20
+    remote = srv.allocate(size)
+    local = cli.allocate(size)
+    ep = cli.connect(srv.peer_info())
+    statuses: list[WcStatus] = []
+
+    def reader() -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while ep.state is EndpointState.READY and time.monotonic() < deadline:
+            wrs = [WorkRequest.read(i, local.sge(), remote.remote(0), remote.rkey) for i in range(8)]
+            statuses.extend(c.status for c in ep.execute(wrs, TIMEOUT))
+
+    th = threading.Thread(target=reader)
+    th.start()
+    time.sleep(0.05)
+    seg = cli._owned[local.lkey][1]
+    cli.deregister(local)
+    assert seg.mm.closed  # really unmapped: without the wait this would crash the reader
+    th.join(TIMEOUT)
+    ep.close()
+    assert not th.is_alive()
+    assert WcStatus.SUCCESS in statuses and WcStatus.LOC_PROT_ERR in statuses
+    with pytest.raises(ValueError):
+        local.view[0]  # the region's view was released with it
+
+
 # --- owner lifecycle ----------------------------------------------------------------------------------------
 def test_owner_killed_gives_retry_exceeded_and_segments_are_swept():
     with ShmTransport() as cli, owner_process() as (proc, info, wire):

@@ -221,6 +221,12 @@ class ShmEndpoint(Endpoint):
                 return [cq.popleft() for _ in range(count)]
         return super().wait(count, timeout)
 
+    def quiesce(self) -> None:
+        """Return once no batch of this endpoint is running (batches run under the lock). The transport calls
+        it after retracting a local region and before unmapping it, so no copy can touch unmapped memory."""
+        with self._lock:
+            pass
+
     def close(self) -> None:
         with self._lock:
             if self._state is EndpointState.CLOSED:

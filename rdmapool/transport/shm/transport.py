@@ -144,14 +144,21 @@ class ShmTransport(Transport):
                 if entry is not None:
                     self._owned[region.lkey] = entry
                 raise UsageError(f"region with lkey {region.lkey:#x} is not registered with this transport")
-            self.local_regions.pop(region.lkey, None)
+            self.local_regions.pop(region.lkey, None)  # no later batch of ours can name it
             self.local_epoch += 1
             _region, seg = entry
             if seg is not None:
                 self._table.remove(region.lkey)  # from here on, every peer check fails
                 seg.unlink()
                 self._paths.discard(seg.path)
-                seg.close()
+            endpoints = list(self._endpoints)
+        for ep in endpoints:  # a batch of ours that started before the pop may still be copying
+            ep.quiesce()
+        if region.view is not None:
+            with contextlib.suppress(BufferError):
+                region.view.release()  # views the application derived keep the pages mapped (see Segment)
+        if seg is not None:
+            seg.close()
 
     def peer_info(self) -> dict:
         with self._lock:
