@@ -36,64 +36,67 @@ def _slots(size: int) -> int:
     return max(2, WORKING_SET // size)
 
 
-def bench_memcpy(size: int, min_time: float) -> float:
-    """memcpy of each block in a C loop (no Python per block), source and destination rotating over working
-    sets: the limit."""
+def _gbps(step, bytes_per_step: int, min_time: float) -> float:
+    count, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < min_time:
+        step()
+        count += 1
+    return _rate(count * bytes_per_step, elapsed)
+
+
+def _plan_step(ep, plan: TransferPlan, op: Opcode, rounds: list[list[tuple[int, int]]]):
+    def step() -> None:
+        for pairs in rounds:
+            done = ep.wait(ep.post_plan(plan, op, pairs, signal_every=64), 30.0)
+            if not all(c.ok for c in done):
+                raise RuntimeError(f"shm {op.name} failed: {done[0]}")
+    return step
+
+
+def measure(size: int, min_time: float, repeats: int, latency_samples: int) -> dict[str, float]:
+    """Best of `repeats` interleaved rounds of memcpy, shm READ and shm WRITE (interleaving keeps a shared
+    machine's changing load from favouring whichever ran first), then single-READ latency."""
     n = _slots(size)
-    src, dst = bytearray(os.urandom(1024)) * (n * size // 1024), bytearray(n * size)
+    total = n * size
+    src, dst = bytearray(os.urandom(1024)) * (total // 1024), bytearray(total)
     s, d = native.address(src)[0], native.address(dst)[0]
-    native.copy_blocks(d, s, size, n)
-    best = 0.0
-    for _ in range(3):
-        count, t0 = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - t0) < min_time:
-            native.copy_blocks(d, s, size, n)
-            count += n
-        best = max(best, _rate(count * size, elapsed))
-    return best
-
-
-def bench_shm(size: int, min_time: float, latency_samples: int) -> dict[str, float]:
-    n = _slots(size)
     with ShmTransport(cuda="off") as srv, ShmTransport(cuda="off") as cli:
-        region = srv.allocate(n * size)
-        region.view[:] = bytes(len(region.view))
-        local = cli.register(bytearray(n * size))
+        region = srv.allocate(total)
+        region.view[:] = bytes(total)
+        local = cli.register(dst)
         plan = TransferPlan.build([local.sge(i * size, size) for i in range(n)],
                                   [(region.remote(i * size), region.rkey) for i in range(n)])
         batch = min(n, 256)
         rounds = [[(i, i) for i in range(start, min(n, start + batch))] for start in range(0, n, batch)]
-        out: dict[str, float] = {}
         with cli.connect(srv.peer_info()) as ep:
-            for name, op in (("read", Opcode.READ), ("write", Opcode.WRITE)):
-                best = 0.0
-                for _ in range(3):
-                    count, t0 = 0, time.perf_counter()
-                    while (elapsed := time.perf_counter() - t0) < min_time:
-                        for pairs in rounds:
-                            signalled = ep.post_plan(plan, op, pairs, signal_every=64)
-                            done = ep.wait(signalled, 30.0)
-                            if not all(c.ok for c in done):
-                                raise RuntimeError(f"shm {name} failed: {done[0]}")
-                            count += len(pairs)
-                    best = max(best, _rate(count * size, elapsed))
-                out[f"shm_{name}_gbps"] = best
+            steps = {
+                # memcpy of each block in a C loop, no Python per block: the limit
+                "memcpy_gbps": lambda: native.copy_blocks(d, s, size, n),
+                "shm_read_gbps": _plan_step(ep, plan, Opcode.READ, rounds),
+                "shm_write_gbps": _plan_step(ep, plan, Opcode.WRITE, rounds),
+            }
+            best = dict.fromkeys(steps, 0.0)
+            for step in steps.values():
+                step()  # warm up: page tables, caches
+            for _ in range(repeats):
+                for key, step in steps.items():
+                    best[key] = max(best[key], _gbps(step, total, min_time))
             lat = []
             for i in range(latency_samples):
                 wr = WorkRequest.read(i, local.sge((i % n) * size, size), region.remote((i % n) * size), region.rkey)
                 t0 = time.perf_counter()
                 ep.execute([wr], 30.0)
                 lat.append((time.perf_counter() - t0) * 1e6)
-            q = statistics.quantiles(lat, n=100)
-            out["shm_read_p50_us"], out["shm_read_p99_us"] = statistics.median(lat), q[98]
-        return out
+        best["shm_read_p50_us"] = statistics.median(lat)
+        best["shm_read_p99_us"] = statistics.quantiles(lat, n=100)[98]
+        del local, region
+        return best
 
 
-def run(sizes: list[int], min_time: float) -> dict[str, dict[str, float]]:
+def run(sizes: list[int], min_time: float, repeats: int) -> dict[str, dict[str, float]]:
     result = {}
     for size in sizes:
-        row = {"memcpy_gbps": bench_memcpy(size, min_time)}
-        row.update(bench_shm(size, min_time, latency_samples=200 if size <= 1 << 20 else 30))
+        row = measure(size, min_time, repeats, latency_samples=300 if size <= 1 << 20 else 40)
         row["shm_read_vs_memcpy"] = row["shm_read_gbps"] / row["memcpy_gbps"]
         row["shm_write_vs_memcpy"] = row["shm_write_gbps"] / row["memcpy_gbps"]
         result[str(size)] = {k: round(v, 3) for k, v in row.items()}
@@ -105,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="only the JSON line")
     ap.add_argument("--record", action="store_true", help="also write bench/results/shm-<date>.json")
     ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)))
-    ap.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement (best of 3)")
+    ap.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement")
+    ap.add_argument("--repeats", type=int, default=4, help="interleaved rounds; the best of each is kept")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    result = run(sizes, args.min_time)
+    result = run(sizes, args.min_time, args.repeats)
     if not args.json:
         for size, row in result.items():
             print(f"{int(size):>10} B  memcpy {row['memcpy_gbps']:6.2f}  read {row['shm_read_gbps']:6.2f} "
