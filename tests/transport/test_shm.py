@@ -487,6 +487,48 @@ def test_bad_peer_info_and_file_modes():
         ShmTransport(cuda="sometimes")
 
 
+def _other_user_worker(info, wire, conn) -> None:
+    """As user nobody: try to connect, READ and WRITE; report what happened."""
+    os.setgid(65534)
+    os.setuid(65534)
+    addr, _length, rkey = wire
+    with ShmTransport() as t:
+        lr = t.register(bytearray(8))
+        try:
+            ep = t.connect(info)
+        except Exception as exc:
+            conn.send((type(exc).__name__,))
+            return
+        with ep:
+            r = ep.execute([WorkRequest.read(1, lr.sge(), addr, rkey)], TIMEOUT)[0].status
+        with t.connect(info) as ep:
+            w = ep.execute([WorkRequest.write(2, lr.sge(), addr, rkey)], TIMEOUT)[0].status
+        conn.send(("connected", int(r), int(w)))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user (file modes)")
+@pytest.mark.parametrize(("mode", "want"), [
+    (0o600, ("AuthError",)),
+    (0o644, ("connected", int(WcStatus.SUCCESS), int(WcStatus.REM_ACCESS_ERR))),
+])
+def test_file_mode_is_the_isolation_boundary(mode, want):
+    with ShmTransport(mode=mode) as srv:
+        region = srv.allocate(4096)
+        parent, child = CTX.Pipe()
+        proc = CTX.Process(target=_other_user_worker, args=(srv.peer_info(), region.descriptor.to_wire(), child))
+        proc.start()
+        try:
+            assert parent.poll(TIMEOUT * 2), "client process did not report"
+            assert parent.recv() == want
+        finally:
+            proc.join(TIMEOUT)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(TIMEOUT)
+            parent.close()
+            child.close()
+
+
 # --- GPU ------------------------------------------------------------------------------------------------------
 def _cuda_or_skip():
     try:

@@ -19,7 +19,7 @@ import weakref
 from typing import Any
 
 from rdmapool import _shmatomics as native
-from rdmapool.errors import ServerUnavailable, UsageError
+from rdmapool.errors import AuthError, ServerUnavailable, UsageError
 from rdmapool.transport.base import (
     Access,
     Endpoint,
@@ -188,6 +188,9 @@ class ShmTransport(Transport):
             except FileNotFoundError:
                 raise ServerUnavailable(f"no shm control segment {path}: the peer closed, or is not on "
                                         "this host / in this IPC namespace") from None
+            except PermissionError:
+                raise AuthError(f"shm control segment {path} is not readable by this user: the owner's "
+                                "file mode (ShmTransport(mode=...)) keeps this process out") from None
             try:
                 table = TableView(seg, owner)
             except ValueError as exc:
