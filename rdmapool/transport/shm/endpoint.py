@@ -9,8 +9,8 @@ fast).
 
 Failure semantics follow base.py: the first failing request gets its status (LOC_PROT_ERR, REM_ACCESS_ERR,
 RETRY_EXC_ERR), every later one of the batch and of later batches WR_FLUSH_ERR, and the endpoint is in ERROR.
-Owner liveness (header state OPEN, owner's pidfd not readable) is checked by the mover before and after every
-batch; a batch during which the owner died reports RETRY_EXC_ERR for its first request and flushes the rest,
+Owner liveness (header state OPEN, owner's pidfd not readable) is checked by the mover after every batch (the
+state word also before it); a batch during which the owner died reports RETRY_EXC_ERR for its first request and flushes the rest,
 never success on orphaned memory.
 """
 
