@@ -22,7 +22,17 @@ from rdmapool.transport import Access, EndpointState, MemoryKind, WcStatus, Work
 from rdmapool.transport.shm import ShmTransport, naming, sweep_stale
 
 SHM = naming.DEFAULT_DIR
-CTX = mp.get_context("fork")
+
+
+class _Ctx:
+    """fork when this process has one thread (fast, and the children inherit the imports); spawn otherwise,
+    since forking a process with other threads can deadlock the child."""
+
+    def __getattr__(self, name: str):
+        return getattr(mp.get_context("fork" if threading.active_count() == 1 else "spawn"), name)
+
+
+CTX = _Ctx()
 TIMEOUT = 5.0
 
 

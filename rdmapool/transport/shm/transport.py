@@ -223,7 +223,10 @@ class ShmTransport(Transport):
         with self._lock:
             if self._table is not None:
                 self._table.close()
-            for _region, seg in self._owned.values():
+            for region, seg in self._owned.values():
+                if region.view is not None:
+                    with contextlib.suppress(BufferError):
+                        region.view.release()
                 if seg is not None:
                     seg.unlink()
                     seg.close()
