@@ -286,6 +286,23 @@ def test_register_is_local_only(pair):
         srv.allocate(4096, kind=MemoryKind.CUDA)
 
 
+def test_register_pointer_host_memory(pair):
+    srv, cli = pair
+    region = srv.allocate(4096)
+    region.view[:4] = b"ptr!"
+    owner = bytearray(64)
+    from rdmapool import _shmatomics
+
+    addr, length = _shmatomics.address(owner)
+    lr = cli.register_pointer(addr, length, MemoryKind.HOST, owner=owner)
+    with cli.connect(srv.peer_info()) as ep:
+        assert ep.execute([WorkRequest.read(1, lr.sge(0, 4), region.remote(0), region.rkey)], TIMEOUT)[0].ok
+    assert owner[:4] == b"ptr!"
+    with pytest.raises(UsageError):
+        cli.register_pointer(addr, length, MemoryKind.CUDA)
+    cli.deregister(lr)
+
+
 def test_deregistered_region_is_unreachable(pair):
     srv, cli = pair
     region = srv.allocate(8192)

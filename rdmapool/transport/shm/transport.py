@@ -137,6 +137,26 @@ class ShmTransport(Transport):
             self.local_regions[lkey] = LocalRegion(addr, addr + length, writable)
             return region
 
+    def register_pointer(
+        self, addr: int, length: int, kind: MemoryKind, access: Access = Access.ALL, owner: Any = None
+    ) -> MemoryRegion:
+        """Host memory by address (e.g. a pinned torch tensor's data_ptr()), local-only like `register`;
+        `owner` is kept alive with the region. GPU memory cannot be an shm SGE (see docs/transport-shm.md)."""
+        if kind is not MemoryKind.HOST:
+            raise UsageError("the shm transport cannot use GPU memory as an SGE: read into a host buffer "
+                             "(allocate() or a registered pinned one) and copy to the GPU from there")
+        if not (isinstance(addr, int) and isinstance(length, int)) or addr <= 0 or length <= 0:
+            raise UsageError(f"register_pointer needs a positive address and length, got {addr!r}, {length!r}")
+        with self._lock:
+            self._check_open()
+            self._next_local += 1
+            lkey = LOCAL_ONLY | self._next_local
+            region = MemoryRegion(addr, length, lkey, RegionDescriptor(addr, length, lkey), MemoryKind.HOST, access,
+                                  view=None, handle=(self, owner))
+            self._owned[lkey] = (region, None)
+            self.local_regions[lkey] = LocalRegion(addr, addr + length, bool(access & Access.LOCAL_WRITE))
+            return region
+
     def deregister(self, region: MemoryRegion) -> None:
         with self._lock:
             entry = self._owned.pop(region.lkey, None)
