@@ -454,6 +454,21 @@ def test_stale_segments_of_a_dead_owner_are_swept_at_next_start():
             assert ours(proc.pid) == []
 
 
+def test_an_unreaped_owner_counts_as_dead():
+    with owner_process() as (proc, info, wire), ShmTransport() as cli:
+        lr = cli.register(bytearray(8))
+        ep = cli.connect(info)
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + TIMEOUT  # wait for the zombie, without reaping it
+        while naming.process_start(proc.pid) is not None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert naming.process_start(proc.pid) is None
+        c = ep.execute([WorkRequest.read(1, lr.sge(), wire[0], wire[2])], TIMEOUT)[0]
+        assert c.status is WcStatus.RETRY_EXC_ERR
+        assert ours(proc.pid) == []
+        ep.close()
+
+
 def test_sweep_leaves_live_owners_and_foreign_files_alone(tmp_path):
     live = naming.base_name(naming.Owner.current(), "abcd")
     dead = naming.base_name(naming.Owner(os.getpid(), 1), "abcd")  # our pid, another start time: dead

@@ -45,7 +45,8 @@ class Owner:
 
 
 def process_start(pid: int) -> int | None:
-    """Start time of `pid` in clock ticks since boot, or None when there is no such process."""
+    """Start time of `pid` in clock ticks since boot, or None when there is no such process or it has exited
+    (a zombie that its parent has not reaped yet is dead for us: its memory will never be served again)."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_bytes()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
@@ -53,6 +54,8 @@ def process_start(pid: int) -> int | None:
     # comm (field 2) may contain spaces and parentheses: fields after the last ')' are well formed.
     fields = raw[raw.rindex(b")") + 2 :].split()
     # fields[0] is field 3 (state); starttime is field 22.
+    if fields[0] in (b"Z", b"X"):
+        return None
     return int(fields[19])
 
 
