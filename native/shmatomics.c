@@ -25,7 +25,9 @@
 #include <string.h>
 
 enum { OP_READ = 1, OP_WRITE = 2, OP_CAS = 3, OP_FAA = 4 };
-enum { ST_OK = 0, ST_REM_ACCESS = 10, ST_RETRY_EXC = 12 };
+/* A record the caller must execute itself (a copy to or from GPU memory): run() stops before it. */
+enum { OP_HANDOFF = 0x100 };
+enum { ST_OK = 0, ST_HANDOFF = 1, ST_REM_ACCESS = 10, ST_RETRY_EXC = 12 };
 
 /* One record; a READ/WRITE with several local SGEs becomes several records. 64 bytes, little-endian. */
 struct op {
@@ -133,7 +135,8 @@ static int peer_gone(const uint64_t *state_ptr, uint64_t state_expect, int pidfd
 }
 
 /* Returns (done, status): records [0, done) completed; status is ST_OK, or the reason record `done` failed
- * (ST_REM_ACCESS), or ST_RETRY_EXC when the owner is gone (then nothing of this batch may be trusted). */
+ * (ST_REM_ACCESS), or ST_HANDOFF when record `done` is one the caller executes, or ST_RETRY_EXC when the owner
+ * is gone (then nothing of this batch may be trusted). */
 static void run_ops(const struct op *ops, Py_ssize_t n, const uint64_t *state_ptr, uint64_t state_expect,
                     int pidfd, Py_ssize_t *done, int *status) {
     *done = 0;
@@ -143,6 +146,11 @@ static void run_ops(const struct op *ops, Py_ssize_t n, const uint64_t *state_pt
     if (peer_gone(state_ptr, state_expect, -1)) { *status = ST_RETRY_EXC; return; }
     for (Py_ssize_t i = 0; i < n; i++) {
         const struct op *o = &ops[i];
+        if (o->opcode & OP_HANDOFF) {
+            *done = i;
+            *status = ST_HANDOFF;
+            break;
+        }
         if (__atomic_load_n((const uint64_t *)(uintptr_t)o->valid_ptr, __ATOMIC_ACQUIRE) != o->valid_expect) {
             *done = i;
             *status = ST_REM_ACCESS;
@@ -315,6 +323,8 @@ PyMODINIT_FUNC PyInit__shmatomics(void) {
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     PyModule_AddIntConstant(m, "OP_SIZE", (long)sizeof(struct op));
+    PyModule_AddIntConstant(m, "OP_HANDOFF", OP_HANDOFF);
+    PyModule_AddIntConstant(m, "ST_HANDOFF", ST_HANDOFF);
     PyModule_AddIntConstant(m, "GIL_RELEASE_BYTES", (long)GIL_RELEASE_BYTES);
     return m;
 }

@@ -37,7 +37,7 @@ from rdmapool.transport.base import (
     WorkRequest,
     check_work_request,
 )
-from rdmapool.transport.shm import naming
+from rdmapool.transport.shm import cuda, naming
 from rdmapool.transport.shm.segment import Segment
 from rdmapool.transport.shm.table import LOCAL_ONLY, STATE_OPEN, TableView
 
@@ -52,7 +52,7 @@ _NEED = {  # plain ints: enum flag arithmetic costs microseconds per request
     Opcode.FAA: int(Access.REMOTE_ATOMIC),
 }
 _WRITES_REMOTE = Access.REMOTE_WRITE | Access.REMOTE_ATOMIC
-_ST_OK, _ST_REM_ACCESS, _ST_RETRY_EXC = 0, 10, 12
+_ST_OK, _ST_HANDOFF, _ST_REM_ACCESS, _ST_RETRY_EXC = 0, native.ST_HANDOFF, 10, 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +62,7 @@ class LocalRegion:
     addr: int
     end: int
     writable: bool
+    cuda: bool = False  # GPU memory: copies to and from it go through the CUDA runtime, not memcpy
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,7 @@ class ShmEndpoint(Endpoint):
         self._cq: collections.deque[Completion] = collections.deque()
         self._state = EndpointState.READY
         self._lock = threading.Lock()
+        self._handoff_error = ""
 
     # --- Endpoint interface -------------------------------------------------------------------------
     @property
@@ -134,6 +136,8 @@ class ShmEndpoint(Endpoint):
                 self._flush_plan(opcode, wr_id_base, 0, n)
                 return signalled
             local, remote = self._resolved(plan)
+            if local is None:  # GPU SGEs: requests one by one through post()
+                return self._post_plan_slow(plan, opcode, pairs, wr_id_base, signal_every)
             try:
                 done, status = native.run_plan(local, remote, pairs, int(opcode), self._table.state_ptr,
                                                STATE_OPEN, self._pidfd)
@@ -160,11 +164,28 @@ class ShmEndpoint(Endpoint):
             self._flush_plan(opcode, wr_id_base, done + 1, n)
             return signalled
 
-    def _resolved(self, plan: TransferPlan) -> tuple[bytes, bytes]:
+    def _post_plan_slow(self, plan: TransferPlan, opcode: Opcode, pairs: Sequence[tuple[int, int]],
+                        wr_id_base: int, signal_every: int) -> int:
+        n = len(pairs)
+        wrs = []
+        try:
+            for i, (li, ri) in enumerate(pairs):
+                addr, rkey = plan.remote[ri]
+                signaled = (i + 1) % signal_every == 0 or i == n - 1
+                wrs.append(WorkRequest(wr_id_base + i, opcode, (plan.local[li],), addr, rkey, signaled=signaled))
+        except (IndexError, TypeError, ValueError) as exc:
+            raise UsageError(f"post_plan: pair {i} is not a valid (local, remote) index pair: {exc}") from None
+        self._execute(wrs)
+        return sum(1 for w in wrs if w.signaled)
+
+    def _resolved(self, plan: TransferPlan) -> tuple[bytes | None, bytes]:
+        """Packed (local, remote) tables of a plan; local is None when it has GPU SGEs (not for the mover)."""
         key = id(plan)
         hit = self._plans.get(key)
         if hit is not None and hit[0] is plan and hit[1] == self._transport.local_epoch:
             return hit[2], hit[3]
+        if any(getattr(self._local.get(sge.lkey), "cuda", False) for sge in plan.local):
+            return None, b""
         local = bytearray()
         for sge in plan.local:
             loc = self._local.get(sge.lkey)
@@ -251,15 +272,18 @@ class ShmEndpoint(Endpoint):
             except _Failure as f:
                 fail_at, failure = i, f
                 break
-        done, status = native.run(recs, len(rec_wr), self._table.state_ptr, STATE_OPEN, self._pidfd)
+        done, status = self._run(recs, len(rec_wr))
         if status == _ST_RETRY_EXC:
             self._peer_lost(wrs)
             return
-        if status == _ST_REM_ACCESS:
+        if status != _ST_OK:
             fail_at = rec_wr[done]
             rkey = wrs[fail_at].rkey
-            failure = _Failure(WcStatus.REM_ACCESS_ERR, f"rkey {rkey:#x} was deregistered")
-            self._drop(rkey)
+            if status == _ST_REM_ACCESS:
+                failure = _Failure(WcStatus.REM_ACCESS_ERR, f"rkey {rkey:#x} was deregistered")
+                self._drop(rkey)
+            else:
+                failure = _Failure(WcStatus(status), self._handoff_error)
         for wr, length in zip(wrs[:fail_at], lengths, strict=False):
             if wr.signaled:
                 self._cq.append(Completion(wr.wr_id, WcStatus.SUCCESS, wr.opcode, length))
@@ -269,16 +293,56 @@ class ShmEndpoint(Endpoint):
             self._state = EndpointState.ERROR
             self._flush(wrs, fail_at + 1)
 
+    def _run(self, recs: bytearray, nrec: int) -> tuple[int, int]:
+        """Run records through the native mover; records it hands back (GPU copies) run here, in order."""
+        view = memoryview(recs)
+        start = 0
+        while True:
+            done, status = native.run(view[start * _REC.size :], nrec - start, self._table.state_ptr, STATE_OPEN,
+                                      self._pidfd)
+            done += start
+            if status != _ST_HANDOFF:
+                return done, status
+            status = self._run_handoff(recs, done)
+            if status != _ST_OK:
+                return done, status
+            start = done + 1
+            if start == nrec:  # the mover did not get to check liveness after this last record
+                if not native.peer_alive(self._table.state_ptr, STATE_OPEN, self._pidfd):
+                    return nrec, _ST_RETRY_EXC
+                return nrec, _ST_OK
+
+    def _run_handoff(self, recs: bytearray, index: int) -> int:
+        op, _pad, local, remote, length, _c, _s, valid_ptr, rkey = _REC.unpack_from(recs, index * _REC.size)
+        if native.load64(valid_ptr) != rkey:
+            return _ST_REM_ACCESS
+        op &= ~native.OP_HANDOFF
+        try:
+            if length:
+                if op == Opcode.READ:
+                    cuda.copy(local, remote, length, to_device=True)
+                else:
+                    cuda.copy(remote, local, length, to_device=False)
+        except Exception as exc:  # a CUDA failure is this request's error completion, not a crash
+            self._handoff_error = f"CUDA copy failed: {exc}"
+            return int(WcStatus.LOC_PROT_ERR)
+        return _ST_OK
+
     def _encode(self, wr: WorkRequest, recs: bytearray, rec_wr: list[int], index: int) -> int:
         """Check one request and append its records; returns its byte length, raises _Failure."""
         op = wr.opcode
         sgl = wr.sgl
+        handoff = 0
         for sge in sgl:
             loc = self._local.get(sge.lkey)
             if loc is None or sge.addr < loc.addr or sge.addr + sge.length > loc.end or sge.length < 0:
                 raise _Failure(WcStatus.LOC_PROT_ERR, f"local SGE {sge} is not inside a region with lkey {sge.lkey}")
             if op is not Opcode.WRITE and not loc.writable:
                 raise _Failure(WcStatus.LOC_PROT_ERR, f"local SGE {sge} is in a region without LOCAL_WRITE")
+            if loc.cuda:
+                if op is not Opcode.READ and op is not Opcode.WRITE:
+                    raise _Failure(WcStatus.LOC_PROT_ERR, "shm atomics need a host SGE, not GPU memory")
+                handoff = native.OP_HANDOFF
         rem = self._remotes.get(wr.rkey) or self._map(wr.rkey)
         if not rem.access & _NEED[op]:
             raise _Failure(WcStatus.REM_ACCESS_ERR, f"rkey {wr.rkey:#x} does not allow {op.name}")
@@ -289,7 +353,8 @@ class ShmEndpoint(Endpoint):
         ptr = rem.base + (wr.remote_addr - rem.addr)
         if op is Opcode.READ or op is Opcode.WRITE:
             for sge in sgl:
-                recs += _REC.pack(op, 0, sge.addr, ptr, sge.length, 0, 0, rem.valid_ptr, wr.rkey)
+                code = op | (handoff if self._local[sge.lkey].cuda else 0)
+                recs += _REC.pack(code, 0, sge.addr, ptr, sge.length, 0, 0, rem.valid_ptr, wr.rkey)
                 rec_wr.append(index)
                 ptr += sge.length
         else:

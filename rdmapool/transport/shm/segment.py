@@ -61,7 +61,12 @@ class Segment:
             raise
         os.close(fd)
         seg = cls(path, mm, native.address(mm, True)[0], size, True, huge_advised=huge)
-        seg.cuda_registered = cuda.host_register(seg.addr, size, False, cuda_mode)
+        try:
+            seg.cuda_registered = cuda.host_register(seg.addr, size, False, cuda_mode)
+        except BaseException:
+            seg.close()
+            seg.unlink()
+            raise
         return seg
 
     @classmethod
@@ -76,7 +81,11 @@ class Segment:
         finally:
             os.close(fd)
         seg = cls(path, mm, native.address(mm, False)[0], size, writable)
-        seg.cuda_registered = cuda.host_register(seg.addr, size, not writable, cuda_mode)
+        try:
+            seg.cuda_registered = cuda.host_register(seg.addr, size, not writable, cuda_mode)
+        except BaseException:
+            seg.close()
+            raise
         return seg
 
     def close(self) -> None:

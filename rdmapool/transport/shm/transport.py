@@ -19,7 +19,7 @@ import weakref
 from typing import Any
 
 from rdmapool import _shmatomics as native
-from rdmapool.errors import AuthError, ServerUnavailable, UsageError
+from rdmapool.errors import AuthError, NoDevice, ServerUnavailable, UsageError
 from rdmapool.transport.base import (
     Access,
     Endpoint,
@@ -140,21 +140,22 @@ class ShmTransport(Transport):
     def register_pointer(
         self, addr: int, length: int, kind: MemoryKind, access: Access = Access.ALL, owner: Any = None
     ) -> MemoryRegion:
-        """Host memory by address (e.g. a pinned torch tensor's data_ptr()), local-only like `register`;
-        `owner` is kept alive with the region. GPU memory cannot be an shm SGE (see docs/transport-shm.md)."""
-        if kind is not MemoryKind.HOST:
-            raise UsageError("the shm transport cannot use GPU memory as an SGE: read into a host buffer "
-                             "(allocate() or a registered pinned one) and copy to the GPU from there")
+        """Memory by address, local-only like `register`: host memory (a pinned tensor's data_ptr()) or GPU
+        memory (a CUDA tensor's data_ptr(): READ/WRITE then copy between it and the CUDA-registered mapping
+        with the CUDA runtime, at pinned speed; no atomics into it). `owner` is kept alive with the region."""
+        if kind is MemoryKind.CUDA and not cuda.available():
+            raise NoDevice("register_pointer(kind=CUDA) needs a GPU and torch with CUDA or cupy")
         if not (isinstance(addr, int) and isinstance(length, int)) or addr <= 0 or length <= 0:
             raise UsageError(f"register_pointer needs a positive address and length, got {addr!r}, {length!r}")
         with self._lock:
             self._check_open()
             self._next_local += 1
             lkey = LOCAL_ONLY | self._next_local
-            region = MemoryRegion(addr, length, lkey, RegionDescriptor(addr, length, lkey), MemoryKind.HOST, access,
+            region = MemoryRegion(addr, length, lkey, RegionDescriptor(addr, length, lkey), kind, access,
                                   view=None, handle=(self, owner))
             self._owned[lkey] = (region, None)
-            self.local_regions[lkey] = LocalRegion(addr, addr + length, bool(access & Access.LOCAL_WRITE))
+            self.local_regions[lkey] = LocalRegion(addr, addr + length, bool(access & Access.LOCAL_WRITE),
+                                                   cuda=kind is MemoryKind.CUDA)
             return region
 
     def deregister(self, region: MemoryRegion) -> None:
