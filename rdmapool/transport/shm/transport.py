@@ -128,8 +128,7 @@ class ShmTransport(Transport):
             raise UsageError(f"register needs {need} (access={access!r}): {exc}") from None
         with self._lock:
             self._check_open()
-            self._next_local += 1
-            lkey = LOCAL_ONLY | self._next_local
+            lkey = self._local_key()
             desc = RegionDescriptor(addr, length, lkey)
             region = MemoryRegion(addr, length, lkey, desc, MemoryKind.HOST, access,
                                   view=view.cast("B") if view.format != "B" else view, handle=self)
@@ -149,14 +148,21 @@ class ShmTransport(Transport):
             raise UsageError(f"register_pointer needs a positive address and length, got {addr!r}, {length!r}")
         with self._lock:
             self._check_open()
-            self._next_local += 1
-            lkey = LOCAL_ONLY | self._next_local
+            lkey = self._local_key()
             region = MemoryRegion(addr, length, lkey, RegionDescriptor(addr, length, lkey), kind, access,
                                   view=None, handle=(self, owner))
             self._owned[lkey] = (region, None)
             self.local_regions[lkey] = LocalRegion(addr, addr + length, bool(access & Access.LOCAL_WRITE),
                                                    cuda=kind is MemoryKind.CUDA)
             return region
+
+    def _local_key(self) -> int:
+        """A key for a local-only region: bit 31 set, never 0 below it, never reused while in use."""
+        while True:
+            self._next_local = self._next_local % (LOCAL_ONLY - 1) + 1
+            lkey = LOCAL_ONLY | self._next_local
+            if lkey not in self._owned:
+                return lkey
 
     def deregister(self, region: MemoryRegion) -> None:
         with self._lock:
