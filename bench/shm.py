@@ -93,6 +93,44 @@ def measure(size: int, min_time: float, repeats: int, latency_samples: int) -> d
         return best
 
 
+def _cpu_per_block(step, reps: int, blocks: int) -> float:
+    step()
+    t0 = time.thread_time()
+    for _ in range(reps):
+        step()
+    return (time.thread_time() - t0) / reps / blocks * 1e6
+
+
+def _overhead_at(size: int, working_set: int, reps: int) -> tuple[float, float]:
+    blocks = working_set // size
+    with ShmTransport(cuda="off") as srv, ShmTransport(cuda="off") as cli:
+        region = srv.allocate(working_set)
+        local = cli.register(bytearray(working_set))
+        plan = TransferPlan.build([local.sge(i * size, size) for i in range(blocks)],
+                                  [(region.remote(i * size), region.rkey) for i in range(blocks)])
+        rounds = [[(i, i) for i in range(st, min(blocks, st + 256))] for st in range(0, blocks, 256)]
+        with cli.connect(srv.peer_info()) as ep:
+            def plan_step() -> None:
+                for pairs in rounds:
+                    ep.wait(ep.post_plan(plan, Opcode.READ, pairs, signal_every=64), 30.0)
+
+            memcpy_us = _cpu_per_block(lambda: native.copy_blocks(local.addr, region.addr, size, blocks), reps, blocks)
+            plan_us = _cpu_per_block(plan_step, reps, blocks)
+    return memcpy_us, plan_us
+
+
+def overhead(size: int = 4096, reps_bytes: int = 2 << 30) -> dict[str, float]:
+    """CPU time (thread time: independent of other jobs' load) per 4 KiB block: the bare C memcpy loop from the
+    shared region vs `post_plan` + `wait` over the same blocks, in cache (1 MiB) and from DRAM (64 MiB)."""
+    out: dict[str, float] = {"block": size}
+    for label, working_set in (("cache", 1 << 20), ("dram", WORKING_SET)):
+        memcpy_us, plan_us = _overhead_at(size, working_set, max(1, reps_bytes // working_set))
+        out[f"{label}_memcpy_cpu_us"] = round(memcpy_us, 4)
+        out[f"{label}_post_plan_cpu_us"] = round(plan_us, 4)
+        out[f"{label}_ratio"] = round(memcpy_us / plan_us, 3)
+    return out
+
+
 def run(sizes: list[int], min_time: float, repeats: int) -> dict[str, dict[str, float]]:
     result = {}
     for size in sizes:
@@ -110,11 +148,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)))
     ap.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement")
     ap.add_argument("--repeats", type=int, default=4, help="interleaved rounds; the best of each is kept")
+    ap.add_argument("--overhead", action="store_true", help="also the CPU cost per 4 KiB block (cache, DRAM)")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    result = run(sizes, args.min_time, args.repeats)
+    result: dict = run(sizes, args.min_time, args.repeats)
+    if args.overhead:
+        result["overhead"] = overhead()
     if not args.json:
         for size, row in result.items():
+            if size == "overhead":
+                for where in ("cache", "dram"):
+                    print(f"CPU per 4 KiB block ({where}): memcpy {row[where + '_memcpy_cpu_us']:.3f} us, "
+                          f"post_plan {row[where + '_post_plan_cpu_us']:.3f} us, ratio {row[where + '_ratio']:.2f}",
+                          file=sys.stderr)
+                continue
             print(f"{int(size):>10} B  memcpy {row['memcpy_gbps']:6.2f}  read {row['shm_read_gbps']:6.2f} "
                   f"({row['shm_read_vs_memcpy']:.0%})  write {row['shm_write_gbps']:6.2f} "
                   f"({row['shm_write_vs_memcpy']:.0%})  p50 {row['shm_read_p50_us']:.1f} us", file=sys.stderr)
