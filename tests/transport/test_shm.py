@@ -56,7 +56,7 @@ def pair() -> Iterator[tuple[ShmTransport, ShmTransport]]:
 
 # --- a serving process in a child -------------------------------------------------------------------------
 def _owner_main(conn, size: int, fill: int) -> None:
-    t = ShmTransport()
+    t = ShmTransport(cuda="off")
     r = t.allocate(size)
     r.view[:] = bytes([fill]) * size
     conn.send((t.peer_info(), r.descriptor.to_wire()))
@@ -153,7 +153,7 @@ def test_atomics_semantics(pair):
 
 
 def _faa_worker(info, wire, n: int, conn) -> None:
-    t = ShmTransport()
+    t = ShmTransport(cuda="off")
     out = bytearray(8)
     lr = t.register(out)
     addr, _length, rkey = wire
@@ -168,7 +168,7 @@ def _faa_worker(info, wire, n: int, conn) -> None:
 
 def _cas_lock_worker(info, wire, n: int, conn) -> None:
     """Take a CAS spin lock at offset 0, then increment the (non-atomic) counter at offset 8 by READ+WRITE."""
-    t = ShmTransport()
+    t = ShmTransport(cuda="off")
     buf = bytearray(16)
     lr = t.register(buf)
     base, _length, rkey = wire
@@ -497,7 +497,7 @@ def test_no_fd_thread_or_segment_leaks_across_cycles():
 
 
 def test_forgotten_transport_is_unlinked_when_collected():
-    t = ShmTransport()
+    t = ShmTransport(cuda="off")
     t.allocate(4096)
     assert ours()
     del t
@@ -532,7 +532,7 @@ def _other_user_worker(info, wire, conn) -> None:
     os.setgid(65534)
     os.setuid(65534)
     addr, _length, rkey = wire
-    with ShmTransport() as t:
+    with ShmTransport(cuda="off") as t:
         lr = t.register(bytearray(8))
         try:
             ep = t.connect(info)

@@ -26,14 +26,15 @@ HOST_REGISTER_READ_ONLY = 0x08
 MODES = ("auto", "off", "require")
 
 _runtime: Any = None
-_probed = False
+_probed = 0  # pid of the process that probed (a forked child probes again)
 
 
 class _CudaArray:
     """A raw device pointer as a CUDA array interface, so torch can wrap it without copying."""
 
     def __init__(self, ptr: int, length: int) -> None:
-        self.__cuda_array_interface__ = {"shape": (length,), "typestr": "|u1", "data": (ptr, False), "version": 3}
+        self.__cuda_array_interface__ = {"shape": (length,), "typestr": "|u1", "data": (ptr, False),
+                                         "strides": None, "version": 3}
 
 
 class _TorchRuntime:
@@ -83,9 +84,15 @@ def _has_nvidia_device() -> bool:
 
 def _probe() -> Any:
     global _runtime, _probed
-    if _probed:
+    if _probed == os.getpid():
         return _runtime
-    _probed = True
+    if _probed and _runtime is not None:
+        # A forked child cannot use the CUDA context its parent initialised: no CUDA here.
+        log.info("shm: CUDA was initialised before fork(); this child does not register with CUDA")
+        _runtime = None
+        _probed = os.getpid()
+        return None
+    _probed = os.getpid()
     if not _has_nvidia_device():
         log.info("shm: no NVIDIA GPU on this machine; shared memory is not registered with CUDA")
         return None
