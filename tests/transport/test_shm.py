@@ -46,7 +46,7 @@ def open_fds() -> int:
 
 
 @pytest.fixture
-def pair() -> Iterator[tuple[ShmTransport, ShmTransport]]:
+def shm_pair() -> Iterator[tuple[ShmTransport, ShmTransport]]:
     srv, cli = create("shm"), create("shm")
     yield srv, cli
     cli.close()
@@ -90,8 +90,8 @@ def owner_process(size: int = 1 << 20, fill: int = 7):
 
 # --- data path ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [1, 7, 4096, 65537, 3 << 20])
-def test_round_trip_byte_exact(pair, size):
-    srv, cli = pair
+def test_round_trip_byte_exact(shm_pair, size):
+    srv, cli = shm_pair
     region = srv.allocate(size + 64)
     src = bytearray(os.urandom(size))
     dst = bytearray(size)
@@ -105,8 +105,8 @@ def test_round_trip_byte_exact(pair, size):
     assert bytes(region.view[13:13 + size]) == bytes(src)
 
 
-def test_scatter_gather_lists(pair):
-    srv, cli = pair
+def test_scatter_gather_lists(shm_pair):
+    srv, cli = shm_pair
     region = srv.allocate(4096)
     region.view[:300] = bytes(range(256)) + bytes(range(44))
     buf = bytearray(1000)
@@ -119,8 +119,8 @@ def test_scatter_gather_lists(pair):
     assert bytes(buf[0:100]) + bytes(buf[500:550]) + bytes(buf[900:1000]) == want
 
 
-def test_batches_and_selective_signalling(pair):
-    srv, cli = pair
+def test_batches_and_selective_signalling(shm_pair):
+    srv, cli = shm_pair
     region = srv.allocate(1 << 16)
     region.view[:] = os.urandom(1 << 16)
     buf = bytearray(1 << 16)
@@ -135,8 +135,8 @@ def test_batches_and_selective_signalling(pair):
     assert bytes(buf) == bytes(region.view)
 
 
-def test_atomics_semantics(pair):
-    srv, cli = pair
+def test_atomics_semantics(shm_pair):
+    srv, cli = shm_pair
     region = srv.allocate(64)
     out = bytearray(16)
     lr = cli.register(out)
@@ -226,8 +226,8 @@ def test_atomics_under_multiprocess_contention(worker):
 
 
 # --- errors -------------------------------------------------------------------------------------------------
-def test_bad_rkey_and_out_of_bounds_flush_and_keep_serving(pair):
-    srv, cli = pair
+def test_bad_rkey_and_out_of_bounds_flush_and_keep_serving(shm_pair):
+    srv, cli = shm_pair
     region = srv.allocate(4096)
     buf = bytearray(64)
     lr = cli.register(buf)
@@ -252,8 +252,8 @@ def test_bad_rkey_and_out_of_bounds_flush_and_keep_serving(pair):
         assert ep.execute([WorkRequest.read(9, lr.sge(), region.remote(0), region.rkey)], TIMEOUT)[0].ok
 
 
-def test_local_sge_outside_registration_is_loc_prot_err(pair):
-    srv, cli = pair
+def test_local_sge_outside_registration_is_loc_prot_err(shm_pair):
+    srv, cli = shm_pair
     region = srv.allocate(4096)
     lr = cli.register(bytearray(64))
     with cli.connect(srv.peer_info()) as ep:
@@ -261,8 +261,8 @@ def test_local_sge_outside_registration_is_loc_prot_err(pair):
         assert ep.execute([bad], TIMEOUT)[0].status is WcStatus.LOC_PROT_ERR
 
 
-def test_access_flags_are_enforced(pair):
-    srv, cli = pair
+def test_access_flags_are_enforced(shm_pair):
+    srv, cli = shm_pair
     ro = srv.allocate(4096, access=Access.LOCAL_WRITE | Access.REMOTE_READ)
     lr = cli.register(bytearray(8))
     with cli.connect(srv.peer_info()) as ep:
@@ -271,8 +271,8 @@ def test_access_flags_are_enforced(pair):
         assert c.status is WcStatus.REM_ACCESS_ERR and "does not allow WRITE" in c.detail
 
 
-def test_register_is_local_only(pair):
-    srv, cli = pair
+def test_register_is_local_only(shm_pair):
+    srv, cli = shm_pair
     private = srv.register(bytearray(4096))
     assert private.rkey & (1 << 31)
     lr = cli.register(bytearray(8))
@@ -286,8 +286,8 @@ def test_register_is_local_only(pair):
         srv.allocate(4096, kind=MemoryKind.CUDA)
 
 
-def test_register_pointer_host_memory(pair):
-    srv, cli = pair
+def test_register_pointer_host_memory(shm_pair):
+    srv, cli = shm_pair
     region = srv.allocate(4096)
     region.view[:4] = b"ptr!"
     owner = bytearray(64)
@@ -301,8 +301,8 @@ def test_register_pointer_host_memory(pair):
     cli.deregister(lr)
 
 
-def test_deregistered_region_is_unreachable(pair):
-    srv, cli = pair
+def test_deregistered_region_is_unreachable(shm_pair):
+    srv, cli = shm_pair
     region = srv.allocate(8192)
     lr = cli.register(bytearray(64))
     name = naming.region_name(srv.base, region.rkey)
@@ -321,8 +321,8 @@ def test_deregistered_region_is_unreachable(pair):
         srv.deregister(region)
 
 
-def test_read_racing_deregistration_sees_old_bytes_or_error(pair):
-    srv, cli = pair
+def test_read_racing_deregistration_sees_old_bytes_or_error(shm_pair):
+    srv, cli = shm_pair
     region = srv.allocate(1 << 20)
     region.view[:] = b"\x5a" * (1 << 20)
     buf, mine = bytearray(1 << 20), bytearray(8)
@@ -356,10 +356,10 @@ def test_read_racing_deregistration_sees_old_bytes_or_error(pair):
     assert set(statuses[:-1]) == {WcStatus.SUCCESS}
 
 
-def test_deregistering_a_local_region_waits_for_running_copies(pair):
+def test_deregistering_a_local_region_waits_for_running_copies(shm_pair):
     """A local allocate()d region is unmapped on deregistration; a copy into it running on another thread
     must finish first (else the process would crash), and later requests get LOC_PROT_ERR."""
-    srv, cli = pair
+    srv, cli = shm_pair
     size = 16 << 20
     remote = srv.allocate(size)
     local = cli.allocate(size)
@@ -595,11 +595,11 @@ def fake_gpu(monkeypatch):
     return gpu
 
 
-def test_gpu_sges_are_handed_off_in_order(pair, fake_gpu):
+def test_gpu_sges_are_handed_off_in_order(shm_pair, fake_gpu):
     from rdmapool import _shmatomics
     from rdmapool.transport import Opcode, TransferPlan
 
-    srv, cli = pair
+    srv, cli = shm_pair
     region = srv.allocate(1 << 16)
     region.view[:] = os.urandom(1 << 16)
     host, gpu_mem = bytearray(1 << 12), bytearray(1 << 12)
@@ -678,10 +678,10 @@ def test_cuda_registration_gives_pinned_speed():
 
 
 # --- native batching (post_plan) -------------------------------------------------------------------------------
-def test_post_plan_round_trip_and_signalling(pair):
+def test_post_plan_round_trip_and_signalling(shm_pair):
     from rdmapool.transport import Opcode, TransferPlan
 
-    srv, cli = pair
+    srv, cli = shm_pair
     region = srv.allocate(1 << 16)
     region.view[:] = os.urandom(1 << 16)
     buf = bytearray(1 << 16)
@@ -703,10 +703,10 @@ def test_post_plan_round_trip_and_signalling(pair):
         assert ep.state is EndpointState.READY
 
 
-def test_post_plan_errors_match_the_slow_path(pair):
+def test_post_plan_errors_match_the_slow_path(shm_pair):
     from rdmapool.transport import Opcode, TransferPlan
 
-    srv, cli = pair
+    srv, cli = shm_pair
     keep, doomed = srv.allocate(4096), srv.allocate(4096)
     lr = cli.register(bytearray(8192))
     plan = TransferPlan.build([lr.sge(0, 4096), lr.sge(4096, 4096)],
