@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -142,6 +143,25 @@ def run(sizes: list[int], min_time: float, repeats: int) -> dict[str, dict[str, 
     return result
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
+def _version() -> str:
+    import rdmapool
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"{getattr(rdmapool, '__version__', '?')} {rev}".strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rdmapool bench shm", description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="only the JSON line")
@@ -166,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"({row['shm_read_vs_memcpy']:.0%})  write {row['shm_write_gbps']:6.2f} "
                   f"({row['shm_write_vs_memcpy']:.0%})  p50 {row['shm_read_p50_us']:.1f} us", file=sys.stderr)
     if args.record:
-        meta = {"machine": platform.node(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                "python": platform.python_version(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+        meta = {"machine": platform.node(), "cpu_count": os.cpu_count(), "cpu": _cpu_model(),
+                "platform": platform.platform(), "python": platform.python_version(), "rdmapool": _version(),
+                "load_average": os.getloadavg(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
         path = Path(__file__).parent / "results" / f"shm-{dt.date.today().isoformat()}.json"
         path.write_text(json.dumps({"meta": meta, "results": result}, indent=1) + "\n")
     print(json.dumps(result))
