@@ -10,8 +10,12 @@ fast).
 Failure semantics follow base.py: the first failing request gets its status (LOC_PROT_ERR, REM_ACCESS_ERR,
 RETRY_EXC_ERR), every later one of the batch and of later batches WR_FLUSH_ERR, and the endpoint is in ERROR.
 Owner liveness (header state OPEN, owner's pidfd not readable) is checked by the mover after every batch (the
-state word also before it); a batch during which the owner died reports RETRY_EXC_ERR for its first request and flushes the rest,
-never success on orphaned memory.
+state word also before it); a batch during which the owner died reports RETRY_EXC_ERR for its first request
+and flushes the rest, never success on orphaned memory.
+
+GPU memory as a local SGE (`register_pointer(kind=CUDA)`): its records carry a hand-off flag; the mover stops
+before each one, and `_run` copies it with the CUDA runtime (after checking the region's valid word) and
+resumes the mover, so order and checks are those of every other record.
 """
 
 from __future__ import annotations
