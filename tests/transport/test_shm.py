@@ -38,7 +38,7 @@ TIMEOUT = 5.0
 
 def ours(pid: int | None = None) -> list[str]:
     pid = os.getpid() if pid is None else pid
-    return sorted(n for n in os.listdir(SHM) if n.startswith(f"{naming.PREFIX}{pid}."))
+    return sorted(n for n in os.listdir(SHM) if n.startswith(f"{naming.PREFIX}{naming.pid_namespace()}.{pid}."))
 
 
 def open_fds() -> int:
@@ -470,11 +470,13 @@ def test_an_unreaped_owner_counts_as_dead():
 def test_sweep_leaves_live_owners_and_foreign_files_alone(tmp_path):
     live = naming.base_name(naming.Owner.current(), "abcd")
     dead = naming.base_name(naming.Owner(os.getpid(), 1), "abcd")  # our pid, another start time: dead
-    for name in (naming.ctl_name(live), naming.ctl_name(dead), naming.region_name(dead, 0x1001), "other.file"):
+    foreign = naming.base_name(naming.Owner(os.getpid(), 1), "abcd", ns=naming.pid_namespace() + 1)
+    kept = [naming.ctl_name(live), naming.ctl_name(foreign), "other.file", "rdmapool.1.2.ctl"]
+    for name in [*kept, naming.ctl_name(dead), naming.region_name(dead, 0x1001)]:
         (tmp_path / name).write_bytes(b"x")
     removed = sweep_stale(str(tmp_path))
     assert sorted(removed) == sorted([naming.ctl_name(dead), naming.region_name(dead, 0x1001)])
-    assert sorted(os.listdir(tmp_path)) == sorted([naming.ctl_name(live), "other.file"])
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
 
 
 def test_no_fd_thread_or_segment_leaks_across_cycles():
@@ -517,6 +519,12 @@ def test_bad_peer_info_and_file_modes():
                 "pid": 2**22 + 7, "start": 5}
         with pytest.raises(ServerUnavailable):
             cli.connect(gone)
+        with ShmTransport() as srv:
+            info = srv.peer_info()
+            elsewhere = dict(info, base=naming.base_name(naming.Owner(info["pid"], info["start"]), "00",
+                                                         ns=naming.pid_namespace() + 1))
+            with pytest.raises(ServerUnavailable, match="pid namespace"):
+                cli.connect(elsewhere)
     with ShmTransport(mode=0o640) as srv:
         region = srv.allocate(4096)
         st = os.stat(os.path.join(SHM, naming.region_name(srv.base, region.rkey)))

@@ -288,8 +288,11 @@ def _parse_peer_info(info: Any) -> tuple[str, str, naming.Owner]:
     if not (isinstance(base, str) and isinstance(shm_dir, str) and isinstance(pid, int) and isinstance(start, int)):
         raise UsageError(f"shm peer info needs base, dir, pid, start: {info!r}")
     parsed = naming.parse(naming.ctl_name(base))
-    if parsed is None or parsed[0] != naming.Owner(pid, start):
+    if parsed is None or parsed[1] != naming.Owner(pid, start):
         raise UsageError(f"shm peer info has a malformed base name {base!r}")
+    if parsed[0] != naming.pid_namespace():
+        raise ServerUnavailable(f"shm peer {base} is in another pid namespace: shm peers must share pid and "
+                                "IPC namespaces (same host or container)")
     return base, shm_dir, naming.Owner(pid, start)
 
 
