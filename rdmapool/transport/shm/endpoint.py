@@ -42,13 +42,12 @@ from rdmapool.transport.base import (
     check_work_request,
 )
 from rdmapool.transport.shm import cuda, naming
+from rdmapool.transport.shm import plan as plan_tables
+from rdmapool.transport.shm.plan import PlanCache
 from rdmapool.transport.shm.segment import Segment
 from rdmapool.transport.shm.table import LOCAL_ONLY, STATE_OPEN, TableView
 
 _REC = struct.Struct("<IIQQQQQQQ")
-_PLAN_LOCAL = struct.Struct("<QQQQ")  # addr, len, writable, err
-_PLAN_REMOTE = struct.Struct("<QQQQQQ")  # ptr, avail, valid_ptr, rkey, access, err
-_PLAN_CACHE = 32
 _NEED = {  # plain ints: enum flag arithmetic costs microseconds per request
     Opcode.READ: int(Access.REMOTE_READ),
     Opcode.WRITE: int(Access.REMOTE_WRITE),
@@ -97,7 +96,7 @@ class ShmEndpoint(Endpoint):
         self._table = table
         self._pidfd = pidfd
         self._remotes: dict[int, _Remote] = {}
-        self._plans: dict[int, tuple[TransferPlan, int, bytes, bytes]] = {}
+        self._plans = PlanCache()
         self._cq: collections.deque[Completion] = collections.deque()
         self._state = EndpointState.READY
         self._lock = threading.Lock()
@@ -183,36 +182,19 @@ class ShmEndpoint(Endpoint):
         return sum(1 for w in wrs if w.signaled)
 
     def _resolved(self, plan: TransferPlan) -> tuple[bytes | None, bytes]:
-        """Packed (local, remote) tables of a plan; local is None when it has GPU SGEs (not for the mover)."""
-        key = id(plan)
-        hit = self._plans.get(key)
-        if hit is not None and hit[0] is plan and hit[1] == self._transport.local_epoch:
-            return hit[2], hit[3]
-        if any(getattr(self._local.get(sge.lkey), "cuda", False) for sge in plan.local):
-            return None, b""
-        local = bytearray()
-        for sge in plan.local:
-            loc = self._local.get(sge.lkey)
-            if loc is None or sge.addr < loc.addr or sge.addr + sge.length > loc.end:
-                local += _PLAN_LOCAL.pack(0, sge.length, 0, WcStatus.LOC_PROT_ERR)
-            else:
-                local += _PLAN_LOCAL.pack(sge.addr, sge.length, int(loc.writable), 0)
-        remote = bytearray()
-        for addr, rkey in plan.remote:
-            try:
-                rem = self._remotes.get(rkey) or self._map(rkey)
-            except _Failure as f:
-                remote += _PLAN_REMOTE.pack(0, 0, 0, 0, 0, f.status)
-                continue
-            if not rem.addr <= addr <= rem.end:
-                remote += _PLAN_REMOTE.pack(0, 0, 0, 0, 0, WcStatus.REM_ACCESS_ERR)
-            else:
-                remote += _PLAN_REMOTE.pack(rem.base + addr - rem.addr, rem.end - addr, rem.valid_ptr, rkey,
-                                            rem.access, 0)
-        if len(self._plans) >= _PLAN_CACHE:
-            del self._plans[next(iter(self._plans))]
-        self._plans[key] = (plan, self._transport.local_epoch, bytes(local), bytes(remote))
-        return self._plans[key][2], self._plans[key][3]
+        """Packed (local, remote) tables of a plan (see `plan`); local is None when it has GPU SGEs."""
+        epoch = self._transport.local_epoch
+        packed = self._plans.get(plan, epoch)
+        if packed is None:
+            packed = plan_tables.pack(plan, self._local, self._remote_or_status)
+            self._plans.put(plan, epoch, packed)
+        return packed
+
+    def _remote_or_status(self, rkey: int) -> _Remote | int:
+        try:
+            return self._remotes.get(rkey) or self._map(rkey)
+        except _Failure as f:
+            return int(f.status)
 
     def _explain(self, wr: WorkRequest, status: WcStatus) -> _Failure:
         """The reason a request failed in the native mover, found again by the Python checks."""
