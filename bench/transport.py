@@ -190,55 +190,61 @@ def find_mooncake() -> str | None:
     return found
 
 
-def measure_mooncake(sizes: list[int], seconds: float, repeat: int) -> tuple[dict, str | None]:
-    binary = find_mooncake()
-    if not binary:
-        return {}, "Mooncake not installed (run scripts/mooncake-setup.sh)"
-    buffer = 1 << 30
-    out: dict = {}
-    with tempfile.TemporaryDirectory(prefix="rdmapool-mooncake-") as tmp:
-        log_path = Path(tmp) / "target.log"
+class MooncakeRun:
+    """Mooncake's transfer_engine_bench over TCP: one target process for the run, one initiator per sample."""
+
+    BUFFER = 1 << 30
+
+    def __init__(self, seconds: float) -> None:
+        binary = find_mooncake()
+        if not binary:
+            raise RuntimeError("Mooncake not installed (run scripts/mooncake-setup.sh)")
+        self.binary, self.seconds = binary, seconds
+        self.tmp = tempfile.TemporaryDirectory(prefix="rdmapool-mooncake-")
+        log_path = Path(self.tmp.name) / "target.log"
         with open(log_path, "w") as target_log:
-            target = subprocess.Popen(
+            self.target = subprocess.Popen(
                 [binary, "--mode=target", "--metadata_server=P2PHANDSHAKE", "--local_server_name=127.0.0.1:17801",
-                 "--protocol=tcp", f"--buffer_size={buffer}"],
-                stdout=target_log, stderr=subprocess.STDOUT, cwd=tmp)
-        try:
-            port = None
-            deadline = time.monotonic() + 20
-            while port is None and time.monotonic() < deadline and target.poll() is None:
-                m = re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text())
-                port = m and m.group(1)
-                time.sleep(0.1)
-            if port is None:
-                return {}, f"Mooncake target did not start: {log_path.read_text()[-500:]}"
-            for size in sizes:
-                # best of the configurations tried on the 2-core host (1 MiB READ: 12 threads x 8 -> 0.04 GB/s,
-                # 4 x 4 -> 0.26, 2 x 16 -> 0.29, 1 x 32 -> 0.75; its default 12 x 128 at 64 KiB -> 0.17)
-                threads = MOONCAKE_THREADS
-                batch = max(2, min(128, (32 << 20) // (threads * size)))
-                row: dict[str, list[float]] = {"read": [], "write": []}
-                for op in [o for _ in range(repeat) for o in ("read", "write")]:
-                    cmd = [binary, "--mode=initiator", "--metadata_server=P2PHANDSHAKE",
-                           "--local_server_name=127.0.0.1:17802", f"--segment_id=127.0.0.1:{port}", "--protocol=tcp",
-                           f"--operation={op}", f"--block_size={size}", f"--batch_size={batch}",
-                           f"--threads={threads}", f"--duration={max(1, round(seconds))}", f"--buffer_size={buffer}",
-                           "--report_unit=GB"]
-                    try:
-                        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp)
-                    except subprocess.TimeoutExpired:
-                        return out, f"Mooncake initiator timed out ({op}, block {size})"
-                    m = re.search(r"throughput ([0-9.]+) GB/s", res.stdout + res.stderr)
-                    if not m:
-                        return out, f"Mooncake initiator gave no throughput ({op}, block {size}): {(res.stdout + res.stderr)[-400:]}"
-                    row[op].append(float(m.group(1)))
-                out[size] = {"read": median(row["read"]), "write": median(row["write"]), "samples": row}
-                log(f"mooncake {size:>9}: read {row['read']} GB/s, write {row['write']} GB/s "
-                    f"({threads} threads x batch {batch})")
-        finally:
-            target.kill()
-            target.wait(10)
-    return out, None
+                 "--protocol=tcp", f"--buffer_size={self.BUFFER}"],
+                stdout=target_log, stderr=subprocess.STDOUT, cwd=self.tmp.name)
+        self.port = None
+        deadline = time.monotonic() + 20
+        while self.port is None and time.monotonic() < deadline and self.target.poll() is None:
+            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text())
+            self.port = m and m.group(1)
+            time.sleep(0.1)
+        if self.port is None:
+            self.close()
+            raise RuntimeError(f"Mooncake target did not start: {log_path.read_text()[-500:]}")
+
+    def bandwidth(self, size: int) -> tuple[float, float]:
+        # best of the configurations tried on the 2-core host (1 MiB READ: 12 threads x 8 -> 0.04 GB/s,
+        # 4 x 4 -> 0.26, 2 x 16 -> 0.29, 1 x 32 -> 0.75; its default 12 x 128 at 64 KiB -> 0.17)
+        threads = MOONCAKE_THREADS
+        batch = max(2, min(128, (32 << 20) // (threads * size)))
+        got = []
+        for op in ("read", "write"):
+            cmd = [self.binary, "--mode=initiator", "--metadata_server=P2PHANDSHAKE",
+                   "--local_server_name=127.0.0.1:17802", f"--segment_id=127.0.0.1:{self.port}", "--protocol=tcp",
+                   f"--operation={op}", f"--block_size={size}", f"--batch_size={batch}", f"--threads={threads}",
+                   f"--duration={max(1, round(self.seconds))}", f"--buffer_size={self.BUFFER}", "--report_unit=GB"]
+            try:
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=self.tmp.name)
+            except subprocess.TimeoutExpired as exc:
+                raise RuntimeError(f"Mooncake initiator timed out ({op}, block {size})") from exc
+            m = re.search(r"throughput ([0-9.]+) GB/s", res.stdout + res.stderr)
+            if not m:
+                out = (res.stdout + res.stderr)[-400:]
+                raise RuntimeError(f"Mooncake initiator gave no throughput ({op}, block {size}): {out}")
+            got.append(float(m.group(1)))
+        log(f"mooncake {size:>9}: read {got[0]:.2f} GB/s, write {got[1]:.2f} GB/s ({threads} thread x batch {batch})")
+        return got[0], got[1]
+
+    def close(self) -> None:
+        if self.target.poll() is None:
+            self.target.kill()
+        self.target.wait(10)
+        self.tmp.cleanup()
 
 
 def mooncake_version() -> str | None:
@@ -271,12 +277,19 @@ def median(values: list[float]) -> float:
 
 
 def run(sizes: list[int], seconds: float, mooncake: bool, repeat: int) -> dict:
-    """Per block size, `repeat` rounds of [limits, each backend's READ and WRITE bandwidth] back to back; each
+    """Per block size, `repeat` rounds of [limits, each backend's and Mooncake's READ and WRITE bandwidth] back to back; each
     column is the median of its rounds (all samples are kept under `samples`), so the ratios compare numbers
     taken under the same load on a shared machine."""
     region = max(REGION, 2 * max(sizes))
     results: dict[str, dict] = {str(s): {"notes": {}, "samples": {}} for s in sizes}
     runs = {name: start_backend(name, region) for name in ("tcp", "shm")}
+    mooncake_reason = "skipped (--no-mooncake)"
+    mc = None
+    if mooncake:
+        try:
+            mc = MooncakeRun(seconds)
+        except (RuntimeError, OSError) as exc:
+            mooncake_reason = str(exc)
     try:
         for s in sizes:
             row, samples = results[str(s)], results[str(s)]["samples"]
@@ -292,8 +305,21 @@ def run(sizes: list[int], seconds: float, mooncake: bool, repeat: int) -> dict:
                         r, w = br.bandwidth(s, seconds)
                         samples.setdefault(f"{name}_read_gbps", []).append(round(r, 3))
                         samples.setdefault(f"{name}_write_gbps", []).append(round(w, 3))
+                if mc is not None:
+                    try:
+                        r, w = mc.bandwidth(s)
+                        samples.setdefault("mooncake_read_gbps", []).append(r)
+                        samples.setdefault("mooncake_write_gbps", []).append(w)
+                    except RuntimeError as exc:
+                        mooncake_reason = str(exc)
+                        mc.close()
+                        mc = None
             for key in ("raw_socket_gbps", "raw_socket_region_gbps", "memcpy_gbps"):
                 row[key] = round(median(samples[key]), 3)
+            for key in ("mooncake_read_gbps", "mooncake_write_gbps"):
+                row[key] = round(median(samples[key]), 3) if key in samples else None
+            if "mooncake_read_gbps" not in samples:
+                row["notes"]["mooncake"] = mooncake_reason
             for name, (br, reason) in runs.items():
                 p50, p99 = br.latency(s) if br is not None else (None, None)
                 for key in (f"{name}_read_gbps", f"{name}_write_gbps"):
@@ -306,16 +332,8 @@ def run(sizes: list[int], seconds: float, mooncake: bool, repeat: int) -> dict:
         for br, _ in runs.values():
             if br is not None:
                 br.close()
-    got, reason = measure_mooncake(sizes, seconds, repeat) if mooncake else ({}, "skipped (--no-mooncake)")
-    for s in sizes:
-        row, m = results[str(s)], got.get(s)
-        row["mooncake_read_gbps"] = m["read"] if m else None
-        row["mooncake_write_gbps"] = m["write"] if m else None
-        if m:
-            row["samples"]["mooncake_read_gbps"] = m["samples"]["read"]
-            row["samples"]["mooncake_write_gbps"] = m["samples"]["write"]
-        if not m:
-            row["notes"]["mooncake"] = reason or "no result"
+        if mc is not None:
+            mc.close()
     for row in results.values():
         row["tcp_read_vs_raw"] = ratio(row["tcp_read_gbps"], row["raw_socket_gbps"])
         row["tcp_write_vs_raw"] = ratio(row["tcp_write_gbps"], row["raw_socket_gbps"])

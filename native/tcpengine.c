@@ -832,8 +832,7 @@ static int ep_progress_send(EndpointObject *s) {
 static long ep_progress_recv_mode(EndpointObject *s, int block_one);
 static long ep_progress_recv(EndpointObject *s) { return ep_progress_recv_mode(s, 0); }
 
-/* block_one: wait (MSG_WAITALL, bounded by SO_RCVTIMEO) for the rest of the current response's header, or of
- * its payload once the header said success. Used by wait() for large payloads instead of poll()+recv, which
+/* block_one: wait (MSG_WAITALL, bounded by SO_RCVTIMEO) for the rest of the current response. Used by wait() for large payloads instead of poll()+recv, which
  * costs one wake-up per few socket-buffer fills. */
 static long ep_progress_recv_mode(EndpointObject *s, int block_one) {
     skip_silent(s);
@@ -842,11 +841,14 @@ static long ep_progress_recv_mode(EndpointObject *s, int block_one) {
     int n = 0;
     uint64_t off = s->recv_off;
     if (block_one) {
+        /* header and payload of this one response; an error header is followed by nothing (the server
+         * executes nothing after an error), so the recv then ends at the SO_RCVTIMEO slice: errors on large
+         * READs are reported up to 100 ms late, never wrongly */
         cop *o = OP(s, s->recv_seq);
         if (off < RESP_HDR) {
             iov[0].iov_base = o->resp + off;
             iov[0].iov_len = RESP_HDR - off;
-            n = 1;
+            n = add_sgl(iov, 1, RECV_IOV, o, 0);
         } else n = add_sgl(iov, 0, RECV_IOV, o, off - RESP_HDR);
     }
     for (uint64_t q = s->recv_seq; !block_one && q < s->tail && n < RECV_IOV - 1; q++) {
