@@ -158,6 +158,7 @@ typedef struct engine {
     int neps, capeps;
     int progress_running, progress_stop;
     pthread_t progress_thread;
+    pid_t pid; /* the creating process: a forked child has none of the threads and must not touch them */
 } engine;
 
 typedef struct sconn {
@@ -478,6 +479,7 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw) {
     pthread_mutex_init(&e->eplock, NULL);
     pthread_cond_init(&e->epcond, NULL);
     e->spin_us = spin_us < 0 ? 0 : spin_us;
+    e->pid = getpid();
     e->listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     if (e->listen_fd < 0 || inet_pton(AF_INET, host, &sa.sin_addr) != 1) {
@@ -632,6 +634,10 @@ static void engine_shutdown(engine *e) {
 static PyObject *Engine_close(EngineObject *self, PyObject *unused) {
     engine *e = self->e;
     if (!e || e->closed) Py_RETURN_NONE;
+    if (e->pid != getpid()) { /* inherited through fork: the threads and locks belong to the parent */
+        self->e = NULL;
+        Py_RETURN_NONE;
+    }
     Py_BEGIN_ALLOW_THREADS
     engine_shutdown(e);
     Py_END_ALLOW_THREADS
@@ -1410,6 +1416,7 @@ static void ep_shutdown(EndpointObject *s) {
 }
 
 static PyObject *Endpoint_close(EndpointObject *self, PyObject *unused) {
+    if (self->e && self->e->pid != getpid()) Py_RETURN_NONE; /* see Endpoint_dealloc */
     Py_BEGIN_ALLOW_THREADS
     ep_shutdown(self);
     Py_END_ALLOW_THREADS
@@ -1417,6 +1424,12 @@ static PyObject *Endpoint_close(EndpointObject *self, PyObject *unused) {
 }
 
 static void Endpoint_dealloc(EndpointObject *self) {
+    if (self->e && self->e->pid != getpid()) {
+        /* inherited through fork: the parent owns the locks, pins and background thread; just drop the fd */
+        if (self->fd >= 0) close(self->fd);
+        self->e = NULL;
+        self->fd = -1;
+    }
     if (self->e) ep_shutdown(self);
     else if (self->fd >= 0) close(self->fd);
     free(self->ring);

@@ -205,3 +205,47 @@ def test_random_frames_never_hurt_the_engine(tcp):
         s.close()
     still_serves(server, client)
     assert settle(lambda: server.serving_threads == 0, 10)
+
+
+def test_fork_child_refuses_the_parents_transport_and_can_make_its_own(tcp):
+    import multiprocessing as mp
+
+    server, client = tcp
+    remote = server.allocate(4096)
+    remote.view[:4] = b"fork"
+    local = client.allocate(4096)
+    ep = client.connect(server.peer_info())
+
+    def child(q) -> None:
+        try:
+            try:
+                ep.post([WorkRequest.read(1, local.sge(0, 4), remote.remote(0), remote.rkey)])
+                q.put("parent endpoint worked in the child")
+                return
+            except UsageError:
+                pass
+            try:
+                client.allocate(64)
+                q.put("parent transport worked in the child")
+                return
+            except UsageError:
+                pass
+            own = TcpTransport()
+            buf = own.allocate(64)
+            with own.connect(server.peer_info()) as mine:
+                (c,) = mine.execute([WorkRequest.read(2, buf.sge(0, 4), remote.remote(0), remote.rkey)], T)
+            own.close()
+            q.put(bytes(buf.view[:4]) if c.ok else f"read failed: {c}")
+        except Exception as exc:  # noqa: BLE001 - report anything to the parent
+            q.put(f"{type(exc).__name__}: {exc}")
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start()
+    result = q.get(timeout=30)
+    p.join(30)
+    assert result == b"fork" and p.exitcode == 0
+    (c,) = ep.execute([WorkRequest.read(3, local.sge(0, 4), remote.remote(0), remote.rkey)], T)  # parent unaffected
+    assert c.ok and bytes(local.view[:4]) == b"fork"
+    ep.close()
