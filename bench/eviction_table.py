@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         res = grid(trace, names)
         shares_of = {int(s * unique): f"{s:.0%}" for s in SHARES}
         png = Path(args.plots) / f"eviction-{path.stem}.png"
-        plot(res, png, f"{path.name} ({unique} unique blocks)", unique)
+        plot(res, png, f"{path.name} ({unique} unique blocks)", unique, policies.DEFAULT)
         md += [f"### {path.name} ({len(trace.requests)} requests, {unique} unique blocks)", "",
                markdown(res, shares_of), "", f"Gap closed by `{policies.DEFAULT}`: {gap_closed(res, shares_of)}",
                "", f"![hit ratio against capacity]({png.name})", ""]
