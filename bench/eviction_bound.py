@@ -90,6 +90,25 @@ def bound(trace, features, share: float) -> float:
     return (shared0 + hits) / trace.block_accesses()
 
 
+def life_table(trace) -> dict:
+    """Share of requests that get a next turn, by turn number; think-time quantiles; partial tails reused."""
+    turn, _, gap, _ = lives(trace)
+    by: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for t, g in zip(turn, gap, strict=True):
+        by[min(t, 5)][0] += 1
+        by[min(t, 5)][1] += g < math.inf
+    gaps = sorted(g for g in gap if g < math.inf)
+    uses: dict = defaultdict(int)
+    for r in trace.requests:
+        for k in r.keys:
+            uses[k] += 1
+    tails = sum(1 for r in trace.requests if r.keys and uses[r.keys[-1]] > 1)
+    return {"next_turn_share": round(len(gaps) / len(gap), 3),
+            "next_turn_share_by_turn (5 = 5+)": {t: round(c / n, 3) for t, (n, c) in sorted(by.items())},
+            "think_time_s_p10_p50_p90": [round(gaps[int(q * (len(gaps) - 1))], 1) for q in (0.1, 0.5, 0.9)]
+            if gaps else [], "last_block_reused_share": round(tails / len(trace.requests), 4)}
+
+
 def _lg(x):
     return -1 if x is None else int(math.log2(x + 1))
 
@@ -112,9 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     trace = load_trace(args.trace)
     shares = args.capacity or [0.05, 0.10]
     out = {name: {str(s): round(bound(trace, f, s), 4) for s in shares} for name, f in FEATURES.items()}
+    life = life_table(trace)
+    print(f"life table: {life}", file=sys.stderr)
     for name, row in out.items():
         print(f"{name:40s} " + "  ".join(f"{s}: {v:.3f}" for s, v in row.items()), file=sys.stderr)
-    payload = {"bench": "eviction_bound", "trace": args.trace, "bounds": out}
+    payload = {"bench": "eviction_bound", "trace": args.trace, "bounds": out, "life_table": life}
     if args.record:
         print(f"recorded {record('eviction_bound', payload)}", file=sys.stderr)
     print(json.dumps(payload))
