@@ -5,14 +5,16 @@
 # VMs can boot the same cached image at once and nothing they write survives.
 #
 #   scripts/vm/run.sh [--ip ADDR/PREFIX] [--net user|listen:PORT|connect:PORT] [--mac MAC]
-#                     [--smp N] [--mem MB] [--timeout SECONDS] JOBDIR
+#                     [--smp N] [--mem MB] [--timeout SECONDS] [--share DIR] JOBDIR
+#
+# --share DIR adds a third 9p share (tag "xchg", mount it in the job) that several VMs may use together.
 #
 # Exit status: the job's exit status; 124 if the job ran past --timeout; 90 if the VM never reported one
 # (boot failed, QEMU killed): see JOBDIR/console.log. Uses TCG: KVM does not work on these machines.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 checkout="$(cd "$here/../.." && pwd)"
-ip=10.0.2.15/24 net=user mac="" smp=2 mem=2048 timeout=600
+ip=10.0.2.15/24 net=user mac="" smp=2 mem=2048 timeout=600 share=""
 while [ $# -gt 1 ]; do
   case "$1" in
     --ip) ip="$2"; shift 2 ;;
@@ -21,6 +23,7 @@ while [ $# -gt 1 ]; do
     --smp) smp="$2"; shift 2 ;;
     --mem) mem="$2"; shift 2 ;;
     --timeout) timeout="$2"; shift 2 ;;
+    --share) share="$(cd "$2" && pwd)"; shift 2 ;;
     *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -39,6 +42,9 @@ case "$net" in
   *) echo "run.sh: --net must be user, listen:PORT or connect:PORT" >&2; exit 2 ;;
 esac
 
+extra=()
+[ -z "$share" ] || extra=(-virtfs "local,path=$share,mount_tag=xchg,security_model=none")
+
 start=$(date +%s)
 set +e
 timeout -k 10 $((timeout + 90)) qemu-system-x86_64 -accel tcg -cpu max -smp "$smp" -m "$mem" \
@@ -49,6 +55,7 @@ timeout -k 10 $((timeout + 90)) qemu-system-x86_64 -accel tcg -cpu max -smp "$sm
   "${nic[@]}" \
   -virtfs "local,path=$checkout,mount_tag=proj,security_model=none,readonly=on" \
   -virtfs "local,path=$job,mount_tag=job,security_model=none" \
+  "${extra[@]}" \
   </dev/null >"$job/console.log" 2>&1
 qrc=$?
 set -e
