@@ -7,7 +7,7 @@ One run on loopback, for blocks of 4 KiB, 64 KiB, 1 MiB and 32 MiB:
    blocks: the strict bar); `raw_socket_region_gbps` walks buffers as large as the transport's region
    (64 MiB, huge pages advised, as TcpTransport.allocate does), touching as much memory as our transports do;
 2. our `tcp` and `shm` READ and WRITE bandwidth (the serving side is another process; requests are posted from
-   a prepared plan, ~8 MiB in flight, one completion signalled per half window) and READ latency p50/p99
+   a prepared plan, ~2 MiB in flight, one completion signalled per half window) and READ latency p50/p99
    (one READ of the block at a time, `Endpoint.execute`, measured from Python);
 3. Mooncake's Transfer Engine over TCP (`transfer_engine_bench`, installed by scripts/mooncake-setup.sh),
    target and initiator on 127.0.0.1; null (with the reason in `notes`) when it is missing or fails.
@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SIZES = [4096, 65536, 1 << 20, 32 << 20]
-IN_FLIGHT = 8 << 20
+IN_FLIGHT = 2 << 20  # bytes outstanding per endpoint; deeper queues were slower on loopback (docs/decisions.md)
 REGION = 64 << 20
 MOONCAKE_THREADS = 1
 
@@ -368,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="accepted for the contract: JSON is always the last line")
     parser.add_argument("--record", action="store_true", help="also write bench/results/transport-<date>.json")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="block sizes in bytes, comma-separated")
-    parser.add_argument("--seconds", type=float, default=0.5, help="time per bandwidth measurement")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds per block size (medians are reported)")
+    parser.add_argument("--seconds", type=float, default=0.3, help="time per bandwidth measurement")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds per block size (medians are reported)")
     parser.add_argument("--no-mooncake", action="store_true", help="skip the Mooncake columns")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--region", type=int, default=REGION, help=argparse.SUPPRESS)
