@@ -223,7 +223,7 @@ static void unpin_all(engine *e, region **pins, int *npins) {
 /* ------------------------------------------------------------------ socket helpers */
 
 /* Socket buffers. On loopback, 1 MiB buffers beat both 4 MiB and the kernel's autotuning (1 MiB READs, same
- * minute: 2.0-2.4 GB/s vs 1.1-1.6 and 1.2-1.6 with 8 MiB in flight; the raw stream likewise): the bytes in flight
+ * minute, 8 MiB in flight: 1.95-2.25 GB/s vs 1.05-1.25 and 1.2-1.6; see docs/decisions.md): the bytes in flight
  * stay in cache between the sender's copy-in and the receiver's copy-out. Elsewhere the kernel's autotuning knows
  * the path better. RDMAPOOL_TCP_SOCKBUF=<bytes> overrides both (0 = autotuning). */
 #define LOOPBACK_SOCKBUF (1 << 20)
