@@ -24,12 +24,14 @@ load spike on a shared machine moves both sides of a ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -186,8 +188,17 @@ def start_backend(name: str, region: int) -> tuple[BackendRun | None, str | None
 # -- Mooncake ------------------------------------------------------------------------------------------------
 
 def find_mooncake() -> str | None:
-    found = shutil.which("transfer_engine_bench", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    return found
+    """The real transfer_engine_bench binary inside the mooncake package (the console script of the same name
+    is a Python wrapper whose child would outlive a kill of the wrapper), else whatever is on PATH."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mooncake")
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            candidate = Path(folder) / "transfer_engine_bench"
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    return shutil.which("transfer_engine_bench", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
 class MooncakeRun:
@@ -206,7 +217,7 @@ class MooncakeRun:
             self.target = subprocess.Popen(
                 [binary, "--mode=target", "--metadata_server=P2PHANDSHAKE", "--local_server_name=127.0.0.1:17801",
                  "--protocol=tcp", f"--buffer_size={self.BUFFER}"],
-                stdout=target_log, stderr=subprocess.STDOUT, cwd=self.tmp.name)
+                stdout=target_log, stderr=subprocess.STDOUT, cwd=self.tmp.name, start_new_session=True)
         self.port = None
         deadline = time.monotonic() + 20
         while self.port is None and time.monotonic() < deadline and self.target.poll() is None:
@@ -228,21 +239,27 @@ class MooncakeRun:
                    "--local_server_name=127.0.0.1:17802", f"--segment_id=127.0.0.1:{self.port}", "--protocol=tcp",
                    f"--operation={op}", f"--block_size={size}", f"--batch_size={batch}", f"--threads={threads}",
                    f"--duration={max(1, round(self.seconds))}", f"--buffer_size={self.BUFFER}", "--report_unit=GB"]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    cwd=self.tmp.name, start_new_session=True)
             try:
-                res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=self.tmp.name)
+                out, _ = proc.communicate(timeout=60)
             except subprocess.TimeoutExpired as exc:
                 raise RuntimeError(f"Mooncake initiator timed out ({op}, block {size})") from exc
-            m = re.search(r"throughput ([0-9.]+) GB/s", res.stdout + res.stderr)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            m = re.search(r"throughput ([0-9.]+) GB/s", out)
             if not m:
-                out = (res.stdout + res.stderr)[-400:]
-                raise RuntimeError(f"Mooncake initiator gave no throughput ({op}, block {size}): {out}")
+                raise RuntimeError(f"Mooncake initiator gave no throughput ({op}, block {size}): {out[-400:]}")
             got.append(float(m.group(1)))
         log(f"mooncake {size:>9}: read {got[0]:.2f} GB/s, write {got[1]:.2f} GB/s ({threads} thread x batch {batch})")
         return got[0], got[1]
 
     def close(self) -> None:
-        if self.target.poll() is None:
-            self.target.kill()
+        # the whole process group: a wrapper's child must not outlive the benchmark
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.target.pid, signal.SIGKILL)
         self.target.wait(10)
         self.tmp.cleanup()
 
