@@ -12,8 +12,8 @@ runs the very same kernel; CI checks it against `gather_reference`/`scatter_refe
 The destination of a gather (source of a scatter) may be pinned host memory when the cache is on a GPU: with
 unified addressing the kernel writes it over PCIe directly (FACTS.md: ~95% of a contiguous copy).
 
-`gather`/`scatter` choose the implementation: `"triton"` on CUDA or when TRITON_INTERPRET=1, else the torch
-reference (`impl=` forces one).
+`gather`/`scatter` choose the implementation: `"triton"` on CUDA, else the torch reference; `impl="triton"`
+forces the kernels, on CPU through the interpreter (TRITON_INTERPRET=1, set before this module is imported).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def triton_usable(device: torch.device) -> bool:
 
 def _choose(impl: str, kv: PagedKV) -> str:
     if impl == "auto":
-        return "triton" if triton_usable(kv.device) else "torch"
+        return "triton" if HAVE_TRITON and kv.device.type == "cuda" else "torch"
     if impl not in ("triton", "torch"):
         raise UsageError(f"impl must be auto, triton or torch, got {impl!r}")
     if impl == "triton" and not triton_usable(kv.device):

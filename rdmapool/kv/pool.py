@@ -1,0 +1,146 @@
+"""What the KV layer needs from a pool, and the connector that turns pool trouble into misses.
+
+Theory of operation
+-------------------
+`KVPool` is the narrow protocol the KV layer is written against: the memory-pool client's batched calls on
+16-byte keys (the tenant comes from the client's auth token, and is also inside every key's namespace). Anything
+with these four methods works: the real `rdmapool.client` client, or a test double in tests/.
+
+`PoolConnector` wraps a pool for an engine: it moves whole chunks between the pool and host staging buffers and
+keeps byte and time counters. A pool that is down or a block that fails validation is a miss, never an engine
+failure (errors.py): lookups then report 0, reads report how many leading chunks arrived intact, writes are
+counted as failed. Caller mistakes (`UsageError`) still raise.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from rdmapool.errors import CorruptBlock, ServerUnavailable, TransportError, UsageError
+from rdmapool.kv.keys import ChunkKey
+
+_MISS_ERRORS = (ServerUnavailable, CorruptBlock, TransportError)
+
+
+@runtime_checkable
+class KVPool(Protocol):
+    def put(self, keys: Sequence[bytes], buffers: Sequence[Any]) -> Any:
+        """Store one buffer per key (all-or-nothing per key; existing keys may be kept as they are)."""
+
+    def lookup_prefix(self, keys: Sequence[bytes]) -> int:
+        """How many leading keys are present (stops at the first missing one)."""
+
+    def get(self, keys: Sequence[bytes], into: Sequence[Any]) -> Any:
+        """Read each key's block into the writable buffer of the same index. Returns the count of leading keys
+        read intact (an int) or a per-key sequence of booleans."""
+
+    def delete(self, keys: Sequence[bytes]) -> Any: ...
+
+
+def leading_ok(result: Any, n: int) -> int:
+    """Normalise a pool call's result to "how many leading items succeeded"."""
+    if result is None:
+        return n
+    if isinstance(result, bool):
+        return n if result else 0
+    if isinstance(result, int):
+        return max(0, min(n, result))
+    count = 0
+    for ok in result:
+        if not ok:
+            break
+        count += 1
+    return count
+
+
+@dataclass
+class PoolStats:
+    lookups: int = 0
+    chunks_hit: int = 0
+    chunks_read: int = 0
+    bytes_read: int = 0
+    read_s: float = 0.0
+    chunks_written: int = 0
+    bytes_written: int = 0
+    write_s: float = 0.0
+    misses_from_errors: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def snapshot(self) -> dict:
+        d = dict(self.__dict__)
+        d["errors"] = list(self.errors[-5:])
+        return d
+
+
+class PoolConnector:
+    """Chunk I/O between a `KVPool` and host staging buffers `[n, chunk_bytes]` (uint8), with counters."""
+
+    def __init__(self, pool: KVPool, chunk_bytes: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        if not isinstance(pool, KVPool):
+            raise UsageError(f"{type(pool).__name__} does not have the KVPool calls (put, lookup_prefix, get, delete)")
+        self.pool = pool
+        self.chunk_bytes = chunk_bytes
+        self.clock = clock
+        self.stats = PoolStats()
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        self.stats.misses_from_errors += 1
+        self.stats.errors.append(f"{what}: {type(exc).__name__}: {exc}")
+
+    def lookup(self, keys: Sequence[ChunkKey]) -> int:
+        if not keys:
+            return 0
+        self.stats.lookups += 1
+        try:
+            n = leading_ok(self.pool.lookup_prefix([k.raw for k in keys]), len(keys))
+        except _MISS_ERRORS as exc:
+            self._failed("lookup", exc)
+            return 0
+        self.stats.chunks_hit += n
+        return n
+
+    def _views(self, staging: torch.Tensor) -> list[memoryview]:
+        if staging.dtype != torch.uint8 or staging.dim() != 2 or staging.shape[1] != self.chunk_bytes:
+            raise UsageError(f"staging must be uint8 [n, {self.chunk_bytes}]")
+        if staging.device.type != "cpu" or not staging.is_contiguous():
+            raise UsageError("staging must be contiguous host memory")
+        arr = staging.numpy()
+        return [memoryview(arr[i]) for i in range(arr.shape[0])]
+
+    def read(self, keys: Sequence[ChunkKey], staging: torch.Tensor) -> int:
+        """Read chunks into staging rows; returns how many leading chunks arrived intact."""
+        if not keys:
+            return 0
+        views = self._views(staging)[: len(keys)]
+        t0 = self.clock()
+        try:
+            n = leading_ok(self.pool.get([k.raw for k in keys], into=views), len(keys))
+        except _MISS_ERRORS as exc:
+            self._failed("get", exc)
+            n = 0
+        self.stats.read_s += self.clock() - t0
+        self.stats.chunks_read += n
+        self.stats.bytes_read += n * self.chunk_bytes
+        return n
+
+    def write(self, keys: Sequence[ChunkKey], staging: torch.Tensor) -> bool:
+        if not keys:
+            return True
+        views = self._views(staging)[: len(keys)]
+        t0 = self.clock()
+        try:
+            self.pool.put([k.raw for k in keys], views)
+            ok = True
+        except _MISS_ERRORS as exc:
+            self._failed("put", exc)
+            ok = False
+        self.stats.write_s += self.clock() - t0
+        if ok:
+            self.stats.chunks_written += len(keys)
+            self.stats.bytes_written += len(keys) * self.chunk_bytes
+        return ok
