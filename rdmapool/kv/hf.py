@@ -86,7 +86,8 @@ class HFEngine:
                             tp_rank=tp[0], tp_size=tp[1], tenant=tenant, chunk_tokens=chunk_tokens)
         self.chunk = chunk_tokens
         self.chunk_bytes = 2 * self.num_layers * chunk_tokens * self.heads * self.head_dim * self.dtype.itemsize
-        self.conn = PoolConnector(pool, self.chunk_bytes) if pool is not None else None
+        pin = self.device.type == "cuda"
+        self.conn = PoolConnector(pool, self.chunk_bytes, pin=pin) if pool is not None else None
 
     # -- model calls ---------------------------------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, cache: Any, pos: torch.Tensor, mask: torch.Tensor | None = None):
@@ -101,15 +102,13 @@ class HFEngine:
         return out.logits[:, -1].float(), new_cache
 
     # -- pool <-> cache ------------------------------------------------------------------------------------------
-    def _staging(self, n: int) -> torch.Tensor:
-        return torch.empty((n, self.chunk_bytes), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-
     def _blocks(self, staging: torch.Tensor, n: int) -> torch.Tensor:
         shape = (n, self.num_layers, 2, self.chunk, self.heads, self.head_dim)
-        return staging[:n].view(self.dtype).view(shape).to(self.device, non_blocking=True)
+        # a blocking copy: the staging buffer is reused by the next read
+        return staging[:n].view(self.dtype).view(shape).to(self.device)
 
     def _cache_from_pool(self, keys: list[ChunkKey], use: int) -> tuple[Any, int]:
-        staging = self._staging(use)
+        staging = self.conn.staging("read", use)
         got = self.conn.read(keys[:use], staging)
         if got == 0:
             return None, 0
@@ -130,9 +129,8 @@ class HFEngine:
         kv = paged_kv(Layout.HF, pairs)
         slots = row * kv.block_size + col0 + torch.arange(first * self.chunk, last * self.chunk, device=self.device)
         blocks = kernels.gather(kv, slots, kv.empty_blocks(last - first, self.chunk), self.chunk)
-        staging = blocks.view(torch.uint8).reshape(last - first, -1)
-        if staging.device.type != "cpu":
-            staging = staging.to("cpu")
+        staging = self.conn.staging("write", last - first)
+        staging.copy_(blocks.view(torch.uint8).reshape(last - first, -1))
         self.conn.write(keys[first:last], staging)
 
     # -- serving ---------------------------------------------------------------------------------------------

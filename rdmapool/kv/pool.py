@@ -36,23 +36,26 @@ class KVPool(Protocol):
         """How many leading keys are present (stops at the first missing one)."""
 
     def get(self, keys: Sequence[bytes], into: Sequence[Any]) -> Any:
-        """Read each key's block into the writable buffer of the same index. Returns the count of leading keys
-        read intact (an int) or a per-key sequence of booleans."""
+        """Read each key's block into the writable buffer of the same index. Returns one entry per key, None or
+        False for a miss (the real client returns payload lengths), or a count of leading keys read."""
 
     def delete(self, keys: Sequence[bytes]) -> Any: ...
 
 
 def leading_ok(result: Any, n: int) -> int:
-    """Normalise a pool call's result to "how many leading items succeeded"."""
+    """Normalise a pool call's result to "how many leading items succeeded": an int is a count, an object with
+    `refs` (the client's LookupResult) counts its refs, a sequence counts entries until the first None/False."""
     if result is None:
         return n
     if isinstance(result, bool):
         return n if result else 0
     if isinstance(result, int):
         return max(0, min(n, result))
+    if hasattr(result, "refs"):
+        return min(n, len(result.refs))
     count = 0
     for ok in result:
-        if not ok:
+        if ok is None or ok is False or getattr(ok, "value", "stored") not in ("stored", "exists"):
             break
         count += 1
     return count
@@ -80,13 +83,33 @@ class PoolStats:
 class PoolConnector:
     """Chunk I/O between a `KVPool` and host staging buffers `[n, chunk_bytes]` (uint8), with counters."""
 
-    def __init__(self, pool: KVPool, chunk_bytes: int, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, pool: KVPool, chunk_bytes: int, pin: bool = False,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         if not isinstance(pool, KVPool):
             raise UsageError(f"{type(pool).__name__} does not have the KVPool calls (put, lookup_prefix, get, delete)")
         self.pool = pool
         self.chunk_bytes = chunk_bytes
+        self.pin = pin
         self.clock = clock
         self.stats = PoolStats()
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._last_lookup: tuple[list[bytes], Any] | None = None
+
+    def staging(self, role: str, n: int) -> torch.Tensor:
+        """Host staging `[n, chunk_bytes]` (uint8) for `role` ("read"/"write"), reused across calls, pinned when
+        the engine is on a GPU and registered with the pool when it can register memory (zero-copy transfers).
+        It grows by doubling; the old buffer stays registered until the pool closes (bounded: < 2x)."""
+        buf = self._buffers.get(role)
+        if buf is None or buf.shape[0] < n:
+            rows = max(n, 2 * (buf.shape[0] if buf is not None else 1))
+            buf = torch.empty((rows, self.chunk_bytes), dtype=torch.uint8, pin_memory=self.pin)
+            if hasattr(self.pool, "register"):
+                try:
+                    self.pool.register(buf.numpy())
+                except _MISS_ERRORS + (UsageError,) as exc:  # unregistered buffers still work, through a copy
+                    self.stats.errors.append(f"register: {type(exc).__name__}: {exc}")
+            self._buffers[role] = buf
+        return buf[:n]
 
     def _failed(self, what: str, exc: Exception) -> None:
         self.stats.misses_from_errors += 1
@@ -96,11 +119,14 @@ class PoolConnector:
         if not keys:
             return 0
         self.stats.lookups += 1
+        raw = [k.raw for k in keys]
         try:
-            n = leading_ok(self.pool.lookup_prefix([k.raw for k in keys]), len(keys))
+            result = self.pool.lookup_prefix(raw)
+            n = leading_ok(result, len(keys))
         except _MISS_ERRORS as exc:
             self._failed("lookup", exc)
             return 0
+        self._last_lookup = (raw, result)
         self.stats.chunks_hit += n
         return n
 
@@ -112,14 +138,28 @@ class PoolConnector:
         arr = staging.numpy()
         return [memoryview(arr[i]) for i in range(arr.shape[0])]
 
+    def _refs_for(self, raw: list[bytes]) -> Any:
+        if self._last_lookup is None or not hasattr(self.pool, "read"):
+            return None
+        looked, result = self._last_lookup
+        refs = getattr(result, "refs", None)
+        if refs is None or len(refs) < len(raw) or looked[: len(raw)] != raw:
+            return None
+        return list(refs[: len(raw)])
+
     def read(self, keys: Sequence[ChunkKey], staging: torch.Tensor) -> int:
         """Read chunks into staging rows; returns how many leading chunks arrived intact."""
         if not keys:
             return 0
         views = self._views(staging)[: len(keys)]
+        raw = [k.raw for k in keys]
         t0 = self.clock()
         try:
-            n = leading_ok(self.pool.get([k.raw for k in keys], into=views), len(keys))
+            refs = self._refs_for(raw)
+            if refs is not None:  # read with the leases of the lookup: no second control round trip
+                n = leading_ok(self.pool.read(refs, into=views), len(keys))
+            else:
+                n = leading_ok(self.pool.get(raw, into=views), len(keys))
         except _MISS_ERRORS as exc:
             self._failed("get", exc)
             n = 0
@@ -134,13 +174,15 @@ class PoolConnector:
         views = self._views(staging)[: len(keys)]
         t0 = self.clock()
         try:
-            self.pool.put([k.raw for k in keys], views)
-            ok = True
+            result = self.pool.put([k.raw for k in keys], views)
         except _MISS_ERRORS as exc:
             self._failed("put", exc)
-            ok = False
+            result = [False] * len(keys)
         self.stats.write_s += self.clock() - t0
-        if ok:
-            self.stats.chunks_written += len(keys)
-            self.stats.bytes_written += len(keys) * self.chunk_bytes
-        return ok
+        # the real client answers a PutStatus per key; "exists" (someone stored it first) is fine, not written
+        status = ["stored"] * len(keys) if result is None else [
+            "stored" if r is True else getattr(r, "value", "failed") for r in result]
+        written = status.count("stored")
+        self.stats.chunks_written += written
+        self.stats.bytes_written += written * self.chunk_bytes
+        return all(s in ("stored", "exists") for s in status)

@@ -1,0 +1,72 @@
+"""The KV layer against real memory-server processes (tcp and shm on loopback): KV bytes survive the round trip
+bit for bit, a decode engine answers as the baseline does, and tenants and model fingerprints never share."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rdmapool.client import PoolClient
+from rdmapool.config import ClientConfig
+from rdmapool.kv import kernels
+from rdmapool.kv.hf import HFEngine, cache_pairs
+from rdmapool.kv.layouts import Layout, paged_kv
+from rdmapool.kv.models import ModelSpec, fingerprint, load_model
+from tests.support import procs
+
+CHUNK = 16
+
+
+@pytest.fixture(scope="module")
+def micro():
+    spec = ModelSpec("llama", "micro", seed=5)
+    return load_model(spec), *fingerprint(spec, "cpu", torch.float32)
+
+
+def client(server: procs.ServerProc, transport: str, tenant: str = "a") -> PoolClient:
+    return PoolClient([server.address], ClientConfig(token=procs.TOKENS[tenant], staging_bytes=4 << 20),
+                      transport_name=transport)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_kv_bytes_identical_after_server_round_trip(micro, transport: str) -> None:
+    model, mid, rev = micro
+    prompt = torch.randint(0, 512, (1, 3 * CHUNK + 5), generator=torch.Generator().manual_seed(0))
+    writer_engine = HFEngine(model, mid, rev, None, chunk_tokens=CHUNK)
+    _, cache = writer_engine._forward(prompt, None, torch.arange(prompt.shape[1])[None])
+    pairs = [(k.contiguous(), v.contiguous()) for k, v in cache_pairs(cache)]
+    kv = paged_kv(Layout.HF, pairs)
+    slots = torch.arange(3 * CHUNK)
+    blocks = kernels.gather(kv, slots, kv.empty_blocks(3, CHUNK), CHUNK)
+    keys = [bytes([i]) * 16 for i in range(3)]
+    payload = [blocks[i].contiguous().view(torch.uint8).reshape(-1).numpy() for i in range(3)]
+    with procs.running(transport, "16MiB") as srv, client(srv, transport) as a, client(srv, transport) as a2:
+        a.put(keys, payload)
+        back = torch.zeros(3, payload[0].size, dtype=torch.uint8)
+        got = a2.get(keys, [back[i].numpy() for i in range(3)])
+        assert got == [payload[0].size] * 3
+    assert torch.equal(back, torch.stack([torch.from_numpy(p) for p in payload]))
+    # and scattered into a fresh cache, every layer's K and V equal the original at those positions
+    fresh = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in pairs]
+    kernels.scatter(paged_kv(Layout.HF, fresh), slots, back.view(torch.float32).view(blocks.shape), CHUNK)
+    for (k, v), (fk, fv) in zip(pairs, fresh, strict=True):
+        assert torch.equal(k[:, :, : 3 * CHUNK], fk[:, :, : 3 * CHUNK])
+        assert torch.equal(v[:, :, : 3 * CHUNK], fv[:, :, : 3 * CHUNK])
+
+
+def test_engines_share_kv_through_a_server_and_tenants_do_not(micro) -> None:
+    model, mid, rev = micro
+    prompt = torch.randint(0, 512, (4 * CHUNK + 3,), generator=torch.Generator().manual_seed(1)).tolist()
+    baseline = HFEngine(model, mid, rev, None, chunk_tokens=CHUNK).run_batch([prompt], 12)
+    with procs.running("tcp", "16MiB") as srv, client(srv, "tcp") as a1, client(srv, "tcp") as a2, \
+            client(srv, "tcp", "b") as b:
+        HFEngine(model, mid, rev, a1, tenant="a", chunk_tokens=CHUNK).run_batch([prompt], 0)
+        # paired: same tenant and model hit every full chunk, and answer as the baseline does ...
+        hit = HFEngine(model, mid, rev, a2, tenant="a", chunk_tokens=CHUNK).run_batch([prompt], 12)
+        assert hit.cached_tokens == [4 * CHUNK] and hit.bytes_read > 0
+        assert hit.outputs == baseline.outputs
+        # ... tenant b, even naming tenant a's namespace, never does (the server scopes by the auth token) ...
+        assert HFEngine(model, mid, rev, b, tenant="a", chunk_tokens=CHUNK).run_batch([prompt], 1).cached_tokens == [0]
+        # ... nor does tenant a with another weights revision of the same model id
+        other = HFEngine(model, mid, "another-revision", a2, tenant="a", chunk_tokens=CHUNK)
+        assert other.run_batch([prompt], 1).cached_tokens == [0]
