@@ -7,11 +7,13 @@ Theory of operation
 1. Keys: `chunk_keys` of each prompt (namespace: model fingerprint, layout "hf", dtype, TP 0/1, tenant).
    One `lookup_prefix` per request finds the longest cached prefix; at least one prompt token is always computed
    (its logits give the first token), so a request uses at most (len - 1) // C chunks.
-2. Prefill, per request: the cached chunks are read with one batched `get` into host staging, moved to the
-   device and scattered into fresh HF cache tensors (`rdmapool.kv.kernels.scatter`, layout "hf"); the model then
-   runs only the rest of the prompt. Requests are prefilled one by one, so no query row is ever pure padding.
+2. Prefill, request by request: the cached chunks are read with one batched read (reusing the lookup's leases)
+   into registered host staging, moved to the device and scattered into fresh HF cache tensors
+   (`rdmapool.kv.kernels.scatter`, layout "hf"); the model then runs only the rest of the prompt. One at a time,
+   so no query row is ever pure padding, and a prefill engine (`max_new_tokens == 0`) stores each request's new
+   chunks before the next request looks up: a system prompt shared by the batch is computed once.
    The first token of every request is known here: that is the TTFT the engine reports (for the whole batch).
-3. The prompt's full chunks that the pool lacked are gathered from the cache and `put`.
+3. A decode engine then stores the prompt chunks the pool lacked (normally none: the prefill worker wrote them).
 4. Decode, batched: the requests' caches are right-aligned in one left-padded cache (padding masked out) and
    every step runs one token per request. Whenever a request's KV covers another full chunk (generated tokens
    included), that chunk is gathered and put at once, so the next turn of the conversation hits on all of it.
@@ -149,19 +151,27 @@ class HFEngine:
             raise UsageError("max_new_tokens must be >= 0")
         before = self.conn.stats.snapshot() if self.conn else None
         t0 = time.perf_counter()
-        keys = [chunk_keys(self.ns, p) if self.conn else [] for p in prompts]
-        known = [self.conn.lookup(k) if self.conn else 0 for k in keys]
-        logits, caches, cached = [], [], []
-        for p, k, n in zip(prompts, keys, known, strict=True):
+        keys, known, logits, caches, cached = [], [], [], [], []
+        for p in prompts:
+            # one request at a time, so a prefill worker's request already hits what the previous one stored
+            # (a shared system prompt is computed once per batch, not once per request)
+            k = chunk_keys(self.ns, p) if self.conn else []
+            n = self.conn.lookup(k) if self.conn else 0
             lg, cache, c = self._prefill(p, k, n)
+            pairs = cache_pairs(cache)
+            if self.conn and max_new_tokens == 0:
+                self._store(pairs, 0, 0, k, n, len(p) // self.chunk)
+                n = max(n, len(p) // self.chunk)
+            keys.append(k)
+            known.append(n)
             logits.append(lg)
-            caches.append(cache_pairs(cache))
+            caches.append(pairs)
             cached.append(c)
         first_logits = torch.stack(logits)
         first = first_logits.argmax(-1).tolist()
         ttft = time.perf_counter() - t0
         stored = list(known)
-        if self.conn:
+        if self.conn:  # a decode engine stores what the pool lacked only once every first token is out
             for b, p in enumerate(prompts):
                 self._store(caches[b], 0, 0, keys[b], stored[b], len(p) // self.chunk)
                 stored[b] = max(stored[b], len(p) // self.chunk)

@@ -105,3 +105,24 @@ def load_model(spec: ModelSpec, device: str = "cpu", dtype: torch.dtype = torch.
     finally:
         torch.set_default_dtype(prev)
     return model.eval()
+
+
+def kv_geometry(spec: ModelSpec) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) from the config alone (no weights), to size pool slots before loading."""
+    if spec.path:
+        import transformers as tf
+
+        cfg = tf.AutoConfig.from_pretrained(spec.path, local_files_only=True)
+    else:
+        cfg = make_config(spec)
+    if getattr(cfg, "model_type", "") == "gpt2":
+        return cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv_heads, head_dim
+
+
+def chunk_bytes(spec: ModelSpec, dtype: torch.dtype, chunk_tokens: int) -> int:
+    layers, kv_heads, head_dim = kv_geometry(spec)
+    return 2 * layers * chunk_tokens * kv_heads * head_dim * dtype.itemsize
