@@ -20,6 +20,7 @@ engine worker never shares a socket with its parent. See docs/decisions.md (clus
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -226,10 +227,8 @@ class GatewayEtcd(Etcd):
         return int(r.get("result", {}).get("TTL", 0))
 
     def lease_revoke(self, lease_id: int) -> None:
-        try:
+        with contextlib.suppress(LeaseNotFound):
             self._call("/lease/revoke", {"ID": str(lease_id)})
-        except LeaseNotFound:
-            pass
 
     # -- watch --------------------------------------------------------------------------------------------
     def watch_prefix(self, prefix: bytes, start_revision: int, idle_timeout: float) -> WatchStream:
@@ -323,9 +322,7 @@ class _GatewayWatch(WatchStream):
             conn = getattr(resp.raw, "_connection", None)
             sock = getattr(conn, "sock", None)
             if sock is not None:
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
             resp.close()
         self._session.close()

@@ -12,6 +12,7 @@ data dir and ports. Leaving the context manager kills every process it started a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -201,10 +202,8 @@ class LocalEtcd:
             if m.proc is not None:
                 if m.proc.poll() is None:
                     m.proc.send_signal(signal.SIGKILL)
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     m.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    pass
                 m.proc = None
         shutil.rmtree(self._tmp, ignore_errors=True)
 
