@@ -180,9 +180,13 @@ def place(
     if any(not (n.capacity >= 0) for n in nodes):
         raise UsageError("server capacity must be a number >= 0")
     N, S, R = len(nodes), num_shards, replicas
+    if previous is not None and np.asarray(previous[1]).shape[0] != S:
+        raise UsageError(f"previous table has {np.asarray(previous[1]).shape[0]} shards, expected {S}")
+    if N == 0:
+        return Placement((), np.full((S, R), EMPTY, dtype=np.int32), np.zeros(0, dtype=np.int64), "server", 0)
     w_raw = np.array([float(n.capacity) for n in nodes], dtype=np.float64)
-    spread, dom = _choose_spread(nodes, w_raw, R) if N else ("server", np.zeros(0, dtype=np.int64))
-    w = _cap_domains(w_raw, dom, R) if N else w_raw
+    spread, dom = _choose_spread(nodes, w_raw, R)
+    w = _cap_domains(w_raw, dom, R)
     placeable = w > 0
     usable_R = min(R, len(np.unique(dom[placeable]))) if placeable.any() else 0
     quota = _quotas(w, S * usable_R)
@@ -205,7 +209,7 @@ def place(
         table = _compact_rows(table)
         _shed(table, quota, seeds, w, dom)
         table = _compact_rows(table)
-    overflow = _fill(table, quota, seeds, w, dom, usable_R) if N and usable_R else 0
+    overflow = _fill(table, quota, seeds, w, dom, usable_R) if usable_R else 0
     return Placement(ids, table, quota, spread, overflow)
 
 
@@ -278,6 +282,10 @@ def _fill(table: np.ndarray, quota: np.ndarray, seeds: np.ndarray, w: np.ndarray
             if stuck.any():
                 overflow += _overflow_fill(table, vacant[stuck], k, load, quota, w, dom)
                 count[vacant[stuck]] = (table[vacant[stuck]] >= 0).sum(axis=1)
+                # swaps changed other rows and quotas: propose again (a stuck row left unfilled had no
+                # eligible server at all and is dropped)
+                vacant = vacant[~stuck]
+                continue
             live = ~stuck
             rows, choice, best = vacant[live], choice[live], best[live]
             order = np.lexsort((best, choice))
@@ -334,7 +342,7 @@ def _swap_into(table: np.ndarray, dom_table: np.ndarray, r: int, k: int, used: n
             ok_y = (sub >= 0) & ~np.isin(dom_table[rows2], used) & ok_row[:, None]
             hit = np.argwhere(ok_y)
             if len(hit):
-                i, j = hit[0]
+                i, j = hit[np.argmax(hit[:, 1])]  # change a row's last replica, never a primary if avoidable
                 r2, y = int(rows2[i]), int(sub[i, j])
                 table[r, k], dom_table[r, k] = y, dom[y]
                 table[r2, j], dom_table[r2, j] = x, dx
