@@ -1,0 +1,313 @@
+/* rdmapool._shmatomics: CPU atomics and the batch mover of the shm transport.
+ *
+ * Theory of operation
+ * -------------------
+ * The shm transport maps a serving process's POSIX shared-memory regions into the client. One-sided
+ * operations then become plain CPU work on that mapping: READ/WRITE are memcpy, CAS/FAA are 8-byte
+ * atomic instructions (lock cmpxchg / lock xadd on x86), which are coherent across every process that
+ * maps the same pages.
+ *
+ * `run(ops, nops, state_ptr, state_expect, pidfd)` executes a packed batch of records (struct op below)
+ * in order. Before each record it checks the region's valid word (`*valid_ptr == valid_expect`, an
+ * acquire load): a region deregistered by its owner fails from that record on. Before and after the whole
+ * batch it checks that the owner is alive: the header state word still says OPEN and the owner's pidfd is
+ * not readable (a pidfd becomes readable when the process exits). Checking *after* the batch means a batch
+ * reported successful ran entirely while the owner was alive. The GIL is released when the batch moves
+ * enough bytes for that to pay off, so other Python threads run during large copies.
+ *
+ * Everything here trusts the addresses it is given: the Python layer checks keys and bounds first.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <poll.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { OP_READ = 1, OP_WRITE = 2, OP_CAS = 3, OP_FAA = 4 };
+enum { ST_OK = 0, ST_REM_ACCESS = 10, ST_RETRY_EXC = 12 };
+
+/* One record; a READ/WRITE with several local SGEs becomes several records. 64 bytes, little-endian. */
+struct op {
+    uint32_t opcode;
+    uint32_t pad;
+    uint64_t local;
+    uint64_t remote;
+    uint64_t len;
+    uint64_t compare;
+    uint64_t swap;
+    uint64_t valid_ptr;
+    uint64_t valid_expect;
+};
+
+#define GIL_RELEASE_BYTES (256u * 1024u)
+
+static int get_u64(PyObject *o, uint64_t *out) {
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    *out = (uint64_t)v;
+    return 0;
+}
+
+static PyObject *py_load64(PyObject *self, PyObject *arg) {
+    uint64_t addr;
+    if (get_u64(arg, &addr) < 0) return NULL;
+    return PyLong_FromUnsignedLongLong(__atomic_load_n((uint64_t *)(uintptr_t)addr, __ATOMIC_ACQUIRE));
+}
+
+static PyObject *py_store64(PyObject *self, PyObject *args) {
+    unsigned long long addr, value;
+    if (!PyArg_ParseTuple(args, "KK", &addr, &value)) return NULL;
+    __atomic_store_n((uint64_t *)(uintptr_t)addr, (uint64_t)value, __ATOMIC_RELEASE);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_cas64(PyObject *self, PyObject *args) {
+    unsigned long long addr, expected, desired;
+    if (!PyArg_ParseTuple(args, "KKK", &addr, &expected, &desired)) return NULL;
+    if (addr % 8) { PyErr_SetString(PyExc_ValueError, "cas64: address not 8-byte aligned"); return NULL; }
+    uint64_t old = (uint64_t)expected;
+    __atomic_compare_exchange_n((uint64_t *)(uintptr_t)addr, &old, (uint64_t)desired, 0, __ATOMIC_SEQ_CST,
+                                __ATOMIC_SEQ_CST);
+    return PyLong_FromUnsignedLongLong(old);
+}
+
+static PyObject *py_faa64(PyObject *self, PyObject *args) {
+    unsigned long long addr, add;
+    if (!PyArg_ParseTuple(args, "KK", &addr, &add)) return NULL;
+    if (addr % 8) { PyErr_SetString(PyExc_ValueError, "faa64: address not 8-byte aligned"); return NULL; }
+    return PyLong_FromUnsignedLongLong(__atomic_fetch_add((uint64_t *)(uintptr_t)addr, (uint64_t)add,
+                                                          __ATOMIC_SEQ_CST));
+}
+
+static void do_copy(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
+
+/* copy(dst, src, n): memcpy between raw addresses, GIL released for large copies. */
+static PyObject *py_copy(PyObject *self, PyObject *args) {
+    unsigned long long dst, src, n;
+    if (!PyArg_ParseTuple(args, "KKK", &dst, &src, &n)) return NULL;
+    if (n >= GIL_RELEASE_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        do_copy((void *)(uintptr_t)dst, (const void *)(uintptr_t)src, (size_t)n);
+        Py_END_ALLOW_THREADS
+    } else {
+        do_copy((void *)(uintptr_t)dst, (const void *)(uintptr_t)src, (size_t)n);
+    }
+    Py_RETURN_NONE;
+}
+
+/* copy_blocks(dst, src, size, count): `count` memcpy calls of `size` bytes over consecutive blocks, GIL
+ * released: the plain-memcpy limit the benchmarks compare the transport against. */
+static PyObject *py_copy_blocks(PyObject *self, PyObject *args) {
+    unsigned long long dst, src, size, count;
+    if (!PyArg_ParseTuple(args, "KKKK", &dst, &src, &size, &count)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (uint64_t i = 0; i < count; i++)
+        do_copy((void *)(uintptr_t)(dst + i * size), (const void *)(uintptr_t)(src + i * size), (size_t)size);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* address(buffer, writable) -> (addr, nbytes) of a C-contiguous buffer. The caller keeps the buffer
+ * alive (and unresizable) by holding a memoryview of it. */
+static PyObject *py_address(PyObject *self, PyObject *args) {
+    PyObject *obj;
+    int writable = 1;
+    if (!PyArg_ParseTuple(args, "O|p", &obj, &writable)) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, (writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) | PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    PyObject *res = Py_BuildValue("(Kn)", (unsigned long long)(uintptr_t)view.buf, view.len);
+    PyBuffer_Release(&view);
+    return res;
+}
+
+static int peer_gone(const uint64_t *state_ptr, uint64_t state_expect, int pidfd) {
+    if (state_ptr && __atomic_load_n(state_ptr, __ATOMIC_ACQUIRE) != state_expect) return 1;
+    if (pidfd >= 0) {
+        struct pollfd p = {.fd = pidfd, .events = POLLIN};
+        int r = poll(&p, 1, 0);
+        if (r != 0) return 1; /* exited (readable) or the pidfd is unusable: do not trust the memory */
+    }
+    return 0;
+}
+
+/* Returns (done, status): records [0, done) completed; status is ST_OK, or the reason record `done` failed
+ * (ST_REM_ACCESS), or ST_RETRY_EXC when the owner is gone (then nothing of this batch may be trusted). */
+static void run_ops(const struct op *ops, Py_ssize_t n, const uint64_t *state_ptr, uint64_t state_expect,
+                    int pidfd, Py_ssize_t *done, int *status) {
+    *done = 0;
+    *status = ST_OK;
+    if (peer_gone(state_ptr, state_expect, pidfd)) { *status = ST_RETRY_EXC; return; }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const struct op *o = &ops[i];
+        if (__atomic_load_n((const uint64_t *)(uintptr_t)o->valid_ptr, __ATOMIC_ACQUIRE) != o->valid_expect) {
+            *done = i;
+            *status = ST_REM_ACCESS;
+            break;
+        }
+        void *local = (void *)(uintptr_t)o->local;
+        uint64_t *remote = (uint64_t *)(uintptr_t)o->remote;
+        uint64_t old;
+        switch (o->opcode) {
+        case OP_READ: memcpy(local, remote, o->len); break;
+        case OP_WRITE: memcpy(remote, local, o->len); break;
+        case OP_CAS:
+            old = o->compare;
+            __atomic_compare_exchange_n(remote, &old, o->swap, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+            memcpy(local, &old, 8);
+            break;
+        case OP_FAA:
+            old = __atomic_fetch_add(remote, o->compare, __ATOMIC_SEQ_CST);
+            memcpy(local, &old, 8);
+            break;
+        default: *done = i; *status = ST_REM_ACCESS; return;
+        }
+        *done = i + 1;
+    }
+    if (peer_gone(state_ptr, state_expect, pidfd)) *status = ST_RETRY_EXC;
+}
+
+static PyObject *py_run(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    Py_ssize_t nops;
+    unsigned long long state_addr, state_expect;
+    int pidfd;
+    if (!PyArg_ParseTuple(args, "y*nKKi", &buf, &nops, &state_addr, &state_expect, &pidfd)) return NULL;
+    if (nops < 0 || (size_t)buf.len < (size_t)nops * sizeof(struct op)) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "run: op buffer shorter than nops records");
+        return NULL;
+    }
+    const struct op *ops = (const struct op *)buf.buf;
+    uint64_t total = 0;
+    for (Py_ssize_t i = 0; i < nops; i++) total += ops[i].len;
+    Py_ssize_t done;
+    int status;
+    const uint64_t *state_ptr = (const uint64_t *)(uintptr_t)state_addr;
+    if (total >= GIL_RELEASE_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        run_ops(ops, nops, state_ptr, state_expect, pidfd, &done, &status);
+        Py_END_ALLOW_THREADS
+    } else {
+        run_ops(ops, nops, state_ptr, state_expect, pidfd, &done, &status);
+    }
+    PyBuffer_Release(&buf);
+    return Py_BuildValue("(ni)", done, status);
+}
+
+/* A TransferPlan resolved once by the endpoint: each local entry is (addr, len, writable, err) and each
+ * remote entry (ptr in our mapping, bytes available from ptr, valid_ptr, rkey, access bits, err); err is a
+ * WcStatus to report for any operation that uses the entry (0 when usable). */
+struct plan_local { uint64_t addr, len, writable, err; };
+struct plan_remote { uint64_t ptr, avail, valid_ptr, rkey, access, err; };
+
+enum { ST_LOC_PROT = 4, ACC_REMOTE_WRITE = 2, ACC_REMOTE_READ = 4 };
+
+/* run_plan(locals, remotes, pairs, opcode, state_addr, state_expect, pidfd) -> (done, status)
+ * One READ or WRITE per (local index, remote index) pair, in order, with the same checks and liveness rule
+ * as run(). Index errors are the caller's mistake and raise before anything runs. */
+static PyObject *py_run_plan(PyObject *self, PyObject *args) {
+    Py_buffer lb, rb;
+    PyObject *pairs_obj;
+    int opcode, pidfd;
+    unsigned long long state_addr, state_expect;
+    if (!PyArg_ParseTuple(args, "y*y*OiKKi", &lb, &rb, &pairs_obj, &opcode, &state_addr, &state_expect, &pidfd))
+        return NULL;
+    PyObject *result = NULL;
+    uint32_t *idx = NULL;
+    PyObject *seq = PySequence_Fast(pairs_obj, "run_plan: pairs must be a sequence of (local, remote) pairs");
+    if (!seq) goto out;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t nl = lb.len / (Py_ssize_t)sizeof(struct plan_local), nr = rb.len / (Py_ssize_t)sizeof(struct plan_remote);
+    if (opcode != OP_READ && opcode != OP_WRITE) { PyErr_SetString(PyExc_ValueError, "run_plan: READ or WRITE"); goto out; }
+    idx = PyMem_Malloc(sizeof(uint32_t) * 2 * (size_t)(n ? n : 1));
+    if (!idx) { PyErr_NoMemory(); goto out; }
+    uint64_t total = 0;
+    const struct plan_local *L = lb.buf;
+    const struct plan_remote *R = rb.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_Format(PyExc_IndexError, "pair %zd is not a (local, remote) tuple", i);
+            goto out;
+        }
+        Py_ssize_t li = PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 0));
+        Py_ssize_t ri = PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 1));
+        if ((li == -1 || ri == -1) && PyErr_Occurred()) goto out;
+        if (li < 0 || li >= nl || ri < 0 || ri >= nr) {
+            PyErr_Format(PyExc_IndexError, "pair %zd (%zd, %zd) outside the plan (%zd local, %zd remote)", i, li, ri, nl, nr);
+            goto out;
+        }
+        idx[2 * i] = (uint32_t)li;
+        idx[2 * i + 1] = (uint32_t)ri;
+        total += L[li].len;
+    }
+    Py_ssize_t done = 0;
+    int status = ST_OK;
+    const uint64_t *state_ptr = (const uint64_t *)(uintptr_t)state_addr;
+    uint64_t need = opcode == OP_READ ? ACC_REMOTE_READ : ACC_REMOTE_WRITE;
+    PyThreadState *ts = total >= GIL_RELEASE_BYTES ? PyEval_SaveThread() : NULL;
+    if (peer_gone(state_ptr, state_expect, pidfd)) {
+        status = ST_RETRY_EXC;
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const struct plan_local *l = &L[idx[2 * i]];
+            const struct plan_remote *r = &R[idx[2 * i + 1]];
+            if (l->err || (opcode == OP_READ && !l->writable)) { status = l->err ? (int)l->err : ST_LOC_PROT; break; }
+            if (r->err) { status = (int)r->err; break; }
+            if (__atomic_load_n((const uint64_t *)(uintptr_t)r->valid_ptr, __ATOMIC_ACQUIRE) != r->rkey ||
+                !(r->access & need) || l->len > r->avail) {
+                status = ST_REM_ACCESS;
+                break;
+            }
+            if (opcode == OP_READ) memcpy((void *)(uintptr_t)l->addr, (const void *)(uintptr_t)r->ptr, l->len);
+            else memcpy((void *)(uintptr_t)r->ptr, (const void *)(uintptr_t)l->addr, l->len);
+            done = i + 1;
+        }
+        if (peer_gone(state_ptr, state_expect, pidfd)) status = ST_RETRY_EXC;
+    }
+    if (ts) PyEval_RestoreThread(ts);
+    result = Py_BuildValue("(ni)", done, status);
+out:
+    PyMem_Free(idx);
+    Py_XDECREF(seq);
+    PyBuffer_Release(&lb);
+    PyBuffer_Release(&rb);
+    return result;
+}
+
+/* peer_alive(state_addr, state_expect, pidfd) -> bool: the same check `run` makes around a batch. */
+static PyObject *py_peer_alive(PyObject *self, PyObject *args) {
+    unsigned long long state_addr, state_expect;
+    int pidfd;
+    if (!PyArg_ParseTuple(args, "KKi", &state_addr, &state_expect, &pidfd)) return NULL;
+    return PyBool_FromLong(!peer_gone((const uint64_t *)(uintptr_t)state_addr, state_expect, pidfd));
+}
+
+static PyMethodDef methods[] = {
+    {"load64", py_load64, METH_O, "load64(addr) -> int: acquire load of 8 bytes"},
+    {"store64", py_store64, METH_VARARGS, "store64(addr, value): release store of 8 bytes"},
+    {"cas64", py_cas64, METH_VARARGS, "cas64(addr, expected, desired) -> old value"},
+    {"faa64", py_faa64, METH_VARARGS, "faa64(addr, add) -> old value (mod 2**64)"},
+    {"copy", py_copy, METH_VARARGS, "copy(dst, src, n): memcpy, GIL released for large n"},
+    {"copy_blocks", py_copy_blocks, METH_VARARGS, "copy_blocks(dst, src, size, count): memcpy limit loop"},
+    {"address", py_address, METH_VARARGS, "address(buffer, writable=True) -> (addr, nbytes)"},
+    {"run", py_run, METH_VARARGS, "run(ops, nops, state_addr, state_expect, pidfd) -> (done, status)"},
+    {"run_plan", py_run_plan, METH_VARARGS,
+     "run_plan(locals, remotes, pairs, opcode, state_addr, state_expect, pidfd) -> (done, status)"},
+    {"peer_alive", py_peer_alive, METH_VARARGS, "peer_alive(state_addr, state_expect, pidfd) -> bool"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "rdmapool._shmatomics", "CPU atomics and batch mover of the shm transport", -1,
+    methods,
+};
+
+PyMODINIT_FUNC PyInit__shmatomics(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    PyModule_AddIntConstant(m, "OP_SIZE", (long)sizeof(struct op));
+    PyModule_AddIntConstant(m, "GIL_RELEASE_BYTES", (long)GIL_RELEASE_BYTES);
+    return m;
+}

@@ -1,0 +1,346 @@
+"""An shm endpoint: a client's connection to one co-located owner, executing one-sided operations itself.
+
+There is no engine on the owner's side: `post` resolves each work request (local SGEs against this process's
+registered regions, the remote address against the owner's region table, mapping the region's segment
+lazily on first use), packs the batch into 64-byte records and hands it to the native mover, which runs it in
+order with the GIL released for large batches. Completions are therefore ready when `post` returns, in
+posting order. An endpoint is a queue pair: use it from one thread at a time (a lock makes misuse safe, not
+fast).
+
+Failure semantics follow base.py: the first failing request gets its status (LOC_PROT_ERR, REM_ACCESS_ERR,
+RETRY_EXC_ERR), every later one of the batch and of later batches WR_FLUSH_ERR, and the endpoint is in ERROR.
+Owner liveness (header state OPEN, owner's pidfd not readable) is checked by the mover before and after every
+batch; a batch during which the owner died reports RETRY_EXC_ERR for its first request and flushes the rest,
+never success on orphaned memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from rdmapool import _shmatomics as native
+from rdmapool.errors import UsageError
+from rdmapool.transport.base import (
+    Access,
+    Completion,
+    Endpoint,
+    EndpointState,
+    Opcode,
+    TransferPlan,
+    WcStatus,
+    WorkRequest,
+    check_work_request,
+)
+from rdmapool.transport.shm import naming
+from rdmapool.transport.shm.segment import Segment
+from rdmapool.transport.shm.table import LOCAL_ONLY, STATE_OPEN, TableView
+
+_REC = struct.Struct("<IIQQQQQQQ")
+_PLAN_LOCAL = struct.Struct("<QQQQ")  # addr, len, writable, err
+_PLAN_REMOTE = struct.Struct("<QQQQQQ")  # ptr, avail, valid_ptr, rkey, access, err
+_PLAN_CACHE = 32
+_NEED = {
+    Opcode.READ: Access.REMOTE_READ,
+    Opcode.WRITE: Access.REMOTE_WRITE,
+    Opcode.CAS: Access.REMOTE_ATOMIC,
+    Opcode.FAA: Access.REMOTE_ATOMIC,
+}
+_WRITES_REMOTE = Access.REMOTE_WRITE | Access.REMOTE_ATOMIC
+_ST_OK, _ST_REM_ACCESS, _ST_RETRY_EXC = 0, 10, 12
+
+
+@dataclass(frozen=True, slots=True)
+class LocalRegion:
+    """What an endpoint needs to check a local SGE."""
+
+    addr: int
+    end: int
+    writable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Remote:
+    addr: int
+    end: int
+    access: Access
+    base: int  # where the region starts in this process's mapping
+    valid_ptr: int
+    seg: Segment
+
+
+class _Failure(Exception):
+    def __init__(self, status: WcStatus, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class ShmEndpoint(Endpoint):
+    def __init__(self, transport: ShmTransportLike, peer: naming.Owner, base: str, shm_dir: str,
+                 table: TableView, pidfd: int) -> None:
+        self._transport = transport
+        self._local: dict[int, LocalRegion] = transport.local_regions
+        self._peer = peer
+        self._base = base
+        self._dir = shm_dir
+        self._table = table
+        self._pidfd = pidfd
+        self._remotes: dict[int, _Remote] = {}
+        self._plans: dict[int, tuple[TransferPlan, int, bytes, bytes]] = {}
+        self._cq: collections.deque[Completion] = collections.deque()
+        self._state = EndpointState.READY
+        self._lock = threading.Lock()
+
+    # --- Endpoint interface -------------------------------------------------------------------------
+    @property
+    def state(self) -> EndpointState:
+        return self._state
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._cq)
+
+    def post(self, wrs: Sequence[WorkRequest]) -> None:
+        for wr in wrs:
+            check_work_request(wr)
+        with self._lock:
+            if self._state is EndpointState.CLOSED:
+                raise UsageError("post on a closed endpoint")
+            if self._state is EndpointState.ERROR:
+                self._flush(wrs, 0)
+                return
+            self._execute(wrs)
+
+    def post_plan(self, plan: TransferPlan, opcode: Opcode, pairs: Sequence[tuple[int, int]], wr_id_base: int = 0,
+                  signal_every: int = 1) -> int:
+        """Native batching: the plan is resolved once (and again only after a mapping or local region goes
+        away); each call hands the index pairs to the native mover without building WorkRequests."""
+        if opcode not in (Opcode.READ, Opcode.WRITE):
+            raise UsageError("post_plan moves bytes: opcode must be READ or WRITE")
+        if signal_every < 1:
+            raise UsageError("signal_every must be >= 1")
+        n = len(pairs)
+        signalled = n // signal_every + (1 if n % signal_every else 0)
+        with self._lock:
+            if self._state is EndpointState.CLOSED:
+                raise UsageError("post on a closed endpoint")
+            if self._state is EndpointState.ERROR:
+                self._flush_plan(opcode, wr_id_base, 0, n)
+                return signalled
+            local, remote = self._resolved(plan)
+            try:
+                done, status = native.run_plan(local, remote, pairs, int(opcode), self._table.state_ptr,
+                                               STATE_OPEN, self._pidfd)
+            except (IndexError, TypeError) as exc:
+                raise UsageError(f"post_plan: {exc}") from None
+            if status == _ST_RETRY_EXC:
+                self._peer_lost([])
+                self._cq.append(Completion(wr_id_base, WcStatus.RETRY_EXC_ERR, opcode, 0, self._lost_why()))
+                self._flush_plan(opcode, wr_id_base, 1, n)
+                return signalled
+            for i in range(signal_every - 1, done, signal_every):
+                self._cq.append(Completion(wr_id_base + i, WcStatus.SUCCESS, opcode, plan.local[pairs[i][0]].length))
+            if status == _ST_OK:
+                if n % signal_every:
+                    self._cq.append(Completion(wr_id_base + n - 1, WcStatus.SUCCESS, opcode,
+                                               plan.local[pairs[n - 1][0]].length))
+                return signalled
+            li, ri = pairs[done]
+            addr, rkey = plan.remote[ri]
+            failure = self._explain(WorkRequest(wr_id_base + done, opcode, (plan.local[li],), addr, rkey),
+                                    WcStatus(status))
+            self._cq.append(Completion(wr_id_base + done, failure.status, opcode, 0, failure.detail))
+            self._state = EndpointState.ERROR
+            self._flush_plan(opcode, wr_id_base, done + 1, n)
+            return signalled
+
+    def _resolved(self, plan: TransferPlan) -> tuple[bytes, bytes]:
+        key = id(plan)
+        hit = self._plans.get(key)
+        if hit is not None and hit[0] is plan and hit[1] == self._transport.local_epoch:
+            return hit[2], hit[3]
+        local = bytearray()
+        for sge in plan.local:
+            loc = self._local.get(sge.lkey)
+            if loc is None or sge.addr < loc.addr or sge.addr + sge.length > loc.end:
+                local += _PLAN_LOCAL.pack(0, sge.length, 0, WcStatus.LOC_PROT_ERR)
+            else:
+                local += _PLAN_LOCAL.pack(sge.addr, sge.length, int(loc.writable), 0)
+        remote = bytearray()
+        for addr, rkey in plan.remote:
+            try:
+                rem = self._remotes.get(rkey) or self._map(rkey)
+            except _Failure as f:
+                remote += _PLAN_REMOTE.pack(0, 0, 0, 0, 0, f.status)
+                continue
+            if not rem.addr <= addr <= rem.end:
+                remote += _PLAN_REMOTE.pack(0, 0, 0, 0, 0, WcStatus.REM_ACCESS_ERR)
+            else:
+                remote += _PLAN_REMOTE.pack(rem.base + addr - rem.addr, rem.end - addr, rem.valid_ptr, rkey,
+                                            int(rem.access), 0)
+        if len(self._plans) >= _PLAN_CACHE:
+            del self._plans[next(iter(self._plans))]
+        self._plans[key] = (plan, self._transport.local_epoch, bytes(local), bytes(remote))
+        return self._plans[key][2], self._plans[key][3]
+
+    def _explain(self, wr: WorkRequest, status: WcStatus) -> _Failure:
+        """The reason a request failed in the native mover, found again by the Python checks."""
+        try:
+            self._encode(wr, bytearray(), [], 0)
+        except _Failure as f:
+            return f
+        if status is WcStatus.REM_ACCESS_ERR:
+            self._drop(wr.rkey)
+            return _Failure(status, f"rkey {wr.rkey:#x} was deregistered")
+        return _Failure(status, "failed in the native mover")
+
+    def _flush_plan(self, opcode: Opcode, wr_id_base: int, start: int, n: int) -> None:
+        for i in range(start, n):
+            self._cq.append(Completion(wr_id_base + i, WcStatus.WR_FLUSH_ERR, opcode, 0, "endpoint in error"))
+
+    def poll(self, max_entries: int = 64) -> list[Completion]:
+        if max_entries < 1:
+            raise UsageError("poll needs max_entries >= 1")
+        with self._lock:
+            n = min(max_entries, len(self._cq))
+            return [self._cq.popleft() for _ in range(n)]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._state is EndpointState.CLOSED:
+                return
+            self._state = EndpointState.CLOSED
+            self._unmap_all()
+            self._table.seg.close()
+            if self._pidfd >= 0:
+                os.close(self._pidfd)
+                self._pidfd = -1
+        self._transport.forget_endpoint(self)
+
+    # --- execution ----------------------------------------------------------------------------------
+    def _execute(self, wrs: Sequence[WorkRequest]) -> None:
+        recs = bytearray()
+        rec_wr: list[int] = []
+        fail_at, failure = len(wrs), None
+        for i, wr in enumerate(wrs):
+            try:
+                self._encode(wr, recs, rec_wr, i)
+            except _Failure as f:
+                fail_at, failure = i, f
+                break
+        done, status = native.run(bytes(recs), len(rec_wr), self._table.state_ptr, STATE_OPEN, self._pidfd)
+        if status == _ST_RETRY_EXC:
+            self._peer_lost(wrs)
+            return
+        if status == _ST_REM_ACCESS:
+            fail_at = rec_wr[done]
+            rkey = wrs[fail_at].rkey
+            failure = _Failure(WcStatus.REM_ACCESS_ERR, f"rkey {rkey:#x} was deregistered")
+            self._drop(rkey)
+        for wr in wrs[:fail_at]:
+            if wr.signaled:
+                self._cq.append(Completion(wr.wr_id, WcStatus.SUCCESS, wr.opcode, wr.length))
+        if failure is not None:
+            wr = wrs[fail_at]
+            self._cq.append(Completion(wr.wr_id, failure.status, wr.opcode, 0, failure.detail))
+            self._state = EndpointState.ERROR
+            self._flush(wrs, fail_at + 1)
+
+    def _encode(self, wr: WorkRequest, recs: bytearray, rec_wr: list[int], index: int) -> None:
+        op = wr.opcode
+        for sge in wr.sgl:
+            loc = self._local.get(sge.lkey)
+            if loc is None or sge.addr < loc.addr or sge.addr + sge.length > loc.end or sge.length < 0:
+                raise _Failure(WcStatus.LOC_PROT_ERR, f"local SGE {sge} is not inside a region with lkey {sge.lkey}")
+            if op is not Opcode.WRITE and not loc.writable:
+                raise _Failure(WcStatus.LOC_PROT_ERR, f"local SGE {sge} is in a region without LOCAL_WRITE")
+        rem = self._remotes.get(wr.rkey) or self._map(wr.rkey)
+        if not rem.access & _NEED[op]:
+            raise _Failure(WcStatus.REM_ACCESS_ERR, f"rkey {wr.rkey:#x} does not allow {op.name}")
+        length = wr.length
+        if wr.remote_addr < rem.addr or wr.remote_addr + length > rem.end:
+            raise _Failure(WcStatus.REM_ACCESS_ERR,
+                           f"[{wr.remote_addr:#x}, +{length}) is outside region {wr.rkey:#x}")
+        ptr = rem.base + (wr.remote_addr - rem.addr)
+        if op is Opcode.READ or op is Opcode.WRITE:
+            for sge in wr.sgl:
+                recs += _REC.pack(op, 0, sge.addr, ptr, sge.length, 0, 0, rem.valid_ptr, wr.rkey)
+                rec_wr.append(index)
+                ptr += sge.length
+        else:
+            sge = wr.sgl[0]
+            recs += _REC.pack(op, 0, sge.addr, ptr, 8, wr.compare, wr.swap, rem.valid_ptr, wr.rkey)
+            rec_wr.append(index)
+
+    def _map(self, rkey: int) -> _Remote:
+        if rkey & LOCAL_ONLY:
+            raise _Failure(WcStatus.REM_ACCESS_ERR,
+                           f"rkey {rkey:#x} is a local-only registration (register() of a private buffer); "
+                           "only allocate()d regions are reachable through shm")
+        entry = self._table.lookup(rkey)
+        if entry is None:
+            raise _Failure(WcStatus.REM_ACCESS_ERR, f"rkey {rkey:#x} names no registered region")
+        addr, length, access = entry
+        path = os.path.join(self._dir, naming.region_name(self._base, rkey))
+        writable = bool(access & _WRITES_REMOTE)
+        try:
+            try:
+                seg = Segment.open(path, length, writable, self._transport.cuda_mode)
+            except PermissionError:
+                if not writable:
+                    raise
+                seg = Segment.open(path, length, False, self._transport.cuda_mode)
+                access &= Access.REMOTE_READ  # the file mode grants reading only
+        except FileNotFoundError:
+            raise _Failure(WcStatus.REM_ACCESS_ERR, f"rkey {rkey:#x} was deregistered") from None
+        except OSError as exc:
+            raise _Failure(WcStatus.REM_ACCESS_ERR, f"cannot map region {rkey:#x}: {exc}") from None
+        rem = _Remote(addr, addr + length, access, seg.addr, self._table.valid_ptr(rkey), seg)
+        self._remotes[rkey] = rem
+        return rem
+
+    def _drop(self, rkey: int) -> None:
+        rem = self._remotes.pop(rkey, None)
+        if rem is not None:
+            self._plans.clear()  # resolved plans may point into this mapping
+            rem.seg.close()
+
+    def _unmap_all(self) -> None:
+        for rkey in list(self._remotes):
+            self._drop(rkey)
+
+    def _lost_why(self) -> str:
+        if not self._table.is_open():
+            return "the owner closed its transport"
+        return f"the owner (pid {self._peer.pid}) died"
+
+    def _peer_lost(self, wrs: Sequence[WorkRequest]) -> None:
+        closed = not self._table.is_open()
+        if wrs:
+            wr = wrs[0]
+            self._cq.append(Completion(wr.wr_id, WcStatus.RETRY_EXC_ERR, wr.opcode, 0, self._lost_why()))
+        self._state = EndpointState.ERROR
+        self._flush(wrs, 1)
+        self._unmap_all()
+        if not closed:
+            naming.sweep_stale(self._dir, self._base)
+
+    def _flush(self, wrs: Sequence[WorkRequest], start: int) -> None:
+        for wr in wrs[start:]:
+            self._cq.append(Completion(wr.wr_id, WcStatus.WR_FLUSH_ERR, wr.opcode, 0, "endpoint in error"))
+
+
+class ShmTransportLike(Protocol):
+    """What an endpoint needs from its transport (kept narrow so the two modules do not import each other)."""
+
+    local_regions: dict[int, LocalRegion]
+    local_epoch: int  # bumped whenever a local region goes away (cached plans are then resolved again)
+    cuda_mode: str
+
+    def forget_endpoint(self, ep: ShmEndpoint) -> None: ...

@@ -1,0 +1,261 @@
+"""The `tcp` backend: one-sided READ/WRITE/CAS/FAA over TCP, served by a native engine.
+
+Theory of operation
+-------------------
+Each `TcpTransport` owns one native `Engine` (rdmapool._tcpengine): a region table and a listening socket on
+`host` (loopback by default) whose connection threads execute peers' requests directly against the registered
+regions: rkey, bounds and access flags are checked per request, bytes go between region memory and the socket
+with no intermediate buffer, and no Python code (no GIL) runs on the serving side. `connect()` opens one TCP
+connection to the peer's engine; that connection is the queue pair: requests on it execute in order and
+complete in order. Progress (sending queued frames, receiving responses straight into the local SGEs) runs in
+the caller's thread inside `post`/`poll`/`wait` with the GIL released; `wait` busy-polls `spin_us` before it
+blocks. See native/tcpengine.c for the wire format and why deregister cannot race into a use-after-free, and
+docs/transport.md for the semantics.
+
+Region addresses are the owning process's virtual addresses, rkeys and lkeys random 32-bit values, as on verbs.
+Only registered memory can be the source or target of an operation, on both sides.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+import weakref
+from array import array
+from collections.abc import Sequence
+from typing import Any
+
+from rdmapool.errors import ServerUnavailable, UsageError
+from rdmapool.transport.base import (
+    Access,
+    Completion,
+    CompletionTimeout,
+    Endpoint,
+    EndpointState,
+    Exchange,
+    MemoryKind,
+    MemoryRegion,
+    Opcode,
+    RegionDescriptor,
+    Transport,
+    TransferPlan,
+    WcStatus,
+    WorkRequest,
+)
+
+try:
+    from rdmapool import _tcpengine as _native
+except ImportError as exc:  # pragma: no cover - the package build always compiles it
+    raise ImportError(
+        "the tcp transport needs its native engine rdmapool._tcpengine; build it with "
+        "`python setup.py build_ext --inplace` (there is no pure-Python fallback)"
+    ) from exc
+
+_native.set_usage_error(UsageError)
+
+_STATES = {0: EndpointState.READY, 1: EndpointState.ERROR, 2: EndpointState.CLOSED}
+_WIRE_VERSION = 1
+#: how long deregister waits for in-flight requests before it breaks the connections that hold them
+DEREGISTER_TIMEOUT_S = 5.0
+
+
+def _completion(raw: tuple[int, int, int, int]) -> Completion:
+    wr_id, status, opcode, byte_len = raw
+    return Completion(wr_id, WcStatus(status), Opcode(opcode), byte_len)
+
+
+class TcpEndpoint(Endpoint):
+    """One TCP connection to a peer's engine, used as an RC queue pair."""
+
+    def __init__(self, native: Any, transport: TcpTransport) -> None:
+        self._ep = native
+        self._transport = transport
+        self._plans: dict[int, tuple[TransferPlan, tuple[bytes, ...]]] = {}
+
+    @property
+    def state(self) -> EndpointState:
+        return _STATES[self._ep.state]
+
+    @property
+    def outstanding(self) -> int:
+        return self._ep.outstanding
+
+    def post(self, wrs: Sequence[WorkRequest]) -> None:
+        self._ep.post(wrs)
+
+    def poll(self, max_entries: int = 64) -> list[Completion]:
+        return [_completion(c) for c in self._ep.poll(max_entries)]
+
+    def wait(self, count: int, timeout: float) -> list[Completion]:
+        if timeout is None or timeout <= 0:
+            raise UsageError("wait needs a positive timeout: every wait in rdmapool is bounded")
+        got = [_completion(c) for c in self._ep.wait(count, timeout)] if count > 0 else []
+        if len(got) < count:
+            exc = CompletionTimeout(f"{len(got)} of {count} completions after {timeout:.3f}s")
+            exc.completions = got  # what did arrive, so the caller can account for it
+            raise exc
+        return got
+
+    def post_plan(
+        self, plan: TransferPlan, opcode: Opcode, pairs: Sequence[tuple[int, int]], wr_id_base: int = 0,
+        signal_every: int = 1,
+    ) -> int:
+        arrays = self._plan_arrays(plan)
+        flat = array("q")
+        for li, ri in pairs:
+            flat.append(li)
+            flat.append(ri)
+        return self._ep.post_plan(*arrays, flat, int(opcode), wr_id_base, signal_every)
+
+    def _plan_arrays(self, plan: TransferPlan) -> tuple[bytes, ...]:
+        """The plan as packed uint64 arrays, built once per plan (plans are immutable)."""
+        cached = self._plans.get(id(plan))
+        if cached is not None and cached[0] is plan:
+            return cached[1]
+        arrays = (
+            array("Q", [s.addr for s in plan.local]).tobytes(),
+            array("Q", [s.length for s in plan.local]).tobytes(),
+            array("Q", [s.lkey for s in plan.local]).tobytes(),
+            array("Q", [a for a, _ in plan.remote]).tobytes(),
+            array("Q", [k for _, k in plan.remote]).tobytes(),
+        )
+        if len(self._plans) > 64:
+            self._plans.clear()
+        self._plans[id(plan)] = (plan, arrays)
+        return arrays
+
+    def close(self) -> None:
+        self._ep.close()
+        self._transport._forget(self)
+
+
+class TcpTransport(Transport):
+    """The tcp backend. `host`/`port`: where this process's engine listens (port 0 = any free port);
+    `spin_us`: how long engine threads and waits busy-poll before they block."""
+
+    name = "tcp"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, spin_us: int = 50) -> None:
+        self._engine = _native.Engine(host, port, spin_us)
+        self._host = host
+        self._spin_us = spin_us
+        self._regions: dict[int, MemoryRegion] = {}
+        self._endpoints: weakref.WeakSet[TcpEndpoint] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- memory ------------------------------------------------------------------------------------------
+
+    def allocate(self, length: int, kind: MemoryKind = MemoryKind.HOST, access: Access = Access.ALL) -> MemoryRegion:
+        if kind is not MemoryKind.HOST:
+            raise UsageError(f"the tcp transport allocates host memory only, not {kind.value}")
+        if length <= 0:
+            raise UsageError(f"allocation length must be positive, got {length}")
+        buf = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE") and length >= 2 << 20:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        region = self._register(buf, access, owner=buf)
+        return region
+
+    def register(self, buffer: Any, access: Access = Access.ALL) -> MemoryRegion:
+        return self._register(buffer, access, owner=buffer)
+
+    def register_pointer(
+        self, addr: int, length: int, kind: MemoryKind, access: Access = Access.ALL, owner: Any = None
+    ) -> MemoryRegion:
+        if kind is not MemoryKind.HOST:
+            return super().register_pointer(addr, length, kind, access, owner)
+        if addr <= 0 or length <= 0:
+            raise UsageError(f"register_pointer needs a positive address and length, got {addr:#x}, {length}")
+        self._check_open()
+        rkey, lkey, base = self._engine.register(None, addr, length, int(access))
+        region = MemoryRegion(base, length, lkey, RegionDescriptor(base, length, rkey), MemoryKind.HOST, access,
+                              None, handle=owner)
+        with self._lock:
+            self._regions[rkey] = region
+        return region
+
+    def _register(self, buffer: Any, access: Access, owner: Any) -> MemoryRegion:
+        self._check_open()
+        try:
+            view = memoryview(buffer)
+        except TypeError as exc:
+            raise UsageError(f"register needs a buffer-protocol object, got {type(buffer).__name__}") from exc
+        if view.readonly or not view.c_contiguous:
+            raise UsageError("register needs a writable, C-contiguous buffer")
+        view = view.cast("B")
+        if view.nbytes == 0:
+            raise UsageError("cannot register an empty buffer")
+        rkey, lkey, base = self._engine.register(view, 0, 0, int(access))
+        region = MemoryRegion(base, view.nbytes, lkey, RegionDescriptor(base, view.nbytes, rkey), MemoryKind.HOST,
+                              access, view, handle=owner)
+        with self._lock:
+            self._regions[rkey] = region
+        return region
+
+    def deregister(self, region: MemoryRegion) -> None:
+        with self._lock:
+            if self._regions.get(region.rkey) is not region:
+                raise UsageError(f"region with rkey {region.rkey} is not registered with this transport")
+            del self._regions[region.rkey]
+        drained = self._engine.deregister(region.rkey, DEREGISTER_TIMEOUT_S)
+        if not drained:
+            # unreachable for new requests already; a stuck thread may still touch it, so never free it
+            _leaked.append(region)
+            raise ServerUnavailable(
+                f"region {region.rkey} deregistered but still in use after {DEREGISTER_TIMEOUT_S}s; buffer kept alive"
+            )
+
+    # -- connections -------------------------------------------------------------------------------------
+
+    def peer_info(self) -> dict:
+        return {"transport": "tcp", "version": _WIRE_VERSION, "host": self._host, "port": self._engine.port}
+
+    def connect(self, peer_info: dict, exchange: Exchange | None = None, timeout: float = 5.0) -> Endpoint:
+        self._check_open()
+        if not isinstance(peer_info, dict) or peer_info.get("transport") != "tcp":
+            raise UsageError(f"not a tcp peer_info: {peer_info!r}")
+        if peer_info.get("version") != _WIRE_VERSION:
+            raise UsageError(f"tcp peer speaks wire version {peer_info.get('version')!r}, we speak {_WIRE_VERSION}")
+        host, port = peer_info.get("host"), peer_info.get("port")
+        if not isinstance(host, str) or not isinstance(port, int):
+            raise UsageError(f"tcp peer_info needs a host string and a port integer: {peer_info!r}")
+        if timeout is None or timeout <= 0:
+            raise UsageError("connect needs a positive timeout")
+        try:
+            native = _native.Endpoint(self._engine, host, port, timeout, self._spin_us)
+        except ConnectionError as exc:
+            raise ServerUnavailable(str(exc)) from exc
+        ep = TcpEndpoint(native, self)
+        with self._lock:
+            self._endpoints.add(ep)
+        return ep
+
+    def _forget(self, ep: TcpEndpoint) -> None:
+        with self._lock:
+            self._endpoints.discard(ep)
+
+    @property
+    def serving_threads(self) -> int:
+        """Connection threads the engine runs now (one per accepted endpoint)."""
+        return self._engine.serving_threads
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError("the tcp transport is closed")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            endpoints = list(self._endpoints)
+            self._endpoints.clear()
+            self._regions.clear()
+        for ep in endpoints:
+            ep._ep.close()
+        self._engine.close()
+
+
+#: regions whose deregistration timed out: kept alive forever rather than freed under a running thread
+_leaked: list[MemoryRegion] = []
