@@ -95,6 +95,18 @@ static PyObject *py_copy(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* copy_blocks(dst, src, size, count): `count` memcpy calls of `size` bytes over consecutive blocks, GIL
+ * released: the plain-memcpy limit the benchmarks compare the transport against. */
+static PyObject *py_copy_blocks(PyObject *self, PyObject *args) {
+    unsigned long long dst, src, size, count;
+    if (!PyArg_ParseTuple(args, "KKKK", &dst, &src, &size, &count)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (uint64_t i = 0; i < count; i++)
+        do_copy((void *)(uintptr_t)(dst + i * size), (const void *)(uintptr_t)(src + i * size), (size_t)size);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* address(buffer, writable) -> (addr, nbytes) of a C-contiguous buffer. The caller keeps the buffer
  * alive (and unresizable) by holding a memoryview of it. */
 static PyObject *py_address(PyObject *self, PyObject *args) {
@@ -183,6 +195,87 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
     return Py_BuildValue("(ni)", done, status);
 }
 
+/* A TransferPlan resolved once by the endpoint: each local entry is (addr, len, writable, err) and each
+ * remote entry (ptr in our mapping, bytes available from ptr, valid_ptr, rkey, access bits, err); err is a
+ * WcStatus to report for any operation that uses the entry (0 when usable). */
+struct plan_local { uint64_t addr, len, writable, err; };
+struct plan_remote { uint64_t ptr, avail, valid_ptr, rkey, access, err; };
+
+enum { ST_LOC_PROT = 4, ACC_REMOTE_WRITE = 2, ACC_REMOTE_READ = 4 };
+
+/* run_plan(locals, remotes, pairs, opcode, state_addr, state_expect, pidfd) -> (done, status)
+ * One READ or WRITE per (local index, remote index) pair, in order, with the same checks and liveness rule
+ * as run(). Index errors are the caller's mistake and raise before anything runs. */
+static PyObject *py_run_plan(PyObject *self, PyObject *args) {
+    Py_buffer lb, rb;
+    PyObject *pairs_obj;
+    int opcode, pidfd;
+    unsigned long long state_addr, state_expect;
+    if (!PyArg_ParseTuple(args, "y*y*OiKKi", &lb, &rb, &pairs_obj, &opcode, &state_addr, &state_expect, &pidfd))
+        return NULL;
+    PyObject *result = NULL;
+    uint32_t *idx = NULL;
+    PyObject *seq = PySequence_Fast(pairs_obj, "run_plan: pairs must be a sequence of (local, remote) pairs");
+    if (!seq) goto out;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t nl = lb.len / (Py_ssize_t)sizeof(struct plan_local), nr = rb.len / (Py_ssize_t)sizeof(struct plan_remote);
+    if (opcode != OP_READ && opcode != OP_WRITE) { PyErr_SetString(PyExc_ValueError, "run_plan: READ or WRITE"); goto out; }
+    idx = PyMem_Malloc(sizeof(uint32_t) * 2 * (size_t)(n ? n : 1));
+    if (!idx) { PyErr_NoMemory(); goto out; }
+    uint64_t total = 0;
+    const struct plan_local *L = lb.buf;
+    const struct plan_remote *R = rb.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_Format(PyExc_IndexError, "pair %zd is not a (local, remote) tuple", i);
+            goto out;
+        }
+        Py_ssize_t li = PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 0));
+        Py_ssize_t ri = PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 1));
+        if ((li == -1 || ri == -1) && PyErr_Occurred()) goto out;
+        if (li < 0 || li >= nl || ri < 0 || ri >= nr) {
+            PyErr_Format(PyExc_IndexError, "pair %zd (%zd, %zd) outside the plan (%zd local, %zd remote)", i, li, ri, nl, nr);
+            goto out;
+        }
+        idx[2 * i] = (uint32_t)li;
+        idx[2 * i + 1] = (uint32_t)ri;
+        total += L[li].len;
+    }
+    Py_ssize_t done = 0;
+    int status = ST_OK;
+    const uint64_t *state_ptr = (const uint64_t *)(uintptr_t)state_addr;
+    uint64_t need = opcode == OP_READ ? ACC_REMOTE_READ : ACC_REMOTE_WRITE;
+    PyThreadState *ts = total >= GIL_RELEASE_BYTES ? PyEval_SaveThread() : NULL;
+    if (peer_gone(state_ptr, state_expect, pidfd)) {
+        status = ST_RETRY_EXC;
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const struct plan_local *l = &L[idx[2 * i]];
+            const struct plan_remote *r = &R[idx[2 * i + 1]];
+            if (l->err || (opcode == OP_READ && !l->writable)) { status = l->err ? (int)l->err : ST_LOC_PROT; break; }
+            if (r->err) { status = (int)r->err; break; }
+            if (__atomic_load_n((const uint64_t *)(uintptr_t)r->valid_ptr, __ATOMIC_ACQUIRE) != r->rkey ||
+                !(r->access & need) || l->len > r->avail) {
+                status = ST_REM_ACCESS;
+                break;
+            }
+            if (opcode == OP_READ) memcpy((void *)(uintptr_t)l->addr, (const void *)(uintptr_t)r->ptr, l->len);
+            else memcpy((void *)(uintptr_t)r->ptr, (const void *)(uintptr_t)l->addr, l->len);
+            done = i + 1;
+        }
+        if (peer_gone(state_ptr, state_expect, pidfd)) status = ST_RETRY_EXC;
+    }
+    if (ts) PyEval_RestoreThread(ts);
+    result = Py_BuildValue("(ni)", done, status);
+out:
+    PyMem_Free(idx);
+    Py_XDECREF(seq);
+    PyBuffer_Release(&lb);
+    PyBuffer_Release(&rb);
+    return result;
+}
+
 /* peer_alive(state_addr, state_expect, pidfd) -> bool: the same check `run` makes around a batch. */
 static PyObject *py_peer_alive(PyObject *self, PyObject *args) {
     unsigned long long state_addr, state_expect;
@@ -197,8 +290,11 @@ static PyMethodDef methods[] = {
     {"cas64", py_cas64, METH_VARARGS, "cas64(addr, expected, desired) -> old value"},
     {"faa64", py_faa64, METH_VARARGS, "faa64(addr, add) -> old value (mod 2**64)"},
     {"copy", py_copy, METH_VARARGS, "copy(dst, src, n): memcpy, GIL released for large n"},
+    {"copy_blocks", py_copy_blocks, METH_VARARGS, "copy_blocks(dst, src, size, count): memcpy limit loop"},
     {"address", py_address, METH_VARARGS, "address(buffer, writable=True) -> (addr, nbytes)"},
     {"run", py_run, METH_VARARGS, "run(ops, nops, state_addr, state_expect, pidfd) -> (done, status)"},
+    {"run_plan", py_run_plan, METH_VARARGS,
+     "run_plan(locals, remotes, pairs, opcode, state_addr, state_expect, pidfd) -> (done, status)"},
     {"peer_alive", py_peer_alive, METH_VARARGS, "peer_alive(state_addr, state_expect, pidfd) -> bool"},
     {NULL, NULL, 0, NULL},
 };

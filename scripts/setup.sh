@@ -40,13 +40,15 @@ fi
 req_hash="$(sha256sum requirements*.txt pyproject.toml setup.py 2>/dev/null | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp_dir/deps-$req_hash" ]; then
   echo "[setup] installing Python dependencies"
-  "$venv/bin/pip" install -q --upgrade pip setuptools wheel
-  "$venv/bin/pip" install -q -r requirements-dev.txt
+  # pip's config here lists local indexes that may be absent; their warnings are noise.
+  "$venv/bin/pip" install -q --upgrade pip setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
+  "$venv/bin/pip" install -q -r requirements-dev.txt 2>&1 | grep -v "^WARNING: Location" || true
+  "$venv/bin/python" -c "import msgpack, xxhash, torch, pytest" || { echo "[setup] dependency install failed" >&2; exit 1; }
   rm -f "$stamp_dir"/deps-*
   touch "$stamp_dir/deps-$req_hash"
 fi
 
 # Build the native extension in place and install the package (editable) for the console script.
-"$venv/bin/pip" install -q --no-build-isolation --no-deps -e . >/dev/null
+"$venv/bin/pip" install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v -e "^WARNING: Location" -e "BuildBackendWarning" -e "^ " -e "^$" || true
 "$venv/bin/python" setup.py -q build_ext --inplace >/dev/null 2>&1 || "$venv/bin/python" setup.py build_ext --inplace
 echo "[setup] ready: $venv"

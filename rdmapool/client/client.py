@@ -24,9 +24,9 @@ import enum
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from rdmapool import block
 from rdmapool.client.buffers import Arena, RegionSlice, Registry
@@ -50,6 +50,7 @@ from rdmapool.transport.base import Access, EndpointState, MemoryRegion, Opcode,
 _DEGRADE = (ServerUnavailable, TransportError, ProtocolError, AuthError)
 #: a lease is trusted until this fraction of it has passed on the client's clock
 LEASE_MARGIN = 0.8
+DEFAULT_MAX_KEYS = 4096
 
 
 class PutStatus(enum.Enum):
@@ -62,12 +63,12 @@ class PutStatus(enum.Enum):
 
 
 _FROM_ALLOC = {AllocStatus.EXISTS: PutStatus.EXISTS, AllocStatus.FULL: PutStatus.FULL,
-               AllocStatus.TOO_BIG: PutStatus.TOO_BIG}
+               AllocStatus.TOO_BIG: PutStatus.TOO_BIG, AllocStatus.REFUSED: PutStatus.UNAVAILABLE}
 
 
-@dataclass(frozen=True, slots=True)
-class BlockRef:
-    """A leased hit from a lookup, readable with `PoolClient.read` until `lease_until` (client clock)."""
+class BlockRef(NamedTuple):
+    """A leased hit from a lookup, readable with `PoolClient.read` until `lease_until` (client clock).
+    A NamedTuple because a lookup builds one per hit (see docs/decisions.md)."""
 
     key: bytes
     server: ServerAddress
@@ -77,7 +78,7 @@ class BlockRef:
 
     @property
     def length(self) -> int:
-        return self.hit.length
+        return self.hit[3]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +94,7 @@ Buffer = Any  # a buffer-protocol object or a RegionSlice
 
 class PoolClient:
     def __init__(self, servers: Sequence[ServerAddress | str] | Router, config: ClientConfig,
-                 transport: Transport | None = None, transport_name: str = "tcp",
+                 transport: Transport | None = None, transport_name: str | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if isinstance(servers, Sequence):
             servers = RendezvousRouter([s if isinstance(s, ServerAddress) else ServerAddress.parse(s) for s in servers])
@@ -102,7 +103,9 @@ class PoolClient:
         self.clock = clock
         self.counters = ClientCounters()
         self._transport = transport
-        self._transport_name = transport.name if transport is not None else transport_name
+        self._own_transport = transport is None
+        # the servers' transport name; an injected transport (e.g. a fault-injecting wrapper) may be named otherwise
+        self._transport_name = transport_name or (transport.name if transport is not None else "tcp")
         self._conns: dict[ServerAddress, ServerConnection] = {}
         self._arena: Arena | None = None
         self._registry = Registry()
@@ -142,10 +145,26 @@ class PoolClient:
 
     def _groups(self, keys: Sequence[bytes]) -> dict[ServerAddress, list[int]]:
         servers = self.router.servers
+        if len(servers) == 1:
+            return {servers[0]: list(range(len(keys)))}
         groups: dict[ServerAddress, list[int]] = defaultdict(list)
         for i, key in enumerate(keys):
             groups[servers[self.router.route(key)]].append(i)
         return groups
+
+    def _batches(self, keys: Sequence[bytes]) -> Iterator[tuple[ServerConnection, list[int]]]:
+        """(connection, key indices) per server, in chunks of at most the server's `max_keys`. A server that
+        cannot be reached is counted and skipped (its keys stay misses)."""
+        for addr, idx in self._groups(keys).items():
+            conn = self._conn(addr)
+            try:
+                conn.ensure()
+            except _DEGRADE as exc:
+                self._degraded(conn, exc)
+                continue
+            step = max(1, int(conn.hello.get("max_keys", DEFAULT_MAX_KEYS)))
+            for start in range(0, len(idx), step):
+                yield conn, idx[start : start + step]
 
     def _degraded(self, conn: ServerConnection, exc: Exception) -> None:
         self.counters.add("unavailable" if isinstance(exc, ServerUnavailable) else f"error_{type(exc).__name__}")
@@ -160,8 +179,7 @@ class PoolClient:
         sources = [_as_source(b) for b in buffers]
         out = [PutStatus.UNAVAILABLE] * len(keys)
         with self._lock:
-            for addr, idx in self._groups(keys).items():
-                conn = self._conn(addr)
+            for conn, idx in self._batches(keys):
                 try:
                     self._put_one_server(conn, [keys[i] for i in idx], [sources[i] for i in idx], idx, out)
                 except _DEGRADE as exc:
@@ -272,17 +290,23 @@ class PoolClient:
 
     def _lookup(self, keys: list[bytes], prefix: bool) -> list[BlockRef | None]:
         refs: list[BlockRef | None] = [None] * len(keys)
-        for addr, idx in self._groups(keys).items():
-            conn = self._conn(addr)
+        missed: set[ServerAddress] = set()
+        for conn, idx in self._batches(keys):
+            addr = conn.address
+            if prefix and addr in missed:
+                continue  # this server's part of the chain already ended: the prefix cannot reach further
             try:
                 start = self.clock()
                 reply = conn.call("lookup", keys=[keys[i] for i in idx], prefix=prefix)
                 hits = parse_hits(reply, len(idx))
                 lease = float(conn.hello.get("lease_s", 0)) * LEASE_MARGIN
                 epoch = int(conn.hello.get("epoch", 0))
+                until = start + lease
                 for i, hit in zip(idx, hits, strict=False):
                     if hit is not None:
-                        refs[i] = BlockRef(keys[i], addr, epoch, hit, start + lease)
+                        refs[i] = BlockRef(keys[i], addr, epoch, hit, until)
+                if prefix and len(hits) < len(idx):
+                    missed.add(addr)
             except _DEGRADE as exc:
                 self._degraded(conn, exc)
         return refs
@@ -398,8 +422,7 @@ class PoolClient:
         keys = [block.check_key(k) for k in keys]
         out = [False] * len(keys)
         with self._lock:
-            for addr, idx in self._groups(keys).items():
-                conn = self._conn(addr)
+            for conn, idx in self._batches(keys):
                 try:
                     results = parse_results(conn.call("delete", keys=[keys[i] for i in idx]), len(idx))
                     for i, ok in zip(idx, results, strict=True):
@@ -412,8 +435,7 @@ class PoolClient:
         """Report accesses (e.g. reads through cached refs) to the servers' eviction policies."""
         keys = [block.check_key(k) for k in keys]
         with self._lock:
-            for addr, idx in self._groups(keys).items():
-                conn = self._conn(addr)
+            for conn, idx in self._batches(keys):
                 try:
                     conn.call("touch", keys=[keys[i] for i in idx])
                 except _DEGRADE as exc:
@@ -439,6 +461,9 @@ class PoolClient:
                 for region in self._registry.regions:
                     self._transport.deregister(region)
                 self._registry.regions.clear()
+                if self._own_transport:
+                    self._transport.close()
+                    self._transport = None
 
     def __enter__(self) -> PoolClient:
         return self

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from rdmapool.errors import AuthError, ProtocolError, UsageError
 from rdmapool.server import wire
 
 
-@dataclass(frozen=True, slots=True)
-class Hit:
-    """A lookup hit: where the block is, the generation it must carry, its payload length."""
+class Hit(NamedTuple):
+    """A lookup hit: where the block is, the generation it must carry, its payload length. (A NamedTuple: one
+    is built per hit, 512 per lookup; see docs/decisions.md.)"""
 
     addr: int
     rkey: int
@@ -67,8 +68,14 @@ def _ints(item: object, n: int, where: str) -> list[int]:
 
 
 def parse_hits(reply: dict, asked: int) -> list[Hit | None]:
-    raw = wire.get_list(reply, "hits", asked)
-    return [None if item is None else Hit(*_ints(item, 4, f"hits[{i}]")) for i, item in enumerate(raw)]
+    """Hits are packed fixed-size records (see `wire.HIT`): decoding is one C loop, and every value is an
+    unsigned 64-bit integer by construction. Generation 0 (never issued by a server) marks a miss."""
+    raw = reply.get("hits")
+    size = wire.HIT.size
+    if type(raw) is not bytes or len(raw) % size or len(raw) // size > asked:
+        raise ProtocolError(f"hits must be bytes of at most {asked} records of {size} bytes")
+    make = Hit._make
+    return [make(h) if h[2] else None for h in wire.HIT.iter_unpack(raw)]
 
 
 def parse_grants(reply: dict, asked: int) -> list[Reservation]:

@@ -63,11 +63,21 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     server = MemoryServer(config)
     info = server.start()
+    agent = None
     try:
-        print(json.dumps({"ready": True, "address": server.address, **info.to_dict()}), flush=True)
-        while not stop.wait(1.0):
-            pass
+        if args.etcd:
+            from rdmapool.cluster.serving import start_from_args
+
+            agent = start_from_args(server, args)
+        print(json.dumps({"ready": True, "address": server.address, **info.to_dict(),
+                          "member_id": agent.session.record.id if agent else None}), flush=True)
+        while not stop.wait(1.0 if agent is None else 0.1):
+            if agent is not None:
+                for kind, detail in agent.session.take_events():
+                    print(json.dumps({"cluster_event": kind, "detail": str(detail)}), flush=True)
     finally:
+        if agent is not None:
+            agent.stop(leave=True)
         server.stop()
     print(json.dumps({"stopped": True, "server_id": info.server_id}), file=sys.stderr, flush=True)
     return 0
@@ -88,4 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="default", help="eviction policy (rdmapool.policy names)")
     p.add_argument("--memory", default="host", choices=["host", "cuda"], help="pool memory kind")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve /metrics and /healthz here")
+    from rdmapool.cluster.serving import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=run)

@@ -17,6 +17,10 @@ Call order, as the server and the simulator drive it:
   now (it is leased) calls `on_access(key, now)` to move it out of the way and asks again, a bounded number
   of times.
 - `on_remove(key)` when a block leaves for any reason (evicted, deleted, expired).
+
+`now` is in seconds (any epoch; only differences matter). Policies never learn the pool's capacity: those that
+size internal segments (W-TinyLFU's window, S3-FIFO's small queue, ARC's ghosts) size them against the largest
+number of keys they have tracked, which is the capacity once the pool has filled.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class BlockInfo:
     #: position in the chain, 0 for the first block (-1 when unknown)
     depth: int = -1
     tenant: str = ""
+    #: tokens the block holds (a chain's last block is often partial); 0 when unknown
+    tokens: int = 0
 
 
 class EvictionPolicy(ABC):

@@ -83,9 +83,13 @@ class MemoryServer:
         cfg = self.config
         if self._transport is None:
             self._transport = transports.create(cfg.transport, **cfg.transport_options)
-        kind = MemoryKind.CUDA if cfg.memory == "cuda" else MemoryKind.HOST
         for tenant in cfg.tenants:
-            self.regions[tenant.name] = self._transport.allocate(tenant.quota, kind)
+            if cfg.memory == "cuda":
+                from rdmapool.server.gpumem import allocate_cuda
+
+                self.regions[tenant.name] = allocate_cuda(self._transport, tenant.quota)
+            else:
+                self.regions[tenant.name] = self._transport.allocate(tenant.quota, MemoryKind.HOST)
         epoch = int.from_bytes(os.urandom(4), "little") | 1
         self.core = PoolCore(cfg, {n: r.descriptor for n, r in self.regions.items()}, epoch=epoch)
         self._listener = socket.create_server((cfg.host, cfg.port), backlog=128)

@@ -11,7 +11,8 @@ moves the session to CLOSED; the driver then closes that socket. Nothing here to
 Requests and replies (every request also has `v`, `id`, `op`; every reply `v`, `id`, `ok`):
     hello     {token}                 -> {tenant, server_id, epoch, transport, peer_info, lease_s, max_keys,
                                           max_frame, size_classes}
-    lookup    {keys, prefix=true}     -> {hits: [[addr, rkey, generation, length] | nil, ...]}
+    lookup    {keys, prefix=true}     -> {hits: bytes, 32 per hit: addr, rkey, generation, length as u64 LE;
+                                          generation 0 marks a miss (prefix=false only)}
     allocate  {keys, lengths}         -> {grants: [[status] | [status, addr, rkey, generation, capacity], ...]}
     commit    {items: [[key, gen]]}   -> {results: [bool, ...]}
     abort     {items: [[key, gen]]}   -> {results: [bool, ...]}
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from rdmapool.config import ServerConfig
 from rdmapool.errors import AuthError, ProtocolError, UsageError
 from rdmapool.server import wire
-from rdmapool.server.core import PoolCore
+from rdmapool.server.core import AllocStatus, PoolCore
 
 
 class SessionState(enum.Enum):
@@ -66,6 +67,8 @@ class Handler:
         self.config = config
         self.info = info
         self._tokens = [(t.token.encode(), t.name) for t in config.tenants]
+        #: seam for the cluster layer: while it returns False, allocate refuses every key (REFUSED)
+        self.write_gate: Callable[[], bool] | None = None
         self.ops: dict[str, Callable[[str, dict, float], dict]] = {
             "lookup": self._lookup, "allocate": self._allocate, "commit": self._commit, "abort": self._abort,
             "delete": self._delete, "touch": self._touch, "stats": self._stats,
@@ -92,7 +95,8 @@ class Handler:
 
     def _lookup(self, tenant: str, msg: dict, now: float) -> dict:
         hits = self.core.lookup(tenant, self._keys(msg), now, prefix=wire.get_bool(msg, "prefix", True))
-        return {"hits": [None if h is None else [h.addr, h.rkey, h.generation, h.length] for h in hits]}
+        pack, miss = wire.HIT.pack, bytes(wire.HIT.size)
+        return {"hits": b"".join(miss if h is None else pack(h[0], h[1], h[2], h[3]) for h in hits)}
 
     def _allocate(self, tenant: str, msg: dict, now: float) -> dict:
         keys = self._keys(msg)
@@ -102,6 +106,9 @@ class Handler:
         for i, n in enumerate(lengths):
             if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < wire.U64:
                 raise ProtocolError(f"lengths[{i}] must be a non-negative integer")
+        if self.write_gate is not None and not self.write_gate():
+            self.core.counters["writes_refused"] += len(keys)
+            return {"grants": [[AllocStatus.REFUSED.value] for _ in keys]}
         grants = self.core.allocate(tenant, keys, lengths, now)
         return {"grants": [[g.status.value] if g.slot is None else
                            [g.status.value, g.slot.addr, g.slot.rkey, g.slot.generation, g.slot.capacity]

@@ -24,6 +24,8 @@ from rdmapool.errors import ProtocolError
 
 VERSION = 1
 _LEN = struct.Struct(">I")
+#: one lookup hit on the wire: addr, rkey, generation, length (u64 little-endian each); generation 0 = miss
+HIT = struct.Struct("<QQQQ")
 U64 = 2**64
 
 
@@ -118,7 +120,11 @@ def check_key(value: object, where: str) -> bytes:
 
 
 def get_keys(msg: dict, name: str, max_items: int) -> list[bytes]:
-    return [check_key(k, f"{name}[{i}]") for i, k in enumerate(get_list(msg, name, max_items))]
+    keys = get_list(msg, name, max_items)
+    for i, k in enumerate(keys):
+        if type(k) is not bytes or len(k) != KEY_SIZE:
+            check_key(k, f"{name}[{i}]")  # raises, naming the field
+    return keys
 
 
 def get_key_generations(msg: dict, name: str, max_items: int) -> list[tuple[bytes, int]]:

@@ -89,7 +89,7 @@ def test_tenants_pairwise_same_hits_other_misses(server) -> None:
 
 def test_torn_read_is_a_miss_never_data(server) -> None:
     if server.transport_name != "local":
-        pytest.skip("torn reads are injected by the local test transport here (real transports: test_processes)")
+        pytest.skip("torn reads are injected by the local test transport here; real transports race real rewrites in test_races.py")
     with make_client(server) as c:
         c.put([key(1)], [os.urandom(4000)])
         ep = c._conn(c.router.servers[0]).endpoint
@@ -161,3 +161,18 @@ def test_bad_token_is_misses_not_exception(server) -> None:
     with PoolClient([server.address], cfg, transport=LocalTransport()) as c:
         assert c.put([key(1)], [b"x"]) == [PutStatus.UNAVAILABLE]
         assert c.counters["error_AuthError"] == 1
+
+
+def test_batches_larger_than_server_max_keys_are_split() -> None:
+    cfg = ServerConfig(tenants=(TenantConfig("a", TOKENS["a"], 1 << 20),), size_classes=(4096,), max_keys=8)
+    with MemoryServer(cfg, transport=LocalTransport()) as srv:
+        srv.transport_name = "local"
+        with make_client(srv) as c:
+            keys = [key(i) for i in range(50)]
+            assert c.put(keys, [bytes([i]) * 10 for i in range(50)]) == [PutStatus.STORED] * 50
+            assert len(c.lookup_prefix(keys + [key(999)])) == 50
+            c.delete([key(20)])
+            assert len(c.lookup_prefix(keys)) == 20
+            bufs = [bytearray(10) for _ in keys]
+            got = c.get(keys, bufs)
+            assert got == [10] * 20 + [None] + [10] * 29 and bufs[49] == bytes([49]) * 10

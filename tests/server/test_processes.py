@@ -12,6 +12,7 @@ import time
 import urllib.request
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from rdmapool.client import PoolClient, PutStatus
 from rdmapool.commands.stats import fetch
@@ -68,6 +69,14 @@ def test_round_trip_tenants_and_endpoints(transport: str) -> None:
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         assert 'rdmapool_events_total{event="commits"} 4.0' in text
         assert 'rdmapool_slots{size_class="1048576",state="resident",tenant="a"}' in text
+        table = subprocess.run([sys.executable, "-m", "rdmapool", "stats", srv.address, "--once"], cwd=procs.ROOT,
+                               env={**os.environ, "RDMAPOOL_TOKEN": procs.TOKENS["b"]}, capture_output=True,
+                               text=True, timeout=30)
+        assert table.returncode == 0, table.stderr
+        assert srv.info["server_id"] in table.stdout and "commits" in table.stdout
+        registry = CollectorRegistry()
+        a.counters.register(registry)
+        assert registry.get_sample_value("rdmapool_client_events_total", {"event": "put_stored"}) == 4
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

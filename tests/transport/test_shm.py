@@ -187,7 +187,7 @@ def _cas_lock_worker(info, wire, n: int, conn) -> None:
 
 @pytest.mark.parametrize("worker", [_faa_worker, _cas_lock_worker])
 def test_atomics_under_multiprocess_contention(worker):
-    procs_n, n = 4, 2000 if worker is _faa_worker else 300
+    procs_n, n = 4, 20000 if worker is _faa_worker else 300
     with ShmTransport() as srv:
         region = srv.allocate(4096)
         info, wire = srv.peer_info(), region.descriptor.to_wire()
@@ -490,3 +490,54 @@ def test_cuda_registration_gives_pinned_speed():
             assert ep.execute([WorkRequest.read(1, lr.sge(), region.remote(0), region.rkey)], TIMEOUT)[0].ok
             seg = next(iter(ep._remotes.values())).seg
             assert seg.cuda_registered
+
+
+# --- native batching (post_plan) -------------------------------------------------------------------------------
+def test_post_plan_round_trip_and_signalling(pair):
+    from rdmapool.transport import Opcode, TransferPlan
+
+    srv, cli = pair
+    region = srv.allocate(1 << 16)
+    region.view[:] = os.urandom(1 << 16)
+    buf = bytearray(1 << 16)
+    lr = cli.register(buf)
+    plan = TransferPlan.build([lr.sge(i * 256, 256) for i in range(256)],
+                              [(region.remote(i * 256), region.rkey) for i in range(256)])
+    with cli.connect(srv.peer_info()) as ep:
+        pairs = [(i, 255 - i) for i in range(250)]
+        assert ep.post_plan(plan, Opcode.READ, pairs, wr_id_base=1000, signal_every=64) == 4
+        done = ep.wait(4, TIMEOUT)
+        assert [c.wr_id for c in done] == [1063, 1127, 1191, 1249] and all(c.ok for c in done)
+        for i in range(250):
+            assert buf[i * 256:(i + 1) * 256] == region.view[(255 - i) * 256:(256 - i) * 256]
+        buf[:] = bytes(1 << 16)
+        assert ep.post_plan(plan, Opcode.WRITE, [(0, 3)]) == 1
+        assert ep.wait(1, TIMEOUT)[0].ok and bytes(region.view[768:1024]) == bytes(256)
+        with pytest.raises(UsageError):
+            ep.post_plan(plan, Opcode.READ, [(0, 256)])
+        assert ep.state is EndpointState.READY
+
+
+def test_post_plan_errors_match_the_slow_path(pair):
+    from rdmapool.transport import Opcode, TransferPlan
+
+    srv, cli = pair
+    keep, doomed = srv.allocate(4096), srv.allocate(4096)
+    lr = cli.register(bytearray(8192))
+    plan = TransferPlan.build([lr.sge(0, 4096), lr.sge(4096, 4096)],
+                              [(keep.remote(0), keep.rkey), (doomed.remote(0), doomed.rkey),
+                               (keep.remote(8), keep.rkey)])
+    info = srv.peer_info()
+    with cli.connect(info) as ep:  # out of bounds: 4096 bytes at offset 8
+        ep.post_plan(plan, Opcode.READ, [(0, 0), (0, 2), (1, 0)], signal_every=8)
+        done = ep.wait(2, TIMEOUT)
+        assert [(c.wr_id, c.status) for c in done] == [(1, WcStatus.REM_ACCESS_ERR), (2, WcStatus.WR_FLUSH_ERR)]
+        assert "outside region" in done[0].detail
+    with cli.connect(info) as ep:  # deregistered after the plan was resolved
+        ep.post_plan(plan, Opcode.WRITE, [(0, 1)])
+        assert ep.wait(1, TIMEOUT)[0].ok
+        srv.deregister(doomed)
+        ep.post_plan(plan, Opcode.WRITE, [(0, 0), (1, 1)])
+        done = ep.wait(2, TIMEOUT)
+        assert [c.status for c in done] == [WcStatus.SUCCESS, WcStatus.REM_ACCESS_ERR]
+        assert "deregistered" in done[1].detail

@@ -32,6 +32,7 @@ from rdmapool.transport.base import (
     Endpoint,
     EndpointState,
     Opcode,
+    TransferPlan,
     WcStatus,
     WorkRequest,
     check_work_request,
@@ -41,6 +42,9 @@ from rdmapool.transport.shm.segment import Segment
 from rdmapool.transport.shm.table import LOCAL_ONLY, STATE_OPEN, TableView
 
 _REC = struct.Struct("<IIQQQQQQQ")
+_PLAN_LOCAL = struct.Struct("<QQQQ")  # addr, len, writable, err
+_PLAN_REMOTE = struct.Struct("<QQQQQQ")  # ptr, avail, valid_ptr, rkey, access, err
+_PLAN_CACHE = 32
 _NEED = {
     Opcode.READ: Access.REMOTE_READ,
     Opcode.WRITE: Access.REMOTE_WRITE,
@@ -88,6 +92,7 @@ class ShmEndpoint(Endpoint):
         self._table = table
         self._pidfd = pidfd
         self._remotes: dict[int, _Remote] = {}
+        self._plans: dict[int, tuple[TransferPlan, int, bytes, bytes]] = {}
         self._cq: collections.deque[Completion] = collections.deque()
         self._state = EndpointState.READY
         self._lock = threading.Lock()
@@ -111,6 +116,93 @@ class ShmEndpoint(Endpoint):
                 self._flush(wrs, 0)
                 return
             self._execute(wrs)
+
+    def post_plan(self, plan: TransferPlan, opcode: Opcode, pairs: Sequence[tuple[int, int]], wr_id_base: int = 0,
+                  signal_every: int = 1) -> int:
+        """Native batching: the plan is resolved once (and again only after a mapping or local region goes
+        away); each call hands the index pairs to the native mover without building WorkRequests."""
+        if opcode not in (Opcode.READ, Opcode.WRITE):
+            raise UsageError("post_plan moves bytes: opcode must be READ or WRITE")
+        if signal_every < 1:
+            raise UsageError("signal_every must be >= 1")
+        n = len(pairs)
+        signalled = n // signal_every + (1 if n % signal_every else 0)
+        with self._lock:
+            if self._state is EndpointState.CLOSED:
+                raise UsageError("post on a closed endpoint")
+            if self._state is EndpointState.ERROR:
+                self._flush_plan(opcode, wr_id_base, 0, n)
+                return signalled
+            local, remote = self._resolved(plan)
+            try:
+                done, status = native.run_plan(local, remote, pairs, int(opcode), self._table.state_ptr,
+                                               STATE_OPEN, self._pidfd)
+            except (IndexError, TypeError) as exc:
+                raise UsageError(f"post_plan: {exc}") from None
+            if status == _ST_RETRY_EXC:
+                self._peer_lost([])
+                self._cq.append(Completion(wr_id_base, WcStatus.RETRY_EXC_ERR, opcode, 0, self._lost_why()))
+                self._flush_plan(opcode, wr_id_base, 1, n)
+                return signalled
+            for i in range(signal_every - 1, done, signal_every):
+                self._cq.append(Completion(wr_id_base + i, WcStatus.SUCCESS, opcode, plan.local[pairs[i][0]].length))
+            if status == _ST_OK:
+                if n % signal_every:
+                    self._cq.append(Completion(wr_id_base + n - 1, WcStatus.SUCCESS, opcode,
+                                               plan.local[pairs[n - 1][0]].length))
+                return signalled
+            li, ri = pairs[done]
+            addr, rkey = plan.remote[ri]
+            failure = self._explain(WorkRequest(wr_id_base + done, opcode, (plan.local[li],), addr, rkey),
+                                    WcStatus(status))
+            self._cq.append(Completion(wr_id_base + done, failure.status, opcode, 0, failure.detail))
+            self._state = EndpointState.ERROR
+            self._flush_plan(opcode, wr_id_base, done + 1, n)
+            return signalled
+
+    def _resolved(self, plan: TransferPlan) -> tuple[bytes, bytes]:
+        key = id(plan)
+        hit = self._plans.get(key)
+        if hit is not None and hit[0] is plan and hit[1] == self._transport.local_epoch:
+            return hit[2], hit[3]
+        local = bytearray()
+        for sge in plan.local:
+            loc = self._local.get(sge.lkey)
+            if loc is None or sge.addr < loc.addr or sge.addr + sge.length > loc.end:
+                local += _PLAN_LOCAL.pack(0, sge.length, 0, WcStatus.LOC_PROT_ERR)
+            else:
+                local += _PLAN_LOCAL.pack(sge.addr, sge.length, int(loc.writable), 0)
+        remote = bytearray()
+        for addr, rkey in plan.remote:
+            try:
+                rem = self._remotes.get(rkey) or self._map(rkey)
+            except _Failure as f:
+                remote += _PLAN_REMOTE.pack(0, 0, 0, 0, 0, f.status)
+                continue
+            if not rem.addr <= addr <= rem.end:
+                remote += _PLAN_REMOTE.pack(0, 0, 0, 0, 0, WcStatus.REM_ACCESS_ERR)
+            else:
+                remote += _PLAN_REMOTE.pack(rem.base + addr - rem.addr, rem.end - addr, rem.valid_ptr, rkey,
+                                            int(rem.access), 0)
+        if len(self._plans) >= _PLAN_CACHE:
+            del self._plans[next(iter(self._plans))]
+        self._plans[key] = (plan, self._transport.local_epoch, bytes(local), bytes(remote))
+        return self._plans[key][2], self._plans[key][3]
+
+    def _explain(self, wr: WorkRequest, status: WcStatus) -> _Failure:
+        """The reason a request failed in the native mover, found again by the Python checks."""
+        try:
+            self._encode(wr, bytearray(), [], 0)
+        except _Failure as f:
+            return f
+        if status is WcStatus.REM_ACCESS_ERR:
+            self._drop(wr.rkey)
+            return _Failure(status, f"rkey {wr.rkey:#x} was deregistered")
+        return _Failure(status, "failed in the native mover")
+
+    def _flush_plan(self, opcode: Opcode, wr_id_base: int, start: int, n: int) -> None:
+        for i in range(start, n):
+            self._cq.append(Completion(wr_id_base + i, WcStatus.WR_FLUSH_ERR, opcode, 0, "endpoint in error"))
 
     def poll(self, max_entries: int = 64) -> list[Completion]:
         if max_entries < 1:
@@ -216,18 +308,23 @@ class ShmEndpoint(Endpoint):
     def _drop(self, rkey: int) -> None:
         rem = self._remotes.pop(rkey, None)
         if rem is not None:
+            self._plans.clear()  # resolved plans may point into this mapping
             rem.seg.close()
 
     def _unmap_all(self) -> None:
         for rkey in list(self._remotes):
             self._drop(rkey)
 
+    def _lost_why(self) -> str:
+        if not self._table.is_open():
+            return "the owner closed its transport"
+        return f"the owner (pid {self._peer.pid}) died"
+
     def _peer_lost(self, wrs: Sequence[WorkRequest]) -> None:
         closed = not self._table.is_open()
-        why = "the owner closed its transport" if closed else f"the owner (pid {self._peer.pid}) died"
         if wrs:
             wr = wrs[0]
-            self._cq.append(Completion(wr.wr_id, WcStatus.RETRY_EXC_ERR, wr.opcode, 0, why))
+            self._cq.append(Completion(wr.wr_id, WcStatus.RETRY_EXC_ERR, wr.opcode, 0, self._lost_why()))
         self._state = EndpointState.ERROR
         self._flush(wrs, 1)
         self._unmap_all()
@@ -243,6 +340,7 @@ class ShmTransportLike(Protocol):
     """What an endpoint needs from its transport (kept narrow so the two modules do not import each other)."""
 
     local_regions: dict[int, LocalRegion]
+    local_epoch: int  # bumped whenever a local region goes away (cached plans are then resolved again)
     cuda_mode: str
 
     def forget_endpoint(self, ep: ShmEndpoint) -> None: ...

@@ -68,6 +68,7 @@ class ShmTransport(Transport):
         self.cuda_mode = cuda
         self.max_regions = max_regions
         self.local_regions: dict[int, LocalRegion] = {}
+        self.local_epoch = 0
         self._owner = naming.Owner.current()
         self._base: str | None = None
         self._table: RegionTable | None = None
@@ -144,6 +145,7 @@ class ShmTransport(Transport):
                     self._owned[region.lkey] = entry
                 raise UsageError(f"region with lkey {region.lkey:#x} is not registered with this transport")
             self.local_regions.pop(region.lkey, None)
+            self.local_epoch += 1
             _region, seg = entry
             if seg is not None:
                 self._table.remove(region.lkey)  # from here on, every peer check fails
@@ -217,6 +219,7 @@ class ShmTransport(Transport):
                     seg.close()
             self._owned.clear()
             self.local_regions.clear()
+            self.local_epoch += 1
             if self._ctl is not None:
                 self._ctl.unlink()
                 self._ctl.close()

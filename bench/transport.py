@@ -1,0 +1,343 @@
+"""Transport benchmark: `rdmapool bench transport [--json] [--record]`.
+
+One run on loopback, for blocks of 4 KiB, 64 KiB, 1 MiB and 32 MiB:
+1. the limits: a raw TCP socket stream of the same bytes in send/recv calls of the block size (C, two threads,
+   rdmapool._tcpengine.raw_stream) for `tcp`, and a plain memcpy of the same blocks (C) for `shm`;
+2. our `tcp` and `shm` READ and WRITE bandwidth (the serving side is another process; requests are posted from
+   a prepared plan, ~8 MiB in flight, one completion signalled per half window) and READ latency p50/p99
+   (one READ of the block at a time, `Endpoint.execute`, measured from Python);
+3. Mooncake's Transfer Engine over TCP (`transfer_engine_bench`, installed by scripts/mooncake-setup.sh),
+   target and initiator on 127.0.0.1; null (with the reason in `notes`) when it is missing or fails.
+
+The last stdout line is one JSON object keyed by block size in bytes (a string). Each value holds
+raw_socket_gbps, memcpy_gbps, tcp_read_gbps, tcp_write_gbps, shm_read_gbps, shm_write_gbps,
+mooncake_read_gbps, mooncake_write_gbps, tcp_read_p50_us, tcp_read_p99_us, shm_read_p50_us, shm_read_p99_us
+(GB = 1e9 bytes), plus the goal ratios (tcp_read_vs_raw, ...) and `notes` (why a value is null).
+`--record` also writes bench/results/transport-<date>.json with machine, date and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SIZES = [4096, 65536, 1 << 20, 32 << 20]
+IN_FLIGHT = 8 << 20
+REGION = 64 << 20
+
+
+def log(msg: str) -> None:
+    print(f"[bench transport] {msg}", file=sys.stderr, flush=True)
+
+
+# -- the serving side ----------------------------------------------------------------------------------------
+
+def serve(backend: str, size: int) -> int:
+    """Child process: allocate one region, print how to reach it, serve until stdin closes."""
+    from rdmapool.transport import create
+
+    transport = create(backend)
+    region = transport.allocate(size)
+    region.view[:] = bytes(range(256)) * (size // 256)
+    print(json.dumps({"peer_info": transport.peer_info(), "region": region.descriptor.to_wire()}), flush=True)
+    sys.stdin.read()
+    transport.close()
+    return 0
+
+
+class Server:
+    def __init__(self, backend: str, size: int) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", backend, "--region", str(size)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(10)
+            raise RuntimeError(f"{backend} server exited with {self.proc.returncode}")
+        hello = json.loads(line)
+        self.peer_info = hello["peer_info"]
+        self.region = hello["region"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc.stdout.close()
+
+
+# -- our transports ------------------------------------------------------------------------------------------
+
+def bandwidth(ep, local, desc, block: int, opcode, seconds: float) -> float:
+    from rdmapool.transport import TransferPlan
+
+    nslots = max(1, min(REGION // block, local.length // block))
+    addr, _, rkey = desc
+    plan = TransferPlan.build([local.sge(i * block, block) for i in range(nslots)],
+                              [(addr + i * block, rkey) for i in range(nslots)])
+    depth = max(2, min(4096, IN_FLIGHT // block))
+    half = max(1, depth // 2)
+    batches = [[(j % nslots, j % nslots) for j in range(k * half, (k + 1) * half)] for k in range(8)]
+    inflight = 0
+    moved = 0
+    start = time.perf_counter()
+    k = 0
+    while True:
+        while inflight < 2:
+            ep.post_plan(plan, opcode, batches[k % 8], wr_id_base=k * half, signal_every=half)
+            k += 1
+            inflight += 1
+        for c in ep.wait(1, 30.0):
+            if not c.ok:
+                raise RuntimeError(f"{opcode.name} failed: {c}")
+        inflight -= 1
+        moved += half * block
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds and moved >= 4 * block:
+            ep.wait(inflight, 30.0)
+            return moved / elapsed / 1e9
+
+
+def latency(ep, local, desc, block: int, seconds: float) -> tuple[float, float]:
+    from rdmapool.transport import WorkRequest
+
+    addr, _, rkey = desc
+    wr = [WorkRequest.read(1, local.sge(0, block), addr, rkey)]
+    for _ in range(20):
+        ep.execute(wr, 30.0)
+    samples = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(samples) < 50:
+        t = time.perf_counter()
+        ep.execute(wr, 30.0)
+        samples.append(time.perf_counter() - t)
+        if len(samples) >= 20000:
+            break
+    samples.sort()
+    return samples[len(samples) // 2] * 1e6, samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1e6
+
+
+class BackendRun:
+    """A client transport, an endpoint and a serving process of one backend, kept for the whole run."""
+
+    def __init__(self, name: str, region: int) -> None:
+        from rdmapool.transport import create
+
+        self.name = name
+        self.client = create(name)
+        self.server = None
+        try:
+            self.server = Server(name, region)
+            self.local = self.client.allocate(region)
+            self.ep = self.client.connect(self.server.peer_info)
+        except Exception:
+            self.close()
+            raise
+
+    def measure(self, size: int, seconds: float) -> dict:
+        from rdmapool.transport import Opcode
+
+        r = bandwidth(self.ep, self.local, self.server.region, size, Opcode.READ, seconds)
+        w = bandwidth(self.ep, self.local, self.server.region, size, Opcode.WRITE, seconds)
+        p50, p99 = latency(self.ep, self.local, self.server.region, size, min(seconds, 0.5))
+        log(f"{self.name} {size:>9}: read {r:.2f} GB/s, write {w:.2f} GB/s, READ p50 {p50:.1f} us p99 {p99:.1f} us")
+        return {"read": r, "write": w, "p50": p50, "p99": p99}
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        self.client.close()
+
+
+def start_backend(name: str, region: int) -> tuple[BackendRun | None, str | None]:
+    try:
+        return BackendRun(name, region), None
+    except Exception as exc:  # noqa: BLE001 - any failure to start a backend becomes the reason
+        return None, f"{name} unavailable: {type(exc).__name__}: {exc}"
+
+
+# -- Mooncake ------------------------------------------------------------------------------------------------
+
+def find_mooncake() -> str | None:
+    found = shutil.which("transfer_engine_bench", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    return found
+
+
+def measure_mooncake(sizes: list[int], seconds: float) -> tuple[dict, str | None]:
+    binary = find_mooncake()
+    if not binary:
+        return {}, "Mooncake not installed (run scripts/mooncake-setup.sh)"
+    buffer = 1 << 30
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="rdmapool-mooncake-") as tmp:
+        log_path = Path(tmp) / "target.log"
+        with open(log_path, "w") as target_log:
+            target = subprocess.Popen(
+                [binary, "--mode=target", "--metadata_server=P2PHANDSHAKE", "--local_server_name=127.0.0.1:17801",
+                 "--protocol=tcp", f"--buffer_size={buffer}"],
+                stdout=target_log, stderr=subprocess.STDOUT, cwd=tmp)
+        try:
+            port = None
+            deadline = time.monotonic() + 20
+            while port is None and time.monotonic() < deadline and target.poll() is None:
+                m = re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text())
+                port = m and m.group(1)
+                time.sleep(0.1)
+            if port is None:
+                return {}, f"Mooncake target did not start: {log_path.read_text()[-500:]}"
+            for size in sizes:
+                threads = 4  # ~16 MiB in flight in all, like our ~8 MiB window per direction
+                batch = max(1, min(128, (16 << 20) // (threads * size)))
+                row = {}
+                for op in ("read", "write"):
+                    cmd = [binary, "--mode=initiator", "--metadata_server=P2PHANDSHAKE",
+                           "--local_server_name=127.0.0.1:17802", f"--segment_id=127.0.0.1:{port}", "--protocol=tcp",
+                           f"--operation={op}", f"--block_size={size}", f"--batch_size={batch}",
+                           f"--threads={threads}", f"--duration={max(1, round(seconds * 2))}", f"--buffer_size={buffer}",
+                           "--report_unit=GB"]
+                    try:
+                        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp)
+                    except subprocess.TimeoutExpired:
+                        return out, f"Mooncake initiator timed out ({op}, block {size})"
+                    m = re.search(r"throughput ([0-9.]+) GB/s", res.stdout + res.stderr)
+                    if not m:
+                        return out, f"Mooncake initiator gave no throughput ({op}, block {size}): {(res.stdout + res.stderr)[-400:]}"
+                    row[op] = float(m.group(1))
+                out[size] = row
+                log(f"mooncake {size:>9}: read {row['read']:.2f} GB/s, write {row['write']:.2f} GB/s "
+                    f"({threads} threads x batch {batch})")
+        finally:
+            target.kill()
+            target.wait(10)
+    return out, None
+
+
+def mooncake_version() -> str | None:
+    try:
+        import importlib.metadata as md
+
+        return md.version("mooncake-transfer-engine-non-cuda")
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def limits(size: int) -> tuple[float, float]:
+    from rdmapool import _tcpengine
+
+    total = max(256 << 20, 8 * size)
+    return total / _tcpengine.raw_stream(size, total) / 1e9, total / _tcpengine.memcpy_stream(size, total) / 1e9
+
+
+def run(sizes: list[int], seconds: float, mooncake: bool) -> dict:
+    """Per block size, the limits are measured right before and right after our backends and averaged, so
+    the ratios compare numbers taken under the same load."""
+    region = max(REGION, 2 * max(sizes))
+    results: dict[str, dict] = {str(s): {"notes": {}} for s in sizes}
+    runs = {name: start_backend(name, region) for name in ("tcp", "shm")}
+    try:
+        for s in sizes:
+            row = results[str(s)]
+            raw1, mem1 = limits(s)
+            got = {name: br.measure(s, seconds) for name, (br, _) in runs.items() if br is not None}
+            raw2, mem2 = limits(s)
+            row["raw_socket_gbps"] = round((raw1 + raw2) / 2, 3)
+            row["memcpy_gbps"] = round((mem1 + mem2) / 2, 3)
+            log(f"limits {s:>9}: raw socket {raw1:.2f} / {raw2:.2f} GB/s, memcpy {mem1:.2f} / {mem2:.2f} GB/s")
+            for name, (_, reason) in runs.items():
+                m = got.get(name)
+                row[f"{name}_read_gbps"] = round(m["read"], 3) if m else None
+                row[f"{name}_write_gbps"] = round(m["write"], 3) if m else None
+                row[f"{name}_read_p50_us"] = round(m["p50"], 1) if m else None
+                row[f"{name}_read_p99_us"] = round(m["p99"], 1) if m else None
+                if not m:
+                    row["notes"][name] = reason
+    finally:
+        for br, _ in runs.values():
+            if br is not None:
+                br.close()
+    got, reason = measure_mooncake(sizes, seconds) if mooncake else ({}, "skipped (--no-mooncake)")
+    for s in sizes:
+        row, m = results[str(s)], got.get(s)
+        row["mooncake_read_gbps"] = m["read"] if m else None
+        row["mooncake_write_gbps"] = m["write"] if m else None
+        if not m:
+            row["notes"]["mooncake"] = reason or "no result"
+    for row in results.values():
+        row["tcp_read_vs_raw"] = ratio(row["tcp_read_gbps"], row["raw_socket_gbps"])
+        row["tcp_write_vs_raw"] = ratio(row["tcp_write_gbps"], row["raw_socket_gbps"])
+        row["tcp_read_vs_mooncake"] = ratio(row["tcp_read_gbps"], row["mooncake_read_gbps"])
+        row["tcp_write_vs_mooncake"] = ratio(row["tcp_write_gbps"], row["mooncake_write_gbps"])
+        row["shm_read_vs_memcpy"] = ratio(row["shm_read_gbps"], row["memcpy_gbps"])
+        row["shm_write_vs_memcpy"] = ratio(row["shm_write_gbps"], row["memcpy_gbps"])
+    return results
+
+
+def environment() -> dict:
+    import rdmapool
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                                timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"machine": {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
+                        "load_avg": os.getloadavg()},
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "versions": {"python": platform.python_version(), "rdmapool": rdmapool.__version__, "commit": commit,
+                         "mooncake-transfer-engine-non-cuda": mooncake_version()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rdmapool bench transport", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="accepted for the contract: JSON is always the last line")
+    parser.add_argument("--record", action="store_true", help="also write bench/results/transport-<date>.json")
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="block sizes in bytes, comma-separated")
+    parser.add_argument("--seconds", type=float, default=1.0, help="time per bandwidth measurement")
+    parser.add_argument("--no-mooncake", action="store_true", help="skip the Mooncake columns")
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--region", type=int, default=REGION, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        return serve(args.serve, args.region)
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s]
+    except ValueError:
+        parser.error(f"--sizes must be integers, got {args.sizes!r}")
+    if not sizes or min(sizes) <= 0 or args.seconds <= 0:
+        parser.error("sizes and --seconds must be positive")
+    results = run(sizes, args.seconds, not args.no_mooncake)
+    if args.record:
+        out = ROOT / "bench" / "results" / f"transport-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**environment(), "results": results}, indent=2) + "\n")
+        log(f"recorded {out.relative_to(ROOT)}")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The pool client routed by the cluster's shard map: write to all R replicas, read from the first healthy one,
+fail over on error.
+
+Theory of operation
+-------------------
+`ClusterRouter` adapts `ShardRouter` (mirrors of membership and the map in etcd) to the client's `Router`
+seam: `servers` are the members' control addresses, `route(key)` the first replica, and
+`replicas(key)` every replica in preference order (members whose lease expired are gone; servers this client
+saw fail recently come last). `ReplicatedPoolClient` is `PoolClient` with one more dimension, the replica rank:
+its `_groups` (the seam through which `PoolClient` batches keys per server) groups by the rank-`r` replica.
+
+- put: one pass per rank; a key is STORED if any replica stored it (statuses of the other passes are counted).
+- lookup/get: rank 0 first; keys whose server failed (unreachable, marked down, transport error) are looked up
+  on the next rank, and so on. A miss is a miss (it does not fail over): after a map change the new first
+  replica may simply not hold the block yet; this is a cache.
+- delete: every replica.
+
+Reads are safe against every map race: a block is found by its content key and validated on read (key,
+generation, checksum), so a replica that is stale, moved or half-written yields a miss, never wrong bytes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+from rdmapool.client.client import BlockRef, PoolClient, PutStatus
+from rdmapool.cluster.router import ShardRouter
+from rdmapool.config import ClientConfig, ServerAddress
+from rdmapool.errors import UsageError
+from rdmapool.transport.base import Transport
+
+_RANK = {PutStatus.STORED: 0, PutStatus.EXISTS: 1, PutStatus.FULL: 2, PutStatus.TOO_BIG: 3, PutStatus.FAILED: 4,
+         PutStatus.UNAVAILABLE: 5}
+
+
+class ClusterRouter:
+    """`rdmapool.client.routing.Router` over the shard map, plus `replicas(key)`."""
+
+    def __init__(self, shard_router: ShardRouter) -> None:
+        self.shard_router = shard_router
+        self._version: tuple[int, int] | None = None
+        self._servers: tuple[ServerAddress, ...] = ()
+        self._index: dict[str, int] = {}
+        self._by_addr: dict[ServerAddress, str] = {}
+
+    def _refresh(self) -> None:
+        sr = self.shard_router
+        version = (sr._members.version, sr._map_mirror.version)
+        if version == self._version:
+            return
+        members = sr.members()
+        addrs: list[ServerAddress] = []
+        index, by_addr = {}, {}
+        for mid in sorted(members):
+            m = members[mid]
+            if not m.control:
+                continue
+            try:
+                addr = ServerAddress.parse(m.control)
+            except UsageError:
+                continue  # a record with a bad address is skipped, as a bad record is
+            index[mid] = len(addrs)
+            by_addr[addr] = mid
+            addrs.append(addr)
+        self._servers, self._index, self._by_addr, self._version = tuple(addrs), index, by_addr, version
+
+    @property
+    def servers(self) -> Sequence[ServerAddress]:
+        self._refresh()
+        return self._servers
+
+    def replicas(self, key: bytes) -> list[int]:
+        self._refresh()
+        return [self._index[m.id] for m in self.shard_router.route(key).replicas if m.id in self._index]
+
+    def route(self, key: bytes) -> int:
+        reps = self.replicas(key)
+        if not reps:
+            return -1
+        return reps[0]
+
+    def member_of(self, addr: ServerAddress) -> str | None:
+        return self._by_addr.get(addr)
+
+    @property
+    def replication(self) -> int:
+        smap = self.shard_router.shard_map
+        return smap.replicas if smap is not None else 1
+
+
+class ReplicatedPoolClient(PoolClient):
+    def __init__(self, router: ClusterRouter, config: ClientConfig, transport: Transport | None = None,
+                 transport_name: str = "tcp", clock: Callable[[], float] | None = None) -> None:
+        kwargs = {} if clock is None else {"clock": clock}
+        super().__init__(router, config, transport=transport, transport_name=transport_name, **kwargs)
+        self.cluster_router = router
+        self._rank = 0
+        self._failed: set[ServerAddress] = set()
+        self._plan: tuple[Sequence[ServerAddress], dict[bytes, list[int]]] | None = None
+
+    # -- the seam: PoolClient batches keys per server through _groups ------------------------------------
+    def _groups(self, keys: Sequence[bytes]) -> dict[ServerAddress, list[int]]:
+        plan = self._plan
+        if plan is None:  # a call that did not go through the replication below (e.g. touch): plan now
+            plan = self._make_plan(keys)
+        servers = plan[0]
+        groups: dict[ServerAddress, list[int]] = defaultdict(list)
+        for i, key in enumerate(keys):
+            reps = plan[1].get(key, ())
+            if self._rank < len(reps):
+                groups[servers[reps[self._rank]]].append(i)
+        return groups
+
+    def _make_plan(self, keys: Sequence[bytes]) -> tuple[Sequence[ServerAddress], dict[bytes, list[int]]]:
+        """One snapshot of servers and replica lists for a whole call: failures reported during the call
+        reorder later routes, but must not move a key's rank-r replica between passes."""
+        servers = self.cluster_router.servers
+        return servers, {k: self.cluster_router.replicas(k) for k in keys}
+
+    def _degraded(self, conn, exc: Exception) -> None:
+        self._failed.add(conn.address)
+        member = self.cluster_router.member_of(conn.address)
+        if member is not None:
+            self.cluster_router.shard_router.report_failure(member)
+        super()._degraded(conn, exc)
+
+    def _passes(self, keys: Sequence[bytes]) -> int:
+        self._plan = self._make_plan(keys)
+        return max((len(r) for r in self._plan[1].values()), default=0)
+
+    # -- replication ----------------------------------------------------------------------------------------
+    def put(self, keys: Sequence[bytes], buffers: Sequence) -> list[PutStatus]:
+        with self._lock:
+            best: list[PutStatus] | None = None
+            try:
+                for rank in range(self._passes(keys)):
+                    self._rank = rank
+                    got = super().put(keys, buffers)
+                    best = got if best is None else [min(a, b, key=_RANK.__getitem__) for a, b in zip(best, got,
+                                                                                                    strict=True)]
+            finally:
+                self._rank, self._plan = 0, None
+            return best if best is not None else super().put(keys, buffers)
+
+    def _lookup(self, keys: list[bytes], prefix: bool) -> list[BlockRef | None]:
+        refs: list[BlockRef | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        outer = self._plan is None
+        try:
+            passes = self._passes(keys)
+            servers, plan = self._plan
+            for rank in range(passes):
+                if not todo:
+                    break
+                self._rank = rank
+                self._failed = set()
+                got = super()._lookup([keys[i] for i in todo], prefix)
+                retry = []
+                for i, ref in zip(todo, got, strict=True):
+                    if ref is not None:
+                        refs[i] = ref
+                        continue
+                    reps = plan.get(keys[i], ())
+                    if rank + 1 < len(reps) and servers[reps[rank]] in self._failed:
+                        retry.append(i)  # its server failed: try the next replica
+                todo = retry
+                if todo:
+                    self.counters.add("replica_failovers", len(todo))
+        finally:
+            self._rank = 0
+            if outer:
+                self._plan = None
+        return refs
+
+    def delete(self, keys: Sequence[bytes]) -> list[bool]:
+        with self._lock:
+            out = [False] * len(keys)
+            try:
+                for rank in range(self._passes(keys)):
+                    self._rank = rank
+                    out = [a or b for a, b in zip(out, super().delete(keys), strict=True)]
+            finally:
+                self._rank, self._plan = 0, None
+            return out

@@ -1,0 +1,114 @@
+"""Small O(1)/O(log n) building blocks the policies share.
+
+- `LazyHeap`: a min-heap of (priority, key) with lazy deletion. A key's priority is replaced by pushing a new
+  entry; stale entries are dropped when they reach the top, and the heap is rebuilt once stale entries
+  outnumber live ones (amortised O(1) per push, never a rebuild per eviction).
+- `DList`: an intrusive doubly linked list over hashable keys (two dicts of links and a sentinel), for policies
+  that need a cursor that survives removals from the middle (SIEVE's hand).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Hashable, Iterator
+from typing import Any
+
+_SENTINEL = object()
+
+
+class LazyHeap:
+    __slots__ = ("_heap", "_prio", "_seq")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[Any, int, Hashable]] = []
+        self._prio: dict[Hashable, Any] = {}
+        self._seq = 0
+
+    def push(self, key: Hashable, prio: Any) -> None:
+        """Insert `key` or change its priority."""
+        self._prio[key] = prio
+        self._seq += 1
+        heapq.heappush(self._heap, (prio, self._seq, key))
+        if len(self._heap) > 2 * len(self._prio) + 64:
+            self._heap = [(p, s, k) for p, s, k in self._heap if self._prio.get(k, _SENTINEL) == p]
+            heapq.heapify(self._heap)
+
+    def discard(self, key: Hashable) -> None:
+        self._prio.pop(key, None)
+
+    def peek(self) -> tuple[Hashable, Any] | None:
+        """The key with the smallest priority and that priority, or None when empty."""
+        heap, prio = self._heap, self._prio
+        while heap:
+            p, _, k = heap[0]
+            if prio.get(k, _SENTINEL) == p:
+                return k, p
+            heapq.heappop(heap)
+        return None
+
+    def priority(self, key: Hashable) -> Any:
+        return self._prio.get(key)
+
+    def __len__(self) -> int:
+        return len(self._prio)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._prio
+
+
+class DList:
+    """Keys in order from head (newest) to tail (oldest)."""
+
+    __slots__ = ("_next", "_prev")
+
+    def __init__(self) -> None:
+        self._next: dict[Any, Any] = {_SENTINEL: _SENTINEL}
+        self._prev: dict[Any, Any] = {_SENTINEL: _SENTINEL}
+
+    def push_head(self, key: Hashable) -> None:
+        first = self._next[_SENTINEL]
+        self._next[_SENTINEL] = key
+        self._prev[key] = _SENTINEL
+        self._next[key] = first
+        self._prev[first] = key
+
+    def remove(self, key: Hashable) -> None:
+        p = self._prev.pop(key)
+        n = self._next.pop(key)
+        self._next[p] = n
+        self._prev[n] = p
+
+    def tail(self) -> Hashable | None:
+        k = self._prev[_SENTINEL]
+        return None if k is _SENTINEL else k
+
+    def toward_head(self, key: Hashable) -> Hashable | None:
+        """The key inserted after `key` (None past the head)."""
+        k = self._prev[key]
+        return None if k is _SENTINEL else k
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._prev and key is not _SENTINEL
+
+    def __len__(self) -> int:
+        return len(self._prev) - 1
+
+    def __iter__(self) -> Iterator[Hashable]:
+        k = self._next[_SENTINEL]
+        while k is not _SENTINEL:
+            yield k
+            k = self._next[k]
+
+
+class Peak:
+    """The largest size a policy has tracked: the pool's capacity once it has filled."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def see(self, n: int) -> int:
+        if n > self.value:
+            self.value = n
+        return self.value

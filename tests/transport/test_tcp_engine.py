@@ -1,0 +1,161 @@
+"""tcp-specific tests: the serving engine against hostile or stalled peers speaking the raw wire protocol,
+deregistration of regions that a stalled peer is using, and argument checking."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import time
+
+import pytest
+from transport_harness import settle
+
+from rdmapool.errors import ServerUnavailable, UsageError
+from rdmapool.transport import Opcode, TransferPlan, WcStatus, WorkRequest
+from rdmapool.transport.tcp import TcpTransport
+
+MAGIC = b"RDMPTCP1"
+T = 20.0
+
+
+def frame(op: int, rkey: int, addr: int, length: int, tag: int = 1, signaled: int = 1, cmp: int = 0,
+          swp: int = 0) -> bytes:
+    return struct.pack("<BBHIQQQQQ", op, signaled, 0, rkey, tag, addr, length, cmp, swp)
+
+
+@pytest.fixture
+def tcp():
+    server, client = TcpTransport(), TcpTransport()
+    yield server, client
+    client.close()
+    server.close()
+
+
+def raw(server: TcpTransport, hello: bytes = MAGIC) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", server.peer_info()["port"]), timeout=5)
+    s.sendall(hello)
+    return s
+
+
+def still_serves(server: TcpTransport, client: TcpTransport) -> None:
+    remote = server.allocate(64)
+    remote.view[:4] = b"okay"
+    local = client.allocate(64)
+    with client.connect(server.peer_info()) as ep:
+        (c,) = ep.execute([WorkRequest.read(1, local.sge(0, 4), remote.remote(0), remote.rkey)], T)
+    assert c.status == WcStatus.SUCCESS and bytes(local.view[:4]) == b"okay"
+    server.deregister(remote)
+
+
+@pytest.mark.parametrize("junk", [
+    b"NOTMAGIC",                                            # wrong hello
+    MAGIC + b"\x4d" * 48,                                   # unknown opcode
+    MAGIC + frame(2, 1, 0, 1 << 50),                        # absurd length
+    MAGIC + frame(3, 1, 8, 4),                              # atomic of the wrong size
+    MAGIC + frame(1, 1, 0, 8)[:20],                         # truncated header, then close
+])
+def test_malformed_frames_drop_only_that_connection(tcp, junk):
+    server, client = tcp
+    s = socket.create_connection(("127.0.0.1", server.peer_info()["port"]), timeout=5)
+    s.sendall(junk)
+    if junk[:8] == MAGIC:
+        assert s.recv(8) == MAGIC
+    if junk.startswith(MAGIC) and len(junk) < len(MAGIC) + 48:
+        s.shutdown(socket.SHUT_WR)  # a truncated frame followed by EOF
+    s.settimeout(5)
+    assert s.recv(100) == b""  # the engine closed this connection
+    s.close()
+    still_serves(server, client)
+    assert settle(lambda: server.serving_threads == 0)
+
+
+def test_error_response_then_connection_executes_nothing_more(tcp):
+    server, client = tcp
+    remote = server.allocate(64)
+    s = raw(server)
+    assert s.recv(8) == MAGIC
+    payload = b"X" * 8
+    s.sendall(frame(2, remote.rkey ^ 1, remote.remote(0), 8, tag=7) + payload +
+              frame(2, remote.rkey, remote.remote(0), 8, tag=8) + payload)
+    status, op, _, _, tag, length = struct.unpack("<BBHIQQ", s.recv(24))
+    assert (status, op, tag, length) == (WcStatus.REM_ACCESS_ERR, Opcode.WRITE, 7, 0)
+    time.sleep(0.05)
+    assert bytes(remote.view[:8]) == b"\0" * 8  # the valid WRITE after the error was not executed
+    s.close()
+    still_serves(server, client)
+
+
+def test_deregister_breaks_a_stalled_writer(tcp):
+    server, client = tcp
+    remote = server.allocate(2 << 20)
+    s = raw(server)
+    assert s.recv(8) == MAGIC
+    s.sendall(frame(2, remote.rkey, remote.remote(0), 1 << 20) + b"Y" * 1000)  # then stall mid-payload
+    time.sleep(0.1)
+    t = time.monotonic()
+    server.deregister(remote)  # must not wait for the stalled peer forever
+    assert time.monotonic() - t < 3.0
+    s.settimeout(5)
+    with contextlib.suppress(ConnectionResetError):
+        assert s.recv(100) == b""
+    s.close()
+    assert settle(lambda: server.serving_threads == 0)
+    still_serves(server, client)
+
+
+def test_deregister_breaks_a_reader_that_stops_reading(tcp):
+    server, client = tcp
+    remote = server.allocate(4 << 20)
+    s = raw(server)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    assert s.recv(8) == MAGIC
+    s.sendall(b"".join(frame(1, remote.rkey, remote.remote(0), 4 << 20, tag=i) for i in range(8)))
+    time.sleep(0.2)  # the engine is now blocked sending to us, holding the region
+    t = time.monotonic()
+    server.deregister(remote)
+    assert time.monotonic() - t < 3.0
+    s.close()
+    assert settle(lambda: server.serving_threads == 0)
+
+
+def test_argument_checks(tcp):
+    server, client = tcp
+    with pytest.raises(UsageError):
+        client.connect({"transport": "shm"})
+    with pytest.raises(UsageError):
+        client.connect(dict(server.peer_info(), port="x"))
+    with pytest.raises(UsageError):
+        client.register(b"read-only bytes")
+    with pytest.raises(UsageError):
+        client.allocate(0)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    free_port = probe.getsockname()[1]
+    probe.close()
+    with pytest.raises(ServerUnavailable):
+        client.connect(dict(server.peer_info(), port=free_port), timeout=1.0)
+    remote = server.allocate(4096)
+    local = client.allocate(4096)
+    plan = TransferPlan.build([local.sge(0, 64)], [(remote.remote(0), remote.rkey)])
+    with client.connect(server.peer_info()) as ep:
+        with pytest.raises(UsageError):
+            ep.post_plan(plan, Opcode.READ, [(0, 1)])
+        with pytest.raises(UsageError):
+            ep.post_plan(plan, Opcode.CAS, [(0, 0)])
+        assert ep.post_plan(plan, Opcode.READ, [(0, 0)] * 5, signal_every=2) == 3
+        assert [c.wr_id for c in ep.wait(3, T)] == [1, 3, 4]
+
+
+def test_register_existing_buffer(tcp):
+    server, client = tcp
+    buf = bytearray(b"z" * 4096)
+    region = server.register(buf)
+    local = client.allocate(4096)
+    with client.connect(server.peer_info()) as ep:
+        (c,) = ep.execute([WorkRequest.read(1, local.sge(0, 4096), region.remote(0), region.rkey)], T)
+    assert c.ok and bytes(local.view) == bytes(buf)
+    server.deregister(region)
+    with client.connect(server.peer_info()) as ep:
+        (c,) = ep.execute([WorkRequest.read(2, local.sge(0, 8), region.remote(0), region.rkey)], T)
+    assert c.status == WcStatus.REM_ACCESS_ERR
