@@ -28,7 +28,7 @@ def build_config(args: argparse.Namespace):
     over = {k: v for k, v in {
         "arch": args.arch, "size": args.size, "model_path": args.model, "conversations": args.conversations,
         "turns": args.turns, "system_tokens": args.system_tokens, "new_tokens": args.new_tokens,
-        "chunk_tokens": args.chunk_tokens, "servers": args.servers, "seed": args.seed, "threads": args.threads,
+        "chunk_tokens": args.chunk_tokens, "servers": args.servers, "replicas": args.replicas, "seed": args.seed, "threads": args.threads,
         "dtype": args.dtype,
     }.items() if v is not None}
     over["transport"] = _transport(args.transport)
@@ -39,9 +39,21 @@ def build_config(args: argparse.Namespace):
         except ValueError:
             raise UsageError(f"--user-tokens takes MIN-MAX, got {args.user_tokens!r}") from None
     cfg = dataclasses.replace(cfg, **over)
-    for name in ("conversations", "turns", "system_tokens", "new_tokens", "chunk_tokens", "servers", "threads"):
+    for name in ("conversations", "turns", "system_tokens", "new_tokens", "chunk_tokens", "servers", "threads",
+                 "replicas"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.no_etcd:
+        cfg = dataclasses.replace(cfg, etcd=False)
+    elif cfg.etcd:
+        import shutil
+
+        from rdmapool.cluster.local_etcd import ETCD_BIN
+
+        if shutil.which(ETCD_BIN) is None:
+            print(f"rdmapool demo: no {ETCD_BIN!r} binary (scripts/setup.sh installs etcd-server): using a static "
+                  "server list", file=sys.stderr)
+            cfg = dataclasses.replace(cfg, etcd=False)
     if cfg.transport not in ("tcp", "shm"):
         raise UsageError(f"--transport must be auto, tcp or shm, got {cfg.transport!r}")
     if cfg.device == "cuda":
@@ -80,6 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-tokens", type=int, help="tokens per KV chunk (default 256)")
     p.add_argument("--transport", default="auto", help="auto (shm: all on this host), tcp or shm")
     p.add_argument("--servers", type=int, help="memory servers to start (default 2)")
+    p.add_argument("--no-etcd", action="store_true", help="no etcd: clients get the static server list")
+    p.add_argument("--replicas", type=int, help="replicas per chunk in the shard map (default 1)")
     p.add_argument("--seed", type=int, help="seed of the model weights and the conversations")
     p.add_argument("--threads", type=int, help="torch threads per worker")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")

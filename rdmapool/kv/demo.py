@@ -44,6 +44,8 @@ class DemoConfig:
     chunk_tokens: int = 256
     transport: str = "shm"
     servers: int = 2
+    etcd: bool = True
+    replicas: int = 1
     seed: int = 0
     threads: int = 2
     timeout_s: float = 600.0
@@ -111,6 +113,7 @@ class DemoReport:
             "conversations": c.conversations,
             "transport": c.transport,
             "servers": c.servers,
+            "etcd": c.etcd,
             "device": c.device,
             "model": self.model,
             "chunk_tokens": c.chunk_tokens,
@@ -143,8 +146,8 @@ def _vocab(cfg: DemoConfig) -> int:
 def _worker(cfg: DemoConfig, role: str, pool: LocalPool | None) -> WorkerHandle:
     return WorkerHandle(WorkerConfig(
         role=role, arch=cfg.arch, size=cfg.size, seed=cfg.seed, model_path=cfg.model_path, device=cfg.device,
-        dtype=cfg.dtype, chunk_tokens=cfg.chunk_tokens, servers=tuple(pool.addresses) if pool else (),
-        transport=cfg.transport, token=pool.token if pool else "", tenant=TENANT, threads=cfg.threads))
+        dtype=cfg.dtype, chunk_tokens=cfg.chunk_tokens, pool=pool.spec() if pool else None, tenant=TENANT,
+        threads=cfg.threads))
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> DemoReport:
@@ -160,11 +163,12 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> DemoReport:
     # one slot class of exactly one chunk: no padding waste, and the quota counts chunks
     slot = chunk_bytes(spec, getattr(torch, cfg.dtype), cfg.chunk_tokens)
     pool = LocalPool(cfg.transport, cfg.servers, quota="4GiB" if cfg.device == "cuda" else "256MiB",
-                     size_classes=str(slot))
+                     size_classes=str(slot), etcd=cfg.etcd, replicas=cfg.replicas)
     bar = tqdm(total=2 + 3 * cfg.turns, desc="demo", unit="step", disable=not progress, file=sys.stderr,
                leave=False)
     try:
-        bar.set_postfix_str(f"starting {cfg.servers} memory servers ({cfg.transport})")
+        bar.set_postfix_str(f"starting {'etcd and ' if cfg.etcd else ''}{cfg.servers} memory servers "
+                            f"({cfg.transport})")
         pool.start()
         report.addresses = list(pool.addresses)
         bar.update(1)
@@ -224,7 +228,9 @@ def render(report: DemoReport) -> str:
             f"{c.system_tokens} tokens, {c.new_tokens} new tokens per turn, greedy\n"
             f"model {m.get('model_id')} ({m.get('layers')} layers, {m.get('kv_heads')} KV heads x "
             f"{m.get('head_dim')}, {m.get('dtype')}) on {c.device}; {c.servers} memory servers over {c.transport} "
-            f"({', '.join(report.addresses)}); chunks of {c.chunk_tokens} tokens = {m.get('chunk_bytes', 0) / 2**20:.2f} MiB")
+            f"({', '.join(report.addresses)}), "
+            + (f"joined in a local etcd, routed by its shard map ({c.replicas} replica)" if c.etcd
+               else "static server list (no etcd)") + f"; chunks of {c.chunk_tokens} tokens = {m.get('chunk_bytes', 0) / 2**20:.2f} MiB")
     cols = ["turn", "prompt tok", "cached tok", "TTFT recompute", "TTFT from pool", "speedup", "prefill worker",
             "MiB read", "read GB/s", "outputs identical"]
     lines = []

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from rdmapool.errors import ServerUnavailable
+from rdmapool.kv.localcluster import PoolSpec, close_client, connect
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,7 @@ class WorkerConfig:
     device: str
     dtype: str
     chunk_tokens: int
-    servers: tuple[str, ...]
-    transport: str
-    token: str
+    pool: PoolSpec | None
     tenant: str
     threads: int
 
@@ -45,13 +44,7 @@ def _serve(conn: Any, cfg: WorkerConfig) -> None:
     spec = ModelSpec(cfg.arch, cfg.size, cfg.seed, path=cfg.model_path)
     model = load_model(spec, cfg.device, dtype)
     model_id, revision = fingerprint(spec, cfg.device, dtype)
-    pool = None
-    if cfg.servers:
-        from rdmapool.client import PoolClient
-        from rdmapool.config import ClientConfig
-
-        pool = PoolClient(list(cfg.servers), ClientConfig(token=cfg.token, staging_bytes=64 << 20),
-                          transport_name=cfg.transport)
+    pool = connect(cfg.pool) if cfg.pool is not None else None
     try:
         engine = HFEngine(model, model_id, revision, pool, tenant=cfg.tenant, chunk_tokens=cfg.chunk_tokens)
         warm = HFEngine(model, model_id, revision, None, chunk_tokens=cfg.chunk_tokens)
@@ -79,7 +72,7 @@ def _serve(conn: Any, cfg: WorkerConfig) -> None:
                 conn.send({"error": traceback.format_exc()})
     finally:
         if pool is not None:
-            pool.close()
+            close_client(pool)
 
 
 def _warm_pool(pool: Any, nbytes: int) -> None:

@@ -35,8 +35,18 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _shm_names() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if "rdmapool" in n} if os.path.isdir("/dev/shm") else set()
+def _shm_owners() -> dict[str, int]:
+    """rdmapool shm segments -> owner pid (other test suites on this host may have their own: filter by owner)."""
+    from rdmapool.transport.shm.naming import parse
+
+    names = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
+    return {n: p[0].pid for n in names if (p := parse(n)) is not None}
+
+
+def _leaked(before: dict[str, int], pids: set[int] | None = None) -> list[str]:
+    """Segments that appeared since `before` and whose owner is dead (or one of `pids`)."""
+    return [n for n, pid in _shm_owners().items()
+            if n not in before and (not _alive(pid) or (pids is not None and pid in pids))]
 
 
 def _demo(*args: str) -> subprocess.Popen:
@@ -47,7 +57,7 @@ def _demo(*args: str) -> subprocess.Popen:
 
 @pytest.mark.parametrize("transport", ["tcp", "shm"])
 def test_demo_json_and_clean_exit(transport: str) -> None:
-    before = _shm_names()
+    before = _shm_owners()
     proc = _demo(*SMALL, "--transport", transport, "--json")
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
@@ -57,11 +67,11 @@ def test_demo_json_and_clean_exit(transport: str) -> None:
     assert result["ttft_ms_no_cache"] > 0 and result["ttft_ms_cached"] > 0
     assert result["bytes_read"] > 0 and result["transport"] == transport
     assert "outputs identical" in err  # the table went to stderr with --json
-    assert _shm_names() <= before
+    assert not _leaked(before)
 
 
 def test_ctrl_c_stops_everything() -> None:
-    before = _shm_names()
+    before = _shm_owners()
     proc = _demo(*SMALL, "--turns", "50", "--new-tokens", "30")
     deadline = time.monotonic() + 120
     kids: set[int] = set()
@@ -78,4 +88,4 @@ def test_ctrl_c_stops_everything() -> None:
     while time.monotonic() < deadline and any(_alive(k) for k in kids):
         time.sleep(0.2)
     assert not [k for k in kids if _alive(k)]
-    assert _shm_names() <= before
+    assert not _leaked(before, kids | {proc.pid})
