@@ -47,7 +47,8 @@ class DemoConfig:
     etcd: bool = True
     replicas: int = 1
     seed: int = 0
-    threads: int = 2
+    #: torch threads per worker; 1 on CPU: the same for every engine (fair), and robust when the cores are shared
+    threads: int = 1
     timeout_s: float = 600.0
 
     @classmethod
