@@ -8,7 +8,9 @@ Theory of operation
    One `lookup_prefix` per request finds the longest cached prefix; at least one prompt token is always computed
    (its logits give the first token), so a request uses at most (len - 1) // C chunks.
 2. Prefill, request by request: the cached chunks are read with one batched read (reusing the lookup's leases)
-   into registered host staging, moved to the device and scattered into fresh HF cache tensors
+   into registered host staging and moved to the device, or, from a server on this host over shm, copied by the
+   copy engine straight from the server's mapped memory into device memory (`rdmapool.kv.direct`), then
+   scattered into fresh HF cache tensors
    (`rdmapool.kv.kernels.scatter`, layout "hf"); the model then runs only the rest of the prompt. One at a time,
    so no query row is ever pure padding, and a prefill engine (`max_new_tokens == 0`) stores each request's new
    chunks before the next request looks up: a system prompt shared by the batch is computed once.
@@ -73,7 +75,7 @@ class HFEngine:
     """One model, optionally one pool. Not thread-safe: one batch at a time."""
 
     def __init__(self, model: Any, model_id: str, revision: str, pool: KVPool | None = None, tenant: str = "",
-                 chunk_tokens: int = 256, tp: tuple[int, int] = (0, 1)) -> None:
+                 chunk_tokens: int = 256, tp: tuple[int, int] = (0, 1), direct: str = "auto") -> None:
         self.model = model
         self.device = next(model.parameters()).device
         params = inspect.signature(model.forward).parameters
@@ -89,7 +91,7 @@ class HFEngine:
         self.chunk = chunk_tokens
         self.chunk_bytes = 2 * self.num_layers * chunk_tokens * self.heads * self.head_dim * self.dtype.itemsize
         pin = self.device.type == "cuda"
-        self.conn = PoolConnector(pool, self.chunk_bytes, pin=pin) if pool is not None else None
+        self.conn = PoolConnector(pool, self.chunk_bytes, pin=pin, direct=direct) if pool is not None else None
 
     # -- model calls ---------------------------------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, cache: Any, pos: torch.Tensor, mask: torch.Tensor | None = None):
@@ -104,14 +106,8 @@ class HFEngine:
         return out.logits[:, -1].float(), new_cache
 
     # -- pool <-> cache ------------------------------------------------------------------------------------------
-    def _blocks(self, staging: torch.Tensor, n: int) -> torch.Tensor:
-        shape = (n, self.num_layers, 2, self.chunk, self.heads, self.head_dim)
-        # a blocking copy: the staging buffer is reused by the next read
-        return staging[:n].view(self.dtype).view(shape).to(self.device)
-
     def _cache_from_pool(self, keys: list[ChunkKey], use: int) -> tuple[Any, int]:
-        staging = self.conn.staging("read", use)
-        got = self.conn.read(keys[:use], staging)
+        raw, got = self.conn.read_blocks(keys[:use], self.device)
         if got == 0:
             return None, 0
         length = got * self.chunk
@@ -119,7 +115,8 @@ class HFEngine:
         pairs = [(torch.empty(shape, dtype=self.dtype, device=self.device),
                   torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
         slots = torch.arange(length, device=self.device)
-        kernels.scatter(paged_kv(Layout.HF, pairs), slots, self._blocks(staging, got), self.chunk)
+        blocks = raw[:got].view(self.dtype).view(got, self.num_layers, 2, self.chunk, self.heads, self.head_dim)
+        kernels.scatter(paged_kv(Layout.HF, pairs), slots, blocks, self.chunk)
         return make_cache(pairs), length
 
     def _store(self, pairs: list, row: int, col0: int, keys: list[ChunkKey], first: int, last: int) -> None:

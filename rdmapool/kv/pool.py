@@ -83,13 +83,16 @@ class PoolStats:
 class PoolConnector:
     """Chunk I/O between a `KVPool` and host staging buffers `[n, chunk_bytes]` (uint8), with counters."""
 
-    def __init__(self, pool: KVPool, chunk_bytes: int, pin: bool = False,
+    def __init__(self, pool: KVPool, chunk_bytes: int, pin: bool = False, direct: str = "auto",
                  clock: Callable[[], float] = time.perf_counter) -> None:
         if not isinstance(pool, KVPool):
             raise UsageError(f"{type(pool).__name__} does not have the KVPool calls (put, lookup_prefix, get, delete)")
         self.pool = pool
         self.chunk_bytes = chunk_bytes
         self.pin = pin
+        if direct not in ("auto", "on", "off"):
+            raise UsageError(f"direct must be auto, on or off, got {direct!r}")
+        self.direct = direct
         self.clock = clock
         self.stats = PoolStats()
         self._buffers: dict[str, torch.Tensor] = {}
@@ -167,6 +170,29 @@ class PoolConnector:
         self.stats.chunks_read += n
         self.stats.bytes_read += n * self.chunk_bytes
         return n
+
+    def read_blocks(self, keys: Sequence[ChunkKey], device: torch.device) -> tuple[torch.Tensor, int]:
+        """Read chunks into a `[n, chunk_bytes]` uint8 tensor on `device`; returns it and how many leading chunks
+        arrived intact. Device memory is filled straight from a co-located server's shm mapping when that path
+        applies (`rdmapool.kv.direct`: direct="auto" on CUDA, "on" anywhere), else through host staging."""
+        from rdmapool.kv import direct
+
+        device = torch.device(device)
+        refs = self._refs_for([k.raw for k in keys]) if keys else None
+        use_direct = self.direct == "on" or (self.direct == "auto" and device.type == "cuda")
+        if use_direct and refs is not None and direct.supported(self.pool):
+            out = torch.empty((len(keys), self.chunk_bytes), dtype=torch.uint8, device=device)
+            t0 = self.clock()
+            n = direct.read_direct(self.pool, refs, out)
+            self.stats.read_s += self.clock() - t0
+            self.stats.chunks_read += n
+            self.stats.bytes_read += n * self.chunk_bytes
+            return out, n
+        staging = self.staging("read", len(keys))
+        n = self.read(keys, staging)
+        if device.type == "cpu":
+            return staging, n
+        return staging[:n].to(device), n  # a blocking copy: the staging buffer is reused by the next read
 
     def write(self, keys: Sequence[ChunkKey], staging: torch.Tensor) -> bool:
         if not keys:

@@ -58,7 +58,8 @@ def _demo(*args: str) -> subprocess.Popen:
 @pytest.mark.parametrize("transport", ["tcp", "shm"])
 def test_demo_json_and_clean_exit(transport: str) -> None:
     before = _shm_owners()
-    proc = _demo(*SMALL, "--transport", transport, "--json")
+    # shm with etcd and the shard map, tcp with the static server list: both client set-ups are covered
+    proc = _demo(*SMALL, "--transport", transport, "--json", *(["--no-etcd"] if transport == "tcp" else []))
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
     result = json.loads(out.strip().splitlines()[-1])
@@ -66,6 +67,7 @@ def test_demo_json_and_clean_exit(transport: str) -> None:
     assert result["token_hit_ratio"] > 0.5
     assert result["ttft_ms_no_cache"] > 0 and result["ttft_ms_cached"] > 0
     assert result["bytes_read"] > 0 and result["transport"] == transport
+    assert result["etcd"] is (transport == "shm")
     assert "outputs identical" in err  # the table went to stderr with --json
     assert not _leaked(before)
 

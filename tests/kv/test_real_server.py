@@ -70,3 +70,31 @@ def test_engines_share_kv_through_a_server_and_tenants_do_not(micro) -> None:
         # ... nor does tenant a with another weights revision of the same model id
         other = HFEngine(model, mid, "another-revision", a2, tenant="a", chunk_tokens=CHUNK)
         assert other.run_batch([prompt], 1).cached_tokens == [0]
+
+
+def test_direct_shm_reads_match_and_validate(micro) -> None:
+    """The shm direct path (copy from the server's mapping into the destination tensor) returns the bytes `get`
+    returns, validates each block (a wrong generation is a miss), and serves an engine like the staging path."""
+    from rdmapool.kv import direct
+
+    model, mid, rev = micro
+    payload = [torch.randint(0, 255, (4096,), dtype=torch.uint8).numpy() for _ in range(3)]
+    keys = [bytes([i + 1]) * 16 for i in range(3)]
+    with procs.running("shm", "16MiB") as srv, client(srv, "shm") as a, client(srv, "shm") as b:
+        a.put(keys, payload)
+        found = b.lookup_prefix(keys)
+        assert direct.supported(b) and len(found) == 3
+        out = torch.zeros(3, 4096, dtype=torch.uint8)
+        assert direct.read_direct(b, list(found.refs), out) == 3
+        assert all(torch.equal(out[i], torch.from_numpy(payload[i])) for i in range(3))
+        ref = found.refs[1]
+        bad = ref._replace(hit=ref.hit._replace(generation=ref.hit.generation + 1))
+        assert direct.read_direct(b, [found.refs[0], bad, found.refs[2]], torch.zeros(3, 4096, dtype=torch.uint8)) == 1
+        # an engine reading through the direct path answers as the baseline does
+        prompt = torch.randint(0, 512, (3 * CHUNK + 3,), generator=torch.Generator().manual_seed(4)).tolist()
+        HFEngine(model, mid, rev, a, tenant="a", chunk_tokens=CHUNK).run_batch([prompt], 0)
+        eng = HFEngine(model, mid, rev, b, tenant="a", chunk_tokens=CHUNK, direct="on")
+        got = eng.run_batch([prompt], 8)
+        assert got.cached_tokens == [3 * CHUNK]
+        assert got.outputs == HFEngine(model, mid, rev, None, chunk_tokens=CHUNK).run_batch([prompt], 8).outputs
+    assert not direct.supported(object())
