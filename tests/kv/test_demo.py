@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,7 +68,8 @@ def test_demo_json_and_clean_exit(transport: str) -> None:
     assert result["token_hit_ratio"] > 0.5
     assert result["ttft_ms_no_cache"] > 0 and result["ttft_ms_cached"] > 0
     assert result["bytes_read"] > 0 and result["transport"] == transport
-    assert result["etcd"] is (transport == "shm")
+    # the demo uses etcd when the binary is there (scripts/setup.sh installs it), else says so and goes static
+    assert result["etcd"] is (transport == "shm" and shutil.which("etcd") is not None)
     assert "outputs identical" in err  # the table went to stderr with --json
     assert not _leaked(before)
 
