@@ -19,6 +19,7 @@ Only registered memory can be the source or target of an operation, on both side
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 import weakref
 from array import array
@@ -37,8 +38,8 @@ from rdmapool.transport.base import (
     MemoryRegion,
     Opcode,
     RegionDescriptor,
-    Transport,
     TransferPlan,
+    Transport,
     WcStatus,
     WorkRequest,
 )
@@ -55,6 +56,8 @@ _native.set_usage_error(UsageError)
 
 _STATES = {0: EndpointState.READY, 1: EndpointState.ERROR, 2: EndpointState.CLOSED}
 _WIRE_VERSION = 1
+#: busy-poll time of engine threads and waits before they block (RDMAPOOL_TCP_SPIN_US overrides)
+DEFAULT_SPIN_US = 50
 #: how long deregister waits for in-flight requests before it breaks the connections that hold them
 DEREGISTER_TIMEOUT_S = 5.0
 
@@ -135,7 +138,11 @@ class TcpTransport(Transport):
 
     name = "tcp"
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, spin_us: int = 50) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, spin_us: int | None = None) -> None:
+        if spin_us is None:
+            spin_us = int(os.environ.get("RDMAPOOL_TCP_SPIN_US", DEFAULT_SPIN_US))
+        if not 0 <= spin_us <= 1_000_000:
+            raise UsageError(f"spin_us must be between 0 and 1000000, got {spin_us}")
         self._engine = _native.Engine(host, port, spin_us)
         self._host = host
         self._spin_us = spin_us

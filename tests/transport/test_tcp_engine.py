@@ -159,3 +159,16 @@ def test_register_existing_buffer(tcp):
     with client.connect(server.peer_info()) as ep:
         (c,) = ep.execute([WorkRequest.read(2, local.sge(0, 8), region.remote(0), region.rkey)], T)
     assert c.status == WcStatus.REM_ACCESS_ERR
+
+
+def test_initiator_death_ends_its_serving_thread(tcp):
+    server, _ = tcp
+    remote = server.allocate(1 << 20)
+    s = raw(server)
+    assert s.recv(8) == MAGIC
+    s.sendall(frame(2, remote.rkey, remote.remote(0), 1 << 20) + b"Z" * 4096)  # dies mid-payload
+    assert settle(lambda: server.serving_threads == 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()  # RST, as from a killed process
+    assert settle(lambda: server.serving_threads == 0)
+    server.deregister(remote)  # nothing left pinned

@@ -410,3 +410,25 @@ def test_wait_is_bounded(pair):
         with pytest.raises(CompletionTimeout):
             ep.wait(1, 0.05)
         assert remote.length == 64
+
+
+def test_initiator_killed_mid_run_leaves_the_server_serving(backend, spawn_peer):
+    peer = spawn_peer([4096])
+    (desc,) = peer.regions
+    spec = json.dumps({"peer_info": peer.peer_info, "region": desc.to_wire(), "faa_offset": 0, "cas_offset": 64,
+                       "count": 1_000_000})
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    hammer = subprocess.Popen([sys.executable, str(PEER), "--backend", backend, "--client", spec],
+                              stdout=subprocess.DEVNULL, env=env)
+    try:
+        assert settle(lambda: peer.call(cmd="u64", region=0, offset=0)["value"] > 100, 20)
+    finally:
+        hammer.kill()
+        hammer.wait(10)
+    client = make(backend)
+    try:
+        local = client.allocate(64)
+        with client.connect(peer.peer_info) as ep:
+            ok(ep.execute([WorkRequest.faa(1, local.sge(0, 8), desc.addr, desc.rkey, 1)], T))
+    finally:
+        client.close()
