@@ -47,6 +47,8 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
     classes = tuple(parse_size(s) for s in args.size_classes.split(",")) if args.size_classes else None
     return ServerConfig(
         tenants=_tenants(args), host=host, port=port, transport=args.transport,
+        # the tcp data engine listens where the control port does (else peers on other hosts cannot reach it)
+        transport_options={"host": host} if args.transport == "tcp" else {},
         **({"size_classes": classes} if classes else {}),
         lease_s=args.lease_s, grace_s=args.grace_s, reservation_s=args.reservation_s, ttl_s=args.ttl_s,
         idle_ttl_s=args.idle_ttl_s, policy=args.policy, memory=args.memory, metrics_host=metrics_host,
