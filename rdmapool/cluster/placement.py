@@ -193,6 +193,7 @@ def place(
     seeds = np.array([server_seed(i) for i in ids], dtype=np.uint64)
 
     table = np.full((S, R), EMPTY, dtype=np.int32)
+    kept = np.zeros((S, R), dtype=bool)
     if previous is not None:
         old_ids, old_table = previous
         old_table = np.asarray(old_table)
@@ -209,7 +210,10 @@ def place(
         table = _compact_rows(table)
         _shed(table, quota, seeds, w, dom)
         table = _compact_rows(table)
+    kept = (table >= 0) if previous is not None else kept  # entries that hold data already
     overflow = _fill(table, quota, seeds, w, dom, usable_R) if usable_R else 0
+    if R > 1 and usable_R:
+        _balance_primaries(table, kept, w, seeds)
     return Placement(ids, table, quota, spread, overflow)
 
 
@@ -269,6 +273,7 @@ def _fill(table: np.ndarray, quota: np.ndarray, seeds: np.ndarray, w: np.ndarray
             chunk = max(1, _CHUNK_CELLS // max(N, 1))
             choice = np.empty(len(vacant), dtype=np.int64)
             best = np.empty(len(vacant), dtype=np.float64)
+            alternatives = np.empty(len(vacant), dtype=np.int64)
             for a in range(0, len(vacant), chunk):
                 rows = vacant[a:a + chunk]
                 sc = rendezvous_scores(rows, seeds, w)
@@ -278,6 +283,7 @@ def _fill(table: np.ndarray, quota: np.ndarray, seeds: np.ndarray, w: np.ndarray
                     sc[dom[None, :] == dom[taken][:, None]] = np.inf
                 choice[a:a + chunk] = np.argmin(sc, axis=1)
                 best[a:a + chunk] = sc[np.arange(len(rows)), choice[a:a + chunk]]
+                alternatives[a:a + chunk] = np.isfinite(sc).sum(axis=1)
             stuck = ~np.isfinite(best)
             if stuck.any():
                 overflow += _overflow_fill(table, vacant[stuck], k, load, quota, w, dom)
@@ -288,7 +294,9 @@ def _fill(table: np.ndarray, quota: np.ndarray, seeds: np.ndarray, w: np.ndarray
                 continue
             live = ~stuck
             rows, choice, best = vacant[live], choice[live], best[live]
-            order = np.lexsort((best, choice))
+            # an over-asked server keeps the most constrained rows first (fewest servers they could still
+            # use), then its best scores: fewer rows end up with no eligible server (each such row costs a swap)
+            order = np.lexsort((best, alternatives[live], choice))
             c_sorted = choice[order]
             starts = np.searchsorted(c_sorted, c_sorted, side="left")
             accept = order[(np.arange(len(order)) - starts) < rem[c_sorted]]
@@ -349,3 +357,48 @@ def _swap_into(table: np.ndarray, dom_table: np.ndarray, r: int, k: int, used: n
                 load[x] += 1
                 return True
     return False
+
+
+def _balance_primaries(table: np.ndarray, kept: np.ndarray, w: np.ndarray, seeds: np.ndarray) -> None:
+    """Reorder rows (no data moves) so each server is first replica of about its capacity share of shards:
+    reads go to the first replica. A row's first replica is swapped with a later one only where the first is
+    over its share and the later one under; replicas that already held the shard are promoted first."""
+    S, R = table.shape
+    quota = _quotas(np.where(w > 0, w, 0.0), S)
+    for _ in range(4 * R):
+        prim = table[:, 0]
+        pload = np.bincount(prim[prim >= 0], minlength=len(w))
+        shed, room = pload - quota, quota - pload
+        if not (shed > 0).any():
+            return
+        rows = np.nonzero((prim >= 0) & (shed[np.maximum(prim, 0)] > 0))[0]
+        best_j = np.full(len(rows), -1)
+        best_key = np.full(len(rows), np.inf)
+        for j in range(1, R):
+            cand = table[rows, j]
+            ok = (cand >= 0) & (room[np.maximum(cand, 0)] > 0)
+            # prefer replicas that hold the data (kept), then the one furthest under its share
+            key = np.where(kept[rows, j], 0.0, 1e9) - room[np.maximum(cand, 0)]
+            better = ok & (key < best_key)
+            best_j[better], best_key[better] = j, key[better]
+        sel = best_j >= 0
+        rows, best_j, key = rows[sel], best_j[sel], best_key[sel]
+        if not len(rows):
+            return
+        to = table[rows, best_j].astype(np.int64)
+        frm = table[rows, 0].astype(np.int64)
+        h = _mix(rows.astype(np.uint64) * _GOLD ^ seeds[to])  # deterministic tie-break
+        order = np.lexsort((h, key, to))
+        t_sorted = to[order]
+        starts = np.searchsorted(t_sorted, t_sorted, side="left")
+        order = order[(np.arange(len(order)) - starts) < room[t_sorted]]
+        f = frm[order]
+        o2 = np.lexsort((key[order], f))
+        f_sorted = f[o2]
+        starts = np.searchsorted(f_sorted, f_sorted, side="left")
+        pick = order[o2[(np.arange(len(o2)) - starts) < shed[f_sorted]]]
+        r, j = rows[pick], best_j[pick]
+        first, other = table[r, 0].copy(), table[r, j].copy()
+        table[r, 0], table[r, j] = other, first
+        k0, kj = kept[r, 0].copy(), kept[r, j].copy()
+        kept[r, 0], kept[r, j] = kj, k0
