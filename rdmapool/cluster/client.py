@@ -138,6 +138,7 @@ class ReplicatedPoolClient(PoolClient):
         self.cluster_router = router
         self._rank = 0
         self._failed: set[ServerAddress] = set()
+        self._last_refs: list[BlockRef | None] = []
         self._plan: tuple[Sequence[ServerAddress], dict[bytes, tuple[int, ...]]] | None = None
 
     # -- the seam: PoolClient batches keys per server through _groups ------------------------------------
@@ -211,7 +212,27 @@ class ReplicatedPoolClient(PoolClient):
             self._rank = 0
             if outer:
                 self._plan = None
+        self._last_refs = refs
         return refs
+
+    def get(self, keys: Sequence[bytes], into: Sequence) -> list[int | None]:
+        """As `PoolClient.get`, plus failover in the read phase: a key found on a server whose READ then failed
+        (the server died between lookup and read) is looked up and read again on its other replicas."""
+        with self._lock:
+            out = super().get(keys, into)
+            refs = self._last_refs
+            retry = [i for i, (ref, n) in enumerate(zip(refs, out, strict=True)) if ref is not None and n is None]
+            if retry:
+                for addr in {refs[i].server for i in retry}:
+                    member = self.cluster_router.member_of(addr)
+                    if member is not None:  # suspect: route its keys elsewhere for down_s
+                        self.cluster_router.shard_router.report_failure(member)
+                sub = [keys[i] for i in retry]
+                again = self._read(self._lookup([bytes(k) for k in sub], prefix=False), [into[i] for i in retry])
+                for i, n in zip(retry, again, strict=True):
+                    out[i] = n
+                self.counters.add("replica_read_retries", len(retry))
+            return out
 
     def delete(self, keys: Sequence[bytes]) -> list[bool]:
         with self._lock:

@@ -73,10 +73,18 @@ def run(args: argparse.Namespace) -> int:
             agent = start_from_args(server, args)
         print(json.dumps({"ready": True, "address": server.address, **info.to_dict(),
                           "member_id": agent.session.record.id if agent else None}), flush=True)
+        drain = threading.Event()
+        if agent is not None:  # SIGUSR1: drain (the map moves this server's shards away), then leave
+            signal.signal(signal.SIGUSR1, lambda *_: drain.set())
         while not stop.wait(1.0 if agent is None else 0.1):
             if agent is not None:
                 for kind, detail in agent.session.take_events():
                     print(json.dumps({"cluster_event": kind, "detail": str(detail)}), flush=True)
+                if drain.is_set():
+                    from rdmapool.cluster.serving import drain_step
+
+                    if drain_step(agent):
+                        break
     finally:
         if agent is not None:
             agent.stop(leave=True)
