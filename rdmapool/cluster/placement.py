@@ -361,24 +361,25 @@ def _swap_into(table: np.ndarray, dom_table: np.ndarray, r: int, k: int, used: n
 
 def _balance_primaries(table: np.ndarray, kept: np.ndarray, w: np.ndarray, seeds: np.ndarray) -> None:
     """Reorder rows (no data moves) so each server is first replica of about its capacity share of shards:
-    reads go to the first replica. A row's first replica is swapped with a later one only where the first is
-    over its share and the later one under; replicas that already held the shard are promoted first."""
+    reads go to the first replica. With e = first-replica count - share, a row's first replica A swaps with
+    a later replica B of the same row only if e[B] < e[A] - 1, so the sum of e^2 falls with every swap and
+    excess flows along chains (A -> B -> C). Replicas that already held the shard are promoted first."""
     S, R = table.shape
     quota = _quotas(np.where(w > 0, w, 0.0), S)
-    for _ in range(4 * R):
+    for _ in range(64):
         prim = table[:, 0]
-        pload = np.bincount(prim[prim >= 0], minlength=len(w))
-        shed, room = pload - quota, quota - pload
-        if not (shed > 0).any():
+        e = np.bincount(prim[prim >= 0], minlength=len(w)) - quota
+        if not (e > 0).any():
             return
-        rows = np.nonzero((prim >= 0) & (shed[np.maximum(prim, 0)] > 0))[0]
+        rows = np.nonzero((prim >= 0) & (e[np.maximum(prim, 0)] > 0))[0]
+        ea = e[table[rows, 0]]
         best_j = np.full(len(rows), -1)
         best_key = np.full(len(rows), np.inf)
         for j in range(1, R):
             cand = table[rows, j]
-            ok = (cand >= 0) & (room[np.maximum(cand, 0)] > 0)
-            # prefer replicas that hold the data (kept), then the one furthest under its share
-            key = np.where(kept[rows, j], 0.0, 1e9) - room[np.maximum(cand, 0)]
+            eb = e[np.maximum(cand, 0)]
+            ok = (cand >= 0) & (eb < ea - 1)
+            key = np.where(kept[rows, j], 0.0, 1e9) + eb  # holds the data first, then the most under
             better = ok & (key < best_key)
             best_j[better], best_key[better] = j, key[better]
         sel = best_j >= 0
@@ -387,6 +388,7 @@ def _balance_primaries(table: np.ndarray, kept: np.ndarray, w: np.ndarray, seeds
             return
         to = table[rows, best_j].astype(np.int64)
         frm = table[rows, 0].astype(np.int64)
+        room = np.maximum(-e, 0) + 1
         h = _mix(rows.astype(np.uint64) * _GOLD ^ seeds[to])  # deterministic tie-break
         order = np.lexsort((h, key, to))
         t_sorted = to[order]
@@ -396,7 +398,9 @@ def _balance_primaries(table: np.ndarray, kept: np.ndarray, w: np.ndarray, seeds
         o2 = np.lexsort((key[order], f))
         f_sorted = f[o2]
         starts = np.searchsorted(f_sorted, f_sorted, side="left")
-        pick = order[o2[(np.arange(len(o2)) - starts) < shed[f_sorted]]]
+        pick = order[o2[(np.arange(len(o2)) - starts) < e[f_sorted]]]
+        if not len(pick):
+            return
         r, j = rows[pick], best_j[pick]
         first, other = table[r, 0].copy(), table[r, j].copy()
         table[r, 0], table[r, j] = other, first

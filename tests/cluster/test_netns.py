@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,9 +23,8 @@ from tests.support import procs
 pytestmark = [pytest.mark.etcd, pytest.mark.netns, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 TTL = 2
-_reason = netns.available()
-if _reason is None and not LocalEtcd.__module__:
-    _reason = "no etcd"
+_reason = None if shutil.which("etcd") else "etcd binary not installed (apt install etcd-server)"
+_reason = _reason or netns.available()
 
 
 def _read_json(proc: subprocess.Popen, timeout: float) -> dict:
