@@ -5,7 +5,8 @@ in this process one PoolClient. In the same run and over the same endpoint:
   raw_write / raw_read  one-sided WRITE / READ of whole blocks between registered buffers and reserved slots
   put                   PoolClient.put: allocate + WRITE (header, payload, trailer) + commit
   get                   PoolClient.get: lookup (lease) + READ + validation (checksum on, and off as for GPUs)
-Bandwidths are payload bytes per second over a batch of ~`--batch-bytes` per call, best of `--repeat`.
+Bandwidths are payload bytes per second over a batch of ~`--batch-bytes` per call: the median of `--repeat`
+interleaved rounds (raw, put, raw, get, get without checksum), so both sides see the same background load.
 `overhead_*` = 1 - protocol / raw. Then the p50/p99 of lookup_prefix over 512 keys.
 JSON on the last line; --record also writes bench/results/pool-<date>.json.
 """
@@ -17,6 +18,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,26 +40,18 @@ def _key(i: int) -> bytes:
     return i.to_bytes(16, "big")
 
 
-def _best(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def bench_size(transport: str, size: int, batch_bytes: int, repeat: int) -> dict:
+def bench_size(transport: str, size: int, batch_bytes: int, repeat: int, hash_threads: int = 2) -> dict:
     n = max(1, batch_bytes // size)
-    quota = (n * 2 + 1) * block.block_size(size) + (1 << 20)
-    with procs.running(transport, str(quota), "--size-classes", str(size)) as srv:
+    # room for the raw slots plus every round's blocks: deleted blocks stay leased by the round's gets
+    quota = (n * (repeat + 2) + 1) * (block.block_size(size) + 64) + (1 << 20)
+    with procs.running(transport, str(quota), "--size-classes", str(size), "--lease-s", "2", "--grace-s", "0") as srv:
         cfg = ClientConfig(token=procs.TOKENS["a"], staging_bytes=1 << 20, data_timeout_s=60.0,
-                           request_timeout_s=10.0)
+                           request_timeout_s=10.0, hash_threads=hash_threads)
         with PoolClient([srv.address], cfg, transport_name=transport) as c:
             src = c.transport.allocate(n * size)
             dst = c.transport.allocate(n * size)
             src.view[:] = os.urandom(size) * n
-            c._registry.regions += [src, dst]
+            c.registry.regions.extend([src, dst])
             srcs = [src.view[i * size : (i + 1) * size] for i in range(n)]
             dsts = [dst.view[i * size : (i + 1) * size] for i in range(n)]
             # raw: reserve n slots once (never committed) and move whole blocks to / from them
@@ -72,33 +66,46 @@ def bench_size(transport: str, size: int, batch_bytes: int, repeat: int) -> dict
             reads = [WorkRequest(i, Opcode.READ, (stage.sge(i * wire, wire),), g.addr, g.rkey)
                      for i, g in enumerate(grants)]
             ep = conn.endpoint
-            raw_write = _best(lambda: ep.execute(writes, 60.0), repeat)
-            raw_read = _best(lambda: ep.execute(reads, 60.0), repeat)
-
             counter = iter(range(10**6))
             keys: list[bytes] = []
+            verify_cfg = cfg
+            no_verify_cfg = ClientConfig(**{**_fields(cfg), "verify_checksum": False})
 
             def put() -> None:
-                keys[:] = [_key(next(counter)) for _ in range(n)]
-                if c.put(keys, srcs) != [PutStatus.STORED] * n:
-                    raise RuntimeError("put did not store every block")
-
-            put_times = []
-            for _ in range(repeat):
-                put_times.append(_best(put, 1))
-                if _ != repeat - 1:
+                if keys:
                     c.delete(keys)
-            put_t = min(put_times)
+                keys[:] = [_key(next(counter)) for _ in range(n)]
+                c.config = verify_cfg
+                t = time.perf_counter()
+                ok = c.put(keys, srcs)
+                times["put"].append(time.perf_counter() - t)
+                if ok != [PutStatus.STORED] * n:
+                    raise RuntimeError(f"put did not store every block: {ok}")
 
-            def get() -> None:
-                if c.get(keys, dsts) != [size] * n:
-                    raise RuntimeError("get missed")
+            def get(name: str, config: ClientConfig) -> None:
+                c.config = config
+                t = time.perf_counter()
+                got = c.get(keys, dsts)
+                times[name].append(time.perf_counter() - t)
+                if got != [size] * n:
+                    raise RuntimeError(f"get missed: {got} {c.counters.snapshot()}")
 
-            get_t = _best(get, repeat)
+            def raw(name: str, wrs: list) -> None:
+                t = time.perf_counter()
+                ep.execute(wrs, 60.0)
+                times[name].append(time.perf_counter() - t)
+
+            # interleaved rounds: raw and protocol runs see the same background load
+            times: dict[str, list[float]] = {k: [] for k in ("raw_write", "put", "raw_read", "get", "get_nock")}
+            for _ in range(repeat):
+                raw("raw_write", writes)
+                put()
+                raw("raw_read", reads)
+                get("get", verify_cfg)
+                get("get_nock", no_verify_cfg)
             if bytes(dst.view[:size]) != bytes(src.view[:size]):
                 raise RuntimeError("get returned wrong bytes")
-            c.config = ClientConfig(**{**_fields(cfg), "verify_checksum": False})
-            get_nock_t = _best(get, repeat)
+            raw_write, put_t, raw_read, get_t, get_nock_t = (statistics.median(times[k]) for k in times)
             c.transport.deregister(stage)
     payload = n * size
     gbps = lambda t: round(payload / t / 1e9, 3)  # noqa: E731
@@ -138,16 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transports", default="tcp,shm")
     ap.add_argument("--sizes", default=DEFAULT_SIZES)
     ap.add_argument("--batch-bytes", default="64MiB", help="payload bytes per put/get call")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--lookup-samples", type=int, default=300)
+    ap.add_argument("--hash-threads", type=int, default=2, help="client checksum workers (0: inline)")
     ap.add_argument("--record", action="store_true", help="also write bench/results/pool-<date>.json")
     args = ap.parse_args(argv)
     sizes = [parse_size(s) for s in args.sizes.split(",")]
-    result: dict = {"bench": "pool", "transports": {}}
+    result: dict = {"bench": "pool", "hash_threads": args.hash_threads, "transports": {}}
     for transport in args.transports.split(","):
         per = {}
         for size in sizes:
-            per[str(size)] = bench_size(transport, size, parse_size(args.batch_bytes), args.repeat)
+            per[str(size)] = bench_size(transport, size, parse_size(args.batch_bytes), args.repeat,
+                                       args.hash_threads)
             print(f"{transport} {size:>9}: {json.dumps(per[str(size)])}", file=sys.stderr, flush=True)
         lookup = bench_lookup(transport, 512, args.lookup_samples)
         print(f"{transport} lookup 512: {json.dumps(lookup)}", file=sys.stderr, flush=True)

@@ -71,6 +71,8 @@ class Expected:
 
 
 def check_key(key: object) -> bytes:
+    if type(key) is bytes and len(key) == KEY_SIZE:  # the common case, kept cheap: runs once per key
+        return key
     if not isinstance(key, bytes | bytearray) or len(key) != KEY_SIZE:
         raise UsageError(f"a key is exactly {KEY_SIZE} bytes, got {type(key).__name__} of {len(key) if hasattr(key, '__len__') else '?'}")
     return bytes(key)
@@ -149,6 +151,15 @@ def validate(header: object, payload: object, trailer: object, expected: Expecte
         raise CorruptBlock(f"payload of {len(view)} bytes, header says {length}")
     if payload_checksum(view) != checksum:
         raise CorruptBlock("payload checksum mismatch (torn or corrupted payload)")
+
+
+def stored_checksum(header: object) -> bytes:
+    """The payload checksum a (validated) header carries; CorruptBlock if it was written without one."""
+    h = bytes(memoryview(header).cast("B")[:HEADER_SIZE])
+    _, _, flags, _, _, _, _, checksum = _HEADER.unpack_from(h)
+    if flags & FLAG_NO_CHECKSUM:
+        raise CorruptBlock("block was written without a checksum but the reader requires one")
+    return checksum
 
 
 def validate_block(data: object, expected: Expected, verify_checksum: bool = True) -> memoryview:

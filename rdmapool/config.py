@@ -95,6 +95,7 @@ class ServerConfig:
     metrics_port: int | None = None  # None: no HTTP endpoint; 0: any free port
     idle_timeout_s: float = 300.0  # a control connection silent this long is closed
     tick_s: float = 0.05  # how often expiries are swept
+    prefault: bool = True  # touch every page of the pool at start (no page faults on first writes)
 
     def __post_init__(self) -> None:
         if not self.tenants:
@@ -147,11 +148,14 @@ class ClientConfig:
     request_timeout_s: float = 2.0  # one control round trip
     data_timeout_s: float = 5.0  # one batch of one-sided operations
     retry_after_s: float = 1.0  # a server that failed is not retried before this (misses meanwhile)
-    verify_checksum: bool = True
+    verify_checksum: bool = True  # on reads into host memory (writes from host memory always carry one)
     staging_bytes: int = 64 << 20  # registered staging memory for unregistered user buffers
     max_frame: int = 16 << 20
+    hash_threads: int = 2  # workers hashing large payloads while transfers run (0: hash inline)
 
     def __post_init__(self) -> None:
+        if self.hash_threads < 0:
+            raise UsageError("hash_threads must be >= 0")
         for name in ("connect_timeout_s", "request_timeout_s", "data_timeout_s"):
             _positive(name, getattr(self, name))
         if self.retry_after_s < 0:

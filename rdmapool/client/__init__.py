@@ -4,5 +4,6 @@ connections, registered buffers and counters."""
 from rdmapool.client.buffers import RegionSlice
 from rdmapool.client.client import BlockRef, LookupResult, PoolClient, PutStatus
 from rdmapool.client.routing import RendezvousRouter, Router
+from rdmapool.server.slots import BlockHint
 
-__all__ = ["BlockRef", "LookupResult", "PoolClient", "PutStatus", "RegionSlice", "RendezvousRouter", "Router"]
+__all__ = ["BlockHint", "BlockRef", "LookupResult", "PoolClient", "PutStatus", "RegionSlice", "RendezvousRouter", "Router"]

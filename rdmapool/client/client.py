@@ -31,20 +31,22 @@ from typing import Any, NamedTuple
 from rdmapool import block
 from rdmapool.client.buffers import Arena, RegionSlice, Registry
 from rdmapool.client.connection import ServerConnection
+from rdmapool.client.datapath import read_blocks, write_blocks
+from rdmapool.client.hashing import Hasher
 from rdmapool.client.protocol import Hit, parse_grants, parse_hits, parse_results
 from rdmapool.client.routing import RendezvousRouter, Router
 from rdmapool.client.stats import ClientCounters
 from rdmapool.config import ClientConfig, ServerAddress
 from rdmapool.errors import (
     AuthError,
-    CorruptBlock,
     ProtocolError,
     ServerUnavailable,
     TransportError,
     UsageError,
 )
 from rdmapool.server.core import AllocStatus
-from rdmapool.transport.base import Access, EndpointState, MemoryRegion, Opcode, Transport, WorkRequest
+from rdmapool.server.slots import BlockHint
+from rdmapool.transport.base import Access, MemoryRegion, Transport
 
 #: errors that make a server's keys misses instead of failing the caller
 _DEGRADE = (ServerUnavailable, TransportError, ProtocolError, AuthError)
@@ -109,6 +111,7 @@ class PoolClient:
         self._conns: dict[ServerAddress, ServerConnection] = {}
         self._arena: Arena | None = None
         self._registry = Registry()
+        self.hasher = Hasher(config.hash_threads)
         self._lock = threading.RLock()
 
     # ---- memory -----------------------------------------------------------------------------------------
@@ -127,10 +130,16 @@ class PoolClient:
             self._registry.regions.append(region)
             return region
 
-    def _arena_now(self) -> Arena:
+    def arena(self) -> Arena:
+        """The registered staging arena (made on first use)."""
         if self._arena is None:
             self._arena = Arena(self.transport, self.config.staging_bytes)
         return self._arena
+
+    @property
+    def registry(self) -> Registry:
+        """Regions registered through `register`: buffers inside them move without a copy."""
+        return self._registry
 
     def _transport_for(self, name: str) -> Transport:
         if name != self._transport_name:
@@ -172,16 +181,23 @@ class PoolClient:
             conn.close(mark_down=True)
 
     # ---- put --------------------------------------------------------------------------------------------
-    def put(self, keys: Sequence[bytes], buffers: Sequence[Buffer]) -> list[PutStatus]:
+    def put(self, keys: Sequence[bytes], buffers: Sequence[Buffer],
+            hints: Sequence[BlockHint] | None = None) -> list[PutStatus]:
+        """Store blocks. `hints` (optional, one per key) tell the servers' eviction policy each block's parent
+        key, depth and token count."""
         keys = [block.check_key(k) for k in keys]
-        if len(keys) != len(buffers):
-            raise UsageError(f"put got {len(keys)} keys and {len(buffers)} buffers")
+        if len(keys) != len(buffers) or (hints is not None and len(hints) != len(keys)):
+            raise UsageError(f"put got {len(keys)} keys, {len(buffers)} buffers"
+                             + (f" and {len(hints)} hints" if hints is not None else ""))
+        wire_hints = None if hints is None else [_hint_to_wire(h) for h in hints]
         sources = [_as_source(b) for b in buffers]
         out = [PutStatus.UNAVAILABLE] * len(keys)
         with self._lock:
             for conn, idx in self._batches(keys):
                 try:
-                    self._put_one_server(conn, [keys[i] for i in idx], [sources[i] for i in idx], idx, out)
+                    hint_part = None if wire_hints is None else [wire_hints[i] for i in idx]
+                    self._put_one_server(conn, [keys[i] for i in idx], [sources[i] for i in idx], idx, out,
+                                         hint_part)
                 except _DEGRADE as exc:
                     self._degraded(conn, exc)
             for status in out:
@@ -189,8 +205,11 @@ class PoolClient:
         return out
 
     def _put_one_server(self, conn: ServerConnection, keys: list[bytes], sources: list, idx: list[int],
-                        out: list[PutStatus]) -> None:
-        reply = conn.call("allocate", keys=keys, lengths=[_length(s) for s in sources])
+                        out: list[PutStatus], hints: list | None) -> None:
+        fields = {"keys": keys, "lengths": [_length(s) for s in sources]}
+        if hints is not None:
+            fields["hints"] = hints
+        reply = conn.call("allocate", **fields)
         grants = parse_grants(reply, len(keys))
         todo = []
         for j, grant in enumerate(grants):
@@ -201,7 +220,7 @@ class PoolClient:
                 todo.append(j)
             else:
                 out[idx[j]] = _FROM_ALLOC.get(status, PutStatus.FAILED)
-        written = self._write_blocks(conn, [(keys[j], grants[j], sources[j]) for j in todo])
+        written = write_blocks(self, conn, [(keys[j], grants[j], sources[j]) for j in todo])
         commits = [[keys[j], grants[j].generation] for j, ok in zip(todo, written, strict=True) if ok]
         aborts = [[keys[j], grants[j].generation] for j, ok in zip(todo, written, strict=True) if not ok]
         requests = ([("commit", {"items": commits})] if commits else []) + (
@@ -215,67 +234,6 @@ class PoolClient:
             out[idx[j]] = PutStatus.STORED if ok and next(it) else PutStatus.FAILED
             if out[idx[j]] is PutStatus.STORED:
                 self.counters.add("bytes_written", _length(sources[j]))
-
-    def _write_blocks(self, conn: ServerConnection, items: list) -> list[bool]:
-        """One WRITE per block; returns which completed. Flushes when the staging arena fills."""
-        arena = self._arena_now()
-        ok: list[bool] = [False] * len(items)
-        batch: list[tuple[int, WorkRequest]] = []
-        arena.reset()
-        for n, (key, grant, src) in enumerate(items):
-            wr = self._write_request(n, arena, key, grant, src)
-            if wr is None:  # arena full: send what is staged, then start over
-                self._execute(conn, batch, ok)
-                batch = []
-                arena.reset()
-                wr = self._write_request(n, arena, key, grant, src)
-            batch.append((n, wr))
-        self._execute(conn, batch, ok)
-        arena.reset()
-        return ok
-
-    def _write_request(self, n: int, arena: Arena, key: bytes, grant, src) -> WorkRequest | None:
-        length = _length(src)
-        host = src.view() if isinstance(src, RegionSlice) else src
-        checksum = block.payload_checksum(host) if host is not None and self.config.verify_checksum else None
-        head, tail = arena.take(block.HEADER_SIZE), arena.take(block.TRAILER_SIZE)
-        payload_sge = self._local_sge(src)
-        if payload_sge is None and length:
-            staged = arena.take(length)
-            if staged is None:
-                return None
-            payload_sge, view = staged
-            view[:] = src
-        if head is None or tail is None:
-            return None
-        head[1][:] = block.encode_header(key, grant.generation, length, checksum)
-        tail[1][:] = block.encode_trailer(key, grant.generation, length, checksum is None)
-        sgl = (head[0], payload_sge, tail[0]) if length else (head[0], tail[0])
-        return WorkRequest(n, Opcode.WRITE, sgl, grant.addr, grant.rkey)
-
-    def _local_sge(self, src):
-        if isinstance(src, RegionSlice):
-            return src.region.sge(src.offset, src.length)
-        return self._registry.find(src)
-
-    def _execute(self, conn: ServerConnection, batch: list[tuple[int, WorkRequest]], ok: list[bool]) -> None:
-        if not batch:
-            return
-        endpoint = conn.endpoint
-        if endpoint is None:
-            raise ServerUnavailable(f"{conn.address}: no data endpoint")
-        try:
-            completions = endpoint.execute([wr for _, wr in batch], timeout=self.config.data_timeout_s)
-        except TimeoutError as exc:
-            conn.close(mark_down=True)
-            raise ServerUnavailable(f"{conn.address}: one-sided operations timed out") from exc
-        for c in completions:
-            if c.ok:
-                ok[c.wr_id] = True
-            else:
-                self.counters.add(f"wc_{c.status.name.lower()}")
-        if endpoint.state is not EndpointState.READY:
-            conn.close()  # a broken endpoint is never repaired: reconnect on the next call
 
     # ---- lookup -----------------------------------------------------------------------------------------
     def lookup_prefix(self, keys: Sequence[bytes]) -> LookupResult:
@@ -347,75 +305,13 @@ class PoolClient:
             conn = self._conn(addr)
             try:
                 conn.ensure()
-                self._read_one_server(conn, [refs[i] for i in idx], [targets[i] for i in idx], idx, out)
+                read_blocks(self, conn, [refs[i] for i in idx], [targets[i] for i in idx], idx, out)
             except _DEGRADE as exc:
                 self._degraded(conn, exc)
         hits = sum(1 for v in out if v is not None)
         self.counters.add("get_hits", hits)
         self.counters.add("get_misses", len(refs) - hits)
         return out
-
-    def _read_one_server(self, conn: ServerConnection, refs: list[BlockRef], targets: list, idx: list[int],
-                         out: list[int | None]) -> None:
-        arena = self._arena_now()
-        arena.reset()
-        staged: list = []
-        pending: list[tuple[int, WorkRequest]] = []
-
-        def flush() -> None:
-            ok = [False] * len(refs)
-            self._execute(conn, pending, ok)
-            for n, head, payload, tail, target, copy in staged:
-                if ok[n]:
-                    self._check_read(refs[n], head, payload, tail, target, copy, idx[n], out)
-            staged.clear()
-            pending.clear()
-            arena.reset()
-
-        for n, (ref, target) in enumerate(zip(refs, targets, strict=True)):
-            if ref.epoch != int(conn.hello.get("epoch", -1)):
-                self.counters.add("stale_refs")  # the server restarted since the lookup
-                continue
-            for _attempt in range(2):
-                pieces = self._read_pieces(arena, ref, target)
-                if pieces is not None:
-                    break
-                flush()
-            head, payload_sge, payload_view, tail, copy = pieces
-            sgl = (head[0], payload_sge, tail[0]) if ref.length else (head[0], tail[0])
-            pending.append((n, WorkRequest(n, Opcode.READ, sgl, ref.hit.addr, ref.hit.rkey)))
-            staged.append((n, head[1], payload_view, tail[1], target, copy))
-        flush()
-
-    def _read_pieces(self, arena: Arena, ref: BlockRef, target):
-        head, tail = arena.take(block.HEADER_SIZE), arena.take(block.TRAILER_SIZE)
-        if head is None or tail is None:
-            return None
-        n = ref.length
-        if isinstance(target, RegionSlice):
-            sge = target.region.sge(target.offset, n)
-            view = target.view()
-            return head, sge, None if view is None else view[:n], tail, False
-        direct = self._registry.find(target[:n])
-        if direct is not None:
-            return head, direct, target[:n], tail, False
-        staged = arena.take(n)
-        if staged is None:
-            return None
-        return head, staged[0], staged[1], tail, True
-
-    def _check_read(self, ref: BlockRef, head, payload, tail, target, copy: bool, i: int,
-                    out: list[int | None]) -> None:
-        verify = self.config.verify_checksum and payload is not None
-        try:
-            block.validate(head, payload, tail, block.Expected(ref.key, ref.hit.generation, ref.length), verify)
-        except CorruptBlock:
-            self.counters.add("corrupt_blocks")
-            return
-        if copy:
-            target[: ref.length] = payload
-        out[i] = ref.length
-        self.counters.add("bytes_read", ref.length)
 
     # ---- delete, touch, stats ---------------------------------------------------------------------------
     def delete(self, keys: Sequence[bytes]) -> list[bool]:
@@ -454,6 +350,7 @@ class PoolClient:
             for conn in self._conns.values():
                 conn.close()
             self._conns.clear()
+            self.hasher.close()
             if self._arena is not None:
                 self._arena.close()
                 self._arena = None
@@ -470,6 +367,14 @@ class PoolClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _hint_to_wire(h: BlockHint) -> list:
+    if not isinstance(h, BlockHint):
+        raise UsageError(f"hints must be BlockHint objects, got {type(h).__name__}")
+    if h.parent is not None:
+        block.check_key(h.parent)
+    return [h.parent, int(h.depth), int(h.tokens)]
 
 
 def _as_source(buf: Buffer):

@@ -80,6 +80,19 @@ class ServerConnection:
         return self.call_many([(op, fields)])[0]
 
     def call_many(self, requests: list[tuple[str, dict]]) -> list[dict]:
+        reused = self._sock is not None
+        self.ensure()
+        try:
+            return self._call_raw(requests)
+        except ConnectionError as exc:
+            # a reused connection the server closed meanwhile (idle timeout, restart): reconnect once
+            if not reused:
+                self.close(mark_down=True)
+                raise ServerUnavailable(f"{self.address}: {type(exc).__name__}: {exc}") from None
+        except (OSError, ProtocolError) as exc:
+            self.close(mark_down=True)
+            raise ServerUnavailable(f"{self.address}: {type(exc).__name__}: {exc}") from None
+        self.close()
         self.ensure()
         try:
             return self._call_raw(requests)

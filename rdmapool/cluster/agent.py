@@ -47,7 +47,19 @@ class ClusterAgent:
         return self.session.accepting_writes()
 
     def drain(self) -> None:
+        """Ask to be placed nowhere; `drained()` turns true once the map no longer lists this server."""
         self.session.set_state(MemberState.DRAINING)
+
+    def drained(self) -> bool:
+        from rdmapool.cluster.shardmap import ShardMap
+
+        kv, _ = self.etcd.get(self.keys.shard_map)
+        return kv is None or self.session.record.id not in ShardMap.decode(kv.value).servers
+
+    def set_capacity(self, host_bytes: int, gpu_bytes: int = 0) -> None:
+        r = self.session.record
+        self.session.update(MemberRecord(r.id, r.control, host_bytes, gpu_bytes, r.host, r.rack, r.zone, r.state,
+                                         r.endpoints))
 
     def stop(self, leave: bool = True) -> None:
         if self.coordinator is not None:

@@ -24,8 +24,11 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
+from xxhash import xxh3_64_intdigest
+
 from rdmapool.client.client import BlockRef, PoolClient, PutStatus
 from rdmapool.cluster.router import ShardRouter
+from rdmapool.cluster.shardmap import key_hash
 from rdmapool.config import ClientConfig, ServerAddress
 from rdmapool.errors import UsageError
 from rdmapool.transport.base import Transport
@@ -43,6 +46,9 @@ class ClusterRouter:
         self._servers: tuple[ServerAddress, ...] = ()
         self._index: dict[str, int] = {}
         self._by_addr: dict[ServerAddress, str] = {}
+        self._ids: tuple[str, ...] = ()
+        self._rows: dict[int, tuple[int, ...]] = {}  # shard -> replica indices, filled lazily per view
+        self._smap = None
 
     def _refresh(self) -> None:
         sr = self.shard_router
@@ -64,15 +70,50 @@ class ClusterRouter:
             by_addr[addr] = mid
             addrs.append(addr)
         self._servers, self._index, self._by_addr, self._version = tuple(addrs), index, by_addr, version
+        self._ids = tuple(sorted(index, key=index.__getitem__))
+        self._rows = {}
+        self._smap = sr.shard_map
 
     @property
     def servers(self) -> Sequence[ServerAddress]:
         self._refresh()
         return self._servers
 
-    def replicas(self, key: bytes) -> list[int]:
+    def replicas(self, key: bytes) -> tuple[int, ...]:
+        """Indices into `servers` of the key's replicas: map order, members only, recently failed ones last."""
         self._refresh()
-        return [self._index[m.id] for m in self.shard_router.route(key).replicas if m.id in self._index]
+        smap = self._smap
+        if smap is None:
+            return ()
+        shard = key_hash(key) % smap.num_shards
+        row = self._rows.get(shard)
+        if row is None:
+            row = self._rows[shard] = tuple(self._index[s] for s in smap.replicas_of_shard(shard) if s in self._index)
+        down = self.shard_router.down_now()
+        if down and len(row) > 1:
+            ids = self._ids
+            row = tuple(i for i in row if ids[i] not in down) + tuple(i for i in row if ids[i] in down)
+        return row
+
+    def replicas_many(self, keys: Sequence[bytes]) -> dict[bytes, tuple[int, ...]]:
+        """`replicas` for a batch (one view check, one down-set check): the client's per-call plan."""
+        self._refresh()
+        smap = self._smap
+        if smap is None:
+            return {k: () for k in keys}
+        S, rows, index = smap.num_shards, self._rows, self._index
+        down = self.shard_router.down_now()
+        ids = self._ids
+        out = {}
+        for k in keys:
+            shard = xxh3_64_intdigest(k) % S
+            row = rows.get(shard)
+            if row is None:
+                row = rows[shard] = tuple(index[s] for s in smap.replicas_of_shard(shard) if s in index)
+            if down and len(row) > 1:
+                row = tuple(i for i in row if ids[i] not in down) + tuple(i for i in row if ids[i] in down)
+            out[k] = row
+        return out
 
     def route(self, key: bytes) -> int:
         reps = self.replicas(key)
@@ -97,7 +138,8 @@ class ReplicatedPoolClient(PoolClient):
         self.cluster_router = router
         self._rank = 0
         self._failed: set[ServerAddress] = set()
-        self._plan: tuple[Sequence[ServerAddress], dict[bytes, list[int]]] | None = None
+        self._last_refs: list[BlockRef | None] = []
+        self._plan: tuple[Sequence[ServerAddress], dict[bytes, tuple[int, ...]]] | None = None
 
     # -- the seam: PoolClient batches keys per server through _groups ------------------------------------
     def _groups(self, keys: Sequence[bytes]) -> dict[ServerAddress, list[int]]:
@@ -112,11 +154,10 @@ class ReplicatedPoolClient(PoolClient):
                 groups[servers[reps[self._rank]]].append(i)
         return groups
 
-    def _make_plan(self, keys: Sequence[bytes]) -> tuple[Sequence[ServerAddress], dict[bytes, list[int]]]:
+    def _make_plan(self, keys: Sequence[bytes]) -> tuple[Sequence[ServerAddress], dict[bytes, tuple[int, ...]]]:
         """One snapshot of servers and replica lists for a whole call: failures reported during the call
         reorder later routes, but must not move a key's rank-r replica between passes."""
-        servers = self.cluster_router.servers
-        return servers, {k: self.cluster_router.replicas(k) for k in keys}
+        return self.cluster_router.servers, self.cluster_router.replicas_many(keys)
 
     def _degraded(self, conn, exc: Exception) -> None:
         self._failed.add(conn.address)
@@ -171,7 +212,27 @@ class ReplicatedPoolClient(PoolClient):
             self._rank = 0
             if outer:
                 self._plan = None
+        self._last_refs = refs
         return refs
+
+    def get(self, keys: Sequence[bytes], into: Sequence) -> list[int | None]:
+        """As `PoolClient.get`, plus failover in the read phase: a key found on a server whose READ then failed
+        (the server died between lookup and read) is looked up and read again on its other replicas."""
+        with self._lock:
+            out = super().get(keys, into)
+            refs = self._last_refs
+            retry = [i for i, (ref, n) in enumerate(zip(refs, out, strict=True)) if ref is not None and n is None]
+            if retry:
+                for addr in {refs[i].server for i in retry}:
+                    member = self.cluster_router.member_of(addr)
+                    if member is not None:  # suspect: route its keys elsewhere for down_s
+                        self.cluster_router.shard_router.report_failure(member)
+                sub = [keys[i] for i in retry]
+                again = self._read(self._lookup([bytes(k) for k in sub], prefix=False), [into[i] for i in retry])
+                for i, n in zip(retry, again, strict=True):
+                    out[i] = n
+                self.counters.add("replica_read_retries", len(retry))
+            return out
 
     def delete(self, keys: Sequence[bytes]) -> list[bool]:
         with self._lock:

@@ -172,8 +172,10 @@ class Coordinator:
             return
         current, base = self._current_map(map_kvs)
         members = read_members(members_kvs, self.keys)
-        new = compute_map(members, current, self.num_shards, self.replicas, self.member_id, self.token,
-                          members_rev)
+        # the map's geometry is fixed when the cluster's first map is written: a coordinator started with other
+        # --shards/--replicas adopts it rather than reshuffling every shard
+        shards, replicas = (current.num_shards, current.replicas) if current else (self.num_shards, self.replicas)
+        new = compute_map(members, current, shards, replicas, self.member_id, self.token, members_rev)
         self._computed = (mv, mapv, self.token)
         if current is None or not new.same_placement(current):
             res = write_map(self.etcd, self.keys, new, base, self.token)

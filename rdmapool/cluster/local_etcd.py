@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -146,8 +147,10 @@ class LocalEtcd:
 
     @staticmethod
     def _healthy(m: Member) -> bool:
-        if m.prefix:  # inside a namespace: trust the process and probe with the netns tool
-            cmd = [*m.prefix, "curl", "-s", "-m", "1", f"{m.client_url}/health"]
+        if m.prefix:  # inside a network namespace: probe from there
+            probe = ("import sys, urllib.request\n"
+                     f"sys.stdout.write(urllib.request.urlopen('{m.client_url}/health', timeout=1).read().decode())")
+            cmd = [*m.prefix, sys.executable, "-c", probe]
             try:
                 out = subprocess.run(cmd, capture_output=True, timeout=3).stdout
             except (OSError, subprocess.TimeoutExpired):

@@ -30,14 +30,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import xxhash
 
+from rdmapool.cluster.repair import balance_primaries, overflow_fill
+from rdmapool.cluster.scores import GOLD, mix, quotas, rendezvous_scores, server_seed
 from rdmapool.errors import UsageError
 
 EMPTY = -1
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLD = np.uint64(0x9E3779B97F4A7C15)
 _CHUNK_CELLS = 1 << 22  # score-matrix cells per chunk (32 MiB of float64)
 
 
@@ -68,28 +66,6 @@ class Placement:
 
     def rows_as_ids(self, shard: int) -> list[str]:
         return [self.ids[i] for i in self.table[shard] if i >= 0]
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser, vectorised (uint64 arithmetic wraps)."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * _M1
-    x = x ^ (x >> np.uint64(27))
-    x = x * _M2
-    return x ^ (x >> np.uint64(31))
-
-
-def server_seed(server_id: str) -> int:
-    return xxhash.xxh64_intdigest(server_id.encode())
-
-
-def rendezvous_scores(shards: np.ndarray, seeds: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Weighted rendezvous score for every (shard, server): -ln(u)/w, lower is preferred; inf where w == 0."""
-    with np.errstate(over="ignore"):
-        h = _mix(shards.astype(np.uint64)[:, None] * _GOLD ^ seeds[None, :])
-    u = ((h >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
-    with np.errstate(divide="ignore"):
-        return -np.log(u) / weights[None, :]
 
 
 def _domain_codes(nodes: Sequence[Node], level: str) -> np.ndarray:
@@ -136,18 +112,6 @@ def _cap_domains(w: np.ndarray, dom: np.ndarray, replicas: int) -> np.ndarray:
     return w
 
 
-def _quotas(w: np.ndarray, slots: int) -> np.ndarray:
-    if w.sum() <= 0:
-        return np.zeros(len(w), dtype=np.int64)
-    exact = w / w.sum() * slots
-    q = np.floor(exact).astype(np.int64)
-    short = slots - int(q.sum())
-    if short > 0:
-        order = np.lexsort((np.arange(len(w)), -(exact - q)))
-        q[order[:short]] += 1
-    return q
-
-
 def _compact_rows(table: np.ndarray) -> np.ndarray:
     """Move each row's valid entries to the front, keeping their order."""
     valid = table >= 0
@@ -189,10 +153,11 @@ def place(
     w = _cap_domains(w_raw, dom, R)
     placeable = w > 0
     usable_R = min(R, len(np.unique(dom[placeable]))) if placeable.any() else 0
-    quota = _quotas(w, S * usable_R)
+    quota = quotas(w, S * usable_R)
     seeds = np.array([server_seed(i) for i in ids], dtype=np.uint64)
 
     table = np.full((S, R), EMPTY, dtype=np.int32)
+    kept = np.zeros((S, R), dtype=bool)
     if previous is not None:
         old_ids, old_table = previous
         old_table = np.asarray(old_table)
@@ -209,7 +174,10 @@ def place(
         table = _compact_rows(table)
         _shed(table, quota, seeds, w, dom)
         table = _compact_rows(table)
+    kept = (table >= 0) if previous is not None else kept  # entries that hold data already
     overflow = _fill(table, quota, seeds, w, dom, usable_R) if usable_R else 0
+    if R > 1 and usable_R:
+        balance_primaries(table, kept, w, seeds)
     return Placement(ids, table, quota, spread, overflow)
 
 
@@ -244,7 +212,7 @@ def _shed(table: np.ndarray, quota: np.ndarray, seeds: np.ndarray, w: np.ndarray
         return
     sel = over[servers]
     rows, cols, servers = rows[sel], cols[sel], servers[sel]
-    h = _mix(rows.astype(np.uint64) * _GOLD ^ seeds[servers])
+    h = mix(rows.astype(np.uint64) * GOLD ^ seeds[servers])
     u = ((h >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
     score = -np.log(u) / w[servers]
     receivable = _receivable(table, rows, cols, quota, load, w, dom)
@@ -269,6 +237,7 @@ def _fill(table: np.ndarray, quota: np.ndarray, seeds: np.ndarray, w: np.ndarray
             chunk = max(1, _CHUNK_CELLS // max(N, 1))
             choice = np.empty(len(vacant), dtype=np.int64)
             best = np.empty(len(vacant), dtype=np.float64)
+            alternatives = np.empty(len(vacant), dtype=np.int64)
             for a in range(0, len(vacant), chunk):
                 rows = vacant[a:a + chunk]
                 sc = rendezvous_scores(rows, seeds, w)
@@ -278,17 +247,19 @@ def _fill(table: np.ndarray, quota: np.ndarray, seeds: np.ndarray, w: np.ndarray
                     sc[dom[None, :] == dom[taken][:, None]] = np.inf
                 choice[a:a + chunk] = np.argmin(sc, axis=1)
                 best[a:a + chunk] = sc[np.arange(len(rows)), choice[a:a + chunk]]
+                alternatives[a:a + chunk] = np.isfinite(sc).sum(axis=1)
             stuck = ~np.isfinite(best)
-            if stuck.any():
-                overflow += _overflow_fill(table, vacant[stuck], k, load, quota, w, dom)
-                count[vacant[stuck]] = (table[vacant[stuck]] >= 0).sum(axis=1)
-                # swaps changed other rows and quotas: propose again (a stuck row left unfilled had no
-                # eligible server at all and is dropped)
-                vacant = vacant[~stuck]
-                continue
+            if stuck.all():
+                # only rows no server with quota left can take: repair them together (swaps), once the others
+                # are placed; a row left unfilled had no eligible server at all
+                overflow += overflow_fill(table, vacant, k, load, quota, w, dom)
+                count[vacant] = (table[vacant] >= 0).sum(axis=1)
+                break
             live = ~stuck
             rows, choice, best = vacant[live], choice[live], best[live]
-            order = np.lexsort((best, choice))
+            # an over-asked server keeps the most constrained rows first (fewest servers they could still
+            # use), then its best scores: fewer rows end up with no eligible server (each such row costs a swap)
+            order = np.lexsort((best, alternatives[live], choice))
             c_sorted = choice[order]
             starts = np.searchsorted(c_sorted, c_sorted, side="left")
             accept = order[(np.arange(len(order)) - starts) < rem[c_sorted]]
@@ -297,55 +268,5 @@ def _fill(table: np.ndarray, quota: np.ndarray, seeds: np.ndarray, w: np.ndarray
             count[rows[accept]] = k + 1
             done = np.zeros(len(rows), dtype=bool)
             done[accept] = True
-            vacant = rows[~done]
+            vacant = np.concatenate([rows[~done], vacant[stuck]])
     return overflow
-
-
-def _overflow_fill(table: np.ndarray, rows: np.ndarray, k: int, load: np.ndarray, quota: np.ndarray,
-                   w: np.ndarray, dom: np.ndarray) -> int:
-    """Rows whose eligible servers are all at quota (the servers with quota left share a domain with the row).
-
-    First try a swap: some server X with quota left is ineligible for row r; find another row r2 holding a
-    server Y that r can take and that can take X in Y's place: r gets Y, r2 gets X (one extra move, quotas
-    kept). Failing that, the least loaded eligible server goes one slot over quota. Returns slots over quota."""
-    S = table.shape[0]
-    overflow = 0
-    dom_table = np.where(table >= 0, dom[np.maximum(table, 0)], -1)
-    window = min(S, 2048)
-    for n, r in enumerate(rows):
-        used = dom_table[r, :k]
-        if _swap_into(table, dom_table, int(r), k, used, load, quota, w, dom, (int(r) * 7919 + n) % S, window):
-            continue
-        ok = (w > 0) & ~np.isin(dom, used)
-        if not ok.any():
-            continue
-        ratio = np.where(ok, (load + 1) / np.maximum(quota, 1).astype(np.float64), np.inf)
-        s = int(np.argmin(ratio))
-        table[r, k] = s
-        dom_table[r, k] = dom[s]
-        load[s] += 1
-        overflow += 1
-    return overflow
-
-
-def _swap_into(table: np.ndarray, dom_table: np.ndarray, r: int, k: int, used: np.ndarray, load: np.ndarray,
-               quota: np.ndarray, w: np.ndarray, dom: np.ndarray, offset: int, window: int) -> bool:
-    S = table.shape[0]
-    has_room = np.nonzero((quota - load > 0) & (w > 0))[0]
-    for x in has_room[np.argsort(load[has_room] - quota[has_room])][:4]:
-        dx = dom[x]
-        for a in range(0, S, window):
-            lo = (offset + a) % S
-            rows2 = np.arange(lo, min(lo + window, S))
-            sub = table[rows2]
-            ok_row = ~(dom_table[rows2] == dx).any(axis=1) & (rows2 != r)
-            ok_y = (sub >= 0) & ~np.isin(dom_table[rows2], used) & ok_row[:, None]
-            hit = np.argwhere(ok_y)
-            if len(hit):
-                i, j = hit[np.argmax(hit[:, 1])]  # change a row's last replica, never a primary if avoidable
-                r2, y = int(rows2[i]), int(sub[i, j])
-                table[r, k], dom_table[r, k] = y, dom[y]
-                table[r2, j], dom_table[r2, j] = x, dx
-                load[x] += 1
-                return True
-    return False

@@ -99,6 +99,16 @@ class ShardRouter:
                 (down if self._down.get(sid, 0.0) > now else healthy).append(m)
         return Route(shard, smap.epoch, tuple(healthy + down))
 
+    def down_now(self) -> frozenset[str]:
+        """Members this client saw fail within `down_s` (cheap when none)."""
+        if not self._down:
+            return frozenset()
+        now = self.clock()
+        with self._lock:
+            for sid in [s for s, until in self._down.items() if until <= now]:
+                del self._down[sid]
+            return frozenset(self._down)
+
     def report_failure(self, member_id: str) -> None:
         with self._lock:
             self._down[member_id] = self.clock() + self.down_s

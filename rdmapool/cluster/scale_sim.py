@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rdmapool.cluster.placement import Node, Placement, place, rendezvous_scores, server_seed
+from rdmapool.cluster.placement import Node, Placement, place
+from rdmapool.cluster.scores import rendezvous_scores, server_seed
 
 GIB = 1 << 30
 CAPS_UNEQUAL = np.array([64, 128, 256, 512]) * GIB
@@ -37,6 +38,13 @@ def balance(p: Placement, nodes: list[Node]) -> float:
     expected = p.table.size * w / w.sum()
     loads = np.bincount(p.table[p.table >= 0], minlength=len(nodes))
     return float((loads / expected).max())
+
+
+def primary_balance(p: Placement, nodes: list[Node]) -> float:
+    """Max over servers of (shards where it is the first replica) / (its capacity share of all shards)."""
+    w = np.array([n.capacity for n in nodes])
+    first = np.bincount(p.table[:, 0][p.table[:, 0] >= 0], minlength=len(nodes))
+    return float((first / (p.table.shape[0] * w / w.sum())).max())
 
 
 def moved(a: Placement, b: Placement) -> int:
@@ -109,7 +117,7 @@ def run_case(n: int, unequal: bool, R: int, S: int, seed: int = 1) -> dict:
     rack_of = np.array([rack_code[x.rack] for x in nodes])
     spread, server_loss, rack_loss = loss_shares(p.table, rack_of)
     rng = np.random.default_rng(seed + 100)
-    join_ratio, leave_ratio, inc_s = [], [], []
+    join_ratio, leave_ratio, inc_s, prim_after, bal_after = [], [], [], [], []
     for trial in range(3):
         cap = float(np.median([x.capacity for x in nodes]))
         newcomer = Node(f"new{trial}", cap, rack=nodes[int(rng.integers(n))].rack, host=f"newhost{trial}")
@@ -117,11 +125,14 @@ def run_case(n: int, unequal: bool, R: int, S: int, seed: int = 1) -> dict:
         j = place([*nodes, newcomer], S, R, (p.ids, p.table))
         inc_s.append(time.perf_counter() - t)
         join_ratio.append(moved(p, j) / max(1, minimum_moves(p, j)))
+        prim_after.append(primary_balance(j, [*nodes, newcomer]))
+        bal_after.append(balance(j, [*nodes, newcomer]))
         gone = int(rng.integers(n))
         t = time.perf_counter()
         lv = place([x for i, x in enumerate(nodes) if i != gone], S, R, (p.ids, p.table))
         inc_s.append(time.perf_counter() - t)
         leave_ratio.append(moved(p, lv) / max(1, minimum_moves(p, lv)))
+        bal_after.append(balance(lv, [x for i, x in enumerate(nodes) if i != gone]))
     base = rendezvous_top_r(nodes, S, R)
     b_spread, _, b_rack_loss = loss_shares(base, rack_of)
     w = np.array([x.capacity for x in nodes])
@@ -131,6 +142,9 @@ def run_case(n: int, unequal: bool, R: int, S: int, seed: int = 1) -> dict:
         "servers": n, "capacities": "unequal" if unequal else "equal", "R": R, "shards": S,
         "racks": len(rack_code), "spread_level": p.spread,
         "balance": round(balance(p, nodes), 4),
+        "balance_after_changes": round(float(np.max(bal_after)), 4),
+        "primary_balance": round(primary_balance(p, nodes), 4),
+        "primary_balance_after_join": round(float(np.max(prim_after)), 4),
         "join_moves_over_min": round(float(np.mean(join_ratio)), 4),
         "join_moves_over_min_max": round(float(np.max(join_ratio)), 4),
         "leave_moves_over_min": round(float(np.mean(leave_ratio)), 4),
@@ -208,6 +222,8 @@ def render(rows: list[dict], figures: list[str], meta: dict) -> str:
         f"- {meta['shards']} shards; racks = max(4, servers / 20), one server per host; unequal capacities drawn",
         "  from {64, 128, 256, 512} GiB, equal = 256 GiB each.",
         "- *balance*: max over servers of load / (capacity share x all replica slots); goal <= 1.10 at 1,000.",
+        "- *first-replica balance*: the same for the shards a server is read first for (reads go to the first",
+        "  healthy replica); after a join the newcomer is promoted to first replica for its share at once.",
         "- *moves / minimum*: replica slots whose server changed, over the least any placement must move",
         "  (sum of max(0, new quota - old load)); mean of 3 joins (a median-capacity server into a random rack) and",
         "  3 leaves (a random server); goal <= 1.2.",
@@ -216,15 +232,16 @@ def render(rows: list[dict], figures: list[str], meta: dict) -> str:
         "  ~1,000 virtual nodes per server scaled by capacity (R = 1 balance only).",
         f"- Machine: {meta['machine']}; {meta['date']}; total {meta['seconds']:.0f} s.",
         "",
-        "| servers | caps | R | balance | join moves/min (max) | leave moves/min (max) | distinct racks |"
+        "| servers | caps | R | balance (after join/leave) | first-replica balance (after a join) | join moves/min (max) | leave moves/min (max) | distinct racks |"
         " worst server loss | worst rack loss | rendezvous: balance / distinct / rack loss | ring balance |"
         " fresh s | incr s |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in rows:
         ring = "-" if r["baseline_ring1000_balance_R1"] is None else f"{r['baseline_ring1000_balance_R1']:.3f}"
         lines.append(
-            f"| {r['servers']} | {r['capacities']} | {r['R']} | {r['balance']:.4f} | "
+            f"| {r['servers']} | {r['capacities']} | {r['R']} | {r['balance']:.4f} ({r['balance_after_changes']:.4f}) | "
+            f"{r['primary_balance']:.3f} ({r['primary_balance_after_join']:.3f}) | "
             f"{r['join_moves_over_min']:.3f} ({r['join_moves_over_min_max']:.3f}) | "
             f"{r['leave_moves_over_min']:.3f} ({r['leave_moves_over_min_max']:.3f}) | "
             f"{r['distinct_rack_share']:.4f} | {r['worst_server_loss']:.5f} | {r['worst_rack_loss']:.5f} | "
@@ -239,24 +256,38 @@ def render(rows: list[dict], figures: list[str], meta: dict) -> str:
 
 def reading(rows: list[dict]) -> str:
     big = [r for r in rows if r["servers"] == max(x["servers"] for x in rows)]
-    worst_bal = max(r["balance"] for r in big)
-    worst_move = max(max(r["join_moves_over_min_max"], r["leave_moves_over_min_max"]) for r in rows)
+    worst_bal = max(max(r["balance"], r["balance_after_changes"]) for r in big)
+    ring = [r["baseline_ring1000_balance_R1"] for r in big if r["baseline_ring1000_balance_R1"] is not None]
+
+    def worst_moves(sel) -> float:
+        return max(max(r["join_moves_over_min_max"], r["leave_moves_over_min_max"]) for r in sel)
+    ge100 = [r for r in rows if r["servers"] >= 100]
+    small = [r for r in rows if r["servers"] < 100]
+    over = [r for r in rows if max(r["join_moves_over_min"], r["leave_moves_over_min"]) > 1.2]
     r2_rack = max(r["worst_rack_loss"] for r in rows if r["R"] >= 2)
     base_r2 = max(r["baseline_rendezvous_worst_rack_loss"] for r in rows if r["R"] == 2)
-    ring = [r["baseline_ring1000_balance_R1"] for r in big if r["baseline_ring1000_balance_R1"] is not None]
-    small = [r for r in rows if r["servers"] == 10 and r["R"] >= 2]
-    return (
-        f"- Balance at {big[0]['servers']} servers: worst {worst_bal:.4f} (goal 1.10); the ring baseline gives "
-        f"{max(ring) if ring else float('nan'):.3f}. Imbalance left is quota rounding (one slot of ~S*R/N).\n"
-        f"- Moves: worst case over all runs {worst_move:.3f} x the minimum (goal 1.2). Extra moves come from "
-        "quota rounding and from swaps that keep racks distinct when the servers with quota left share a rack "
-        "with a shard's other replicas (visible at 10 servers).\n"
-        f"- With R >= 2 no rack loss loses a key (worst {r2_rack:.5f}); rendezvous top-2 ignoring racks loses up "
-        f"to {base_r2:.4f} of keys to one rack.\n"
-        "- At 10 servers with 4 racks and unequal capacity, a rack can hold more than 1/R of the capacity; "
-        "placement caps it (one replica per shard per rack), so balance against raw capacity is worse there "
-        f"({', '.join(str(r['balance']) for r in small)} for R = 2, 3): that is the rack constraint, not rounding."
-    )
+    capped = [r for r in rows if r["balance"] > 1.05]
+    lines = [
+        f"- Balance at {big[0]['servers']} servers, fresh and after each join/leave: worst {worst_bal:.4f} (goal 1.10); the ring baseline gives "
+        f"{max(ring) if ring else float('nan'):.3f}, rendezvous top-R without quotas up to "
+        f"{max(r['baseline_rendezvous_balance'] for r in big):.3f}. What is left is quota rounding (one slot "
+        "in ~S*R/N).",
+        f"- Moves at 100 and 1,000 servers: worst {worst_moves(ge100):.3f} x the minimum (goal 1.2). At 10 servers: "
+        f"worst {worst_moves(small):.3f}. The minimum here ignores racks; when racks are at their cap (a rack may "
+        "hold one replica of each shard, so with R = 3 over 4 racks a rack with >= 1/3 of the capacity must be in "
+        "*every* shard) a join or leave forces extra moves that no placement avoids: rows lacking a now-capped "
+        "rack must change a replica. Over the goal (mean): "
+        + (", ".join(f"{r['servers']} {r['capacities']} R={r['R']}" for r in over) or "none") + ".",
+        f"- With R >= 2 no rack loss loses a key (worst {r2_rack:.5f}), and no single server loss either; "
+        f"rendezvous top-2 ignoring racks loses up to {base_r2:.4f} of keys to one rack (more with fewer racks).",
+        "- Balance above 1.05 only where a rack holds more than 1/R of the capacity and is capped: "
+        + (", ".join(f"{r['servers']} {r['capacities']} R={r['R']}: {r['balance']}" for r in capped) or "none")
+        + ". The capped rack's servers get less than their capacity share; that is the rack constraint.",
+        "- Placement time: a fresh map for 1,000 servers x 65,536 shards takes seconds (numpy, one core); "
+        "incremental maps after a join or leave take tens of milliseconds, small clusters with tight racks up to "
+        "a few seconds (the swap search).",
+    ]
+    return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:

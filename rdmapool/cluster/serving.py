@@ -9,6 +9,8 @@ from etcd stops taking writes about when the cluster writes it off (reads of wha
 
 from __future__ import annotations
 
+import json
+
 import msgpack
 
 from rdmapool.cluster.agent import AgentConfig, ClusterAgent
@@ -69,3 +71,21 @@ def start_from_args(server, args) -> ClusterAgent:
     cfg = AgentConfig(ttl=args.member_ttl, num_shards=args.shards, replicas=args.replicas,
                       coordinator=not args.no_coordinator)
     return join_cluster(server, etcd, ClusterKeys(args.cluster), record, cfg)
+
+
+def drain_step(agent: ClusterAgent) -> bool:
+    """One step of `rdmapool server`'s drain (SIGUSR1): mark DRAINING once; True when the map no longer lists
+    this server, so the server can leave (revoking its lease removes the record at once)."""
+    from rdmapool.cluster.membership import MemberState
+    from rdmapool.errors import ServerUnavailable
+
+    try:
+        if agent.session.record.state is not MemberState.DRAINING:
+            agent.drain()
+            print(json.dumps({"cluster_event": "draining"}), flush=True)
+        if agent.drained():
+            print(json.dumps({"cluster_event": "drained"}), flush=True)
+            return True
+    except ServerUnavailable:
+        pass  # etcd unreachable: try again on the next tick
+    return False

@@ -8,7 +8,7 @@ can be sure its lease is alive (local clock, see `lease.py`). A server cut off f
 accepting writes no later than one TTL after its last successful refresh — about when etcd deletes its record
 and the coordinator moves its shards — so clients with a stale map cannot keep filling a server that the rest
 of the cluster has written off. When etcd is reachable again the session re-registers with a new lease (state
-JOINING, then the state it had), and the coordinator places shards on it again.
+the record it last published), and the coordinator places shards on it again.
 
 Events ("registered", "lost", "state") are queued; the owner drains them with `take_events()`.
 """
@@ -63,6 +63,15 @@ class MembershipSession:
         if self._keeper is not None and self._keeper.alive():
             self.etcd.put(self.keys.member(self.record.id), self.record.encode(), lease=self._keeper.lease_id)
         self._emit("state", state)
+
+    def update(self, record: MemberRecord) -> None:
+        """Publish a changed record (e.g. capacity); the coordinator rebalances on it."""
+        if record.id != self.record.id:
+            raise UsageError("a session cannot change its member id")
+        self.record = record
+        if self._keeper is not None and self._keeper.alive():
+            self.etcd.put(self.keys.member(record.id), record.encode(), lease=self._keeper.lease_id)
+        self._emit("updated", record.capacity)
 
     def take_events(self) -> list[tuple[str, object]]:
         with self._lock:

@@ -39,13 +39,17 @@ def render(stats: dict, previous: dict | None, interval: float) -> str:
     for tenant, t in stats.get("tenants", {}).items():
         for c in t.get("classes", []):
             lines.append(f"{tenant:<12}{_size(c['capacity']):>10}{c['slots']:>8}{c['free']:>8}{c['writing']:>8}"
-                         f"{c['resident']:>9}{c['retired']:>8}{c['leased']:>8}{c['resident_bytes'] / 2**20:>14.1f}")
+                         f"{c['resident']:>9}{c['retired']:>8}{_opt(c['leased']):>8}{c['resident_bytes'] / 2**20:>14.1f}")
     lines += ["", f"{'event':<28}{'total':>12}{'per s':>10}"]
     prev = (previous or {}).get("counters", {})
     for name, value in sorted(stats.get("counters", {}).items()):
         rate = (value - prev.get(name, 0)) / interval if previous else 0.0
         lines.append(f"{name:<28}{value:>12}{rate:>10.1f}")
     return "\n".join(lines)
+
+
+def _opt(v: int | None) -> str:
+    return "-" if v is None else str(v)
 
 
 def _size(n: int) -> str:

@@ -33,7 +33,7 @@ from rdmapool.errors import UsageError
 from rdmapool.policy import BlockInfo
 from rdmapool.policy import create as create_policy
 from rdmapool.server.lifecycle import SlotState
-from rdmapool.server.slots import NEVER, Slot, SlotClass, plan_classes
+from rdmapool.server.slots import NEVER, NO_HINT, BlockHint, Slot, SlotClass, plan_classes
 from rdmapool.transport.base import RegionDescriptor
 
 #: how many leased victims the policy may name before an allocate gives up on a full class
@@ -125,8 +125,10 @@ class PoolCore:
                 continue
             if slot.lease_until < lease_until:
                 slot.lease_until = lease_until
-            slot.last_access = now
-            slot.cls.policy.on_access(key, now)
+            if slot.last_access != now:
+                # one access report per key and call: a request naming a key 4096 times is one access
+                slot.last_access = now
+                slot.cls.policy.on_access(key, now)
             out.append(SlotRef(base + slot.offset, rkey, slot.generation, slot.length, slot.cls.layout.capacity))
         hits = len(out) - (0 if prefix else misses)
         self.counters["lookup_hits"] += hits
@@ -134,14 +136,16 @@ class PoolCore:
         self.counters["lookup_misses"] += misses
         return out
 
-    def allocate(self, tenant: str, keys: Sequence[bytes], lengths: Sequence[int], now: float) -> list[Grant]:
+    def allocate(self, tenant: str, keys: Sequence[bytes], lengths: Sequence[int], now: float,
+                 hints: Sequence[BlockHint] | None = None) -> list[Grant]:
         pool = self._pool(tenant)
-        if len(keys) != len(lengths):
-            raise UsageError("allocate needs one length per key")
+        hints = hints if hints is not None else [NO_HINT] * len(keys)
+        if not len(keys) == len(lengths) == len(hints):
+            raise UsageError("allocate needs one length (and one hint, if any) per key")
         self.sweep(now)
         grants = []
-        for key, length in zip(keys, lengths, strict=True):
-            grant = self._allocate_one(pool, key, length, now)
+        for key, length, hint in zip(keys, lengths, hints, strict=True):
+            grant = self._allocate_one(pool, key, length, hint, now)
             self.counters[f"allocate_{grant.status.name.lower()}"] += 1
             grants.append(grant)
         return grants
@@ -157,7 +161,7 @@ class PoolCore:
             if ok:
                 slot.move(SlotState.RESIDENT)
                 slot.committed_at = slot.last_access = now
-                slot.cls.policy.on_insert(BlockInfo(key, slot.length, tenant=tenant), now)
+                slot.cls.policy.on_insert(_info(key, slot.length, slot.hint, tenant), now)
                 self._push_ttl(pool, slot, now)
             self.counters["commits" if ok else "commit_rejected"] += 1
             results.append(ok)
@@ -191,8 +195,9 @@ class PoolCore:
         for key in keys:
             slot = pool.index.get(key)
             if slot is not None and slot.state is SlotState.RESIDENT:
-                slot.last_access = now
-                slot.cls.policy.on_access(key, now)
+                if slot.last_access != now:  # one access report per key and call
+                    slot.last_access = now
+                    slot.cls.policy.on_access(key, now)
                 n += 1
         self.counters["touches"] += n
         return n
@@ -222,31 +227,31 @@ class PoolCore:
         except KeyError:
             raise UsageError(f"unknown tenant {tenant!r}") from None
 
-    def _allocate_one(self, pool: TenantPool, key: bytes, length: int, now: float) -> Grant:
+    def _allocate_one(self, pool: TenantPool, key: bytes, length: int, hint: BlockHint, now: float) -> Grant:
         if key in pool.index:
             return Grant(AllocStatus.EXISTS)
         ci = pool.class_for(length)
         if ci is None:
             return Grant(AllocStatus.TOO_BIG)
         cls = pool.classes[ci]
-        slot = cls.take_free() or self._evict_for(pool, ci, key, length, now)
+        slot = cls.take_free() or self._evict_for(pool, ci, _info(key, length, hint, pool.name), now)
         if slot is None:
             return Grant(AllocStatus.FULL)
         slot.move(SlotState.WRITING)
         slot.generation = self._next_generation
         self._next_generation += 1
-        slot.key, slot.length = key, length
+        slot.key, slot.length, slot.hint = key, length, hint
         slot.lease_until = NEVER
         slot.deadline = now + self.config.reservation_s
         pool.index[key] = slot
         heapq.heappush(self._reservations, (slot.deadline, slot.generation, pool.name, slot))
         return Grant(AllocStatus.OK, pool.ref(slot))
 
-    def _evict_for(self, pool: TenantPool, ci: int, key: bytes, length: int, now: float) -> Slot | None:
-        """Free one slot of class `ci` by evicting an unleased resident block, if the policy admits `key`."""
+    def _evict_for(self, pool: TenantPool, ci: int, info: BlockInfo, now: float) -> Slot | None:
+        """Free one slot of class `ci` by evicting an unleased resident block, if the policy admits `info`."""
         cls = pool.classes[ci]
         policy = cls.policy
-        if not policy.admit(BlockInfo(key, length, tenant=pool.name), now):
+        if not policy.admit(info, now):
             self.counters["admission_rejected"] += 1
             return None
         grace = self.config.grace_s
@@ -298,20 +303,26 @@ class PoolCore:
             heapq.heappush(self._ttl, (deadline, slot.generation, pool.name, slot))
 
     # ---- observability ----------------------------------------------------------------------------------
-    def snapshot(self, now: float) -> dict:
-        """Slots by state, bytes, active leases, per tenant and class, plus the operation counters.
-        O(slots): for scrapes and `stats`, never on the hot path."""
+    def snapshot(self, now: float, count_leases: bool = True) -> dict:
+        """Slots by state, resident bytes, per tenant and class (O(classes), kept incrementally), the operation
+        counters, and with `count_leases` the slots under an unexpired lease (a scan of all slots)."""
         tenants = {}
         for pool in self.tenants.values():
             classes = []
             for cls in pool.classes:
-                states = Counter(s.state.name.lower() for s in cls.slots)
                 classes.append({
                     "capacity": cls.capacity,
                     "slots": len(cls.slots),
-                    **{st.name.lower(): states.get(st.name.lower(), 0) for st in SlotState},
-                    "resident_bytes": sum(s.length for s in cls.slots if s.state is SlotState.RESIDENT),
-                    "leased": sum(1 for s in cls.slots if s.state is not SlotState.FREE and s.lease_until > now),
+                    **{st.name.lower(): cls.counts[st] for st in SlotState},
+                    "resident_bytes": cls.resident_bytes,
+                    "leased": cls.leased(now) if count_leases else None,
                 })
             tenants[pool.name] = {"region_bytes": pool.region.length, "keys": len(pool.index), "classes": classes}
         return {"tenants": tenants, "counters": dict(self.counters)}
+
+    def total_slots(self) -> int:
+        return sum(len(cls.slots) for pool in self.tenants.values() for cls in pool.classes)
+
+
+def _info(key: bytes, length: int, hint: BlockHint, tenant: str) -> BlockInfo:
+    return BlockInfo(key, length, parent=hint.parent, depth=hint.depth, tenant=tenant, tokens=hint.tokens)

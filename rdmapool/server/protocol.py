@@ -13,7 +13,7 @@ Requests and replies (every request also has `v`, `id`, `op`; every reply `v`, `
                                           max_frame, size_classes}
     lookup    {keys, prefix=true}     -> {hits: bytes, 32 per hit: addr, rkey, generation, length as u64 LE;
                                           generation 0 marks a miss (prefix=false only)}
-    allocate  {keys, lengths}         -> {grants: [[status] | [status, addr, rkey, generation, capacity], ...]}
+    allocate  {keys, lengths, hints?} -> {grants: [[status] | [status, addr, rkey, generation, capacity], ...]}
     commit    {items: [[key, gen]]}   -> {results: [bool, ...]}
     abort     {items: [[key, gen]]}   -> {results: [bool, ...]}
     delete    {keys}                  -> {results: [bool, ...]}
@@ -32,6 +32,10 @@ from rdmapool.config import ServerConfig
 from rdmapool.errors import AuthError, ProtocolError, UsageError
 from rdmapool.server import wire
 from rdmapool.server.core import AllocStatus, PoolCore
+from rdmapool.server.slots import BlockHint
+
+#: the `stats` op counts leased slots only up to this pool size (the metrics endpoint always counts them)
+LEASE_SCAN_MAX_SLOTS = 1 << 16
 
 
 class SessionState(enum.Enum):
@@ -109,10 +113,30 @@ class Handler:
         if self.write_gate is not None and not self.write_gate():
             self.core.counters["writes_refused"] += len(keys)
             return {"grants": [[AllocStatus.REFUSED.value] for _ in keys]}
-        grants = self.core.allocate(tenant, keys, lengths, now)
+        grants = self.core.allocate(tenant, keys, lengths, now, self._hints(msg, len(keys)))
         return {"grants": [[g.status.value] if g.slot is None else
                            [g.status.value, g.slot.addr, g.slot.rkey, g.slot.generation, g.slot.capacity]
                            for g in grants]}
+
+    def _hints(self, msg: dict, n: int) -> list[BlockHint] | None:
+        """Optional per-key `hints: [[parent key | nil, depth, tokens], ...]` for the eviction policy."""
+        if msg.get("hints") is None:
+            return None
+        raw = wire.get_list(msg, "hints", self.config.max_keys)
+        if len(raw) != n:
+            raise ProtocolError("allocate: hints must have one entry per key")
+        out = []
+        for i, h in enumerate(raw):
+            if not (isinstance(h, list) and len(h) == 3):
+                raise ProtocolError(f"hints[{i}] must be [parent, depth, tokens]")
+            parent, depth, tokens = h
+            if parent is not None:
+                wire.check_key(parent, f"hints[{i}] parent")
+            for v, lo in ((depth, -1), (tokens, 0)):
+                if not isinstance(v, int) or isinstance(v, bool) or not lo <= v < 2**31:
+                    raise ProtocolError(f"hints[{i}]: depth >= -1 and tokens >= 0, both below 2**31")
+            out.append(BlockHint(parent, depth, tokens))
+        return out
 
     def _commit(self, tenant: str, msg: dict, now: float) -> dict:
         items = wire.get_key_generations(msg, "items", self.config.max_keys)
@@ -129,7 +153,9 @@ class Handler:
         return {"count": self.core.touch(tenant, self._keys(msg), now)}
 
     def _stats(self, tenant: str, msg: dict, now: float) -> dict:
-        return {"stats": {"server": self.info.to_dict(), **self.core.snapshot(now)}}
+        # counting leases scans every slot, which would stall this server's loop on a big pool
+        scan = self.core.total_slots() <= LEASE_SCAN_MAX_SLOTS
+        return {"stats": {"server": self.info.to_dict(), **self.core.snapshot(now, count_leases=scan)}}
 
 
 class ServerSession:

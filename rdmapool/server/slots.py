@@ -25,11 +25,25 @@ def stride_for(capacity: int) -> int:
     return -(-(capacity + OVERHEAD) // ALIGN) * ALIGN
 
 
+@dataclass(frozen=True, slots=True)
+class BlockHint:
+    """What a writer may tell about a block for the eviction policy: its parent key in a prefix chain, its depth
+    in the chain (-1 unknown) and how many tokens it holds (0 unknown). Keys stay opaque: a parent is just
+    another key of the same tenant."""
+
+    parent: bytes | None = None
+    depth: int = -1
+    tokens: int = 0
+
+
+NO_HINT = BlockHint()
+
+
 class Slot:
     """One slot's metadata (the server never reads or writes the slot's bytes)."""
 
     __slots__ = ("cls", "index", "offset", "state", "generation", "key", "length", "lease_until",
-                 "deadline", "committed_at", "last_access", "free_at")
+                 "deadline", "committed_at", "last_access", "free_at", "hint")
 
     def __init__(self, cls: SlotClass, index: int, offset: int) -> None:
         self.cls = cls
@@ -44,9 +58,17 @@ class Slot:
         self.committed_at = 0.0
         self.last_access = 0.0
         self.free_at = 0.0  # RETIRED: when it may become FREE
+        self.hint: BlockHint = NO_HINT  # chain position the writer reported, for the eviction policy
 
     def move(self, dst: SlotState) -> None:
         check_move(self.state, dst)
+        counts = self.cls.counts
+        counts[self.state] -= 1
+        counts[dst] += 1
+        if dst is SlotState.RESIDENT:
+            self.cls.resident_bytes += self.length
+        elif self.state is SlotState.RESIDENT:
+            self.cls.resident_bytes -= self.length
         self.state = dst
 
     def unleased(self, now: float, grace: float) -> bool:
@@ -89,6 +111,9 @@ class SlotClass:
         self.policy = policy  # eviction order among this class's resident blocks
         self.slots = [Slot(self, i, layout.offset + i * layout.stride) for i in range(layout.count)]
         self.free: deque[int] = deque(range(layout.count))
+        #: slots per state (indexed by SlotState) and payload bytes resident, kept by Slot.move: O(1) stats
+        self.counts = [layout.count, 0, 0, 0]
+        self.resident_bytes = 0
 
     @property
     def capacity(self) -> int:
@@ -104,7 +129,6 @@ class SlotClass:
         slot.lease_until = NEVER
         self.free.append(slot.index)
 
-    def count(self, state: SlotState) -> int:
-        if state is SlotState.FREE:
-            return len(self.free)
-        return sum(1 for s in self.slots if s.state is state)
+    def leased(self, now: float) -> int:
+        """Slots with an unexpired read lease: a scan (O(slots)), for scrapes, not for the hot path."""
+        return sum(1 for s in self.slots if s.lease_until > now and s.state is not SlotState.FREE)

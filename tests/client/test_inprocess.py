@@ -12,6 +12,7 @@ import pytest
 from rdmapool import transport as transports
 from rdmapool.client import PoolClient, PutStatus
 from rdmapool.config import ClientConfig, ServerConfig, TenantConfig
+from rdmapool.errors import UsageError
 from rdmapool.server import MemoryServer
 from rdmapool.server.slots import stride_for
 from rdmapool.transport.base import Transport
@@ -105,17 +106,20 @@ def test_torn_read_is_a_miss_never_data(server) -> None:
         assert c.get([key(1)], [bytearray(4096)]) == [4000]
 
 
-def test_corrupted_slot_detected(server) -> None:
+@pytest.mark.parametrize("size", [1000, 256 << 10])  # hashed inline / on a worker thread
+def test_corrupted_slot_detected(server, size: int) -> None:
     with make_client(server) as c:
-        c.put([key(1)], [b"x" * 1000])
+        c.put([key(1)], [b"x" * size])
         (ref,) = c.lookup_prefix([key(1)]).refs
         region = server.regions["a"]
         off = ref.hit.addr - region.descriptor.addr
-        region.view[off + 100] ^= 1  # payload byte
-        assert c.get([key(1)], [bytearray(1000)]) == [None]
-        region.view[off + 100] ^= 1
+        region.view[off + 100 + size // 2] ^= 1  # payload byte
+        assert c.get([key(1)], [bytearray(size)]) == [None]
+        region.view[off + 100 + size // 2] ^= 1
         region.view[off + 30] ^= 1  # header key byte
-        assert c.get([key(1)], [bytearray(1000)]) == [None]
+        assert c.get([key(1)], [bytearray(size)]) == [None]
+        region.view[off + 30] ^= 1
+        assert c.get([key(1)], [bytearray(size)]) == [size]
         assert c.counters["corrupt_blocks"] == 2
 
 
@@ -176,3 +180,28 @@ def test_batches_larger_than_server_max_keys_are_split() -> None:
             bufs = [bytearray(10) for _ in keys]
             got = c.get(keys, bufs)
             assert got == [10] * 20 + [None] + [10] * 29 and bufs[49] == bytes([49]) * 10
+
+
+def test_put_with_chain_hints(server) -> None:
+    from rdmapool.client import BlockHint
+
+    with make_client(server) as c:
+        keys = [key(i) for i in range(3)]
+        hints = [BlockHint(None, 0, 16), BlockHint(keys[0], 1, 16), BlockHint(keys[1], 2, 5)]
+        assert c.put(keys, [b"a", b"b", b"c"], hints) == [PutStatus.STORED] * 3
+        assert len(c.lookup_prefix(keys)) == 3
+        with pytest.raises(UsageError):
+            c.put(keys, [b"a", b"b", b"c"], hints[:2])
+
+
+def test_connection_closed_by_server_idle_timeout_is_reopened_transparently() -> None:
+    cfg = ServerConfig(tenants=(TenantConfig("a", TOKENS["a"], 1 << 20),), size_classes=(4096,),
+                       idle_timeout_s=0.2, tick_s=0.02)
+    with MemoryServer(cfg, transport=LocalTransport()) as srv:
+        srv.transport_name = "local"
+        with make_client(srv) as c:
+            assert c.put([key(1)], [b"x"]) == [PutStatus.STORED]
+            time.sleep(0.5)  # the server closes the idle control connection
+            assert len(c.lookup_prefix([key(1)])) == 1
+            assert c.counters["unavailable"] == 0
+            assert c._conn(c.router.servers[0]).connects == 2

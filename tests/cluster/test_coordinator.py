@@ -79,6 +79,12 @@ def test_two_coordinators_race_one_leads_map_follows_members(client, keys) -> No
         assert wait_for(lambda: "s3" in router.shard_map.servers, 5.0)
         counts = router.shard_map.shard_counts()
         assert abs(counts["s3"][1] - S * 2 / 4) <= 2
+        # capacity change: s3 doubles, its share follows
+        before = router.shard_map.shard_counts()["s3"][1]
+        r3 = sessions[3].record
+        sessions[3].update(MemberRecord(r3.id, r3.control, 2 * r3.capacity_host, 0, r3.host, r3.rack,
+                                        state=MemberState.ACTIVE))
+        assert wait_for(lambda: router.shard_map.shard_counts()["s3"][1] > before * 1.25, 5.0)  # rack r0 is capped at 1/R
         # drain: the map stops listing the server, then it leaves
         sessions[3].set_state(MemberState.DRAINING)
         assert wait_for(lambda: "s3" not in router.shard_map.servers, 5.0)

@@ -5,6 +5,8 @@ server that cannot reach etcd refuses writes."""
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 
 import pytest
@@ -67,16 +69,30 @@ def test_replicated_writes_failover_and_convergence(etcd1: LocalEtcd, keys) -> N
         where = holders(servers, ks, 4096)
         for k in ks:
             assert where[k] == set(router.shard_map.replicas_for(k)), "each key on exactly its R replicas"
-        # SIGKILL the first replica of the first key: reads fail over at once, with the right bytes
+        # readers keep going while the first replica of the first key is SIGKILLed
         victim_id = router.shard_map.replicas_for(ks[0])[0]
         victim = next(s for s in servers if s.info["member_id"] == victim_id)
-        victim.kill()
+        rounds: list[tuple[float, int, int]] = []  # (time, hits, correct)
+        stop = threading.Event()
+
+        def reader() -> None:
+            while not stop.is_set():
+                bufs = [bytearray(4096) for _ in ks]
+                got = client.get(ks, bufs)
+                rounds.append((time.monotonic(), sum(n == 4096 for n in got),
+                               sum(bytes(b) == data[k] for b, k in zip(bufs, ks, strict=True))))
+        th = threading.Thread(target=reader, daemon=True)
+        th.start()
+        time.sleep(0.3)
         t0 = time.monotonic()
-        bufs = [bytearray(4096) for _ in ks]
-        got = client.get(ks, bufs)
-        first_read = time.monotonic() - t0
-        assert all(n == 4096 for n in got), "a dead server must cost no hit while a replica lives"
-        assert all(bytes(b) == data[k] for b, k in zip(bufs, ks, strict=True))
+        victim.kill()
+        time.sleep(TTL + 1.5)
+        stop.set()
+        th.join(10)
+        after = [r for r in rounds if r[0] > t0]
+        assert after and all(h == c == len(ks) for _, h, c in after), "a dead server must cost no hit"
+        first_read = after[0][0] - t0
+        print(f"under load: {len(after)} read rounds of {len(ks)} keys after the kill, all hits")
         assert client.counters.snapshot().get("replica_failovers", 0) > 0
         assert first_read < 3.0
         print(f"failover: first read of {len(ks)} keys after SIGKILL took {first_read:.3f}s, all hits")
@@ -113,3 +129,29 @@ def test_server_without_etcd_refuses_writes(keys) -> None:
         finally:
             plain.close()
             procs.stop(server)
+
+
+def test_drain_moves_shards_then_server_leaves(etcd1: LocalEtcd, keys) -> None:
+    etcd = GatewayEtcd(etcd1.endpoints)
+    servers = start_servers(etcd1.endpoints, keys.cluster, 3)
+    router = ShardRouter(etcd, keys).start()
+    client = ReplicatedPoolClient(ClusterRouter(router), config())
+    try:
+        assert wait_for(lambda: router.shard_map is not None and len(router.shard_map.servers) == 3, 15.0)
+        ks = [os.urandom(16) for _ in range(24)]
+        assert client.put(ks, [b"d" * 512] * len(ks)) == [PutStatus.STORED] * len(ks)
+        leaving = servers[2]
+        leaving.proc.send_signal(signal.SIGUSR1)
+        assert wait_for(lambda: "m2" not in router.shard_map.servers, TTL + 3.0)
+        assert leaving.proc.wait(10) == 0, "a drained server leaves by itself"
+        assert wait_for(lambda: "m2" not in router.members(), 3.0)
+        got = client.get(ks, [bytearray(512) for _ in ks])
+        assert all(n == 512 for n in got), "every key still has a replica after a drain"
+        more = [os.urandom(16) for _ in range(8)]
+        assert client.put(more, [b"e" * 512] * len(more)) == [PutStatus.STORED] * len(more)
+    finally:
+        client.close()
+        router.stop()
+        for s in servers:
+            procs.stop(s)
+        etcd.close()

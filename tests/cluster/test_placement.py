@@ -155,3 +155,15 @@ def test_property_random_clusters(specs, R, drop) -> None:
     rest = [n for i, n in enumerate(nodes) if i != drop % len(nodes)]
     q = place(rest, 256, R, (p.ids, p.table))
     assert (q.table < len(rest)).all()
+
+
+def test_first_replicas_follow_capacity_also_after_a_join() -> None:
+    nodes = cluster(20, racks=5)
+    p = place(nodes, S, 2)
+    joined_nodes = [*nodes, Node("new", 256.0, rack="r1", host="hn")]
+    j = place(joined_nodes, S, 2, (p.ids, p.table))
+    for pl, ns in ((p, nodes), (j, joined_nodes)):
+        caps = np.array([n.capacity for n in ns])
+        first = np.bincount(pl.table[:, 0], minlength=len(ns))
+        assert (first / (S * caps / caps.sum())).max() <= 1.1
+    assert moves(p, j) <= 1.2 * min_moves(p, j)  # promotion reorders rows, it does not move data

@@ -19,9 +19,9 @@ def key(i: int) -> bytes:
     return i.to_bytes(16, "big")
 
 
-def make_core(slots: int = 4, tenants: tuple[str, ...] = ("a", "b"), **options) -> PoolCore:
+def make_core(slots: int = 4, tenants: tuple[str, ...] = ("a", "b"), policy: str = "lru", **options) -> PoolCore:
     cfg = ServerConfig(
-        tenants=tuple(TenantConfig(t, f"token-{t}-secret", slots * STRIDE) for t in tenants),
+        tenants=tuple(TenantConfig(t, f"token-{t}-secret", slots * STRIDE) for t in tenants), policy=policy,
         size_classes=(CAP,), lease_s=10.0, grace_s=1.0, reservation_s=5.0, **options,
     )
     regions = {t: RegionDescriptor(0x10000 * (i + 1) * 1000, slots * STRIDE, 100 + i) for i, t in enumerate(tenants)}
@@ -39,6 +39,8 @@ def check_invariants(core: PoolCore) -> None:
             resident = [s for s in cls.slots if s.state is SlotState.RESIDENT]
             assert len(cls.policy) == len(resident)
             assert all(s.key in cls.policy for s in resident)
+            assert cls.counts == [sum(1 for s in cls.slots if s.state is st) for st in SlotState]
+            assert cls.resident_bytes == sum(s.length for s in resident)
 
 
 def put(core: PoolCore, tenant: str, k: bytes, now: float, length: int = 100) -> int:
@@ -220,3 +222,49 @@ def test_snapshot_counts_states() -> None:
     core.lookup("a", [key(1)], 0.0)
     (cls,) = core.snapshot(0.5)["tenants"]["a"]["classes"]
     assert (cls["resident"], cls["writing"], cls["free"], cls["leased"]) == (1, 1, 2, 1)
+
+
+def test_hints_reach_the_policy() -> None:
+    from rdmapool.server.slots import BlockHint
+
+    seen = []
+    core = make_core(slots=2)
+    policy = core.tenants["a"].classes[0].policy
+    original = policy.on_insert
+    policy.on_insert = lambda info, now: (seen.append(info), original(info, now))  # type: ignore[method-assign]
+    (g,) = core.allocate("a", [key(2)], [10], 0.0, [BlockHint(key(1), 1, 16)])
+    core.commit("a", [(key(2), g.slot.generation)], 0.0)
+    (info,) = seen
+    assert (info.parent, info.depth, info.tokens, info.tenant) == (key(1), 1, 16, "a")
+
+
+def test_default_policy_runs_the_flood_with_chain_hints() -> None:
+    """Whatever `default` names (it may refuse newcomers), the core stays consistent."""
+    from rdmapool.server.slots import BlockHint
+
+    core = make_core(slots=4, policy="default")
+    statuses = []
+    for i in range(200):
+        hint = BlockHint(key(i - 1) if i % 5 else None, i % 5, 16 if i % 5 < 4 else 3)
+        (g,) = core.allocate("a", [key(i)], [10], i * 0.1, [hint])
+        statuses.append(g.status)
+        if g.status is AllocStatus.OK:
+            core.commit("a", [(key(i), g.slot.generation)], i * 0.1)
+        check_invariants(core)
+    assert statuses.count(AllocStatus.OK) >= 4
+    assert set(statuses) <= {AllocStatus.OK, AllocStatus.FULL}
+
+
+def test_repeated_key_in_one_request_is_one_access() -> None:
+    """A request naming one key 4096 times must not cost 4096 policy updates (with a lazy-heap policy at one
+    timestamp that was quadratic: a client could stall the server)."""
+    import time
+
+    core = make_core(slots=4, policy="default")
+    put(core, "a", key(1), 0.0)
+    t = time.perf_counter()
+    for i in range(20):
+        assert len(core.lookup("a", [key(1)] * 4096, 1.0 + i)) == 4096
+        assert core.touch("a", [key(1)] * 4096, 1.0 + i) == 4096
+    assert time.perf_counter() - t < 5.0
+    check_invariants(core)

@@ -33,7 +33,10 @@ requests = st.fixed_dictionaries(
     optional={"keys": st.lists(st.binary(min_size=15, max_size=17), max_size=4) | msgpack_values,
               "lengths": st.lists(st.integers(min_value=-1, max_value=2**64 - 1), max_size=4) | msgpack_values,
               "items": msgpack_values, "prefix": msgpack_values, "token": msgpack_values,
-              "request": msgpack_values},
+              "request": msgpack_values,
+              "hints": st.lists(st.tuples(st.none() | st.binary(min_size=16, max_size=16),
+                                          st.integers(-2, 2**31), st.integers(-1, 2**31)).map(list), max_size=4)
+              | msgpack_values},
 )
 
 

@@ -88,6 +88,9 @@ def test_pipelined_requests_in_one_chunk_and_split_frames(handler: Handler) -> N
         frame(id=2, op="allocate", keys=[key(1)], lengths=[-1]),
         frame(id=2, op="allocate", keys=[key(1)], lengths=[1, 2]),
         frame(id=2, op="commit", items=[[key(1)]]),
+        frame(id=2, op="allocate", keys=[key(1)], lengths=[1], hints=[[b"short", 0, 0]]),
+        frame(id=2, op="allocate", keys=[key(1)], lengths=[1], hints=[[None, -2, 0]]),
+        frame(id=2, op="allocate", keys=[key(1)], lengths=[1], hints=[]),
         frame(id=-1, op="stats"),
         wire.encode({"v": 99, "id": 1}),
         wire._LEN.pack(len(msgpack.packb({"v": 1, "id": msgpack.ExtType(5, b"x")})))
@@ -108,3 +111,11 @@ def test_too_many_keys_refused(handler: Handler) -> None:
     hello(s)
     (r,) = replies(s.receive(frame(id=2, op="lookup", keys=[key(1)] * 5000), 0.0))
     assert not r["ok"] and "at most" in r["error"]
+
+
+def test_allocate_with_hints(handler: Handler) -> None:
+    s = ServerSession(handler)
+    hello(s)
+    (r,) = replies(s.receive(frame(id=2, op="allocate", keys=[key(2)], lengths=[5], hints=[[key(1), 1, 16]]), 0.0))
+    assert r["ok"] and r["grants"][0][0] == 0
+    assert handler.core.tenants["a"].index[key(2)].hint.parent == key(1)
