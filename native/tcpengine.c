@@ -151,6 +151,14 @@ typedef struct engine {
     int accept_running;
     pthread_t accept_thread;
     struct sconn *conns;
+    /* background progress of this process's client endpoints (progress_main) */
+    pthread_mutex_t eplock;
+    pthread_cond_t epcond;
+    void **eps;
+    int neps, capeps;
+    int progress_running, progress_stop;
+    pthread_t progress_thread;
+    pid_t pid; /* the creating process: a forked child has none of the threads and must not touch them */
 } engine;
 
 typedef struct sconn {
@@ -468,7 +476,10 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw) {
     if (!e) { PyErr_NoMemory(); return -1; }
     pthread_mutex_init(&e->lock, NULL);
     pthread_cond_init(&e->cond, NULL);
+    pthread_mutex_init(&e->eplock, NULL);
+    pthread_cond_init(&e->epcond, NULL);
     e->spin_us = spin_us < 0 ? 0 : spin_us;
+    e->pid = getpid();
     e->listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     if (e->listen_fd < 0 || inet_pton(AF_INET, host, &sa.sin_addr) != 1) {
@@ -596,6 +607,11 @@ static void engine_shutdown(engine *e) {
     pthread_mutex_lock(&e->lock);
     e->closing = 1;
     pthread_mutex_unlock(&e->lock);
+    pthread_mutex_lock(&e->eplock);
+    e->progress_stop = 1;
+    pthread_cond_broadcast(&e->epcond);
+    pthread_mutex_unlock(&e->eplock);
+    if (e->progress_running) { pthread_join(e->progress_thread, NULL); e->progress_running = 0; }
     shutdown(e->listen_fd, SHUT_RDWR);
     if (e->accept_running) { pthread_join(e->accept_thread, NULL); e->accept_running = 0; }
     close(e->listen_fd);
@@ -618,6 +634,10 @@ static void engine_shutdown(engine *e) {
 static PyObject *Engine_close(EngineObject *self, PyObject *unused) {
     engine *e = self->e;
     if (!e || e->closed) Py_RETURN_NONE;
+    if (e->pid != getpid()) { /* inherited through fork: the threads and locks belong to the parent */
+        self->e = NULL;
+        Py_RETURN_NONE;
+    }
     Py_BEGIN_ALLOW_THREADS
     engine_shutdown(e);
     Py_END_ALLOW_THREADS
@@ -647,6 +667,9 @@ static void Engine_dealloc(EngineObject *self) {
     engine *e = self->e;
     if (e) {
         free(e->regions);
+        free(e->eps);
+        pthread_mutex_destroy(&e->eplock);
+        pthread_cond_destroy(&e->epcond);
         pthread_mutex_destroy(&e->lock);
         pthread_cond_destroy(&e->cond);
         free(e);
@@ -722,6 +745,9 @@ typedef struct {
     long outstanding;
     uint64_t rcvtimeo_ns;
     spinner spin;
+    uint64_t last_progress_ns; /* when anyone last drove this endpoint (under lock) */
+    int waiters;               /* callers inside wait(): the background thread keeps off */
+    int registered;            /* in engine->eps */
 } EndpointObject;
 
 static inline cop *OP(EndpointObject *s, uint64_t seq) { return &s->ring[seq & (s->cap - 1)]; }
@@ -922,6 +948,7 @@ static long ep_progress_recv_mode(EndpointObject *s, int block_one) {
 }
 
 static int ep_progress(EndpointObject *s) {
+    s->last_progress_ns = now_ns();
     if (s->state != EP_READY || s->fd < 0) return 0;
     if (ep_progress_send(s) < 0) return -1;
     long got;
@@ -950,6 +977,70 @@ static int ep_grow(EndpointObject *s, uint64_t need) {
     s->ring = n;
     s->cap = ncap;
     return 0;
+}
+
+/* Background progress. Hardware moves the bytes of posted requests whether or not anyone polls; here the caller's
+ * poll()/wait() does, so a batch larger than the socket buffers would stall while the caller computes. One thread
+ * per engine ticks every BG_TICK_NS while endpoints exist and drives (non-blocking) any endpoint that has requests
+ * outstanding, nobody inside wait(), and no progress for BG_IDLE_NS. It never runs on the latency path: a caller
+ * that posts and waits keeps the endpoint fresh, and waiters are skipped (their poll(2) would not see data the
+ * background thread consumed). trylock only, so it never blocks a caller for longer than one non-blocking pass. */
+#define BG_TICK_NS 1000000ULL
+#define BG_IDLE_NS 500000ULL
+
+static void *progress_main(void *arg) {
+    engine *e = arg;
+    pthread_mutex_lock(&e->eplock);
+    while (!e->progress_stop) {
+        for (int i = 0; i < e->neps; i++) {
+            EndpointObject *s = e->eps[i];
+            if (pthread_mutex_trylock(&s->lock) != 0) continue;
+            if (!s->waiters && s->state == EP_READY && s->head < s->tail &&
+                now_ns() - s->last_progress_ns >= BG_IDLE_NS)
+                ep_progress(s);
+            pthread_mutex_unlock(&s->lock);
+        }
+        if (!e->neps) {
+            pthread_cond_wait(&e->epcond, &e->eplock);
+            continue;
+        }
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += BG_TICK_NS;
+        if (ts.tv_nsec >= 1000000000) { ts.tv_sec++; ts.tv_nsec -= 1000000000; }
+        pthread_cond_timedwait(&e->epcond, &e->eplock, &ts);
+    }
+    pthread_mutex_unlock(&e->eplock);
+    return NULL;
+}
+
+static void ep_register(EndpointObject *s) {
+    engine *e = s->e;
+    pthread_mutex_lock(&e->eplock);
+    if (e->neps == e->capeps) {
+        int cap = e->capeps ? e->capeps * 2 : 16;
+        void **n = realloc(e->eps, cap * sizeof *n);
+        if (!n) { pthread_mutex_unlock(&e->eplock); return; } /* no background progress for it: still correct */
+        e->eps = n;
+        e->capeps = cap;
+    }
+    e->eps[e->neps++] = s;
+    s->registered = 1;
+    if (!e->progress_running && !e->progress_stop &&
+        pthread_create(&e->progress_thread, NULL, progress_main, e) == 0)
+        e->progress_running = 1;
+    pthread_cond_broadcast(&e->epcond);
+    pthread_mutex_unlock(&e->eplock);
+}
+
+static void ep_unregister(EndpointObject *s) {
+    if (!s->registered) return;
+    engine *e = s->e;
+    pthread_mutex_lock(&e->eplock);
+    for (int i = 0; i < e->neps; i++)
+        if (e->eps[i] == s) { e->eps[i] = e->eps[--e->neps]; break; }
+    s->registered = 0;
+    pthread_mutex_unlock(&e->eplock);
 }
 
 static int Endpoint_init(EndpointObject *self, PyObject *args, PyObject *kw) {
@@ -1006,6 +1097,7 @@ static int Endpoint_init(EndpointObject *self, PyObject *args, PyObject *kw) {
     self->fd = fd;
     self->spin_us = spin_us < 0 ? 0 : spin_us;
     self->state = EP_READY;
+    ep_register(self);
     return 0;
 }
 
@@ -1260,6 +1352,9 @@ static PyObject *Endpoint_wait(EndpointObject *self, PyObject *args) {
     if (self->state == EP_CLOSED) return ep_closed_err();
     if (!(timeout > 0)) { PyErr_SetString(UsageError, "wait needs a positive timeout"); return NULL; }
     Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->lock);
+    self->waiters++;
+    pthread_mutex_unlock(&self->lock);
     uint64_t start = now_ns(), deadline = start + (uint64_t)(timeout * 1e9);
     spin_start(&self->spin, start, self->spin_us);
     for (;;) {
@@ -1298,6 +1393,9 @@ static PyObject *Endpoint_wait(EndpointObject *self, PyObject *args) {
         uint64_t left_ms = (deadline - t) / 1000000ULL + 1;
         poll(&p, 1, left_ms > 100 ? 100 : (int)left_ms);
     }
+    pthread_mutex_lock(&self->lock);
+    self->waiters--;
+    pthread_mutex_unlock(&self->lock);
     Py_END_ALLOW_THREADS
     pthread_mutex_lock(&self->lock);
     PyObject *r = drain_cq(self, count);
@@ -1306,6 +1404,7 @@ static PyObject *Endpoint_wait(EndpointObject *self, PyObject *args) {
 }
 
 static void ep_shutdown(EndpointObject *s) {
+    ep_unregister(s); /* first: the background thread never touches it again */
     pthread_mutex_lock(&s->lock);
     if (s->state != EP_CLOSED && s->e) {
         for (uint64_t q = s->head; q < s->tail; q++) unpin_all(s->e, OP(s, q)->pins, &OP(s, q)->npins);
@@ -1317,6 +1416,7 @@ static void ep_shutdown(EndpointObject *s) {
 }
 
 static PyObject *Endpoint_close(EndpointObject *self, PyObject *unused) {
+    if (self->e && self->e->pid != getpid()) Py_RETURN_NONE; /* see Endpoint_dealloc */
     Py_BEGIN_ALLOW_THREADS
     ep_shutdown(self);
     Py_END_ALLOW_THREADS
@@ -1324,6 +1424,12 @@ static PyObject *Endpoint_close(EndpointObject *self, PyObject *unused) {
 }
 
 static void Endpoint_dealloc(EndpointObject *self) {
+    if (self->e && self->e->pid != getpid()) {
+        /* inherited through fork: the parent owns the locks, pins and background thread; just drop the fd */
+        if (self->fd >= 0) close(self->fd);
+        self->e = NULL;
+        self->fd = -1;
+    }
     if (self->e) ep_shutdown(self);
     else if (self->fd >= 0) close(self->fd);
     free(self->ring);
