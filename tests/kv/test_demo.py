@@ -38,10 +38,10 @@ def _alive(pid: int) -> bool:
 
 def _shm_owners() -> dict[str, int]:
     """rdmapool shm segments -> owner pid (other test suites on this host may have their own: filter by owner)."""
-    from rdmapool.transport.shm.naming import parse
+    from rdmapool.transport.shm.naming import Owner, parse
 
     names = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
-    return {n: p[0].pid for n in names if (p := parse(n)) is not None}
+    return {n: next(x for x in p if isinstance(x, Owner)).pid for n in names if (p := parse(n)) is not None}
 
 
 def _leaked(before: dict[str, int], pids: set[int] | None = None) -> list[str]:
