@@ -130,7 +130,7 @@ class HFEngine:
         blocks = kernels.gather(kv, slots, kv.empty_blocks(last - first, self.chunk), self.chunk)
         staging = self.conn.staging("write", last - first)
         staging.copy_(blocks.view(torch.uint8).reshape(last - first, -1))
-        self.conn.write(keys[first:last], staging)
+        self.conn.write(keys[first:last], staging, parent=keys[first - 1] if first else None, tokens=self.chunk)
 
     # -- serving ---------------------------------------------------------------------------------------------
     def _prefill(self, tokens: list[int], keys: list[ChunkKey], known: int) -> tuple[torch.Tensor, Any, int]:

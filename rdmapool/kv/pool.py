@@ -96,6 +96,7 @@ class PoolConnector:
         self.clock = clock
         self.stats = PoolStats()
         self._buffers: dict[str, torch.Tensor] = {}
+        self._takes_hints: bool | None = None
         self._last_lookup: tuple[list[bytes], Any] | None = None
 
     def staging(self, role: str, n: int) -> torch.Tensor:
@@ -194,13 +195,34 @@ class PoolConnector:
             return staging, n
         return staging[:n].to(device), n  # a blocking copy: the staging buffer is reused by the next read
 
-    def write(self, keys: Sequence[ChunkKey], staging: torch.Tensor) -> bool:
+    def _hints(self, keys: Sequence[ChunkKey], parent: ChunkKey | None, tokens: int) -> list | None:
+        """Chain hints for the servers' eviction policy (parent key, depth, tokens), when the pool takes them."""
+        if self._takes_hints is None:
+            import inspect
+
+            try:
+                self._takes_hints = "hints" in inspect.signature(self.pool.put).parameters
+            except (TypeError, ValueError):
+                self._takes_hints = False
+        if not self._takes_hints:
+            return None
+        from rdmapool.server.slots import BlockHint
+
+        parents = [parent, *keys[:-1]]
+        return [BlockHint(p.raw if p is not None else None, k.index, tokens) for p, k in zip(parents, keys, strict=True)]
+
+    def write(self, keys: Sequence[ChunkKey], staging: torch.Tensor, parent: ChunkKey | None = None,
+              tokens: int = 0) -> bool:
+        """Put chunks from staging rows. `parent` is the key before `keys[0]` in its chain (None at the start),
+        `tokens` the tokens per chunk: both only feed the servers' eviction hints."""
         if not keys:
             return True
         views = self._views(staging)[: len(keys)]
+        hints = self._hints(keys, parent, tokens)
         t0 = self.clock()
         try:
-            result = self.pool.put([k.raw for k in keys], views)
+            raw = [k.raw for k in keys]
+            result = self.pool.put(raw, views, hints=hints) if hints is not None else self.pool.put(raw, views)
         except _MISS_ERRORS as exc:
             self._failed("put", exc)
             result = [False] * len(keys)

@@ -157,7 +157,7 @@ class RdmapoolConnector(_Base):
             blocks = kernels.gather(self.kv, self._slots(t), self.kv.empty_blocks(n, self.chunk), self.chunk)
             staging = self.conn.staging("write", n)
             staging.copy_(blocks.view(torch.uint8).reshape(n, -1))
-            self.conn.write(keys, staging)
+            self.conn.write(keys, staging, tokens=self.chunk)
             self._finished_saving.add(t.request_id)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:

@@ -98,3 +98,38 @@ def test_direct_shm_reads_match_and_validate(micro) -> None:
         assert got.cached_tokens == [3 * CHUNK]
         assert got.outputs == HFEngine(model, mid, rev, None, chunk_tokens=CHUNK).run_batch([prompt], 8).outputs
     assert not direct.supported(object())
+
+
+def test_chain_hints_reach_the_servers_policy(micro) -> None:
+    """Puts carry (parent, depth, tokens) for the eviction policy when the client takes hints."""
+    from rdmapool.kv.keys import chunk_keys
+    from rdmapool.kv.pool import PoolConnector
+
+    class Recorder:
+        def __init__(self, inner):
+            self.inner, self.hints = inner, []
+
+        def put(self, keys, buffers, hints=None):
+            self.hints += hints
+            return self.inner.put(keys, buffers, hints=hints)
+
+        def lookup_prefix(self, keys):
+            return self.inner.lookup_prefix(keys)
+
+        def get(self, keys, into):
+            return self.inner.get(keys, into)
+
+        def delete(self, keys):
+            return self.inner.delete(keys)
+
+    model, mid, rev = micro
+    eng = HFEngine(model, mid, rev, None, chunk_tokens=CHUNK)
+    keys = chunk_keys(eng.ns, list(range(1, 3 * CHUNK + 1)))
+    with procs.running("tcp", "16MiB") as srv, client(srv, "tcp") as a:
+        rec = Recorder(a)
+        conn = PoolConnector(rec, 64)
+        staging = conn.staging("write", 2)
+        assert conn.write(keys[1:3], staging, parent=keys[0], tokens=CHUNK)
+        assert a.lookup_prefix([k.raw for k in keys[1:3]]).refs
+    assert [(h.parent, h.depth, h.tokens) for h in rec.hints] == [
+        (keys[0].raw, 1, CHUNK), (keys[1].raw, 2, CHUNK)]
