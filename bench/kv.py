@@ -66,7 +66,9 @@ def _one_transport(args, model, mid: str, rev: str, transport: str, prompts: dic
     chunk_b = HFEngine(model, mid, rev, None, chunk_tokens=args.chunk_tokens).chunk_bytes
     total = sum(len(p) for p in prompts.values()) // args.chunk_tokens + 4
     quota = max(total * chunk_b * 5 // 4, 64 << 20)
-    with LocalPool(transport, 1, quota=str(quota), size_classes=str(chunk_b)) as lp:
+    lp = LocalPool(transport, 1, quota=str(quota), size_classes=str(chunk_b))
+    try:
+        lp.start(timeout=180)  # the server prefaults its whole pool (GiBs) before it answers
         spec = PoolSpec(tuple(lp.addresses), transport, lp.token, servers=1)
         writer, reader = connect(spec, 64 << 20), connect(spec, 64 << 20)
         try:
@@ -109,6 +111,8 @@ def _one_transport(args, model, mid: str, rev: str, transport: str, prompts: dic
         finally:
             close_client(writer)
             close_client(reader)
+    finally:
+        lp.close()
     return out
 
 

@@ -19,7 +19,8 @@ if [ -n "$missing" ]; then
   echo "gpu-bench: missing Python packages: $missing (carry them as wheels, see the device README)" >&2
   exit 2
 fi
-"$py" setup.py -q build_ext --inplace >"$out/build.log" 2>&1 || { tail -20 "$out/build.log"; exit 1; }
+"$py" setup.py -q build_ext --inplace >"$out/build.log" 2>&1 \
+  || { echo "gpu-bench: native build failed (see build.log); going on with what imports" >&2; tail -5 "$out/build.log"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 # the KV tests run their Triton kernels on the GPU here (no interpreter); shm's gpu-marked tests if present
 timeout 180 "$py" -m pytest -q -p no:cacheprovider tests/kv/test_gpu.py tests/kv/test_layouts.py 2>&1 \

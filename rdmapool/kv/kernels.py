@@ -107,7 +107,12 @@ def gather(kv: PagedKV, slots: torch.Tensor, out: torch.Tensor, chunk_tokens: in
         return gather_reference(kv, slots, out)
     args = _launch_args(kv, slots, chunk_tokens)
     grid = (args[7], slots.numel())
-    _gather_kernel[grid](args[0], args[1], _as_int(out), *args[2:], BLOCK=BLOCK)
+    try:
+        _gather_kernel[grid](args[0], args[1], _as_int(out), *args[2:], BLOCK=BLOCK)
+    except ValueError:  # Triton refused a host destination it cannot address: gather on the device, then copy
+        if out.device == kv.device:
+            raise
+        out.copy_(gather(kv, slots, kv.empty_blocks(out.shape[0], chunk_tokens), chunk_tokens, impl))
     return out
 
 
@@ -122,4 +127,9 @@ def scatter(kv: PagedKV, slots: torch.Tensor, blocks: torch.Tensor, chunk_tokens
         return
     args = _launch_args(kv, slots, chunk_tokens)
     grid = (args[7], slots.numel())
-    _scatter_kernel[grid](args[0], args[1], _as_int(blocks), *args[2:], BLOCK=BLOCK)
+    try:
+        _scatter_kernel[grid](args[0], args[1], _as_int(blocks), *args[2:], BLOCK=BLOCK)
+    except ValueError:  # a host source Triton cannot address: copy it to the device first
+        if blocks.device == kv.device:
+            raise
+        scatter(kv, slots, blocks.to(kv.device), chunk_tokens, impl)
