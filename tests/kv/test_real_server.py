@@ -133,3 +133,27 @@ def test_chain_hints_reach_the_servers_policy(micro) -> None:
         assert a.lookup_prefix([k.raw for k in keys[1:3]]).refs
     assert [(h.parent, h.depth, h.tokens) for h in rec.hints] == [
         (keys[0].raw, 1, CHUNK), (keys[1].raw, 2, CHUNK)]
+
+
+def test_a_dead_server_costs_hits_not_answers(micro) -> None:
+    """Two servers; one is SIGKILLed between turns: its chunks become misses (recomputed), the answers stay
+    those of the run without the pool, and nothing raises."""
+    from rdmapool.kv.localcluster import LocalPool, close_client, connect
+
+    model, mid, rev = micro
+    prompt = torch.randint(0, 512, (8 * CHUNK + 3,), generator=torch.Generator().manual_seed(6)).tolist()
+    want = HFEngine(model, mid, rev, None, chunk_tokens=CHUNK).run_batch([prompt], 8).outputs
+    with LocalPool("tcp", 2, quota="16MiB") as lp:
+        writer, reader = connect(lp.spec()), connect(lp.spec())
+        try:
+            HFEngine(model, mid, rev, writer, tenant="demo", chunk_tokens=CHUNK).run_batch([prompt], 0)
+            before = HFEngine(model, mid, rev, reader, tenant="demo", chunk_tokens=CHUNK).run_batch([prompt], 8)
+            assert before.cached_tokens == [8 * CHUNK] and before.outputs == want
+            lp.procs[1].kill()
+            lp.procs[1].wait(10)
+            after = HFEngine(model, mid, rev, reader, tenant="demo", chunk_tokens=CHUNK).run_batch([prompt], 8)
+            assert after.cached_tokens[0] < 8 * CHUNK  # the chain breaks at the first chunk the dead server held
+            assert after.outputs == want
+        finally:
+            close_client(writer)
+            close_client(reader)
