@@ -236,13 +236,14 @@ def render(report: DemoReport) -> str:
             + (f"joined in a local etcd, routed by its shard map ({c.replicas} replica)" if c.etcd
                else "static server list (no etcd)") + f"; chunks of {c.chunk_tokens} tokens = {m.get('chunk_bytes', 0) / 2**20:.2f} MiB")
     cols = ["turn", "prompt tok", "cached tok", "TTFT recompute", "TTFT from pool", "speedup", "prefill worker",
-            "MiB read", "read GB/s", "outputs identical"]
+            "MiB read/written", "transport GB/s", "outputs identical"]
     lines = []
     for r in report.rows:
         lines.append([str(r.turn), str(r.prompt_tokens), f"{r.cached_tokens} ({r.cached_tokens / r.prompt_tokens:.0%})",
                       f"{r.ttft_ms_no_cache:.0f} ms", f"{r.ttft_ms_cached:.0f} ms",
                       f"{r.ttft_ms_no_cache / r.ttft_ms_cached:.1f}x" if r.ttft_ms_cached else "-",
-                      f"{r.prefill_ms:.0f} ms ({r.prefill_cached_tokens} hit)", f"{r.bytes_read / 2**20:.1f}",
+                      f"{r.prefill_ms:.0f} ms ({r.prefill_cached_tokens} hit)",
+                      f"{r.bytes_read / 2**20:.1f} / {r.bytes_written / 2**20:.1f}",
                       f"{r.gbps:.2f}", "yes" if r.identical else "NO"])
     widths = [max(len(h), *(len(row[i]) for row in lines)) if lines else len(h) for i, h in enumerate(cols)]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
@@ -252,5 +253,6 @@ def render(report: DemoReport) -> str:
             f"outputs identical to the run without the pool: {'yes' if s['outputs_identical'] else 'NO'}\n"
             "TTFT is per batch (all requests of a turn have their first token). 'TTFT from pool' is the decode "
             "worker's: lookup + one-sided reads + the uncached tail (< 1 chunk); the prefill worker ran before it and "
-            "is timed in its own column. Timings on a shared machine are noisy.")
+            "is timed in its own column. Transport GB/s: the decode worker's one-sided reads (bytes / time in the "
+            "read calls). Timings on a shared machine are noisy.")
     return "\n".join([head, "", *table, "", foot])
