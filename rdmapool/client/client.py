@@ -65,7 +65,7 @@ class PutStatus(enum.Enum):
 
 
 _FROM_ALLOC = {AllocStatus.EXISTS: PutStatus.EXISTS, AllocStatus.FULL: PutStatus.FULL,
-               AllocStatus.TOO_BIG: PutStatus.TOO_BIG}
+               AllocStatus.TOO_BIG: PutStatus.TOO_BIG, AllocStatus.REFUSED: PutStatus.UNAVAILABLE}
 
 
 class BlockRef(NamedTuple):

@@ -47,6 +47,8 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
     classes = tuple(parse_size(s) for s in args.size_classes.split(",")) if args.size_classes else None
     return ServerConfig(
         tenants=_tenants(args), host=host, port=port, transport=args.transport,
+        # the tcp data engine listens where the control port does (else peers on other hosts cannot reach it)
+        transport_options={"host": host} if args.transport == "tcp" else {},
         **({"size_classes": classes} if classes else {}),
         lease_s=args.lease_s, grace_s=args.grace_s, reservation_s=args.reservation_s, ttl_s=args.ttl_s,
         idle_ttl_s=args.idle_ttl_s, policy=args.policy, memory=args.memory, metrics_host=metrics_host,
@@ -63,11 +65,29 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     server = MemoryServer(config)
     info = server.start()
+    agent = None
     try:
-        print(json.dumps({"ready": True, "address": server.address, **info.to_dict()}), flush=True)
-        while not stop.wait(1.0):
-            pass
+        if args.etcd:
+            from rdmapool.cluster.serving import start_from_args
+
+            agent = start_from_args(server, args)
+        print(json.dumps({"ready": True, "address": server.address, **info.to_dict(),
+                          "member_id": agent.session.record.id if agent else None}), flush=True)
+        drain = threading.Event()
+        if agent is not None:  # SIGUSR1: drain (the map moves this server's shards away), then leave
+            signal.signal(signal.SIGUSR1, lambda *_: drain.set())
+        while not stop.wait(1.0 if agent is None else 0.1):
+            if agent is not None:
+                for kind, detail in agent.session.take_events():
+                    print(json.dumps({"cluster_event": kind, "detail": str(detail)}), flush=True)
+                if drain.is_set():
+                    from rdmapool.cluster.serving import drain_step
+
+                    if drain_step(agent):
+                        break
     finally:
+        if agent is not None:
+            agent.stop(leave=True)
         server.stop()
     print(json.dumps({"stopped": True, "server_id": info.server_id}), file=sys.stderr, flush=True)
     return 0
@@ -88,4 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="default", help="eviction policy (rdmapool.policy names)")
     p.add_argument("--memory", default="host", choices=["host", "cuda"], help="pool memory kind")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve /metrics and /healthz here")
+    from rdmapool.cluster.serving import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=run)

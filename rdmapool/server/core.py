@@ -46,6 +46,7 @@ class AllocStatus(enum.IntEnum):
     EXISTS = 1  # the key is resident or another writer holds a reservation for it
     FULL = 2  # no free slot and nothing evictable (or the policy did not admit the newcomer)
     TOO_BIG = 3  # larger than the largest size class
+    REFUSED = 4  # the server takes no writes now (e.g. it lost its cluster membership: Handler.write_gate)
 
 
 class SlotRef(NamedTuple):

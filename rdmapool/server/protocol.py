@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from rdmapool.config import ServerConfig
 from rdmapool.errors import AuthError, ProtocolError, UsageError
 from rdmapool.server import wire
-from rdmapool.server.core import PoolCore
+from rdmapool.server.core import AllocStatus, PoolCore
 from rdmapool.server.slots import BlockHint
 
 #: the `stats` op counts leased slots only up to this pool size (the metrics endpoint always counts them)
@@ -71,6 +71,8 @@ class Handler:
         self.config = config
         self.info = info
         self._tokens = [(t.token.encode(), t.name) for t in config.tenants]
+        #: seam for the cluster layer: while it returns False, allocate refuses every key (REFUSED)
+        self.write_gate: Callable[[], bool] | None = None
         self.ops: dict[str, Callable[[str, dict, float], dict]] = {
             "lookup": self._lookup, "allocate": self._allocate, "commit": self._commit, "abort": self._abort,
             "delete": self._delete, "touch": self._touch, "stats": self._stats,
@@ -107,6 +109,9 @@ class Handler:
         for i, n in enumerate(lengths):
             if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < wire.U64:
                 raise ProtocolError(f"lengths[{i}] must be a non-negative integer")
+        if self.write_gate is not None and not self.write_gate():
+            self.core.counters["writes_refused"] += len(keys)
+            return {"grants": [[AllocStatus.REFUSED.value] for _ in keys]}
         grants = self.core.allocate(tenant, keys, lengths, now, self._hints(msg, len(keys)))
         return {"grants": [[g.status.value] if g.slot is None else
                            [g.status.value, g.slot.addr, g.slot.rkey, g.slot.generation, g.slot.capacity]
