@@ -2,9 +2,12 @@
 
 One run on loopback, for blocks of 4 KiB, 64 KiB, 1 MiB and 32 MiB:
 1. the limits: a raw TCP socket stream of the same bytes in send/recv calls of the block size (C, two threads,
-   rdmapool._tcpengine.raw_stream) for `tcp`, and a plain memcpy of the same blocks (C) for `shm`;
+   rdmapool._tcpengine.raw_stream) for `tcp`, and a plain memcpy of the same blocks (C) for `shm`.
+   `raw_socket_gbps` sends from and receives into one block-sized buffer per side (cache-warm for small
+   blocks: the strict bar); `raw_socket_region_gbps` walks buffers as large as the transport's region
+   (64 MiB, huge pages advised, as TcpTransport.allocate does), touching as much memory as our transports do;
 2. our `tcp` and `shm` READ and WRITE bandwidth (the serving side is another process; requests are posted from
-   a prepared plan, ~8 MiB in flight, one completion signalled per half window) and READ latency p50/p99
+   a prepared plan, ~2 MiB in flight, one completion signalled per half window) and READ latency p50/p99
    (one READ of the block at a time, `Endpoint.execute`, measured from Python);
 3. Mooncake's Transfer Engine over TCP (`transfer_engine_bench`, installed by scripts/mooncake-setup.sh),
    target and initiator on 127.0.0.1; null (with the reason in `notes`) when it is missing or fails.
@@ -12,19 +15,23 @@ One run on loopback, for blocks of 4 KiB, 64 KiB, 1 MiB and 32 MiB:
 The last stdout line is one JSON object keyed by block size in bytes (a string). Each value holds
 raw_socket_gbps, memcpy_gbps, tcp_read_gbps, tcp_write_gbps, shm_read_gbps, shm_write_gbps,
 mooncake_read_gbps, mooncake_write_gbps, tcp_read_p50_us, tcp_read_p99_us, shm_read_p50_us, shm_read_p99_us
-(GB = 1e9 bytes), plus the goal ratios (tcp_read_vs_raw, ...) and `notes` (why a value is null).
+(GB = 1e9 bytes), plus the goal ratios (tcp_read_vs_raw, ...), `notes` (why a value is null) and `samples`.
+Bandwidths are medians of `--repeat` rounds; each round measures the limits and our backends back to back, so a
+load spike on a shared machine moves both sides of a ratio.
 `--record` also writes bench/results/transport-<date>.json with machine, date and versions.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,8 +43,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SIZES = [4096, 65536, 1 << 20, 32 << 20]
-IN_FLIGHT = 8 << 20
+IN_FLIGHT = 2 << 20  # bytes outstanding per endpoint; deeper queues were slower on loopback (docs/decisions.md)
 REGION = 64 << 20
+MOONCAKE_THREADS = 1
 
 
 def log(msg: str) -> None:
@@ -145,19 +153,24 @@ class BackendRun:
         try:
             self.server = Server(name, region)
             self.local = self.client.allocate(region)
+            self.local.view[:] = bytes(region)  # fault the pages in now, not during the first measurement
             self.ep = self.client.connect(self.server.peer_info)
         except Exception:
             self.close()
             raise
 
-    def measure(self, size: int, seconds: float) -> dict:
+    def bandwidth(self, size: int, seconds: float) -> tuple[float, float]:
         from rdmapool.transport import Opcode
 
         r = bandwidth(self.ep, self.local, self.server.region, size, Opcode.READ, seconds)
         w = bandwidth(self.ep, self.local, self.server.region, size, Opcode.WRITE, seconds)
-        p50, p99 = latency(self.ep, self.local, self.server.region, size, min(seconds, 0.5))
-        log(f"{self.name} {size:>9}: read {r:.2f} GB/s, write {w:.2f} GB/s, READ p50 {p50:.1f} us p99 {p99:.1f} us")
-        return {"read": r, "write": w, "p50": p50, "p99": p99}
+        log(f"{self.name} {size:>9}: read {r:.2f} GB/s, write {w:.2f} GB/s")
+        return r, w
+
+    def latency(self, size: int) -> tuple[float, float]:
+        p50, p99 = latency(self.ep, self.local, self.server.region, size, 0.5)
+        log(f"{self.name} {size:>9}: READ p50 {p50:.1f} us, p99 {p99:.1f} us")
+        return p50, p99
 
     def close(self) -> None:
         if self.server is not None:
@@ -175,57 +188,80 @@ def start_backend(name: str, region: int) -> tuple[BackendRun | None, str | None
 # -- Mooncake ------------------------------------------------------------------------------------------------
 
 def find_mooncake() -> str | None:
-    found = shutil.which("transfer_engine_bench", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    return found
+    """The real transfer_engine_bench binary inside the mooncake package (the console script of the same name
+    is a Python wrapper whose child would outlive a kill of the wrapper), else whatever is on PATH."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mooncake")
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            candidate = Path(folder) / "transfer_engine_bench"
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    return shutil.which("transfer_engine_bench", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
-def measure_mooncake(sizes: list[int], seconds: float) -> tuple[dict, str | None]:
-    binary = find_mooncake()
-    if not binary:
-        return {}, "Mooncake not installed (run scripts/mooncake-setup.sh)"
-    buffer = 1 << 30
-    out: dict = {}
-    with tempfile.TemporaryDirectory(prefix="rdmapool-mooncake-") as tmp:
-        log_path = Path(tmp) / "target.log"
+class MooncakeRun:
+    """Mooncake's transfer_engine_bench over TCP: one target process for the run, one initiator per sample."""
+
+    BUFFER = 1 << 30
+
+    def __init__(self, seconds: float) -> None:
+        binary = find_mooncake()
+        if not binary:
+            raise RuntimeError("Mooncake not installed (run scripts/mooncake-setup.sh)")
+        self.binary, self.seconds = binary, seconds
+        self.tmp = tempfile.TemporaryDirectory(prefix="rdmapool-mooncake-")
+        log_path = Path(self.tmp.name) / "target.log"
         with open(log_path, "w") as target_log:
-            target = subprocess.Popen(
+            self.target = subprocess.Popen(
                 [binary, "--mode=target", "--metadata_server=P2PHANDSHAKE", "--local_server_name=127.0.0.1:17801",
-                 "--protocol=tcp", f"--buffer_size={buffer}"],
-                stdout=target_log, stderr=subprocess.STDOUT, cwd=tmp)
-        try:
-            port = None
-            deadline = time.monotonic() + 20
-            while port is None and time.monotonic() < deadline and target.poll() is None:
-                m = re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text())
-                port = m and m.group(1)
-                time.sleep(0.1)
-            if port is None:
-                return {}, f"Mooncake target did not start: {log_path.read_text()[-500:]}"
-            for size in sizes:
-                threads = 4  # ~16 MiB in flight in all, like our ~8 MiB window per direction
-                batch = max(1, min(128, (16 << 20) // (threads * size)))
-                row = {}
-                for op in ("read", "write"):
-                    cmd = [binary, "--mode=initiator", "--metadata_server=P2PHANDSHAKE",
-                           "--local_server_name=127.0.0.1:17802", f"--segment_id=127.0.0.1:{port}", "--protocol=tcp",
-                           f"--operation={op}", f"--block_size={size}", f"--batch_size={batch}",
-                           f"--threads={threads}", f"--duration={max(1, round(seconds * 2))}", f"--buffer_size={buffer}",
-                           "--report_unit=GB"]
-                    try:
-                        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp)
-                    except subprocess.TimeoutExpired:
-                        return out, f"Mooncake initiator timed out ({op}, block {size})"
-                    m = re.search(r"throughput ([0-9.]+) GB/s", res.stdout + res.stderr)
-                    if not m:
-                        return out, f"Mooncake initiator gave no throughput ({op}, block {size}): {(res.stdout + res.stderr)[-400:]}"
-                    row[op] = float(m.group(1))
-                out[size] = row
-                log(f"mooncake {size:>9}: read {row['read']:.2f} GB/s, write {row['write']:.2f} GB/s "
-                    f"({threads} threads x batch {batch})")
-        finally:
-            target.kill()
-            target.wait(10)
-    return out, None
+                 "--protocol=tcp", f"--buffer_size={self.BUFFER}"],
+                stdout=target_log, stderr=subprocess.STDOUT, cwd=self.tmp.name, start_new_session=True)
+        self.port = None
+        deadline = time.monotonic() + 20
+        while self.port is None and time.monotonic() < deadline and self.target.poll() is None:
+            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text())
+            self.port = m and m.group(1)
+            time.sleep(0.1)
+        if self.port is None:
+            self.close()
+            raise RuntimeError(f"Mooncake target did not start: {log_path.read_text()[-500:]}")
+
+    def bandwidth(self, size: int) -> tuple[float, float]:
+        # best of the configurations tried on the 2-core host (1 MiB READ: 12 threads x 8 -> 0.04 GB/s,
+        # 4 x 4 -> 0.26, 2 x 16 -> 0.29, 1 x 32 -> 0.75; its default 12 x 128 at 64 KiB -> 0.17)
+        threads = MOONCAKE_THREADS
+        batch = max(2, min(128, (32 << 20) // (threads * size)))
+        got = []
+        for op in ("read", "write"):
+            cmd = [self.binary, "--mode=initiator", "--metadata_server=P2PHANDSHAKE",
+                   "--local_server_name=127.0.0.1:17802", f"--segment_id=127.0.0.1:{self.port}", "--protocol=tcp",
+                   f"--operation={op}", f"--block_size={size}", f"--batch_size={batch}", f"--threads={threads}",
+                   f"--duration={max(1, round(self.seconds))}", f"--buffer_size={self.BUFFER}", "--report_unit=GB"]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    cwd=self.tmp.name, start_new_session=True)
+            try:
+                out, _ = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired as exc:
+                raise RuntimeError(f"Mooncake initiator timed out ({op}, block {size})") from exc
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            m = re.search(r"throughput ([0-9.]+) GB/s", out)
+            if not m:
+                raise RuntimeError(f"Mooncake initiator gave no throughput ({op}, block {size}): {out[-400:]}")
+            got.append(float(m.group(1)))
+        log(f"mooncake {size:>9}: read {got[0]:.2f} GB/s, write {got[1]:.2f} GB/s ({threads} thread x batch {batch})")
+        return got[0], got[1]
+
+    def close(self) -> None:
+        # the whole process group: a wrapper's child must not outlive the benchmark
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.target.pid, signal.SIGKILL)
+        self.target.wait(10)
+        self.tmp.cleanup()
 
 
 def mooncake_version() -> str | None:
@@ -243,50 +279,83 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
-def limits(size: int) -> tuple[float, float]:
+def limits(size: int, region: int) -> tuple[float, float, float]:
+    """(raw socket with one block-sized buffer per side, raw socket walking a region-sized buffer, memcpy)."""
     from rdmapool import _tcpengine
 
     total = max(256 << 20, 8 * size)
-    return total / _tcpengine.raw_stream(size, total) / 1e9, total / _tcpengine.memcpy_stream(size, total) / 1e9
+    return (total / _tcpengine.raw_stream(size, total) / 1e9, total / _tcpengine.raw_stream(size, total, region) / 1e9,
+            total / _tcpengine.memcpy_stream(size, total) / 1e9)
 
 
-def run(sizes: list[int], seconds: float, mooncake: bool) -> dict:
-    """Per block size, the limits are measured right before and right after our backends and averaged, so
-    the ratios compare numbers taken under the same load."""
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def run(sizes: list[int], seconds: float, mooncake: bool, repeat: int) -> dict:
+    """Per block size, `repeat` rounds of [limits, each backend's and Mooncake's READ and WRITE bandwidth] back to back; each
+    column is the median of its rounds (all samples are kept under `samples`), so the ratios compare numbers
+    taken under the same load on a shared machine."""
     region = max(REGION, 2 * max(sizes))
-    results: dict[str, dict] = {str(s): {"notes": {}} for s in sizes}
+    results: dict[str, dict] = {str(s): {"notes": {}, "samples": {}} for s in sizes}
     runs = {name: start_backend(name, region) for name in ("tcp", "shm")}
+    mooncake_reason = "skipped (--no-mooncake)"
+    mc = None
+    if mooncake:
+        try:
+            mc = MooncakeRun(seconds)
+        except (RuntimeError, OSError) as exc:
+            mooncake_reason = str(exc)
     try:
         for s in sizes:
-            row = results[str(s)]
-            raw1, mem1 = limits(s)
-            got = {name: br.measure(s, seconds) for name, (br, _) in runs.items() if br is not None}
-            raw2, mem2 = limits(s)
-            row["raw_socket_gbps"] = round((raw1 + raw2) / 2, 3)
-            row["memcpy_gbps"] = round((mem1 + mem2) / 2, 3)
-            log(f"limits {s:>9}: raw socket {raw1:.2f} / {raw2:.2f} GB/s, memcpy {mem1:.2f} / {mem2:.2f} GB/s")
-            for name, (_, reason) in runs.items():
-                m = got.get(name)
-                row[f"{name}_read_gbps"] = round(m["read"], 3) if m else None
-                row[f"{name}_write_gbps"] = round(m["write"], 3) if m else None
-                row[f"{name}_read_p50_us"] = round(m["p50"], 1) if m else None
-                row[f"{name}_read_p99_us"] = round(m["p99"], 1) if m else None
-                if not m:
+            row, samples = results[str(s)], results[str(s)]["samples"]
+            for _ in range(repeat):
+                raw, raw_region, mem = limits(s, region)
+                log(f"limits {s:>9}: raw socket {raw:.2f} GB/s (region-sized buffers {raw_region:.2f}), "
+                    f"memcpy {mem:.2f} GB/s")
+                samples.setdefault("raw_socket_gbps", []).append(round(raw, 3))
+                samples.setdefault("raw_socket_region_gbps", []).append(round(raw_region, 3))
+                samples.setdefault("memcpy_gbps", []).append(round(mem, 3))
+                for name, (br, _) in runs.items():
+                    if br is not None:
+                        r, w = br.bandwidth(s, seconds)
+                        samples.setdefault(f"{name}_read_gbps", []).append(round(r, 3))
+                        samples.setdefault(f"{name}_write_gbps", []).append(round(w, 3))
+                if mc is not None:
+                    try:
+                        r, w = mc.bandwidth(s)
+                        samples.setdefault("mooncake_read_gbps", []).append(r)
+                        samples.setdefault("mooncake_write_gbps", []).append(w)
+                    except RuntimeError as exc:
+                        mooncake_reason = str(exc)
+                        mc.close()
+                        mc = None
+            for key in ("raw_socket_gbps", "raw_socket_region_gbps", "memcpy_gbps"):
+                row[key] = round(median(samples[key]), 3)
+            for key in ("mooncake_read_gbps", "mooncake_write_gbps"):
+                row[key] = round(median(samples[key]), 3) if key in samples else None
+            if "mooncake_read_gbps" not in samples:
+                row["notes"]["mooncake"] = mooncake_reason
+            for name, (br, reason) in runs.items():
+                p50, p99 = br.latency(s) if br is not None else (None, None)
+                for key in (f"{name}_read_gbps", f"{name}_write_gbps"):
+                    row[key] = round(median(samples[key]), 3) if key in samples else None
+                row[f"{name}_read_p50_us"] = round(p50, 1) if p50 is not None else None
+                row[f"{name}_read_p99_us"] = round(p99, 1) if p99 is not None else None
+                if br is None:
                     row["notes"][name] = reason
     finally:
         for br, _ in runs.values():
             if br is not None:
                 br.close()
-    got, reason = measure_mooncake(sizes, seconds) if mooncake else ({}, "skipped (--no-mooncake)")
-    for s in sizes:
-        row, m = results[str(s)], got.get(s)
-        row["mooncake_read_gbps"] = m["read"] if m else None
-        row["mooncake_write_gbps"] = m["write"] if m else None
-        if not m:
-            row["notes"]["mooncake"] = reason or "no result"
+        if mc is not None:
+            mc.close()
     for row in results.values():
         row["tcp_read_vs_raw"] = ratio(row["tcp_read_gbps"], row["raw_socket_gbps"])
         row["tcp_write_vs_raw"] = ratio(row["tcp_write_gbps"], row["raw_socket_gbps"])
+        row["tcp_read_vs_raw_region"] = ratio(row["tcp_read_gbps"], row["raw_socket_region_gbps"])
+        row["tcp_write_vs_raw_region"] = ratio(row["tcp_write_gbps"], row["raw_socket_region_gbps"])
         row["tcp_read_vs_mooncake"] = ratio(row["tcp_read_gbps"], row["mooncake_read_gbps"])
         row["tcp_write_vs_mooncake"] = ratio(row["tcp_write_gbps"], row["mooncake_write_gbps"])
         row["shm_read_vs_memcpy"] = ratio(row["shm_read_gbps"], row["memcpy_gbps"])
@@ -316,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="accepted for the contract: JSON is always the last line")
     parser.add_argument("--record", action="store_true", help="also write bench/results/transport-<date>.json")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="block sizes in bytes, comma-separated")
-    parser.add_argument("--seconds", type=float, default=1.0, help="time per bandwidth measurement")
+    parser.add_argument("--seconds", type=float, default=0.3, help="time per bandwidth measurement")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds per block size (medians are reported)")
     parser.add_argument("--no-mooncake", action="store_true", help="skip the Mooncake columns")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--region", type=int, default=REGION, help=argparse.SUPPRESS)
@@ -327,9 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(s) for s in args.sizes.split(",") if s]
     except ValueError:
         parser.error(f"--sizes must be integers, got {args.sizes!r}")
-    if not sizes or min(sizes) <= 0 or args.seconds <= 0:
-        parser.error("sizes and --seconds must be positive")
-    results = run(sizes, args.seconds, not args.no_mooncake)
+    if not sizes or min(sizes) <= 0 or args.seconds <= 0 or args.repeat < 1:
+        parser.error("sizes, --seconds and --repeat must be positive")
+    results = run(sizes, args.seconds, not args.no_mooncake, args.repeat)
     if args.record:
         out = ROOT / "bench" / "results" / f"transport-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}.json"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,10 +9,11 @@
  *
  * `run(ops, nops, state_ptr, state_expect, pidfd)` executes a packed batch of records (struct op below)
  * in order. Before each record it checks the region's valid word (`*valid_ptr == valid_expect`, an
- * acquire load): a region deregistered by its owner fails from that record on. Before and after the whole
- * batch it checks that the owner is alive: the header state word still says OPEN and the owner's pidfd is
- * not readable (a pidfd becomes readable when the process exits). Checking *after* the batch means a batch
- * reported successful ran entirely while the owner was alive. The GIL is released when the batch moves
+ * acquire load): a region deregistered by its owner fails from that record on. After the whole batch it
+ * checks that the owner is alive: the header state word still says OPEN and the owner's pidfd is not
+ * readable (a pidfd becomes readable when the process exits). Checking *after* the batch means a batch
+ * reported successful ran entirely while the owner was alive; before the batch only the state word is read
+ * (a dead owner's batch is caught by the check after it). The GIL is released when the batch moves
  * enough bytes for that to pay off, so other Python threads run during large copies.
  *
  * Everything here trusts the addresses it is given: the Python layer checks keys and bounds first.
@@ -24,7 +25,9 @@
 #include <string.h>
 
 enum { OP_READ = 1, OP_WRITE = 2, OP_CAS = 3, OP_FAA = 4 };
-enum { ST_OK = 0, ST_REM_ACCESS = 10, ST_RETRY_EXC = 12 };
+/* A record the caller must execute itself (a copy to or from GPU memory): run() stops before it. */
+enum { OP_HANDOFF = 0x100 };
+enum { ST_OK = 0, ST_HANDOFF = 1, ST_REM_ACCESS = 10, ST_RETRY_EXC = 12 };
 
 /* One record; a READ/WRITE with several local SGEs becomes several records. 64 bytes, little-endian. */
 struct op {
@@ -132,14 +135,22 @@ static int peer_gone(const uint64_t *state_ptr, uint64_t state_expect, int pidfd
 }
 
 /* Returns (done, status): records [0, done) completed; status is ST_OK, or the reason record `done` failed
- * (ST_REM_ACCESS), or ST_RETRY_EXC when the owner is gone (then nothing of this batch may be trusted). */
+ * (ST_REM_ACCESS), or ST_HANDOFF when record `done` is one the caller executes, or ST_RETRY_EXC when the owner
+ * is gone (then nothing of this batch may be trusted). */
 static void run_ops(const struct op *ops, Py_ssize_t n, const uint64_t *state_ptr, uint64_t state_expect,
                     int pidfd, Py_ssize_t *done, int *status) {
     *done = 0;
     *status = ST_OK;
-    if (peer_gone(state_ptr, state_expect, pidfd)) { *status = ST_RETRY_EXC; return; }
+    /* Before: only the cheap state word (a clean close). The pidfd poll is a syscall (~1 us here), so it runs
+     * once, after the batch, which is the check that matters. */
+    if (peer_gone(state_ptr, state_expect, -1)) { *status = ST_RETRY_EXC; return; }
     for (Py_ssize_t i = 0; i < n; i++) {
         const struct op *o = &ops[i];
+        if (o->opcode & OP_HANDOFF) {
+            *done = i;
+            *status = ST_HANDOFF;
+            break;
+        }
         if (__atomic_load_n((const uint64_t *)(uintptr_t)o->valid_ptr, __ATOMIC_ACQUIRE) != o->valid_expect) {
             *done = i;
             *status = ST_REM_ACCESS;
@@ -164,6 +175,9 @@ static void run_ops(const struct op *ops, Py_ssize_t n, const uint64_t *state_pt
         }
         *done = i + 1;
     }
+    /* Our stores are visible to every process before the completion says so (a no-op ordering on x86 TSO,
+     * a real barrier on weakly ordered CPUs), and ordered before the liveness re-check. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (peer_gone(state_ptr, state_expect, pidfd)) *status = ST_RETRY_EXC;
 }
 
@@ -247,7 +261,7 @@ static PyObject *py_run_plan(PyObject *self, PyObject *args) {
     const uint64_t *state_ptr = (const uint64_t *)(uintptr_t)state_addr;
     uint64_t need = opcode == OP_READ ? ACC_REMOTE_READ : ACC_REMOTE_WRITE;
     PyThreadState *ts = total >= GIL_RELEASE_BYTES ? PyEval_SaveThread() : NULL;
-    if (peer_gone(state_ptr, state_expect, pidfd)) {
+    if (peer_gone(state_ptr, state_expect, -1)) {
         status = ST_RETRY_EXC;
     } else {
         for (Py_ssize_t i = 0; i < n; i++) {
@@ -264,6 +278,7 @@ static PyObject *py_run_plan(PyObject *self, PyObject *args) {
             else memcpy((void *)(uintptr_t)r->ptr, (const void *)(uintptr_t)l->addr, l->len);
             done = i + 1;
         }
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
         if (peer_gone(state_ptr, state_expect, pidfd)) status = ST_RETRY_EXC;
     }
     if (ts) PyEval_RestoreThread(ts);
@@ -308,6 +323,8 @@ PyMODINIT_FUNC PyInit__shmatomics(void) {
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     PyModule_AddIntConstant(m, "OP_SIZE", (long)sizeof(struct op));
+    PyModule_AddIntConstant(m, "OP_HANDOFF", OP_HANDOFF);
+    PyModule_AddIntConstant(m, "ST_HANDOFF", ST_HANDOFF);
     PyModule_AddIntConstant(m, "GIL_RELEASE_BYTES", (long)GIL_RELEASE_BYTES);
     return m;
 }

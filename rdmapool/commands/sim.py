@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
             if not args.json or len(results) > 1:
                 print(f"  {name} @ {cap} blocks: hit {results[-1].hit_ratio:.4f}", file=sys.stderr)
     if args.plot:
-        plot(results, args.plot, f"{args.trace.rsplit('/', 1)[-1]} ({unique} unique blocks)", unique)
+        plot(results, args.plot, f"{args.trace.rsplit('/', 1)[-1]} ({unique} unique blocks)", unique,
+             policies.DEFAULT)
     if len(results) == 1 and args.json:
         out = results[0].to_dict()
         out.update(trace=args.trace, unique_blocks=unique, capacity=caps[results[0].capacity_blocks])

@@ -17,15 +17,23 @@ What a pool sees online, and what this policy makes of it:
   bypassed when nothing cheaper can go.
 
 Order of eviction: priority = (last touch time + bonus(heat), -depth); the smallest goes first. The bonus is
-`beta * (min(heat, cap) - 1)` retention periods, where a retention period is the running average age of the
-heat-one blocks this policy evicts (how long a plain block lasts here), so the policy is free of any time scale of its own. Within one touch time the
-deepest block goes first: chains are cut from the tail, keeping their prefixes useful. A newcomer is admitted
-only if its priority beats the victim's. A lazy heap: O(log n) per call; the ghost and counters are O(1).
+`beta * (min(heat, cap) - 1)` return periods, where the return period is learned online: the geometric mean
+of the gaps after which blocks of conversations (heat <= cap) were touched again, seen through hits and
+through ghost returns. So the policy carries no time scale of its own: on a service whose users think twice as
+long, the bonus doubles. Within one touch time the deepest block goes first: chains are cut from the tail,
+keeping their prefixes useful. A newcomer is admitted only if its priority beats the victim's (in practice:
+partial blocks are bypassed when the pool is full). A lazy heap: O(log n) per call; ghost and counters O(1).
+
+Defaults (beta=1.5, cap=3, ghost=8, memory=10000) were chosen on the first half of the conversation trace,
+under the constraint of not losing to LRU on synthetic_trace.jsonl; docs/eviction.md has the search and the
+check on the second half. The period must be a long-run mean (`memory` gaps): a fast-moving estimate let the
+bonus swing and lost to LRU on the synthetic trace.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from math import exp, log
 
 from rdmapool.errors import UsageError
 from rdmapool.policy._structs import LazyHeap, Peak
@@ -37,7 +45,8 @@ _PARTIAL_SHIFT = 1e12
 class ChainHeat(EvictionPolicy):
     name = "chainheat"
 
-    def __init__(self, beta: float = 1.0, cap: int = 4, ghost: float = 8.0, shared_children: int = 4) -> None:
+    def __init__(self, beta: float = 1.5, cap: int = 3, ghost: float = 8.0, shared_children: int = 4,
+                 period: float = 0.0, memory: int = 10000) -> None:
         if beta < 0 or cap < 1 or ghost < 0 or shared_children < 1:
             raise UsageError(f"chainheat: bad options beta={beta} cap={cap} ghost={ghost} "
                              f"shared_children={shared_children}")
@@ -45,16 +54,20 @@ class ChainHeat(EvictionPolicy):
         self._heap = LazyHeap()
         self._meta: dict[Key, list] = {}  # key -> [heat, depth, partial, last touch]
         self._children: dict[Key, int] = {}
-        self._ghost: OrderedDict[Key, int] = OrderedDict()
+        self._ghost: OrderedDict[Key, tuple[int, float, int]] = OrderedDict()  # key -> (heat, touch, children)
         self._full_tokens = 0
-        self._scale = 0.0  # running average age of victims, seconds
+        self._scale = float(period)  # the workload's return period, seconds: fixed if given, else learned
+        self._learn = not period > 0
+        self.memory = memory
+        self._log_gap = 0.0
+        self._gaps = 0
         self._peak = Peak()
 
     # -- what a newcomer would be -------------------------------------------------------------------------
     def _new_heat(self, info: BlockInfo) -> int:
         ghost = self._ghost.get(info.key)
         if ghost is not None:
-            return ghost + 1
+            return ghost[0] + 1
         p = info.parent
         if p is not None:
             m = self._meta.get(p)
@@ -78,7 +91,7 @@ class ChainHeat(EvictionPolicy):
         heat = self._new_heat(info)
         if top is None or self._prio(heat, info.depth, self._partial(info), now) > top[1]:
             return True
-        self._remember(info.key, heat)
+        self._remember(info.key, heat, now)
         return False
 
     def on_insert(self, info: BlockInfo, now: float) -> None:
@@ -87,7 +100,11 @@ class ChainHeat(EvictionPolicy):
             self.on_access(key, now)
             return
         heat = self._new_heat(info)
-        self._ghost.pop(key, None)
+        ghost = self._ghost.pop(key, None)
+        if ghost is not None:
+            self._saw_return(now - ghost[1])
+            if ghost[2]:
+                self._children[key] = ghost[2]
         m = [heat, info.depth, self._partial(info), now]
         self._meta[key] = m
         if info.parent is not None and info.parent in self._meta:
@@ -99,6 +116,8 @@ class ChainHeat(EvictionPolicy):
         m = self._meta.get(key)
         if m is not None:
             m[0] += 1
+            if m[0] <= self.cap:  # a conversation's return, not a shared prefix's next reader
+                self._saw_return(now - m[3])
             m[3] = now
             self._heap.push(key, self._prio(m[0], m[1], m[2], now))
 
@@ -107,21 +126,23 @@ class ChainHeat(EvictionPolicy):
         if m is None:
             return
         self._heap.discard(key)
-        self._children.pop(key, None)
-        self._remember(key, m[0])
+        self._remember(key, m[0], m[3], self._children.pop(key, 0))
 
     def victim(self, now: float) -> Key | None:
         top = self._heap.peek()
-        if top is None:
-            return None
-        m = self._meta[top[0]]
-        if m[0] == 1 and not m[2]:
-            self._scale += 0.01 * (max(0.0, now - m[3]) - self._scale)
-        return top[0]
+        return None if top is None else top[0]
 
-    def _remember(self, key: Key, heat: int) -> None:
+    def _saw_return(self, gap: float) -> None:
+        """A block came back after `gap` seconds: learn the workload's return period (geometric mean)."""
+        if not self._learn or gap <= 0:
+            return
+        self._gaps += 1
+        self._log_gap += (log(gap) - self._log_gap) / min(self._gaps, self.memory)
+        self._scale = exp(self._log_gap)
+
+    def _remember(self, key: Key, heat: int, touched: float, children: int = 0) -> None:
         ghost = self._ghost
-        ghost[key] = heat
+        ghost[key] = (heat, touched, children)
         ghost.move_to_end(key)
         limit = max(64, int(self.ghost_factor * self._peak.value))
         while len(ghost) > limit:

@@ -42,23 +42,34 @@ def markdown(results: Sequence[SimResult], shares: dict[int, str] | None = None)
     return "\n".join(out)
 
 
-def plot(results: Sequence[SimResult], path: str | Path, title: str, unique_blocks: int) -> None:
+def plot(results: Sequence[SimResult], path: str | Path, title: str, unique_blocks: int,
+         highlight: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for p in dict.fromkeys(r.policy for r in results):
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    names = list(dict.fromkeys(r.policy for r in results))
+    colors = plt.get_cmap("tab20").colors
+    for i, p in enumerate(names):
         pts = sorted((r.capacity_blocks / unique_blocks, r.hit_ratio) for r in results if r.policy == p)
-        style = {"linestyle": "--", "color": "black"} if p == "belady" else {}
-        ax.plot([x * 100 for x, _ in pts], [y for _, y in pts], marker="o", label=p, **style)
+        style = {"color": colors[i % len(colors)], "linewidth": 1.2, "marker": "o", "markersize": 3}
+        if p.startswith("prefix-"):
+            style.update(linestyle=":")
+        if p == "belady":
+            style.update(color="black", linestyle="--", linewidth=2)
+        elif p == "lru":
+            style.update(color="black", linewidth=2)
+        elif p == highlight:
+            style.update(color="red", linewidth=2.5, markersize=5)
+        ax.plot([x * 100 for x, _ in pts], [y for _, y in pts], label=p, **style)
     ax.set_xscale("log")
     ax.set_xlabel("capacity (% of the trace's unique blocks)")
     ax.set_ylabel("block hit ratio (prefix-contiguous)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -133,3 +133,13 @@ def dump_trace(trace: Trace, path: str | Path) -> None:
             if r.tenant:
                 rec["tenant"] = r.tenant
             f.write(json.dumps(rec) + "\n")
+
+
+def shipped_traces_dir() -> Path:
+    """The shipped traces: $RDMAPOOL_TRACES, else `../shared/traces` beside the repository root."""
+    import os
+
+    env = os.environ.get("RDMAPOOL_TRACES")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2].parent / "shared" / "traces"

@@ -15,8 +15,8 @@ from rdmapool.transport.base import (
     Opcode,
     RegionDescriptor,
     Sge,
-    Transport,
     TransferPlan,
+    Transport,
     WcStatus,
     WorkRequest,
 )

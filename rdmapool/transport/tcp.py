@@ -19,6 +19,7 @@ Only registered memory can be the source or target of an operation, on both side
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 import weakref
 from array import array
@@ -37,8 +38,8 @@ from rdmapool.transport.base import (
     MemoryRegion,
     Opcode,
     RegionDescriptor,
-    Transport,
     TransferPlan,
+    Transport,
     WcStatus,
     WorkRequest,
 )
@@ -53,8 +54,20 @@ except ImportError as exc:  # pragma: no cover - the package build always compil
 
 _native.set_usage_error(UsageError)
 
+#: bumped in a forked child: transports and endpoints made before the fork belong to the parent (their engine
+#: threads did not survive the fork) and refuse to work in the child instead of deadlocking on copied locks
+_fork_generation = [0]
+os.register_at_fork(after_in_child=lambda: _fork_generation.__setitem__(0, _fork_generation[0] + 1))
+
+
+def _check_fork(generation: int, what: str) -> None:
+    if generation != _fork_generation[0]:
+        raise UsageError(f"this tcp {what} was created before os.fork(); create a new transport in the child")
+
 _STATES = {0: EndpointState.READY, 1: EndpointState.ERROR, 2: EndpointState.CLOSED}
 _WIRE_VERSION = 1
+#: busy-poll time of engine threads and waits before they block (RDMAPOOL_TCP_SPIN_US overrides)
+DEFAULT_SPIN_US = 50
 #: how long deregister waits for in-flight requests before it breaks the connections that hold them
 DEREGISTER_TIMEOUT_S = 5.0
 
@@ -70,6 +83,7 @@ class TcpEndpoint(Endpoint):
     def __init__(self, native: Any, transport: TcpTransport) -> None:
         self._ep = native
         self._transport = transport
+        self._generation = _fork_generation[0]
         self._plans: dict[int, tuple[TransferPlan, tuple[bytes, ...]]] = {}
 
     @property
@@ -81,14 +95,20 @@ class TcpEndpoint(Endpoint):
         return self._ep.outstanding
 
     def post(self, wrs: Sequence[WorkRequest]) -> None:
+        if self._generation != _fork_generation[0]:
+            _check_fork(self._generation, "endpoint")
         self._ep.post(wrs)
 
     def poll(self, max_entries: int = 64) -> list[Completion]:
+        if self._generation != _fork_generation[0]:
+            _check_fork(self._generation, "endpoint")
         return [_completion(c) for c in self._ep.poll(max_entries)]
 
     def wait(self, count: int, timeout: float) -> list[Completion]:
         if timeout is None or timeout <= 0:
             raise UsageError("wait needs a positive timeout: every wait in rdmapool is bounded")
+        if self._generation != _fork_generation[0]:
+            _check_fork(self._generation, "endpoint")
         got = [_completion(c) for c in self._ep.wait(count, timeout)] if count > 0 else []
         if len(got) < count:
             exc = CompletionTimeout(f"{len(got)} of {count} completions after {timeout:.3f}s")
@@ -100,6 +120,8 @@ class TcpEndpoint(Endpoint):
         self, plan: TransferPlan, opcode: Opcode, pairs: Sequence[tuple[int, int]], wr_id_base: int = 0,
         signal_every: int = 1,
     ) -> int:
+        if self._generation != _fork_generation[0]:
+            _check_fork(self._generation, "endpoint")
         arrays = self._plan_arrays(plan)
         flat = array("q")
         for li, ri in pairs:
@@ -135,7 +157,11 @@ class TcpTransport(Transport):
 
     name = "tcp"
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, spin_us: int = 50) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, spin_us: int | None = None) -> None:
+        if spin_us is None:
+            spin_us = int(os.environ.get("RDMAPOOL_TCP_SPIN_US", DEFAULT_SPIN_US))
+        if not 0 <= spin_us <= 1_000_000:
+            raise UsageError(f"spin_us must be between 0 and 1000000, got {spin_us}")
         self._engine = _native.Engine(host, port, spin_us)
         self._host = host
         self._spin_us = spin_us
@@ -143,6 +169,7 @@ class TcpTransport(Transport):
         self._endpoints: weakref.WeakSet[TcpEndpoint] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._closed = False
+        self._generation = _fork_generation[0]
 
     # -- memory ------------------------------------------------------------------------------------------
 
@@ -241,6 +268,7 @@ class TcpTransport(Transport):
         return self._engine.serving_threads
 
     def _check_open(self) -> None:
+        _check_fork(self._generation, "transport")
         if self._closed:
             raise UsageError("the tcp transport is closed")
 
@@ -248,6 +276,8 @@ class TcpTransport(Transport):
         if self._closed:
             return
         self._closed = True
+        if self._generation != _fork_generation[0]:
+            return  # the parent's engine: nothing of it runs here (the native side ignores it as well)
         with self._lock:
             endpoints = list(self._endpoints)
             self._endpoints.clear()

@@ -205,3 +205,31 @@ def test_connection_closed_by_server_idle_timeout_is_reopened_transparently() ->
             assert len(c.lookup_prefix([key(1)])) == 1
             assert c.counters["unavailable"] == 0
             assert c._conn(c.router.servers[0]).connects == 2
+
+
+class HandshakeTransport(LocalTransport):
+    """A backend that needs a connection handshake (as verbs does for QP numbers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.accepted: list[dict] = []
+        self.replies: list[dict] = []
+
+    def accept(self, request: dict) -> dict:
+        self.accepted.append(request)
+        return {"qpn": 42, "echo": request.get("qpn")}
+
+    def connect(self, peer_info: dict, exchange=None, timeout: float = 5.0):
+        self.replies.append(exchange({"qpn": 7}))
+        return super().connect(peer_info, exchange, timeout)
+
+
+def test_transport_handshake_goes_through_the_control_connection() -> None:
+    cfg = ServerConfig(tenants=(TenantConfig("a", TOKENS["a"], 1 << 20),), size_classes=(4096,))
+    server_side = HandshakeTransport()
+    with MemoryServer(cfg, transport=server_side) as srv:
+        client_side = HandshakeTransport()
+        with PoolClient([srv.address], ClientConfig(token=TOKENS["a"]), transport=client_side) as c:
+            assert c.put([key(1)], [b"x"]) == [PutStatus.STORED]
+        assert server_side.accepted == [{"qpn": 7}]
+        assert client_side.replies == [{"qpn": 42, "echo": 7}]

@@ -158,3 +158,12 @@ def test_put_flood_stays_bounded(transport: str) -> None:
         assert srv.rss_kib() - rss_before < 24 << 10
         keys = [key(30 * 32 - 1 - i) for i in range(4)]
         assert c.get(keys, [bytearray(64 << 10) for _ in keys]) == [64 << 10] * 4  # the newest are resident
+
+
+def test_ttl_expires_blocks_end_to_end() -> None:
+    with procs.running("tcp", "4MiB", "--size-classes", "64KiB", "--ttl-s", "0.5") as srv, client(srv, "tcp") as c:
+        assert c.put([key(1)], [b"short-lived"]) == [PutStatus.STORED]
+        assert c.get([key(1)], [bytearray(16)]) == [11]
+        time.sleep(0.8)
+        assert c.get([key(1)], [bytearray(16)]) == [None]
+        assert fetch(ServerAddress.parse(srv.address), procs.TOKENS["a"])["counters"]["expired_ttl"] == 1

@@ -1,87 +1,33 @@
-"""shm-specific tests (the generic conformance suite in this folder also runs against "shm").
-
-Covers what only shm has: native atomics across processes, the region table's valid words, owner death
-detected through the pidfd, the local-only meaning of register(), segment naming and the stale sweep, file
-modes, and CUDA registration (gpu-marked).
+"""shm-specific tests of the data path (the generic conformance suite in this folder also runs against "shm"):
+byte-exact round trips, native atomics across processes, errors as completions, the local-only meaning of
+register(), deregistration and its race, native plan batching. Lifecycle, GPU and model tests are in the
+test_shm_*.py files next to this one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing as mp
 import os
-import signal
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
+from shm_harness import CTX, SHM, TIMEOUT, ours, transport_pair
 
-from rdmapool.errors import ServerUnavailable, UsageError
-from rdmapool.transport import Access, EndpointState, MemoryKind, WcStatus, WorkRequest, create
-from rdmapool.transport.shm import ShmTransport, naming, sweep_stale
-
-SHM = naming.DEFAULT_DIR
-CTX = mp.get_context("fork")
-TIMEOUT = 5.0
-
-
-def ours(pid: int | None = None) -> list[str]:
-    pid = os.getpid() if pid is None else pid
-    return sorted(n for n in os.listdir(SHM) if n.startswith(f"{naming.PREFIX}{pid}."))
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+from rdmapool.errors import UsageError
+from rdmapool.transport import Access, EndpointState, MemoryKind, WcStatus, WorkRequest
+from rdmapool.transport.shm import ShmTransport, naming
 
 
 @pytest.fixture
-def pair() -> Iterator[tuple[ShmTransport, ShmTransport]]:
-    srv, cli = create("shm"), create("shm")
-    yield srv, cli
-    cli.close()
-    srv.close()
-    assert ours() == []
-
-
-# --- a serving process in a child -------------------------------------------------------------------------
-def _owner_main(conn, size: int, fill: int) -> None:
-    t = ShmTransport()
-    r = t.allocate(size)
-    r.view[:] = bytes([fill]) * size
-    conn.send((t.peer_info(), r.descriptor.to_wire()))
-    if conn.poll(60):  # any message (or the parent going away) ends the owner cleanly
-        with contextlib.suppress(EOFError):
-            conn.recv()
-    t.close()
-
-
-@contextlib.contextmanager
-def owner_process(size: int = 1 << 20, fill: int = 7):
-    parent, child = CTX.Pipe()
-    proc = CTX.Process(target=_owner_main, args=(child, size, fill), daemon=True)
-    proc.start()
-    try:
-        if not parent.poll(TIMEOUT):
-            raise TimeoutError("owner process did not publish its region")
-        info, wire = parent.recv()
-        yield proc, info, wire
-    finally:
-        if proc.is_alive():
-            with contextlib.suppress(OSError):
-                parent.send("quit")
-            proc.join(TIMEOUT)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(TIMEOUT)
-        parent.close()
-        child.close()
+def shm_pair() -> Iterator[tuple[ShmTransport, ShmTransport]]:
+    yield from transport_pair()
 
 
 # --- data path ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [1, 7, 4096, 65537, 3 << 20])
-def test_round_trip_byte_exact(pair, size):
-    srv, cli = pair
+def test_round_trip_byte_exact(shm_pair, size):
+    srv, cli = shm_pair
     region = srv.allocate(size + 64)
     src = bytearray(os.urandom(size))
     dst = bytearray(size)
@@ -95,8 +41,8 @@ def test_round_trip_byte_exact(pair, size):
     assert bytes(region.view[13:13 + size]) == bytes(src)
 
 
-def test_scatter_gather_lists(pair):
-    srv, cli = pair
+def test_scatter_gather_lists(shm_pair):
+    srv, cli = shm_pair
     region = srv.allocate(4096)
     region.view[:300] = bytes(range(256)) + bytes(range(44))
     buf = bytearray(1000)
@@ -109,8 +55,8 @@ def test_scatter_gather_lists(pair):
     assert bytes(buf[0:100]) + bytes(buf[500:550]) + bytes(buf[900:1000]) == want
 
 
-def test_batches_and_selective_signalling(pair):
-    srv, cli = pair
+def test_batches_and_selective_signalling(shm_pair):
+    srv, cli = shm_pair
     region = srv.allocate(1 << 16)
     region.view[:] = os.urandom(1 << 16)
     buf = bytearray(1 << 16)
@@ -125,8 +71,8 @@ def test_batches_and_selective_signalling(pair):
     assert bytes(buf) == bytes(region.view)
 
 
-def test_atomics_semantics(pair):
-    srv, cli = pair
+def test_atomics_semantics(shm_pair):
+    srv, cli = shm_pair
     region = srv.allocate(64)
     out = bytearray(16)
     lr = cli.register(out)
@@ -143,7 +89,7 @@ def test_atomics_semantics(pair):
 
 
 def _faa_worker(info, wire, n: int, conn) -> None:
-    t = ShmTransport()
+    t = ShmTransport(cuda="off")
     out = bytearray(8)
     lr = t.register(out)
     addr, _length, rkey = wire
@@ -158,7 +104,7 @@ def _faa_worker(info, wire, n: int, conn) -> None:
 
 def _cas_lock_worker(info, wire, n: int, conn) -> None:
     """Take a CAS spin lock at offset 0, then increment the (non-atomic) counter at offset 8 by READ+WRITE."""
-    t = ShmTransport()
+    t = ShmTransport(cuda="off")
     buf = bytearray(16)
     lr = t.register(buf)
     base, _length, rkey = wire
@@ -216,8 +162,8 @@ def test_atomics_under_multiprocess_contention(worker):
 
 
 # --- errors -------------------------------------------------------------------------------------------------
-def test_bad_rkey_and_out_of_bounds_flush_and_keep_serving(pair):
-    srv, cli = pair
+def test_bad_rkey_and_out_of_bounds_flush_and_keep_serving(shm_pair):
+    srv, cli = shm_pair
     region = srv.allocate(4096)
     buf = bytearray(64)
     lr = cli.register(buf)
@@ -242,8 +188,8 @@ def test_bad_rkey_and_out_of_bounds_flush_and_keep_serving(pair):
         assert ep.execute([WorkRequest.read(9, lr.sge(), region.remote(0), region.rkey)], TIMEOUT)[0].ok
 
 
-def test_local_sge_outside_registration_is_loc_prot_err(pair):
-    srv, cli = pair
+def test_local_sge_outside_registration_is_loc_prot_err(shm_pair):
+    srv, cli = shm_pair
     region = srv.allocate(4096)
     lr = cli.register(bytearray(64))
     with cli.connect(srv.peer_info()) as ep:
@@ -251,8 +197,8 @@ def test_local_sge_outside_registration_is_loc_prot_err(pair):
         assert ep.execute([bad], TIMEOUT)[0].status is WcStatus.LOC_PROT_ERR
 
 
-def test_access_flags_are_enforced(pair):
-    srv, cli = pair
+def test_access_flags_are_enforced(shm_pair):
+    srv, cli = shm_pair
     ro = srv.allocate(4096, access=Access.LOCAL_WRITE | Access.REMOTE_READ)
     lr = cli.register(bytearray(8))
     with cli.connect(srv.peer_info()) as ep:
@@ -261,8 +207,8 @@ def test_access_flags_are_enforced(pair):
         assert c.status is WcStatus.REM_ACCESS_ERR and "does not allow WRITE" in c.detail
 
 
-def test_register_is_local_only(pair):
-    srv, cli = pair
+def test_register_is_local_only(shm_pair):
+    srv, cli = shm_pair
     private = srv.register(bytearray(4096))
     assert private.rkey & (1 << 31)
     lr = cli.register(bytearray(8))
@@ -276,8 +222,23 @@ def test_register_is_local_only(pair):
         srv.allocate(4096, kind=MemoryKind.CUDA)
 
 
-def test_deregistered_region_is_unreachable(pair):
-    srv, cli = pair
+def test_register_pointer_host_memory(shm_pair):
+    srv, cli = shm_pair
+    region = srv.allocate(4096)
+    region.view[:4] = b"ptr!"
+    owner = bytearray(64)
+    from rdmapool import _shmatomics
+
+    addr, length = _shmatomics.address(owner)
+    lr = cli.register_pointer(addr, length, MemoryKind.HOST, owner=owner)
+    with cli.connect(srv.peer_info()) as ep:
+        assert ep.execute([WorkRequest.read(1, lr.sge(0, 4), region.remote(0), region.rkey)], TIMEOUT)[0].ok
+    assert owner[:4] == b"ptr!"
+    cli.deregister(lr)
+
+
+def test_deregistered_region_is_unreachable(shm_pair):
+    srv, cli = shm_pair
     region = srv.allocate(8192)
     lr = cli.register(bytearray(64))
     name = naming.region_name(srv.base, region.rkey)
@@ -296,8 +257,8 @@ def test_deregistered_region_is_unreachable(pair):
         srv.deregister(region)
 
 
-def test_read_racing_deregistration_sees_old_bytes_or_error(pair):
-    srv, cli = pair
+def test_read_racing_deregistration_sees_old_bytes_or_error(shm_pair):
+    srv, cli = shm_pair
     region = srv.allocate(1 << 20)
     region.view[:] = b"\x5a" * (1 << 20)
     buf, mine = bytearray(1 << 20), bytearray(8)
@@ -331,172 +292,41 @@ def test_read_racing_deregistration_sees_old_bytes_or_error(pair):
     assert set(statuses[:-1]) == {WcStatus.SUCCESS}
 
 
-# --- owner lifecycle ----------------------------------------------------------------------------------------
-def test_owner_killed_gives_retry_exceeded_and_segments_are_swept():
-    with ShmTransport() as cli, owner_process() as (proc, info, wire):
-        addr, _length, rkey = wire
-        buf = bytearray(64)
-        lr = cli.register(buf)
-        ep = cli.connect(info)
-        assert ep.execute([WorkRequest.read(1, lr.sge(), addr, rkey)], TIMEOUT)[0].ok
-        assert buf == b"\x07" * 64
-        assert ours(proc.pid)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join(TIMEOUT)
-        ep.post([WorkRequest.read(2, lr.sge(), addr, rkey, signaled=False), WorkRequest.read(3, lr.sge(), addr, rkey)])
-        done = ep.wait(2, TIMEOUT)
-        assert [c.status for c in done] == [WcStatus.RETRY_EXC_ERR, WcStatus.WR_FLUSH_ERR]
-        assert "died" in done[0].detail
-        assert ours(proc.pid) == []  # the client that noticed removed the orphans
-        ep.close()
-        with pytest.raises(ServerUnavailable):
-            cli.connect(info)
-
-
-def test_owner_killed_mid_batch_fails_the_whole_batch():
+def test_deregistering_a_local_region_waits_for_running_copies(shm_pair):
+    """A local allocate()d region is unmapped on deregistration; a copy into it running on another thread
+    must finish first (else the process would crash), and later requests get LOC_PROT_ERR."""
+    srv, cli = shm_pair
     size = 16 << 20
-    with ShmTransport() as cli, owner_process(size) as (proc, info, wire):
-        addr, _length, rkey = wire
-        lr = cli.register(bytearray(size))
-        ep = cli.connect(info)
-        batch = [WorkRequest.read(i, lr.sge(), addr, rkey) for i in range(200)]  # 3.2 GB: far longer than 20 ms
-        killer = threading.Timer(0.02, os.kill, (proc.pid, signal.SIGKILL))
-        killer.start()
-        t0 = time.monotonic()
-        ep.post(batch)
-        took = time.monotonic() - t0
-        killer.join()
-        proc.join(TIMEOUT)
-        done = ep.poll(1000)
-        assert took > 0.05, "batch finished before the kill: test is not testing anything"
-        assert done[0].status is WcStatus.RETRY_EXC_ERR
-        assert all(c.status is WcStatus.WR_FLUSH_ERR for c in done[1:]) and len(done) == 200
-        ep.close()
+    remote = srv.allocate(size)
+    local = cli.allocate(size)
+    ep = cli.connect(srv.peer_info())
+    statuses: list[WcStatus] = []
 
+    def reader() -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while ep.state is EndpointState.READY and time.monotonic() < deadline:
+            wrs = [WorkRequest.read(i, local.sge(), remote.remote(0), remote.rkey) for i in range(8)]
+            statuses.extend(c.status for c in ep.execute(wrs, TIMEOUT))
 
-def test_owner_close_gives_retry_exceeded():
-    with ShmTransport() as cli:
-        srv = ShmTransport()
-        region = srv.allocate(4096)
-        lr = cli.register(bytearray(8))
-        ep = cli.connect(srv.peer_info())
-        srv.close()
-        c = ep.execute([WorkRequest.read(1, lr.sge(), region.remote(0), region.rkey)], TIMEOUT)[0]
-        assert c.status is WcStatus.RETRY_EXC_ERR and "closed" in c.detail
-        ep.close()
-
-
-def test_stale_segments_of_a_dead_owner_are_swept_at_next_start():
-    with owner_process() as (proc, _info, _wire):
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join(TIMEOUT)
-        left = ours(proc.pid)
-        assert len(left) == 2  # control + region segment, orphaned
-        with ShmTransport() as t:
-            t.allocate(4096)  # starting to serve sweeps
-            assert ours(proc.pid) == []
-
-
-def test_sweep_leaves_live_owners_and_foreign_files_alone(tmp_path):
-    live = naming.base_name(naming.Owner.current(), "abcd")
-    dead = naming.base_name(naming.Owner(os.getpid(), 1), "abcd")  # our pid, another start time: dead
-    for name in (naming.ctl_name(live), naming.ctl_name(dead), naming.region_name(dead, 0x1001), "other.file"):
-        (tmp_path / name).write_bytes(b"x")
-    removed = sweep_stale(str(tmp_path))
-    assert sorted(removed) == sorted([naming.ctl_name(dead), naming.region_name(dead, 0x1001)])
-    assert sorted(os.listdir(tmp_path)) == sorted([naming.ctl_name(live), "other.file"])
-
-
-def test_no_fd_thread_or_segment_leaks_across_cycles():
-    def cycle() -> None:
-        with ShmTransport() as srv, ShmTransport() as cli:
-            region = srv.allocate(1 << 16)
-            lr = cli.register(bytearray(4096))
-            for _ in range(3):
-                with cli.connect(srv.peer_info()) as ep:
-                    assert ep.execute([WorkRequest.read(1, lr.sge(), region.remote(0), region.rkey)], TIMEOUT)[0].ok
-            srv.deregister(region)
-
-    cycle()
-    fds, threads = open_fds(), threading.active_count()
-    for _ in range(20):
-        cycle()
-    assert open_fds() == fds
-    assert threading.active_count() == threads
-    assert ours() == []
-
-
-def test_forgotten_transport_is_unlinked_when_collected():
-    t = ShmTransport()
-    t.allocate(4096)
-    assert ours()
-    del t
-    import gc
-
-    gc.collect()
-    assert ours() == []
-
-
-def test_bad_peer_info_and_file_modes():
-    with ShmTransport() as cli:
-        with pytest.raises(UsageError):
-            cli.connect({"transport": "tcp"})
-        with pytest.raises(UsageError):
-            cli.connect({"transport": "shm", "base": "x", "dir": SHM, "pid": 1, "start": 1})
-        gone = {"transport": "shm", "base": naming.base_name(naming.Owner(2**22 + 7, 5), "00"), "dir": SHM,
-                "pid": 2**22 + 7, "start": 5}
-        with pytest.raises(ServerUnavailable):
-            cli.connect(gone)
-    with ShmTransport(mode=0o640) as srv:
-        region = srv.allocate(4096)
-        st = os.stat(os.path.join(SHM, naming.region_name(srv.base, region.rkey)))
-        assert st.st_mode & 0o777 == 0o640
-    with pytest.raises(UsageError):
-        ShmTransport(mode=0o1777)
-    with pytest.raises(UsageError):
-        ShmTransport(cuda="sometimes")
-
-
-# --- GPU ------------------------------------------------------------------------------------------------------
-def _cuda_or_skip():
-    try:
-        import torch
-    except ImportError:
-        pytest.skip("torch is not installed")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU on this machine: cudaHostRegister of shm mappings is not tested here")
-    return torch
-
-
-@pytest.mark.gpu
-def test_cuda_registration_gives_pinned_speed():
-    torch = _cuda_or_skip()
-    size = 256 << 20
-    with ShmTransport(cuda="require") as srv, ShmTransport(cuda="require") as cli:
-        region = srv.allocate(size)
-        host = torch.frombuffer(region.view, dtype=torch.uint8)
-        assert host.is_pinned(), "the owner's mapping is not registered with CUDA"
-        dev = torch.empty(size, dtype=torch.uint8, device="cuda")
-        dev.copy_(host, non_blocking=True)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(5):
-            dev.copy_(host, non_blocking=True)
-        torch.cuda.synchronize()
-        gbps = 5 * size / (time.perf_counter() - t0) / 1e9
-        assert gbps > 20, f"host->GPU from registered shm ran at {gbps:.1f} GB/s (pinned is ~50)"
-        lr = cli.register(bytearray(8))
-        with cli.connect(srv.peer_info()) as ep:  # the client's mapping is registered too
-            assert ep.execute([WorkRequest.read(1, lr.sge(), region.remote(0), region.rkey)], TIMEOUT)[0].ok
-            seg = next(iter(ep._remotes.values())).seg
-            assert seg.cuda_registered
+    th = threading.Thread(target=reader)
+    th.start()
+    time.sleep(0.05)
+    seg = cli._owned[local.lkey][1]
+    cli.deregister(local)
+    assert seg.mm.closed  # really unmapped: without the wait this would crash the reader
+    th.join(TIMEOUT)
+    ep.close()
+    assert not th.is_alive()
+    assert WcStatus.SUCCESS in statuses and WcStatus.LOC_PROT_ERR in statuses
+    with pytest.raises(ValueError):
+        local.view[0]  # the region's view was released with it
 
 
 # --- native batching (post_plan) -------------------------------------------------------------------------------
-def test_post_plan_round_trip_and_signalling(pair):
+def test_post_plan_round_trip_and_signalling(shm_pair):
     from rdmapool.transport import Opcode, TransferPlan
 
-    srv, cli = pair
+    srv, cli = shm_pair
     region = srv.allocate(1 << 16)
     region.view[:] = os.urandom(1 << 16)
     buf = bytearray(1 << 16)
@@ -518,10 +348,10 @@ def test_post_plan_round_trip_and_signalling(pair):
         assert ep.state is EndpointState.READY
 
 
-def test_post_plan_errors_match_the_slow_path(pair):
+def test_post_plan_errors_match_the_slow_path(shm_pair):
     from rdmapool.transport import Opcode, TransferPlan
 
-    srv, cli = pair
+    srv, cli = shm_pair
     keep, doomed = srv.allocate(4096), srv.allocate(4096)
     lr = cli.register(bytearray(8192))
     plan = TransferPlan.build([lr.sge(0, 4096), lr.sge(4096, 4096)],

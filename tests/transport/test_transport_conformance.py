@@ -366,6 +366,25 @@ def test_selective_signalling(pair):
             ep.wait(1, 0.05)
 
 
+def test_posted_requests_progress_without_polling(pair):
+    """As on hardware, posted requests execute while the caller does something else (here: sleeps)."""
+    server, client = pair
+    size = 32 << 20
+    remote = server.allocate(size)
+    src, dst = client.allocate(size), client.allocate(size)
+    src.view[:] = pattern(size, 9)
+    remote.view[size - 8:] = b"\xff" * 8
+    with client.connect(server.peer_info()) as ep:
+        chunk = 1 << 20
+        ep.post([WorkRequest.write(i, src.sge(i * chunk, chunk), remote.remote(i * chunk), remote.rkey, signaled=False)
+                 for i in range(size // chunk)] +
+                [WorkRequest.read(999, dst.sge(0, 8), remote.remote(size - 8), remote.rkey)])
+        assert settle(lambda: bytes(remote.view[size - 8:]) == bytes(src.view[size - 8:]), 10)
+        assert digest(remote.view) == digest(src.view)
+        (c,) = ep.wait(1, T)
+        assert c.ok and c.wr_id == 999 and bytes(dst.view[:8]) == bytes(src.view[size - 8:])
+
+
 def test_ordering_within_an_endpoint(pair):
     server, client = pair
     remote = server.allocate(4096)
@@ -410,3 +429,25 @@ def test_wait_is_bounded(pair):
         with pytest.raises(CompletionTimeout):
             ep.wait(1, 0.05)
         assert remote.length == 64
+
+
+def test_initiator_killed_mid_run_leaves_the_server_serving(backend, spawn_peer):
+    peer = spawn_peer([4096])
+    (desc,) = peer.regions
+    spec = json.dumps({"peer_info": peer.peer_info, "region": desc.to_wire(), "faa_offset": 0, "cas_offset": 64,
+                       "count": 1_000_000})
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    hammer = subprocess.Popen([sys.executable, str(PEER), "--backend", backend, "--client", spec],
+                              stdout=subprocess.DEVNULL, env=env)
+    try:
+        assert settle(lambda: peer.call(cmd="u64", region=0, offset=0)["value"] > 100, 20)
+    finally:
+        hammer.kill()
+        hammer.wait(10)
+    client = make(backend)
+    try:
+        local = client.allocate(64)
+        with client.connect(peer.peer_info) as ep:
+            ok(ep.execute([WorkRequest.faa(1, local.sge(0, 8), desc.addr, desc.rkey, 1)], T))
+    finally:
+        client.close()

@@ -4,10 +4,14 @@ pinned speed (measured on H200: 54 GB/s registered vs 6 GB/s unregistered, see F
 Which runtime: torch's `torch.cuda.cudart()` if torch with CUDA is importable, else cupy's runtime. On a
 machine without an NVIDIA device nothing is imported (importing torch costs seconds) and registration is
 skipped with one log line. `mode` is "auto" (register when possible), "off", or "require" (fail loudly).
+
+`copy` moves bytes between a (registered) host mapping and GPU memory for endpoints whose local SGE is GPU
+memory: torch wraps the device pointer through the CUDA array interface, cupy calls cudaMemcpy.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from typing import Any
@@ -16,17 +20,40 @@ from rdmapool.errors import NoDevice, UsageError
 
 log = logging.getLogger(__name__)
 
+CUDA_MEMCPY_DEFAULT = 4
 HOST_REGISTER_PORTABLE = 0x01
 HOST_REGISTER_READ_ONLY = 0x08
 MODES = ("auto", "off", "require")
 
 _runtime: Any = None
-_probed = False
+_probed = 0  # pid of the process that probed (a forked child probes again)
+
+
+class _CudaArray:
+    """A raw device pointer as a CUDA array interface, so torch can wrap it without copying."""
+
+    def __init__(self, ptr: int, length: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (length,), "typestr": "|u1", "data": (ptr, False),
+                                         "strides": None, "version": 3}
 
 
 class _TorchRuntime:
     def __init__(self, cudart: Any) -> None:
         self.cudart = cudart
+        import torch
+
+        self.torch = torch
+
+    def copy(self, dst: int, src: int, length: int, to_device: bool) -> None:
+        torch = self.torch
+        host_ptr, dev_ptr = (src, dst) if to_device else (dst, src)
+        host = torch.frombuffer((ctypes.c_uint8 * length).from_address(host_ptr), dtype=torch.uint8)
+        dev = torch.as_tensor(_CudaArray(dev_ptr, length), device="cuda")
+        if to_device:
+            dev.copy_(host)
+        else:
+            host.copy_(dev)
+        torch.cuda.current_stream(dev.device).synchronize()
 
     def register(self, addr: int, length: int, flags: int) -> None:
         err = self.cudart.cudaHostRegister(addr, length, flags)
@@ -41,6 +68,9 @@ class _CupyRuntime:
     def __init__(self, runtime: Any) -> None:
         self.runtime = runtime
 
+    def copy(self, dst: int, src: int, length: int, to_device: bool) -> None:
+        self.runtime.memcpy(dst, src, length, CUDA_MEMCPY_DEFAULT)
+
     def register(self, addr: int, length: int, flags: int) -> None:
         self.runtime.hostRegister(addr, length, flags)
 
@@ -54,9 +84,15 @@ def _has_nvidia_device() -> bool:
 
 def _probe() -> Any:
     global _runtime, _probed
-    if _probed:
+    if _probed == os.getpid():
         return _runtime
-    _probed = True
+    if _probed and _runtime is not None:
+        # A forked child cannot use the CUDA context its parent initialised: no CUDA here.
+        log.info("shm: CUDA was initialised before fork(); this child does not register with CUDA")
+        _runtime = None
+        _probed = os.getpid()
+        return None
+    _probed = os.getpid()
     if not _has_nvidia_device():
         log.info("shm: no NVIDIA GPU on this machine; shared memory is not registered with CUDA")
         return None
@@ -102,6 +138,18 @@ def host_register(addr: int, length: int, read_only: bool, mode: str) -> bool:
         log.warning("shm: cudaHostRegister of %d bytes failed (%s); GPU copies will run at pageable speed",
                     length, exc)
         return False
+
+
+def available() -> bool:
+    return _probe() is not None
+
+
+def copy(dst: int, src: int, length: int, to_device: bool) -> None:
+    """Synchronous copy between host memory and GPU memory (either direction, by unified addressing)."""
+    rt = _probe()
+    if rt is None:
+        raise NoDevice("no CUDA runtime for a copy to or from GPU memory")
+    rt.copy(dst, src, length, to_device)
 
 
 def host_unregister(addr: int) -> None:

@@ -9,9 +9,13 @@ fast).
 
 Failure semantics follow base.py: the first failing request gets its status (LOC_PROT_ERR, REM_ACCESS_ERR,
 RETRY_EXC_ERR), every later one of the batch and of later batches WR_FLUSH_ERR, and the endpoint is in ERROR.
-Owner liveness (header state OPEN, owner's pidfd not readable) is checked by the mover before and after every
-batch; a batch during which the owner died reports RETRY_EXC_ERR for its first request and flushes the rest,
-never success on orphaned memory.
+Owner liveness (header state OPEN, owner's pidfd not readable) is checked by the mover after every batch (the
+state word also before it); a batch during which the owner died reports RETRY_EXC_ERR for its first request
+and flushes the rest, never success on orphaned memory.
+
+GPU memory as a local SGE (`register_pointer(kind=CUDA)`): its records carry a hand-off flag; the mover stops
+before each one, and `_run` copies it with the CUDA runtime (after checking the region's valid word) and
+resumes the mover, so order and checks are those of every other record.
 """
 
 from __future__ import annotations
@@ -37,22 +41,21 @@ from rdmapool.transport.base import (
     WorkRequest,
     check_work_request,
 )
-from rdmapool.transport.shm import naming
+from rdmapool.transport.shm import cuda, naming
+from rdmapool.transport.shm import plan as plan_tables
+from rdmapool.transport.shm.plan import PlanCache
 from rdmapool.transport.shm.segment import Segment
 from rdmapool.transport.shm.table import LOCAL_ONLY, STATE_OPEN, TableView
 
 _REC = struct.Struct("<IIQQQQQQQ")
-_PLAN_LOCAL = struct.Struct("<QQQQ")  # addr, len, writable, err
-_PLAN_REMOTE = struct.Struct("<QQQQQQ")  # ptr, avail, valid_ptr, rkey, access, err
-_PLAN_CACHE = 32
-_NEED = {
-    Opcode.READ: Access.REMOTE_READ,
-    Opcode.WRITE: Access.REMOTE_WRITE,
-    Opcode.CAS: Access.REMOTE_ATOMIC,
-    Opcode.FAA: Access.REMOTE_ATOMIC,
+_NEED = {  # plain ints: enum flag arithmetic costs microseconds per request
+    Opcode.READ: int(Access.REMOTE_READ),
+    Opcode.WRITE: int(Access.REMOTE_WRITE),
+    Opcode.CAS: int(Access.REMOTE_ATOMIC),
+    Opcode.FAA: int(Access.REMOTE_ATOMIC),
 }
 _WRITES_REMOTE = Access.REMOTE_WRITE | Access.REMOTE_ATOMIC
-_ST_OK, _ST_REM_ACCESS, _ST_RETRY_EXC = 0, 10, 12
+_ST_OK, _ST_HANDOFF, _ST_REM_ACCESS, _ST_RETRY_EXC = 0, native.ST_HANDOFF, 10, 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,13 +65,14 @@ class LocalRegion:
     addr: int
     end: int
     writable: bool
+    cuda: bool = False  # GPU memory: copies to and from it go through the CUDA runtime, not memcpy
 
 
 @dataclass(frozen=True, slots=True)
 class _Remote:
     addr: int
     end: int
-    access: Access
+    access: int  # Access bits
     base: int  # where the region starts in this process's mapping
     valid_ptr: int
     seg: Segment
@@ -92,10 +96,11 @@ class ShmEndpoint(Endpoint):
         self._table = table
         self._pidfd = pidfd
         self._remotes: dict[int, _Remote] = {}
-        self._plans: dict[int, tuple[TransferPlan, int, bytes, bytes]] = {}
+        self._plans = PlanCache()
         self._cq: collections.deque[Completion] = collections.deque()
         self._state = EndpointState.READY
         self._lock = threading.Lock()
+        self._handoff_error = ""
 
     # --- Endpoint interface -------------------------------------------------------------------------
     @property
@@ -134,6 +139,8 @@ class ShmEndpoint(Endpoint):
                 self._flush_plan(opcode, wr_id_base, 0, n)
                 return signalled
             local, remote = self._resolved(plan)
+            if local is None:  # GPU SGEs: requests one by one through post()
+                return self._post_plan_slow(plan, opcode, pairs, wr_id_base, signal_every)
             try:
                 done, status = native.run_plan(local, remote, pairs, int(opcode), self._table.state_ptr,
                                                STATE_OPEN, self._pidfd)
@@ -160,34 +167,34 @@ class ShmEndpoint(Endpoint):
             self._flush_plan(opcode, wr_id_base, done + 1, n)
             return signalled
 
-    def _resolved(self, plan: TransferPlan) -> tuple[bytes, bytes]:
-        key = id(plan)
-        hit = self._plans.get(key)
-        if hit is not None and hit[0] is plan and hit[1] == self._transport.local_epoch:
-            return hit[2], hit[3]
-        local = bytearray()
-        for sge in plan.local:
-            loc = self._local.get(sge.lkey)
-            if loc is None or sge.addr < loc.addr or sge.addr + sge.length > loc.end:
-                local += _PLAN_LOCAL.pack(0, sge.length, 0, WcStatus.LOC_PROT_ERR)
-            else:
-                local += _PLAN_LOCAL.pack(sge.addr, sge.length, int(loc.writable), 0)
-        remote = bytearray()
-        for addr, rkey in plan.remote:
-            try:
-                rem = self._remotes.get(rkey) or self._map(rkey)
-            except _Failure as f:
-                remote += _PLAN_REMOTE.pack(0, 0, 0, 0, 0, f.status)
-                continue
-            if not rem.addr <= addr <= rem.end:
-                remote += _PLAN_REMOTE.pack(0, 0, 0, 0, 0, WcStatus.REM_ACCESS_ERR)
-            else:
-                remote += _PLAN_REMOTE.pack(rem.base + addr - rem.addr, rem.end - addr, rem.valid_ptr, rkey,
-                                            int(rem.access), 0)
-        if len(self._plans) >= _PLAN_CACHE:
-            del self._plans[next(iter(self._plans))]
-        self._plans[key] = (plan, self._transport.local_epoch, bytes(local), bytes(remote))
-        return self._plans[key][2], self._plans[key][3]
+    def _post_plan_slow(self, plan: TransferPlan, opcode: Opcode, pairs: Sequence[tuple[int, int]],
+                        wr_id_base: int, signal_every: int) -> int:
+        n = len(pairs)
+        wrs = []
+        try:
+            for i, (li, ri) in enumerate(pairs):
+                addr, rkey = plan.remote[ri]
+                signaled = (i + 1) % signal_every == 0 or i == n - 1
+                wrs.append(WorkRequest(wr_id_base + i, opcode, (plan.local[li],), addr, rkey, signaled=signaled))
+        except (IndexError, TypeError, ValueError) as exc:
+            raise UsageError(f"post_plan: pair {i} is not a valid (local, remote) index pair: {exc}") from None
+        self._execute(wrs)
+        return sum(1 for w in wrs if w.signaled)
+
+    def _resolved(self, plan: TransferPlan) -> tuple[bytes | None, bytes]:
+        """Packed (local, remote) tables of a plan (see `plan`); local is None when it has GPU SGEs."""
+        epoch = self._transport.local_epoch
+        packed = self._plans.get(plan, epoch)
+        if packed is None:
+            packed = plan_tables.pack(plan, self._local, self._remote_or_status)
+            self._plans.put(plan, epoch, packed)
+        return packed
+
+    def _remote_or_status(self, rkey: int) -> _Remote | int:
+        try:
+            return self._remotes.get(rkey) or self._map(rkey)
+        except _Failure as f:
+            return int(f.status)
 
     def _explain(self, wr: WorkRequest, status: WcStatus) -> _Failure:
         """The reason a request failed in the native mover, found again by the Python checks."""
@@ -211,6 +218,22 @@ class ShmEndpoint(Endpoint):
             n = min(max_entries, len(self._cq))
             return [self._cq.popleft() for _ in range(n)]
 
+    def wait(self, count: int, timeout: float) -> list[Completion]:
+        """Completions are ready when `post` returns, so the common case needs no waiting loop."""
+        if timeout is None or timeout <= 0:
+            raise UsageError("wait needs a positive timeout: every wait in rdmapool is bounded")
+        with self._lock:
+            if len(self._cq) >= count:
+                cq = self._cq
+                return [cq.popleft() for _ in range(count)]
+        return super().wait(count, timeout)
+
+    def quiesce(self) -> None:
+        """Return once no batch of this endpoint is running (batches run under the lock). The transport calls
+        it after retracting a local region and before unmapping it, so no copy can touch unmapped memory."""
+        with self._lock:
+            pass
+
     def close(self) -> None:
         with self._lock:
             if self._state is EndpointState.CLOSED:
@@ -227,56 +250,103 @@ class ShmEndpoint(Endpoint):
     def _execute(self, wrs: Sequence[WorkRequest]) -> None:
         recs = bytearray()
         rec_wr: list[int] = []
+        lengths: list[int] = []
         fail_at, failure = len(wrs), None
         for i, wr in enumerate(wrs):
             try:
-                self._encode(wr, recs, rec_wr, i)
+                lengths.append(self._encode(wr, recs, rec_wr, i))
             except _Failure as f:
                 fail_at, failure = i, f
                 break
-        done, status = native.run(bytes(recs), len(rec_wr), self._table.state_ptr, STATE_OPEN, self._pidfd)
+        done, status = self._run(recs, len(rec_wr))
         if status == _ST_RETRY_EXC:
             self._peer_lost(wrs)
             return
-        if status == _ST_REM_ACCESS:
+        if status != _ST_OK:
             fail_at = rec_wr[done]
             rkey = wrs[fail_at].rkey
-            failure = _Failure(WcStatus.REM_ACCESS_ERR, f"rkey {rkey:#x} was deregistered")
-            self._drop(rkey)
-        for wr in wrs[:fail_at]:
+            if status == _ST_REM_ACCESS:
+                failure = _Failure(WcStatus.REM_ACCESS_ERR, f"rkey {rkey:#x} was deregistered")
+                self._drop(rkey)
+            else:
+                failure = _Failure(WcStatus(status), self._handoff_error)
+        for wr, length in zip(wrs[:fail_at], lengths, strict=False):
             if wr.signaled:
-                self._cq.append(Completion(wr.wr_id, WcStatus.SUCCESS, wr.opcode, wr.length))
+                self._cq.append(Completion(wr.wr_id, WcStatus.SUCCESS, wr.opcode, length))
         if failure is not None:
             wr = wrs[fail_at]
             self._cq.append(Completion(wr.wr_id, failure.status, wr.opcode, 0, failure.detail))
             self._state = EndpointState.ERROR
             self._flush(wrs, fail_at + 1)
 
-    def _encode(self, wr: WorkRequest, recs: bytearray, rec_wr: list[int], index: int) -> None:
+    def _run(self, recs: bytearray, nrec: int) -> tuple[int, int]:
+        """Run records through the native mover; records it hands back (GPU copies) run here, in order."""
+        view = memoryview(recs)
+        start = 0
+        while True:
+            done, status = native.run(view[start * _REC.size :], nrec - start, self._table.state_ptr, STATE_OPEN,
+                                      self._pidfd)
+            done += start
+            if status != _ST_HANDOFF:
+                return done, status
+            status = self._run_handoff(recs, done)
+            if status != _ST_OK:
+                return done, status
+            start = done + 1
+            if start == nrec:  # the mover did not get to check liveness after this last record
+                if not native.peer_alive(self._table.state_ptr, STATE_OPEN, self._pidfd):
+                    return nrec, _ST_RETRY_EXC
+                return nrec, _ST_OK
+
+    def _run_handoff(self, recs: bytearray, index: int) -> int:
+        op, _pad, local, remote, length, _c, _s, valid_ptr, rkey = _REC.unpack_from(recs, index * _REC.size)
+        if native.load64(valid_ptr) != rkey:
+            return _ST_REM_ACCESS
+        op &= ~native.OP_HANDOFF
+        try:
+            if length:
+                if op == Opcode.READ:
+                    cuda.copy(local, remote, length, to_device=True)
+                else:
+                    cuda.copy(remote, local, length, to_device=False)
+        except Exception as exc:  # a CUDA failure is this request's error completion, not a crash
+            self._handoff_error = f"CUDA copy failed: {exc}"
+            return int(WcStatus.LOC_PROT_ERR)
+        return _ST_OK
+
+    def _encode(self, wr: WorkRequest, recs: bytearray, rec_wr: list[int], index: int) -> int:
+        """Check one request and append its records; returns its byte length, raises _Failure."""
         op = wr.opcode
-        for sge in wr.sgl:
+        sgl = wr.sgl
+        handoff = 0
+        for sge in sgl:
             loc = self._local.get(sge.lkey)
             if loc is None or sge.addr < loc.addr or sge.addr + sge.length > loc.end or sge.length < 0:
                 raise _Failure(WcStatus.LOC_PROT_ERR, f"local SGE {sge} is not inside a region with lkey {sge.lkey}")
             if op is not Opcode.WRITE and not loc.writable:
                 raise _Failure(WcStatus.LOC_PROT_ERR, f"local SGE {sge} is in a region without LOCAL_WRITE")
+            if loc.cuda:
+                if op is not Opcode.READ and op is not Opcode.WRITE:
+                    raise _Failure(WcStatus.LOC_PROT_ERR, "shm atomics need a host SGE, not GPU memory")
+                handoff = native.OP_HANDOFF
         rem = self._remotes.get(wr.rkey) or self._map(wr.rkey)
         if not rem.access & _NEED[op]:
             raise _Failure(WcStatus.REM_ACCESS_ERR, f"rkey {wr.rkey:#x} does not allow {op.name}")
-        length = wr.length
+        length = sgl[0].length if len(sgl) == 1 else sum(sge.length for sge in sgl)
         if wr.remote_addr < rem.addr or wr.remote_addr + length > rem.end:
             raise _Failure(WcStatus.REM_ACCESS_ERR,
                            f"[{wr.remote_addr:#x}, +{length}) is outside region {wr.rkey:#x}")
         ptr = rem.base + (wr.remote_addr - rem.addr)
         if op is Opcode.READ or op is Opcode.WRITE:
-            for sge in wr.sgl:
-                recs += _REC.pack(op, 0, sge.addr, ptr, sge.length, 0, 0, rem.valid_ptr, wr.rkey)
+            for sge in sgl:
+                code = op | (handoff if self._local[sge.lkey].cuda else 0)
+                recs += _REC.pack(code, 0, sge.addr, ptr, sge.length, 0, 0, rem.valid_ptr, wr.rkey)
                 rec_wr.append(index)
                 ptr += sge.length
         else:
-            sge = wr.sgl[0]
-            recs += _REC.pack(op, 0, sge.addr, ptr, 8, wr.compare, wr.swap, rem.valid_ptr, wr.rkey)
+            recs += _REC.pack(op, 0, sgl[0].addr, ptr, 8, wr.compare, wr.swap, rem.valid_ptr, wr.rkey)
             rec_wr.append(index)
+        return length
 
     def _map(self, rkey: int) -> _Remote:
         if rkey & LOCAL_ONLY:
@@ -301,7 +371,7 @@ class ShmEndpoint(Endpoint):
             raise _Failure(WcStatus.REM_ACCESS_ERR, f"rkey {rkey:#x} was deregistered") from None
         except OSError as exc:
             raise _Failure(WcStatus.REM_ACCESS_ERR, f"cannot map region {rkey:#x}: {exc}") from None
-        rem = _Remote(addr, addr + length, access, seg.addr, self._table.valid_ptr(rkey), seg)
+        rem = _Remote(addr, addr + length, int(access), seg.addr, self._table.valid_ptr(rkey), seg)
         self._remotes[rkey] = rem
         return rem
 

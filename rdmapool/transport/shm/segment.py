@@ -3,8 +3,10 @@
 The owner asks for transparent huge pages (MADV_HUGEPAGE: used when
 /sys/kernel/mm/transparent_hugepage/shmem_enabled allows it), then faults every page in with
 MADV_POPULATE_WRITE, which fails cleanly when /dev/shm is full (instead of a SIGBUS on first touch later);
-kernels without it (< 5.14) reserve with posix_fallocate instead. Clients map with MAP_POPULATE. So the data
-path takes no page faults. Sizes are rounded to 2 MiB from 2 MiB up so huge pages can back them.
+kernels without it (< 5.14) reserve with posix_fallocate instead. Clients map with MAP_POPULATE up to
+POPULATE_MAX; larger regions are faulted in lazily (populating costs ~95 ms per GiB here, and `post` runs in the
+caller's thread: a 64 GiB pool would stall the first operation for seconds, while lazy faults, 16 pages per
+read fault with the kernel's fault-around, cost the first pass over the pool roughly a third of its speed). Sizes are rounded to 2 MiB from 2 MiB up so huge pages can back them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 
 PAGE = mmap.PAGESIZE
 HUGE = 2 * 1024 * 1024
+POPULATE_MAX = 256 * 1024 * 1024
 
 
 def mapped_size(length: int) -> int:
@@ -58,7 +61,12 @@ class Segment:
             raise
         os.close(fd)
         seg = cls(path, mm, native.address(mm, True)[0], size, True, huge_advised=huge)
-        seg.cuda_registered = cuda.host_register(seg.addr, size, False, cuda_mode)
+        try:
+            seg.cuda_registered = cuda.host_register(seg.addr, size, False, cuda_mode)
+        except BaseException:
+            seg.close()
+            seg.unlink()
+            raise
         return seg
 
     @classmethod
@@ -69,11 +77,15 @@ class Segment:
             size = os.fstat(fd).st_size
             if size < length:
                 raise OSError(f"shm segment {path} has {size} bytes, the region needs {length}")
-            mm = _map(fd, size, writable)
+            mm = _map(fd, size, writable, populate=size <= POPULATE_MAX)
         finally:
             os.close(fd)
         seg = cls(path, mm, native.address(mm, False)[0], size, writable)
-        seg.cuda_registered = cuda.host_register(seg.addr, size, not writable, cuda_mode)
+        try:
+            seg.cuda_registered = cuda.host_register(seg.addr, size, not writable, cuda_mode)
+        except BaseException:
+            seg.close()
+            raise
         return seg
 
     def close(self) -> None:
@@ -95,9 +107,10 @@ class Segment:
             os.unlink(self.path)
 
 
-def _map(fd: int, size: int, writable: bool) -> mmap.mmap:
+def _map(fd: int, size: int, writable: bool, populate: bool) -> mmap.mmap:
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=prot)
+    flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+    return mmap.mmap(fd, size, flags=flags, prot=prot)
 
 
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)

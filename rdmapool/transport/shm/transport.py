@@ -19,7 +19,7 @@ import weakref
 from typing import Any
 
 from rdmapool import _shmatomics as native
-from rdmapool.errors import ServerUnavailable, UsageError
+from rdmapool.errors import AuthError, NoDevice, ServerUnavailable, UsageError
 from rdmapool.transport.base import (
     Access,
     Endpoint,
@@ -128,14 +128,41 @@ class ShmTransport(Transport):
             raise UsageError(f"register needs {need} (access={access!r}): {exc}") from None
         with self._lock:
             self._check_open()
-            self._next_local += 1
-            lkey = LOCAL_ONLY | self._next_local
+            lkey = self._local_key()
             desc = RegionDescriptor(addr, length, lkey)
             region = MemoryRegion(addr, length, lkey, desc, MemoryKind.HOST, access,
                                   view=view.cast("B") if view.format != "B" else view, handle=self)
             self._owned[lkey] = (region, None)
             self.local_regions[lkey] = LocalRegion(addr, addr + length, writable)
             return region
+
+    def register_pointer(
+        self, addr: int, length: int, kind: MemoryKind, access: Access = Access.ALL, owner: Any = None
+    ) -> MemoryRegion:
+        """Memory by address, local-only like `register`: host memory (a pinned tensor's data_ptr()) or GPU
+        memory (a CUDA tensor's data_ptr(): READ/WRITE then copy between it and the CUDA-registered mapping
+        with the CUDA runtime, at pinned speed; no atomics into it). `owner` is kept alive with the region."""
+        if kind is MemoryKind.CUDA and not cuda.available():
+            raise NoDevice("register_pointer(kind=CUDA) needs a GPU and torch with CUDA or cupy")
+        if not (isinstance(addr, int) and isinstance(length, int)) or addr <= 0 or length <= 0:
+            raise UsageError(f"register_pointer needs a positive address and length, got {addr!r}, {length!r}")
+        with self._lock:
+            self._check_open()
+            lkey = self._local_key()
+            region = MemoryRegion(addr, length, lkey, RegionDescriptor(addr, length, lkey), kind, access,
+                                  view=None, handle=(self, owner))
+            self._owned[lkey] = (region, None)
+            self.local_regions[lkey] = LocalRegion(addr, addr + length, bool(access & Access.LOCAL_WRITE),
+                                                   cuda=kind is MemoryKind.CUDA)
+            return region
+
+    def _local_key(self) -> int:
+        """A key for a local-only region: bit 31 set, never 0 below it, never reused while in use."""
+        while True:
+            self._next_local = self._next_local % (LOCAL_ONLY - 1) + 1
+            lkey = LOCAL_ONLY | self._next_local
+            if lkey not in self._owned:
+                return lkey
 
     def deregister(self, region: MemoryRegion) -> None:
         with self._lock:
@@ -144,14 +171,21 @@ class ShmTransport(Transport):
                 if entry is not None:
                     self._owned[region.lkey] = entry
                 raise UsageError(f"region with lkey {region.lkey:#x} is not registered with this transport")
-            self.local_regions.pop(region.lkey, None)
+            self.local_regions.pop(region.lkey, None)  # no later batch of ours can name it
             self.local_epoch += 1
             _region, seg = entry
             if seg is not None:
                 self._table.remove(region.lkey)  # from here on, every peer check fails
                 seg.unlink()
                 self._paths.discard(seg.path)
-                seg.close()
+            endpoints = list(self._endpoints)
+        for ep in endpoints:  # a batch of ours that started before the pop may still be copying
+            ep.quiesce()
+        if region.view is not None:
+            with contextlib.suppress(BufferError):
+                region.view.release()  # views the application derived keep the pages mapped (see Segment)
+        if seg is not None:
+            seg.close()
 
     def peer_info(self) -> dict:
         with self._lock:
@@ -181,6 +215,9 @@ class ShmTransport(Transport):
             except FileNotFoundError:
                 raise ServerUnavailable(f"no shm control segment {path}: the peer closed, or is not on "
                                         "this host / in this IPC namespace") from None
+            except PermissionError:
+                raise AuthError(f"shm control segment {path} is not readable by this user: the owner's "
+                                "file mode (ShmTransport(mode=...)) keeps this process out") from None
             try:
                 table = TableView(seg, owner)
             except ValueError as exc:
@@ -213,7 +250,10 @@ class ShmTransport(Transport):
         with self._lock:
             if self._table is not None:
                 self._table.close()
-            for _region, seg in self._owned.values():
+            for region, seg in self._owned.values():
+                if region.view is not None:
+                    with contextlib.suppress(BufferError):
+                        region.view.release()
                 if seg is not None:
                     seg.unlink()
                     seg.close()
@@ -248,8 +288,11 @@ def _parse_peer_info(info: Any) -> tuple[str, str, naming.Owner]:
     if not (isinstance(base, str) and isinstance(shm_dir, str) and isinstance(pid, int) and isinstance(start, int)):
         raise UsageError(f"shm peer info needs base, dir, pid, start: {info!r}")
     parsed = naming.parse(naming.ctl_name(base))
-    if parsed is None or parsed[0] != naming.Owner(pid, start):
+    if parsed is None or parsed[1] != naming.Owner(pid, start):
         raise UsageError(f"shm peer info has a malformed base name {base!r}")
+    if parsed[0] != naming.pid_namespace():
+        raise ServerUnavailable(f"shm peer {base} is in another pid namespace: shm peers must share pid and "
+                                "IPC namespaces (same host or container)")
     return base, shm_dir, naming.Owner(pid, start)
 
 

@@ -1,0 +1,146 @@
+"""What bounds an online policy: a fluid (LP) upper bound on the hit ratio of any policy that decides from a
+class of features, known when a chain is written, plus the chain's age.
+
+Model. Every request ends a chain "life": it returns when a later request extends it (its next turn), after a
+gap, with H reusable blocks (all but the shared block 0 and the partial last block), or never. A policy that
+only knows the life's feature class c (and its age) can at best pick, per class, a retention time tau_c and a
+share p_c of lives to keep: hits = sum_c p_c * H(gaps <= tau_c), cost = block-seconds held, within
+capacity * duration. The best choice is a fractional knapsack over the upper concave hulls of each class's
+(cost, hits) curve. The class distributions are measured in-sample, so the bound is optimistic (with one
+class per life it becomes the clairvoyant "oracle" row, close to Belady). Block 0's hits are added to all.
+
+    rdmapool bench eviction_bound [--trace PATH] [--capacity 0.05 --capacity 0.1] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import record  # noqa: E402
+
+from rdmapool.sim import load_trace  # noqa: E402
+from rdmapool.sim.trace import shipped_traces_dir  # noqa: E402
+
+
+def lives(trace):
+    """Per request: (time, blocks held, gap to its next turn or inf, reusable blocks, turn, previous gap)."""
+    owner, turn, prevgap, gap, reuse = {}, [], [], [], []
+    reqs = trace.requests
+    for i, r in enumerate(reqs):
+        k = 0
+        while k < len(r.keys) and r.keys[k] in owner:
+            k += 1
+        turn.append(1)
+        prevgap.append(None)
+        gap.append(math.inf)
+        reuse.append(0)
+        if k > 1:
+            j = owner[r.keys[k - 1]]
+            turn[i] = turn[j] + 1
+            prevgap[i] = r.time - reqs[j].time
+            if gap[j] == math.inf:
+                gap[j], reuse[j] = r.time - reqs[j].time, k - 1
+        for key in r.keys:
+            owner[key] = i
+    return turn, prevgap, gap, reuse
+
+
+def bound(trace, features, share: float) -> float:
+    turn, prevgap, gap, reuse = lives(trace)
+    reqs = trace.requests
+    t_end = reqs[-1].time
+    budget = share * trace.unique_blocks() * (t_end - reqs[0].time)
+    classes = defaultdict(list)
+    for j, r in enumerate(reqs):
+        held = len(r.keys) - 2
+        if held > 0:
+            classes[features(j, r, turn, prevgap)].append((gap[j], reuse[j], held, t_end - r.time))
+    segments = []
+    for lst in classes.values():
+        pts = [(0.0, 0.0)]
+        for tau in sorted({g for g, *_ in lst if g < math.inf}):
+            cost = sum(h * min(g, tau, rem) for g, _, h, rem in lst)
+            pts.append((cost, float(sum(u for g, u, _, _ in lst if g <= tau))))
+        hull: list[tuple[float, float]] = []
+        for p in sorted(pts):
+            while len(hull) >= 2 and ((hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])
+                                      <= (p[1] - hull[-2][1]) * (hull[-1][0] - hull[-2][0])):
+                hull.pop()
+            hull.append(p)
+        for a, b in zip(hull, hull[1:], strict=False):
+            if b[1] > a[1]:
+                slope = (b[1] - a[1]) / (b[0] - a[0]) if b[0] > a[0] else math.inf
+                segments.append((slope, b[0] - a[0], b[1] - a[1]))
+    hits, left = 0.0, budget
+    for _, cost, gain in sorted(segments, reverse=True):
+        if cost <= left:
+            left -= cost
+            hits += gain
+        else:
+            hits += gain * left / cost
+            break
+    shared0 = sum(1 for r in reqs if r.keys and r.keys[0] == reqs[0].keys[0])
+    return (shared0 + hits) / trace.block_accesses()
+
+
+def life_table(trace) -> dict:
+    """Share of requests that get a next turn, by turn number; think-time quantiles; partial tails reused."""
+    turn, _, gap, _ = lives(trace)
+    by: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for t, g in zip(turn, gap, strict=True):
+        by[min(t, 5)][0] += 1
+        by[min(t, 5)][1] += g < math.inf
+    gaps = sorted(g for g in gap if g < math.inf)
+    uses: dict = defaultdict(int)
+    for r in trace.requests:
+        for k in r.keys:
+            uses[k] += 1
+    tails = sum(1 for r in trace.requests if r.keys and uses[r.keys[-1]] > 1)
+    return {"next_turn_share": round(len(gaps) / len(gap), 3),
+            "next_turn_share_by_turn (5 = 5+)": {t: round(c / n, 3) for t, (n, c) in sorted(by.items())},
+            "think_time_s_p10_p50_p90": [round(gaps[int(q * (len(gaps) - 1))], 1) for q in (0.1, 0.5, 0.9)]
+            if gaps else [], "last_block_reused_share": round(tails / len(trace.requests), 4)}
+
+
+def _lg(x):
+    return -1 if x is None else int(math.log2(x + 1))
+
+
+FEATURES = {
+    "age only": lambda j, r, t, pg: 0,
+    "turn": lambda j, r, t, pg: min(t[j], 6),
+    "turn + previous gap": lambda j, r, t, pg: (min(t[j], 6), _lg(pg[j])),
+    "turn + previous gap + length": lambda j, r, t, pg: (min(t[j], 6), _lg(pg[j]), int(math.log2(len(r.keys)))),
+    "oracle (each chain its own class)": lambda j, r, t, pg: j,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="eviction_bound")
+    ap.add_argument("--trace", default=str(shipped_traces_dir() / "conversation_first_half.jsonl"))
+    ap.add_argument("--capacity", type=float, action="append")
+    ap.add_argument("--record", action="store_true")
+    args = ap.parse_args(argv)
+    trace = load_trace(args.trace)
+    shares = args.capacity or [0.05, 0.10]
+    out = {name: {str(s): round(bound(trace, f, s), 4) for s in shares} for name, f in FEATURES.items()}
+    life = life_table(trace)
+    print(f"life table: {life}", file=sys.stderr)
+    for name, row in out.items():
+        print(f"{name:40s} " + "  ".join(f"{s}: {v:.3f}" for s, v in row.items()), file=sys.stderr)
+    payload = {"bench": "eviction_bound", "trace": args.trace, "bounds": out, "life_table": life}
+    if args.record:
+        print(f"recorded {record('eviction_bound', payload)}", file=sys.stderr)
+    print(json.dumps(payload))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
