@@ -34,6 +34,7 @@ from rdmapool.policy import BlockInfo
 from rdmapool.policy import create as create_policy
 from rdmapool.server.lifecycle import SlotState
 from rdmapool.server.slots import NEVER, NO_HINT, BlockHint, Slot, SlotClass, plan_classes
+from rdmapool.server.wire import HIT
 from rdmapool.transport.base import RegionDescriptor
 
 #: how many leased victims the policy may name before an allocate gives up on a full class
@@ -105,9 +106,22 @@ class PoolCore:
     def lookup(self, tenant: str, keys: Sequence[bytes], now: float, prefix: bool = True) -> list[SlotRef | None]:
         """Hits for the longest present prefix (or per key with `prefix=False`), each with a read lease."""
         pool = self._pool(tenant)
+        base, rkey = pool.region.addr, pool.region.rkey
+        return [None if s is None else SlotRef(base + s.offset, rkey, s.generation, s.length, s.cls.layout.capacity)
+                for s in self._lookup_slots(pool, keys, now, prefix)]
+
+    def lookup_wire(self, tenant: str, keys: Sequence[bytes], now: float, prefix: bool = True) -> bytes:
+        """`lookup` packed as the protocol sends it (`wire.HIT` records, generation 0 for a miss), without
+        building a SlotRef per hit: this is the server's hottest path."""
+        pool = self._pool(tenant)
+        base, rkey, pack, miss = pool.region.addr, pool.region.rkey, HIT.pack, bytes(HIT.size)
+        return b"".join(miss if s is None else pack(base + s.offset, rkey, s.generation, s.length)
+                        for s in self._lookup_slots(pool, keys, now, prefix))
+
+    def _lookup_slots(self, pool: TenantPool, keys: Sequence[bytes], now: float, prefix: bool) -> list[Slot | None]:
         self.sweep(now)
-        out: list[SlotRef | None] = []
-        index, base, rkey = pool.index, pool.region.addr, pool.region.rkey
+        out: list[Slot | None] = []
+        index = pool.index
         lease_until = now + self.config.lease_s
         check_ttl = self.config.ttl_s is not None or self.config.idle_ttl_s is not None
         resident = SlotState.RESIDENT
@@ -129,7 +143,7 @@ class PoolCore:
                 # one access report per key and call: a request naming a key 4096 times is one access
                 slot.last_access = now
                 slot.cls.policy.on_access(key, now)
-            out.append(SlotRef(base + slot.offset, rkey, slot.generation, slot.length, slot.cls.layout.capacity))
+            out.append(slot)
         hits = len(out) - (0 if prefix else misses)
         self.counters["lookup_hits"] += hits
         self.counters["leases_granted"] += hits

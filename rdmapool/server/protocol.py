@@ -98,9 +98,8 @@ class Handler:
         return wire.get_keys(msg, "keys", self.config.max_keys)
 
     def _lookup(self, tenant: str, msg: dict, now: float) -> dict:
-        hits = self.core.lookup(tenant, self._keys(msg), now, prefix=wire.get_bool(msg, "prefix", True))
-        pack, miss = wire.HIT.pack, bytes(wire.HIT.size)
-        return {"hits": b"".join(miss if h is None else pack(h[0], h[1], h[2], h[3]) for h in hits)}
+        prefix = wire.get_bool(msg, "prefix", True)
+        return {"hits": self.core.lookup_wire(tenant, self._keys(msg), now, prefix)}
 
     def _allocate(self, tenant: str, msg: dict, now: float) -> dict:
         keys = self._keys(msg)

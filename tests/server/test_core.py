@@ -268,3 +268,18 @@ def test_repeated_key_in_one_request_is_one_access() -> None:
         assert core.touch("a", [key(1)] * 4096, 1.0 + i) == 4096
     assert time.perf_counter() - t < 5.0
     check_invariants(core)
+
+
+def test_lookup_wire_matches_lookup() -> None:
+    from rdmapool.server.wire import HIT
+
+    core = make_core()
+    put(core, "a", key(1), 0.0)
+    put(core, "a", key(3), 0.0)
+    keys = [key(1), key(2), key(3)]
+    refs = core.lookup("a", keys, 1.0, prefix=False)
+    packed = core.lookup_wire("a", keys, 2.0, prefix=False)
+    records = list(HIT.iter_unpack(packed))
+    assert [r[2] != 0 for r in records] == [True, False, True]
+    assert [tuple(r) for r in records if r[2]] == [tuple(ref[:4]) for ref in refs if ref is not None]
+    assert len(core.lookup_wire("a", keys, 3.0)) == HIT.size  # prefix: stops at the first miss
