@@ -33,7 +33,7 @@ def faulty_client(srv: procs.ServerProc, transport: str) -> tuple[PoolClient, Fa
 def test_torn_reads_with_a_rewrite_between_pieces_are_misses(transport: str) -> None:
     with procs.running(transport, "4MiB", "--size-classes", "64KiB") as srv:
         c, ft = faulty_client(srv, transport)
-        with c:
+        with ft, c:
             good = os.urandom(SIZE)
             assert c.put([key(1)], [good]) == [PutStatus.STORED]
             (ref,) = c.lookup_prefix([key(1)]).refs
@@ -70,7 +70,7 @@ def test_torn_reads_with_a_rewrite_between_pieces_are_misses(transport: str) -> 
 def test_failed_queue_pair_costs_misses_then_reconnects(transport: str) -> None:
     with procs.running(transport, "4MiB", "--size-classes", "64KiB") as srv:
         c, ft = faulty_client(srv, transport)
-        with c:
+        with ft, c:
             assert c.put([key(1)], [b"x" * 100]) == [PutStatus.STORED]
             ft.endpoints[-1].fail(WcStatus.RETRY_EXC_ERR, after=0)
             assert c.get([key(1)], [bytearray(100)]) == [None]

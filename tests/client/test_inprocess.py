@@ -28,8 +28,27 @@ def key(i: int) -> bytes:
 TRANSPORTS = ["local", "tcp", "shm"]
 
 
+_MADE: list[Transport] = []
+
+
 def new_transport(name: str) -> Transport:
-    return LocalTransport() if name == "local" else transports.create(name)
+    """A transport for a server or client of this test; closed after the test (injected transports belong to
+    the caller, not to the server or client they are given to)."""
+    t = LocalTransport() if name == "local" else transports.create(name)
+    _MADE.append(t)
+    return t
+
+
+def _made(t: Transport) -> Transport:
+    _MADE.append(t)
+    return t
+
+
+@pytest.fixture(autouse=True)
+def _close_transports():
+    yield
+    while _MADE:
+        _MADE.pop().close()
 
 
 @pytest.fixture(params=TRANSPORTS)
@@ -151,7 +170,7 @@ def _reuse_under_slow_reader(c: PoolClient) -> None:
 
 def test_unavailable_server_gives_misses_fast() -> None:
     cfg = ClientConfig(token="token-a-secret", connect_timeout_s=0.5, retry_after_s=5.0)
-    with PoolClient(["127.0.0.1:1"], cfg, transport=LocalTransport()) as c:
+    with PoolClient(["127.0.0.1:1"], cfg, transport=_made(LocalTransport())) as c:
         t = time.monotonic()
         assert c.put([key(1)], [b"x"]) == [PutStatus.UNAVAILABLE]
         assert len(c.lookup_prefix([key(1)])) == 0
@@ -162,14 +181,14 @@ def test_unavailable_server_gives_misses_fast() -> None:
 
 def test_bad_token_is_misses_not_exception(server) -> None:
     cfg = ClientConfig(token="not-a-known-token")
-    with PoolClient([server.address], cfg, transport=LocalTransport()) as c:
+    with PoolClient([server.address], cfg, transport=_made(LocalTransport())) as c:
         assert c.put([key(1)], [b"x"]) == [PutStatus.UNAVAILABLE]
         assert c.counters["error_AuthError"] == 1
 
 
 def test_batches_larger_than_server_max_keys_are_split() -> None:
     cfg = ServerConfig(tenants=(TenantConfig("a", TOKENS["a"], 1 << 20),), size_classes=(4096,), max_keys=8)
-    with MemoryServer(cfg, transport=LocalTransport()) as srv:
+    with MemoryServer(cfg, transport=_made(LocalTransport())) as srv:
         srv.transport_name = "local"
         with make_client(srv) as c:
             keys = [key(i) for i in range(50)]
@@ -197,7 +216,7 @@ def test_put_with_chain_hints(server) -> None:
 def test_connection_closed_by_server_idle_timeout_is_reopened_transparently() -> None:
     cfg = ServerConfig(tenants=(TenantConfig("a", TOKENS["a"], 1 << 20),), size_classes=(4096,),
                        idle_timeout_s=0.2, tick_s=0.02)
-    with MemoryServer(cfg, transport=LocalTransport()) as srv:
+    with MemoryServer(cfg, transport=_made(LocalTransport())) as srv:
         srv.transport_name = "local"
         with make_client(srv) as c:
             assert c.put([key(1)], [b"x"]) == [PutStatus.STORED]
@@ -227,8 +246,10 @@ class HandshakeTransport(LocalTransport):
 def test_transport_handshake_goes_through_the_control_connection() -> None:
     cfg = ServerConfig(tenants=(TenantConfig("a", TOKENS["a"], 1 << 20),), size_classes=(4096,))
     server_side = HandshakeTransport()
+    _MADE.append(server_side)
     with MemoryServer(cfg, transport=server_side) as srv:
         client_side = HandshakeTransport()
+        _MADE.append(client_side)
         with PoolClient([srv.address], ClientConfig(token=TOKENS["a"]), transport=client_side) as c:
             assert c.put([key(1)], [b"x"]) == [PutStatus.STORED]
         assert server_side.accepted == [{"qpn": 7}]
