@@ -25,6 +25,7 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -54,6 +55,7 @@ from rdmapool.errors import UsageError
 _TARGET = {"create": "CREATE", "mod": "MOD", "version": "VERSION", "value": "VALUE", "lease": "LEASE"}
 _FIELD = {"create": "create_revision", "mod": "mod_revision", "version": "version", "lease": "lease"}
 _RESULT = {"==": "EQUAL", "!=": "NOT_EQUAL", "<": "LESS", ">": "GREATER"}
+_RETRYABLE = ("no leader", "leader changed", "timed out", "unavailable", "too many requests", "not capable")
 
 
 def _b64(b: bytes) -> str:
@@ -95,9 +97,12 @@ def parse_endpoints(spec: str | Sequence[str]) -> list[str]:
 
 
 class GatewayEtcd(Etcd):
-    def __init__(self, endpoints: str | Sequence[str], timeout: float = 2.0) -> None:
+    def __init__(self, endpoints: str | Sequence[str], timeout: float = 2.0, retry_s: float | None = None) -> None:
         self.endpoints = parse_endpoints(endpoints)
         self.timeout = timeout
+        #: how long a call keeps cycling through endpoints that refuse or have no leader (default: 1.5 s,
+        #: about an election); timeouts count against it too
+        self.retry_s = 1.5 if retry_s is None else retry_s
         self._lock = threading.Lock()
         self._current = 0
         self._pid = -1
@@ -117,35 +122,42 @@ class GatewayEtcd(Etcd):
             return self._clients
 
     def _call(self, path: str, payload: dict, idempotent: bool = True) -> dict:
+        """Try the endpoints in turn, and again for up to `retry_s` while every one refuses or has no leader
+        (an election after a member died takes about one election timeout)."""
         if self._closed:
             raise UsageError("etcd client is closed")
         clients = self._client_list()
         n = len(clients)
-        start = self._current
+        deadline = time.monotonic() + self.retry_s
         last: Exception | None = None
-        for i in range(n):
-            idx = (start + i) % n
-            c = clients[idx]
-            try:
-                resp = c.post(c.get_url(path), data=json.dumps(payload))
-            except gwexc.ConnectionTimeoutError as exc:
-                last = exc
-                if not idempotent:
-                    raise EtcdUnavailable(f"etcd {self.endpoints[idx]} timed out on {path}; outcome unknown") from exc
-            except gwexc.ConnectionFailedError as exc:  # refused, reset, or 503 (no leader)
-                last = exc
-            except gwexc.Etcd3Exception as exc:
-                text = str(exc.detail_text if hasattr(exc, "detail_text") else exc)
-                if "lease not found" in text:
-                    raise LeaseNotFound(text) from exc
-                if "no leader" in text or "timed out" in text or "unavailable" in text.lower():
+        while True:
+            start = self._current
+            for i in range(n):
+                idx = (start + i) % n
+                c = clients[idx]
+                try:
+                    resp = c.post(c.get_url(path), data=json.dumps(payload))
+                except gwexc.ConnectionTimeoutError as exc:
                     last = exc
-                    continue
-                raise EtcdUnavailable(f"etcd {self.endpoints[idx]} {path}: {text}") from exc
-            else:
-                self._current = idx
-                return resp
-        raise EtcdUnavailable(f"no etcd endpoint of {self.endpoints} answered {path}: {last}")
+                    if not idempotent:
+                        raise EtcdUnavailable(
+                            f"etcd {self.endpoints[idx]} timed out on {path}; outcome unknown") from exc
+                except gwexc.ConnectionFailedError as exc:  # refused, reset, or 503 (no leader)
+                    last = exc
+                except gwexc.Etcd3Exception as exc:
+                    text = str(exc.detail_text if exc.detail_text is not None else exc)
+                    if "lease not found" in text:
+                        raise LeaseNotFound(text) from exc
+                    if not any(t in text.lower() for t in _RETRYABLE):
+                        raise EtcdUnavailable(f"etcd {self.endpoints[idx]} {path}: {text}") from exc
+                    last = exc
+                else:
+                    self._current = idx
+                    return resp
+            if time.monotonic() >= deadline:
+                raise EtcdUnavailable(f"no etcd endpoint of {self.endpoints} answered {path}: "
+                                      f"{type(last).__name__}: {last}")
+            time.sleep(0.05)
 
     # -- KV -----------------------------------------------------------------------------------------------
     def get(self, key: bytes) -> tuple[KeyValue | None, int]:

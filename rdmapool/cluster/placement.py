@@ -37,6 +37,7 @@ from rdmapool.errors import UsageError
 
 EMPTY = -1
 _CHUNK_CELLS = 1 << 22  # score-matrix cells per chunk (32 MiB of float64)
+_TOP_K = 24  # candidate servers remembered per vacant row
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +225,29 @@ def _shed(table: np.ndarray, quota: np.ndarray, seeds: np.ndarray, w: np.ndarray
     table[rows[drop], cols[drop]] = EMPTY
 
 
+def _candidates(table: np.ndarray, rows: np.ndarray, k: int, rem: np.ndarray, seeds: np.ndarray, w: np.ndarray,
+                dom: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's best `_TOP_K` servers for replica k, by score, among servers with quota left and a domain not
+    yet in the row: (servers, scores), ascending; inf marks "no more eligible servers"."""
+    N = len(rem)
+    K = min(_TOP_K, N)
+    cand = np.empty((len(rows), K), dtype=np.int64)
+    cs = np.empty((len(rows), K), dtype=np.float64)
+    chunk = max(1, _CHUNK_CELLS // max(N, 1))
+    for a in range(0, len(rows), chunk):
+        r = rows[a:a + chunk]
+        sc = rendezvous_scores(r, seeds, w)
+        sc[:, rem <= 0] = np.inf
+        for j in range(k):
+            sc[dom[None, :] == dom[table[r, j]][:, None]] = np.inf
+        part = np.argpartition(sc, K - 1, axis=1)[:, :K] if K < N else np.tile(np.arange(N), (len(r), 1))
+        ps = np.take_along_axis(sc, part, axis=1)
+        o = np.argsort(ps, axis=1, kind="stable")
+        cand[a:a + chunk] = np.take_along_axis(part, o, axis=1)
+        cs[a:a + chunk] = np.take_along_axis(ps, o, axis=1)
+    return cand, cs
+
+
 def _fill(table: np.ndarray, quota: np.ndarray, seeds: np.ndarray, w: np.ndarray, dom: np.ndarray,
           usable_R: int) -> int:
     N = len(quota)
@@ -232,23 +256,17 @@ def _fill(table: np.ndarray, quota: np.ndarray, seeds: np.ndarray, w: np.ndarray
     overflow = 0
     for k in range(usable_R):
         vacant = np.nonzero(count == k)[0]
+        # quota only shrinks during a fill, so candidate lists stay valid: a full server is skipped, and a
+        # row whose listed servers all filled up is scored again against every server
+        cand, cs = _candidates(table, vacant, k, quota - load, seeds, w, dom)
         while len(vacant):
             rem = quota - load
-            chunk = max(1, _CHUNK_CELLS // max(N, 1))
-            choice = np.empty(len(vacant), dtype=np.int64)
-            best = np.empty(len(vacant), dtype=np.float64)
-            alternatives = np.empty(len(vacant), dtype=np.int64)
-            for a in range(0, len(vacant), chunk):
-                rows = vacant[a:a + chunk]
-                sc = rendezvous_scores(rows, seeds, w)
-                sc[:, rem <= 0] = np.inf
-                for j in range(k):
-                    taken = table[rows, j]
-                    sc[dom[None, :] == dom[taken][:, None]] = np.inf
-                choice[a:a + chunk] = np.argmin(sc, axis=1)
-                best[a:a + chunk] = sc[np.arange(len(rows)), choice[a:a + chunk]]
-                alternatives[a:a + chunk] = np.isfinite(sc).sum(axis=1)
-            stuck = ~np.isfinite(best)
+            ok = np.isfinite(cs) & (rem[cand] > 0)
+            again = ~ok.any(axis=1) & np.isfinite(cs[:, -1])
+            if again.any():
+                cand[again], cs[again] = _candidates(table, vacant[again], k, rem, seeds, w, dom)
+                ok[again] = np.isfinite(cs[again]) & (rem[cand[again]] > 0)
+            stuck = ~ok.any(axis=1)
             if stuck.all():
                 # only rows no server with quota left can take: repair them together (swaps), once the others
                 # are placed; a row left unfilled had no eligible server at all
@@ -256,10 +274,13 @@ def _fill(table: np.ndarray, quota: np.ndarray, seeds: np.ndarray, w: np.ndarray
                 count[vacant] = (table[vacant] >= 0).sum(axis=1)
                 break
             live = ~stuck
-            rows, choice, best = vacant[live], choice[live], best[live]
+            first = np.argmax(ok[live], axis=1)
+            idx = np.nonzero(live)[0]
+            rows, choice, best = vacant[live], cand[idx, first], cs[idx, first]
+            alternatives = ok[live].sum(axis=1)
             # an over-asked server keeps the most constrained rows first (fewest servers they could still
             # use), then its best scores: fewer rows end up with no eligible server (each such row costs a swap)
-            order = np.lexsort((best, alternatives[live], choice))
+            order = np.lexsort((best, alternatives, choice))
             c_sorted = choice[order]
             starts = np.searchsorted(c_sorted, c_sorted, side="left")
             accept = order[(np.arange(len(order)) - starts) < rem[c_sorted]]
@@ -268,5 +289,6 @@ def _fill(table: np.ndarray, quota: np.ndarray, seeds: np.ndarray, w: np.ndarray
             count[rows[accept]] = k + 1
             done = np.zeros(len(rows), dtype=bool)
             done[accept] = True
-            vacant = np.concatenate([rows[~done], vacant[stuck]])
+            keep = np.concatenate([idx[~done], np.nonzero(stuck)[0]])
+            vacant, cand, cs = vacant[keep], cand[keep], cs[keep]
     return overflow
