@@ -45,19 +45,37 @@ esac
 extra=()
 [ -z "$share" ] || extra=(-virtfs "local,path=$share,mount_tag=xchg,security_model=none")
 
+# Kill QEMU (in its own process group, made by timeout) when this script is told to stop.
+qpid=""
+trap '[ -z "$qpid" ] || kill -TERM "$qpid" 2>/dev/null' TERM INT HUP
+
+boot() {
+  # no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check can fail and panic at boot
+  timeout -k 10 $((timeout + 90)) qemu-system-x86_64 -accel tcg -cpu max -smp "$smp" -m "$mem" \
+    -nographic -no-reboot -snapshot \
+    -kernel "$cache/vmlinuz" -initrd "$cache/initrd.img" \
+    -append "console=ttyS0 root=/dev/vda rw init=/init.sh panic=-1 quiet no_timer_check rdmapool.ip=$ip rdmapool.timeout=$timeout" \
+    -drive "file=$cache/rootfs.img,format=raw,if=virtio" \
+    "${nic[@]}" \
+    -virtfs "local,path=$checkout,mount_tag=proj,security_model=none,readonly=on" \
+    -virtfs "local,path=$job,mount_tag=job,security_model=none" \
+    "${extra[@]}" \
+    </dev/null >"$job/console.log" 2>&1 &
+  qpid=$!
+  wait "$qpid"
+  qrc=$?
+  while kill -0 "$qpid" 2>/dev/null; do wait "$qpid"; qrc=$?; done  # wait returns early when a trap ran
+}
+
 start=$(date +%s)
 set +e
-timeout -k 10 $((timeout + 90)) qemu-system-x86_64 -accel tcg -cpu max -smp "$smp" -m "$mem" \
-  -nographic -no-reboot -snapshot \
-  -kernel "$cache/vmlinuz" -initrd "$cache/initrd.img" \
-  -append "console=ttyS0 root=/dev/vda rw init=/init.sh panic=-1 quiet rdmapool.ip=$ip rdmapool.timeout=$timeout" \
-  -drive "file=$cache/rootfs.img,format=raw,if=virtio" \
-  "${nic[@]}" \
-  -virtfs "local,path=$checkout,mount_tag=proj,security_model=none,readonly=on" \
-  -virtfs "local,path=$job,mount_tag=job,security_model=none" \
-  "${extra[@]}" \
-  </dev/null >"$job/console.log" 2>&1
-qrc=$?
+boot
+if [ ! -f "$job/rc" ] && [ ! -f "$job/guest.log" ] && grep -q "Kernel panic" "$job/console.log"; then
+  # the guest died before running anything (a TCG boot-time flake): one more try, keeping the first console
+  mv "$job/console.log" "$job/console-first-boot.log"
+  echo "[vm] kernel panic during boot; booting once more" >&2
+  boot
+fi
 set -e
 elapsed=$(( $(date +%s) - start ))
 if [ ! -f "$job/rc" ]; then

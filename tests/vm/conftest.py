@@ -43,19 +43,41 @@ class VmRun:
                 f"\n--- console (tail)\n{console}")
 
 
+_started: list[subprocess.Popen] = []
+
+
 def run_vm(job: Path, script: str, *, timeout: int, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     job.mkdir(parents=True, exist_ok=True)
     (job / "cmd.sh").write_text(script)
-    return subprocess.Popen(["bash", str(VM / "run.sh"), "--timeout", str(timeout), *extra, str(job)],
+    proc = subprocess.Popen(["bash", str(VM / "run.sh"), "--timeout", str(timeout), *extra, str(job)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _started.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM makes run.sh stop its QEMU (see its trap); SIGKILL if that does not end it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_vms():
+    yield
+    while _started:
+        stop(_started.pop())
 
 
 def finish(proc: subprocess.Popen, job: Path, timeout: int) -> VmRun:
     try:
         proc.communicate(timeout=timeout + 180)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
+        stop(proc)
     read = lambda name: (job / name).read_text(errors="replace") if (job / name).exists() else ""  # noqa: E731
     return VmRun(proc.returncode, job, read("output.log"), read("guest.log"))
 
