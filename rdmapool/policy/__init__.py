@@ -11,6 +11,7 @@ from rdmapool.policy.arc import ARC
 from rdmapool.policy.base import BlockInfo, EvictionPolicy, Key
 from rdmapool.policy.belady import Belady
 from rdmapool.policy.chainheat import ChainHeat
+from rdmapool.policy.hitdensity import HitDensity
 from rdmapool.policy.lfu import LFU
 from rdmapool.policy.lru import LRU
 from rdmapool.policy.prefix import PrefixAware
@@ -28,6 +29,7 @@ _FACTORIES: dict[str, Callable[..., EvictionPolicy]] = {
     "sieve": Sieve,
     "arc": ARC,
     "chainheat": ChainHeat,
+    "hitdensity": HitDensity,
     "belady": Belady,
 }
 #: policies that need knowledge of the future (simulation only)
