@@ -11,6 +11,7 @@ from rdmapool.policy.arc import ARC
 from rdmapool.policy.base import BlockInfo, EvictionPolicy, Key
 from rdmapool.policy.belady import Belady
 from rdmapool.policy.chainheat import ChainHeat
+from rdmapool.policy.fluid import Fluid
 from rdmapool.policy.hitdensity import HitDensity
 from rdmapool.policy.lfu import LFU
 from rdmapool.policy.lru import LRU
@@ -30,6 +31,7 @@ _FACTORIES: dict[str, Callable[..., EvictionPolicy]] = {
     "arc": ARC,
     "chainheat": ChainHeat,
     "hitdensity": HitDensity,
+    "fluid": Fluid,
     "belady": Belady,
 }
 #: policies that need knowledge of the future (simulation only)
