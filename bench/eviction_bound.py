@@ -115,6 +115,34 @@ def life_table(trace) -> dict:
             if gaps else [], "last_block_reused_share": round(tails / len(trace.requests), 4)}
 
 
+def feature_scan(trace, horizon: float = 300.0) -> dict:
+    """Share of requests that get a next turn, per bucket of other online features (requests within `horizon`
+    seconds of the trace's end left out): log2 of new blocks this turn, of prefix hits, of requests in the
+    last 10 s, and the partial last block's size in quarters of a block."""
+    from bisect import bisect_left
+
+    _, _, gap, _ = lives(trace)
+    reqs = trace.requests
+    seen: set = set()
+    times = [r.time for r in reqs]
+    rows: dict[str, dict] = {n: defaultdict(lambda: [0, 0]) for n in ("new blocks", "prefix hits", "load 10 s",
+                                                                       "tail quarter")}
+    bt = trace.block_tokens
+    for j, r in enumerate(reqs):
+        k = 0
+        while k < len(r.keys) and r.keys[k] in seen:
+            k += 1
+        seen.update(r.keys)
+        if r.time > times[-1] - horizon:
+            continue
+        tail = (r.tokens % bt) * 4 // bt if r.tokens else -1
+        for name, b in (("new blocks", _lg(len(r.keys) - k)), ("prefix hits", _lg(k)),
+                        ("load 10 s", _lg(j - bisect_left(times, r.time - 10))), ("tail quarter", tail)):
+            rows[name][b][0] += 1
+            rows[name][b][1] += gap[j] < math.inf
+    return {n: {b: round(c / t, 2) for b, (t, c) in sorted(v.items()) if t >= 20} for n, v in rows.items()}
+
+
 def _lg(x):
     return -1 if x is None else int(math.log2(x + 1))
 
@@ -215,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"predictor AUC {row['auc']:.3f}: bound {row['bound']}", file=sys.stderr)
     feats = feature_auc(trace)
     print(f"return-predictor AUC of online features: {feats}", file=sys.stderr)
+    scan = feature_scan(trace)
+    print(f"next-turn share by bucket of other features: {scan}", file=sys.stderr)
     payload = {"bench": "eviction_bound", "trace": args.trace, "bounds": out, "life_table": life,
-               "predictor_sweep": sweep, "feature_auc": feats}
+               "predictor_sweep": sweep, "feature_auc": feats, "feature_scan": scan}
     if args.record:
         print(f"recorded {record('eviction_bound', payload)}", file=sys.stderr)
     print(json.dumps(payload))
