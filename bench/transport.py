@@ -7,7 +7,7 @@ One run on loopback, for blocks of 4 KiB, 64 KiB, 1 MiB and 32 MiB:
    blocks: the strict bar); `raw_socket_region_gbps` walks buffers as large as the transport's region
    (64 MiB, huge pages advised, as TcpTransport.allocate does), touching as much memory as our transports do;
 2. our `tcp` and `shm` READ and WRITE bandwidth (the serving side is another process; requests are posted from
-   a prepared plan, ~8 MiB in flight, one completion signalled per half window) and READ latency p50/p99
+   a prepared plan, ~2 MiB in flight, one completion signalled per half window) and READ latency p50/p99
    (one READ of the block at a time, `Endpoint.execute`, measured from Python);
 3. Mooncake's Transfer Engine over TCP (`transfer_engine_bench`, installed by scripts/mooncake-setup.sh),
    target and initiator on 127.0.0.1; null (with the reason in `notes`) when it is missing or fails.
@@ -24,12 +24,14 @@ load spike on a shared machine moves both sides of a ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,7 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SIZES = [4096, 65536, 1 << 20, 32 << 20]
-IN_FLIGHT = 8 << 20
+IN_FLIGHT = 2 << 20  # bytes outstanding per endpoint; deeper queues were slower on loopback (docs/decisions.md)
 REGION = 64 << 20
 MOONCAKE_THREADS = 1
 
@@ -186,8 +188,17 @@ def start_backend(name: str, region: int) -> tuple[BackendRun | None, str | None
 # -- Mooncake ------------------------------------------------------------------------------------------------
 
 def find_mooncake() -> str | None:
-    found = shutil.which("transfer_engine_bench", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    return found
+    """The real transfer_engine_bench binary inside the mooncake package (the console script of the same name
+    is a Python wrapper whose child would outlive a kill of the wrapper), else whatever is on PATH."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mooncake")
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            candidate = Path(folder) / "transfer_engine_bench"
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    return shutil.which("transfer_engine_bench", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
 class MooncakeRun:
@@ -206,7 +217,7 @@ class MooncakeRun:
             self.target = subprocess.Popen(
                 [binary, "--mode=target", "--metadata_server=P2PHANDSHAKE", "--local_server_name=127.0.0.1:17801",
                  "--protocol=tcp", f"--buffer_size={self.BUFFER}"],
-                stdout=target_log, stderr=subprocess.STDOUT, cwd=self.tmp.name)
+                stdout=target_log, stderr=subprocess.STDOUT, cwd=self.tmp.name, start_new_session=True)
         self.port = None
         deadline = time.monotonic() + 20
         while self.port is None and time.monotonic() < deadline and self.target.poll() is None:
@@ -228,21 +239,27 @@ class MooncakeRun:
                    "--local_server_name=127.0.0.1:17802", f"--segment_id=127.0.0.1:{self.port}", "--protocol=tcp",
                    f"--operation={op}", f"--block_size={size}", f"--batch_size={batch}", f"--threads={threads}",
                    f"--duration={max(1, round(self.seconds))}", f"--buffer_size={self.BUFFER}", "--report_unit=GB"]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    cwd=self.tmp.name, start_new_session=True)
             try:
-                res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=self.tmp.name)
+                out, _ = proc.communicate(timeout=60)
             except subprocess.TimeoutExpired as exc:
                 raise RuntimeError(f"Mooncake initiator timed out ({op}, block {size})") from exc
-            m = re.search(r"throughput ([0-9.]+) GB/s", res.stdout + res.stderr)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            m = re.search(r"throughput ([0-9.]+) GB/s", out)
             if not m:
-                out = (res.stdout + res.stderr)[-400:]
-                raise RuntimeError(f"Mooncake initiator gave no throughput ({op}, block {size}): {out}")
+                raise RuntimeError(f"Mooncake initiator gave no throughput ({op}, block {size}): {out[-400:]}")
             got.append(float(m.group(1)))
         log(f"mooncake {size:>9}: read {got[0]:.2f} GB/s, write {got[1]:.2f} GB/s ({threads} thread x batch {batch})")
         return got[0], got[1]
 
     def close(self) -> None:
-        if self.target.poll() is None:
-            self.target.kill()
+        # the whole process group: a wrapper's child must not outlive the benchmark
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.target.pid, signal.SIGKILL)
         self.target.wait(10)
         self.tmp.cleanup()
 
@@ -368,8 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="accepted for the contract: JSON is always the last line")
     parser.add_argument("--record", action="store_true", help="also write bench/results/transport-<date>.json")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="block sizes in bytes, comma-separated")
-    parser.add_argument("--seconds", type=float, default=0.5, help="time per bandwidth measurement")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds per block size (medians are reported)")
+    parser.add_argument("--seconds", type=float, default=0.3, help="time per bandwidth measurement")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds per block size (medians are reported)")
     parser.add_argument("--no-mooncake", action="store_true", help="skip the Mooncake columns")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--region", type=int, default=REGION, help=argparse.SUPPRESS)

@@ -22,8 +22,9 @@ if ! "$venv/bin/python" -c 'import importlib.metadata as m; m.version("mooncake-
 fi
 bin="$("$venv/bin/python" - <<'PY'
 import importlib.metadata as m
+# the real binary inside the package (bin/transfer_engine_bench is a Python wrapper around it)
 for f in m.files("mooncake-transfer-engine-non-cuda") or []:
-    if f.name == "transfer_engine_bench":
+    if f.name == "transfer_engine_bench" and f.parts[0] == "mooncake":
         print(f.locate())
         break
 PY

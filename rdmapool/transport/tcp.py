@@ -54,6 +54,16 @@ except ImportError as exc:  # pragma: no cover - the package build always compil
 
 _native.set_usage_error(UsageError)
 
+#: bumped in a forked child: transports and endpoints made before the fork belong to the parent (their engine
+#: threads did not survive the fork) and refuse to work in the child instead of deadlocking on copied locks
+_fork_generation = [0]
+os.register_at_fork(after_in_child=lambda: _fork_generation.__setitem__(0, _fork_generation[0] + 1))
+
+
+def _check_fork(generation: int, what: str) -> None:
+    if generation != _fork_generation[0]:
+        raise UsageError(f"this tcp {what} was created before os.fork(); create a new transport in the child")
+
 _STATES = {0: EndpointState.READY, 1: EndpointState.ERROR, 2: EndpointState.CLOSED}
 _WIRE_VERSION = 1
 #: busy-poll time of engine threads and waits before they block (RDMAPOOL_TCP_SPIN_US overrides)
@@ -73,6 +83,7 @@ class TcpEndpoint(Endpoint):
     def __init__(self, native: Any, transport: TcpTransport) -> None:
         self._ep = native
         self._transport = transport
+        self._generation = _fork_generation[0]
         self._plans: dict[int, tuple[TransferPlan, tuple[bytes, ...]]] = {}
 
     @property
@@ -84,14 +95,20 @@ class TcpEndpoint(Endpoint):
         return self._ep.outstanding
 
     def post(self, wrs: Sequence[WorkRequest]) -> None:
+        if self._generation != _fork_generation[0]:
+            _check_fork(self._generation, "endpoint")
         self._ep.post(wrs)
 
     def poll(self, max_entries: int = 64) -> list[Completion]:
+        if self._generation != _fork_generation[0]:
+            _check_fork(self._generation, "endpoint")
         return [_completion(c) for c in self._ep.poll(max_entries)]
 
     def wait(self, count: int, timeout: float) -> list[Completion]:
         if timeout is None or timeout <= 0:
             raise UsageError("wait needs a positive timeout: every wait in rdmapool is bounded")
+        if self._generation != _fork_generation[0]:
+            _check_fork(self._generation, "endpoint")
         got = [_completion(c) for c in self._ep.wait(count, timeout)] if count > 0 else []
         if len(got) < count:
             exc = CompletionTimeout(f"{len(got)} of {count} completions after {timeout:.3f}s")
@@ -103,6 +120,8 @@ class TcpEndpoint(Endpoint):
         self, plan: TransferPlan, opcode: Opcode, pairs: Sequence[tuple[int, int]], wr_id_base: int = 0,
         signal_every: int = 1,
     ) -> int:
+        if self._generation != _fork_generation[0]:
+            _check_fork(self._generation, "endpoint")
         arrays = self._plan_arrays(plan)
         flat = array("q")
         for li, ri in pairs:
@@ -150,6 +169,7 @@ class TcpTransport(Transport):
         self._endpoints: weakref.WeakSet[TcpEndpoint] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._closed = False
+        self._generation = _fork_generation[0]
 
     # -- memory ------------------------------------------------------------------------------------------
 
@@ -248,6 +268,7 @@ class TcpTransport(Transport):
         return self._engine.serving_threads
 
     def _check_open(self) -> None:
+        _check_fork(self._generation, "transport")
         if self._closed:
             raise UsageError("the tcp transport is closed")
 
@@ -255,6 +276,8 @@ class TcpTransport(Transport):
         if self._closed:
             return
         self._closed = True
+        if self._generation != _fork_generation[0]:
+            return  # the parent's engine: nothing of it runs here (the native side ignores it as well)
         with self._lock:
             endpoints = list(self._endpoints)
             self._endpoints.clear()

@@ -172,3 +172,80 @@ def test_initiator_death_ends_its_serving_thread(tcp):
     s.close()  # RST, as from a killed process
     assert settle(lambda: server.serving_threads == 0)
     server.deregister(remote)  # nothing left pinned
+
+
+def test_random_frames_never_hurt_the_engine(tcp):
+    """Seeded fuzzing: random headers (valid and invalid keys, addresses near and far from the region, lengths
+    up to 2**64), short or missing payloads, abrupt closes. The engine keeps serving and leaks no thread."""
+    import random
+
+    server, client = tcp
+    region = server.allocate(64 << 10)
+    rng = random.Random(1234)
+    for _ in range(60):
+        s = raw(server)
+        s.settimeout(2)
+        frames = []
+        for _ in range(rng.randint(1, 6)):
+            op = rng.choice([0, 1, 2, 3, 4, 5, 255])
+            rkey = rng.choice([region.rkey, region.rkey ^ 1, rng.getrandbits(32)])
+            addr = rng.choice([region.remote(rng.randrange(0, 64 << 10)), region.remote(0) - rng.randrange(1, 4096),
+                               rng.getrandbits(64)])
+            length = rng.choice([0, 8, rng.randrange(0, 80 << 10), 1 << 41, rng.getrandbits(64)])
+            payload = rng.randbytes(min(length, rng.choice([0, 16, 4096])))
+            frames.append(struct.pack("<BBHIQQQQQ", op, rng.getrandbits(8), 0, rkey, rng.getrandbits(64), addr,
+                                      length, rng.getrandbits(64), rng.getrandbits(64)) + payload)
+        data = b"".join(frames)
+        cut = rng.choice([len(data), rng.randrange(0, len(data) + 1)])
+        with contextlib.suppress(OSError):
+            s.sendall(data[:cut])
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(1 << 16):
+                pass
+        s.close()
+    still_serves(server, client)
+    assert settle(lambda: server.serving_threads == 0, 10)
+
+
+def test_fork_child_refuses_the_parents_transport_and_can_make_its_own(tcp):
+    import multiprocessing as mp
+
+    server, client = tcp
+    remote = server.allocate(4096)
+    remote.view[:4] = b"fork"
+    local = client.allocate(4096)
+    ep = client.connect(server.peer_info())
+
+    def child(q) -> None:
+        try:
+            try:
+                ep.post([WorkRequest.read(1, local.sge(0, 4), remote.remote(0), remote.rkey)])
+                q.put("parent endpoint worked in the child")
+                return
+            except UsageError:
+                pass
+            try:
+                client.allocate(64)
+                q.put("parent transport worked in the child")
+                return
+            except UsageError:
+                pass
+            own = TcpTransport()
+            buf = own.allocate(64)
+            with own.connect(server.peer_info()) as mine:
+                (c,) = mine.execute([WorkRequest.read(2, buf.sge(0, 4), remote.remote(0), remote.rkey)], T)
+            own.close()
+            q.put(bytes(buf.view[:4]) if c.ok else f"read failed: {c}")
+        except Exception as exc:  # noqa: BLE001 - report anything to the parent
+            q.put(f"{type(exc).__name__}: {exc}")
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start()
+    result = q.get(timeout=30)
+    p.join(30)
+    assert result == b"fork" and p.exitcode == 0
+    (c,) = ep.execute([WorkRequest.read(3, local.sge(0, 4), remote.remote(0), remote.rkey)], T)  # parent unaffected
+    assert c.ok and bytes(local.view[:4]) == b"fork"
+    ep.close()

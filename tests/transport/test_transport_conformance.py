@@ -366,6 +366,25 @@ def test_selective_signalling(pair):
             ep.wait(1, 0.05)
 
 
+def test_posted_requests_progress_without_polling(pair):
+    """As on hardware, posted requests execute while the caller does something else (here: sleeps)."""
+    server, client = pair
+    size = 32 << 20
+    remote = server.allocate(size)
+    src, dst = client.allocate(size), client.allocate(size)
+    src.view[:] = pattern(size, 9)
+    remote.view[size - 8:] = b"\xff" * 8
+    with client.connect(server.peer_info()) as ep:
+        chunk = 1 << 20
+        ep.post([WorkRequest.write(i, src.sge(i * chunk, chunk), remote.remote(i * chunk), remote.rkey, signaled=False)
+                 for i in range(size // chunk)] +
+                [WorkRequest.read(999, dst.sge(0, 8), remote.remote(size - 8), remote.rkey)])
+        assert settle(lambda: bytes(remote.view[size - 8:]) == bytes(src.view[size - 8:]), 10)
+        assert digest(remote.view) == digest(src.view)
+        (c,) = ep.wait(1, T)
+        assert c.ok and c.wr_id == 999 and bytes(dst.view[:8]) == bytes(src.view[size - 8:])
+
+
 def test_ordering_within_an_endpoint(pair):
     server, client = pair
     remote = server.allocate(4096)

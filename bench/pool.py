@@ -1,0 +1,196 @@
+"""Pool client vs the raw transport: `rdmapool bench pool [--transports tcp,shm] [--sizes 64KiB,...] [--record]`.
+
+For each transport and block size, one real `rdmapool server` process (a size class of exactly that size), and
+in this process one PoolClient. In the same run and over the same endpoint:
+  raw_write / raw_read  one-sided WRITE / READ of whole blocks between registered buffers and reserved slots
+  put                   PoolClient.put: allocate + WRITE (header, payload, trailer) + commit
+  get                   PoolClient.get: lookup (lease) + READ + validation (checksum on, and off as for GPUs)
+Bandwidths are payload bytes per second over a batch of ~`--batch-bytes` per call: the median of `--repeat`
+interleaved rounds (raw, put, raw, get, get without checksum), so both sides see the same background load.
+`overhead_*` = 1 - protocol / raw. Then the p50/p99 of lookup_prefix over 512 keys.
+JSON on the last line; --record also writes bench/results/pool-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rdmapool import block  # noqa: E402
+from rdmapool.client import PoolClient, PutStatus  # noqa: E402
+from rdmapool.client.protocol import parse_grants  # noqa: E402
+from rdmapool.config import ClientConfig, parse_size  # noqa: E402
+from rdmapool.transport.base import Opcode, WorkRequest  # noqa: E402
+from tests.support import procs  # noqa: E402
+
+DEFAULT_SIZES = "64KiB,256KiB,1MiB,4MiB,32MiB"
+
+
+def _key(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+def bench_size(transport: str, size: int, batch_bytes: int, repeat: int, hash_threads: int = 2) -> dict:
+    n = max(1, batch_bytes // size)
+    # room for the raw slots plus every round's blocks: deleted blocks stay leased by the round's gets
+    quota = (n * (repeat + 2) + 1) * (block.block_size(size) + 64) + (1 << 20)
+    with procs.running(transport, str(quota), "--size-classes", str(size), "--lease-s", "2", "--grace-s", "0") as srv:
+        cfg = ClientConfig(token=procs.TOKENS["a"], staging_bytes=1 << 20, data_timeout_s=60.0,
+                           request_timeout_s=10.0, hash_threads=hash_threads)
+        with PoolClient([srv.address], cfg, transport_name=transport) as c:
+            src = c.transport.allocate(n * size)
+            dst = c.transport.allocate(n * size)
+            src.view[:] = os.urandom(size) * n
+            c.registry.regions.extend([src, dst])
+            srcs = [src.view[i * size : (i + 1) * size] for i in range(n)]
+            dsts = [dst.view[i * size : (i + 1) * size] for i in range(n)]
+            # raw: reserve n slots once (never committed) and move whole blocks to / from them
+            conn = c._conn(c.router.servers[0])
+            conn.ensure()
+            raw_keys = [_key(10**9 + i) for i in range(n)]
+            grants = parse_grants(conn.call("allocate", keys=raw_keys, lengths=[size] * n), n)
+            wire = block.block_size(size)
+            stage = c.transport.allocate(n * wire)
+            writes = [WorkRequest(i, Opcode.WRITE, (stage.sge(i * wire, wire),), g.addr, g.rkey)
+                      for i, g in enumerate(grants)]
+            reads = [WorkRequest(i, Opcode.READ, (stage.sge(i * wire, wire),), g.addr, g.rkey)
+                     for i, g in enumerate(grants)]
+            ep = conn.endpoint
+            _warm_every_slot(conn, ep, stage, size, wire)
+            counter = iter(range(10**6))
+            keys: list[bytes] = []
+            verify_cfg = cfg
+            no_verify_cfg = ClientConfig(**{**_fields(cfg), "verify_checksum": False})
+
+            def put() -> None:
+                if keys:
+                    c.delete(keys)
+                keys[:] = [_key(next(counter)) for _ in range(n)]
+                c.config = verify_cfg
+                t = time.perf_counter()
+                ok = c.put(keys, srcs)
+                times["put"].append(time.perf_counter() - t)
+                if ok != [PutStatus.STORED] * n:
+                    raise RuntimeError(f"put did not store every block: {ok}")
+
+            def get(name: str, config: ClientConfig) -> None:
+                c.config = config
+                t = time.perf_counter()
+                got = c.get(keys, dsts)
+                times[name].append(time.perf_counter() - t)
+                if got != [size] * n:
+                    raise RuntimeError(f"get missed: {got} {c.counters.snapshot()}")
+
+            def raw(name: str, wrs: list) -> None:
+                t = time.perf_counter()
+                ep.execute(wrs, 60.0)
+                times[name].append(time.perf_counter() - t)
+
+            # interleaved rounds: raw and protocol runs see the same background load
+            times: dict[str, list[float]] = {k: [] for k in ("raw_write", "put", "raw_read", "get", "get_nock")}
+            for _ in range(repeat):
+                raw("raw_write", writes)
+                put()
+                raw("raw_read", reads)
+                get("get", verify_cfg)
+                get("get_nock", no_verify_cfg)
+            if bytes(dst.view[:size]) != bytes(src.view[:size]):
+                raise RuntimeError("get returned wrong bytes")
+            raw_write, put_t, raw_read, get_t, get_nock_t = (statistics.median(times[k]) for k in times)
+            c.transport.deregister(stage)
+    payload = n * size
+    gbps = lambda t: round(payload / t / 1e9, 3)  # noqa: E731
+    r = {"blocks": n, "raw_write_GBps": gbps(raw_write), "put_GBps": gbps(put_t), "raw_read_GBps": gbps(raw_read),
+         "get_GBps": gbps(get_t), "get_nochecksum_GBps": gbps(get_nock_t)}
+    r["overhead_put"] = round(1 - r["put_GBps"] / r["raw_write_GBps"], 3)
+    r["overhead_get"] = round(1 - r["get_GBps"] / r["raw_read_GBps"], 3)
+    r["overhead_get_nochecksum"] = round(1 - r["get_nochecksum_GBps"] / r["raw_read_GBps"], 3)
+    return r
+
+
+def _warm_every_slot(conn, ep, stage, size: int, wire: int) -> None:
+    """Reserve every other slot once, WRITE it, abort it: afterwards no measured run pays first-touch page
+    faults in this client's mapping of the server's memory (shm maps it; see docs/decisions.md), just as the
+    raw baseline, which reuses its warm slots, does not."""
+    warm_keys = [_key(2 * 10**9 + i) for i in range(4096)]
+    grants = [g for g in parse_grants(conn.call("allocate", keys=warm_keys, lengths=[size] * 4096), 4096)
+              if g.status == 0]
+    for i in range(0, len(grants), 8):
+        part = grants[i : i + 8]
+        ep.execute([WorkRequest(j, Opcode.WRITE, (stage.sge(0, wire),), g.addr, g.rkey) for j, g in enumerate(part)],
+                   60.0)
+    items = [[k, g.generation] for k, g in zip(warm_keys, grants, strict=False)]
+    conn.call("abort", items=items)
+
+
+def _fields(cfg: ClientConfig) -> dict:
+    return {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
+
+
+def bench_lookup(transport: str, nkeys: int, samples: int) -> dict:
+    with procs.running(transport, "64MiB", "--size-classes", "4KiB") as srv:
+        cfg = ClientConfig(token=procs.TOKENS["a"], staging_bytes=4 << 20)
+        with PoolClient([srv.address], cfg, transport_name=transport) as c:
+            keys = [_key(i) for i in range(nkeys)]
+            if c.put(keys, [b"k" * 1024] * nkeys) != [PutStatus.STORED] * nkeys:
+                raise RuntimeError("could not store the lookup keys")
+            times = []
+            for _ in range(samples):
+                t = time.perf_counter()
+                hits = len(c.lookup_prefix(keys))
+                times.append(time.perf_counter() - t)
+                if hits != nkeys:
+                    raise RuntimeError(f"lookup found {hits} of {nkeys}")
+    times.sort()
+    return {"keys": nkeys, "samples": samples, "p50_ms": round(times[len(times) // 2] * 1e3, 3),
+            "p99_ms": round(times[int(len(times) * 0.99) - 1] * 1e3, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="rdmapool bench pool", description=__doc__.splitlines()[0])
+    ap.add_argument("--transports", default="tcp,shm")
+    ap.add_argument("--sizes", default=DEFAULT_SIZES)
+    ap.add_argument("--batch-bytes", default="64MiB", help="payload bytes per put/get call")
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--lookup-samples", type=int, default=300)
+    ap.add_argument("--hash-threads", type=int, default=2, help="client checksum workers (0: inline)")
+    ap.add_argument("--record", action="store_true", help="also write bench/results/pool-<date>.json")
+    args = ap.parse_args(argv)
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    result: dict = {"bench": "pool", "hash_threads": args.hash_threads, "transports": {}}
+    for transport in args.transports.split(","):
+        per = {}
+        for size in sizes:
+            per[str(size)] = bench_size(transport, size, parse_size(args.batch_bytes), args.repeat,
+                                       args.hash_threads)
+            print(f"{transport} {size:>9}: {json.dumps(per[str(size)])}", file=sys.stderr, flush=True)
+        lookup = bench_lookup(transport, 512, args.lookup_samples)
+        print(f"{transport} lookup 512: {json.dumps(lookup)}", file=sys.stderr, flush=True)
+        big = [v for k, v in per.items() if int(k) >= 1 << 20]
+        result["transports"][transport] = {
+            "sizes": per, "lookup_512": lookup,
+            "goal_overhead_le_10pct_ge_1MiB": all(max(v["overhead_put"], v["overhead_get"]) <= 0.10 for v in big),
+            "goal_lookup_p99_le_1ms": lookup["p99_ms"] <= 1.0,
+        }
+    if args.record:
+        meta = {"machine": platform.node(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+                "python": platform.python_version(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "argv": argv or sys.argv[1:]}
+        path = ROOT / "bench" / "results" / f"pool-{dt.date.today().isoformat()}.json"
+        path.write_text(json.dumps({"meta": meta, "results": result}, indent=1) + "\n")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

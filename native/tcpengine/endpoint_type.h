@@ -1,0 +1,422 @@
+/* The Python Endpoint type: connect, post, post_plan, poll, wait, close (part of rdmapool._tcpengine: included by native/tcpengine.c, one translation unit) */
+static int Endpoint_init(EndpointObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"engine", "host", "port", "timeout", "spin_us", NULL};
+    PyObject *eng;
+    const char *host;
+    int port, spin_us = 50;
+    double timeout = 5.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!si|di", kwlist, &EngineType, &eng, &host, &port, &timeout, &spin_us))
+        return -1;
+    if (!((EngineObject *)eng)->e || ((EngineObject *)eng)->e->closed) { engine_closed(); return -1; }
+    self->fd = -1;
+    pthread_mutex_init(&self->lock, NULL);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    if (inet_pton(AF_INET, host, &sa.sin_addr) != 1 || port <= 0 || port > 65535) {
+        PyErr_Format(UsageError, "bad tcp peer address %s:%d (need an IPv4 address and a port)", host, port);
+        return -1;
+    }
+    int fd = -1, ok = 0, err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd >= 0) {
+        struct timeval tv = {.tv_sec = (long)timeout, .tv_usec = (long)((timeout - (long)timeout) * 1e6)};
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        char hello[8];
+        if (connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0) {
+            tune_socket(fd);
+            if (send(fd, MAGIC, 8, MSG_NOSIGNAL) == 8 && recv_exact(fd, hello, 8) == 0 && memcmp(hello, MAGIC, 8) == 0)
+                ok = 1;
+        }
+        err = errno;
+        struct timeval zero = {0};
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &zero, sizeof zero);
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &zero, sizeof zero);
+        /* a peer that vanishes without a RST still ends the endpoint: keepalive + user timeout */
+        int one = 1, idle = 2, intvl = 1, cnt = 3;
+        unsigned int uto = 10000;
+        setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof intvl);
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof cnt);
+        setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &uto, sizeof uto);
+    } else err = errno;
+    Py_END_ALLOW_THREADS
+    if (!ok) {
+        if (fd >= 0) close(fd);
+        errno = err;
+        PyErr_Format(PyExc_ConnectionError, "tcp connect to %s:%d failed: %s", host, port, strerror(err ? err : EPROTO));
+        return -1;
+    }
+    Py_INCREF(eng);
+    self->engine_obj = eng;
+    self->e = ((EngineObject *)eng)->e;
+    self->fd = fd;
+    self->spin_us = spin_us < 0 ? 0 : spin_us;
+    self->state = EP_READY;
+    ep_register(self);
+    return 0;
+}
+
+typedef struct {
+    uint64_t wr_id, remote, cmp, swp;
+    uint32_t rkey;
+    int opcode, signaled, nsge;
+    uint64_t sge[MAX_SGE][2];
+    uint32_t lkey[MAX_SGE];
+} pending_t;
+
+static int get_u64(PyObject *o, const char *name, uint64_t *out) {
+    PyObject *v = PyObject_GetAttrString(o, name);
+    if (!v) return -1;
+    unsigned long long x = PyLong_AsUnsignedLongLong(v);
+    Py_DECREF(v);
+    if (x == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(UsageError, "work request field %s must be a non-negative integer below 2**64", name);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+static int parse_wr(PyObject *wr, pending_t *p) {
+    uint64_t v;
+    if (get_u64(wr, "wr_id", &p->wr_id) < 0 || get_u64(wr, "opcode", &v) < 0) return -1;
+    p->opcode = (int)v;
+    if (get_u64(wr, "remote_addr", &p->remote) < 0 || get_u64(wr, "rkey", &v) < 0) return -1;
+    if (v >= (1ULL << 32)) { PyErr_Format(UsageError, "wr %llu: rkey does not fit in 32 bits", (unsigned long long)p->wr_id); return -1; }
+    p->rkey = (uint32_t)v;
+    if (get_u64(wr, "compare", &p->cmp) < 0 || get_u64(wr, "swap", &p->swp) < 0) return -1;
+    PyObject *sig = PyObject_GetAttrString(wr, "signaled");
+    if (!sig) return -1;
+    p->signaled = PyObject_IsTrue(sig);
+    Py_DECREF(sig);
+    PyObject *sgl = PyObject_GetAttrString(wr, "sgl");
+    if (!sgl) return -1;
+    PyObject *seq = PySequence_Fast(sgl, "sgl must be a sequence of Sge");
+    Py_DECREF(sgl);
+    if (!seq) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n == 0 || n > MAX_SGE) {
+        Py_DECREF(seq);
+        PyErr_Format(UsageError, "wr %llu: scatter/gather list needs 1 to %d entries, got %zd",
+                     (unsigned long long)p->wr_id, MAX_SGE, n);
+        return -1;
+    }
+    p->nsge = (int)n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *g = PySequence_Fast_GET_ITEM(seq, i);
+        uint64_t lk;
+        if (get_u64(g, "addr", &p->sge[i][0]) < 0 || get_u64(g, "length", &p->sge[i][1]) < 0 ||
+            get_u64(g, "lkey", &lk) < 0) { Py_DECREF(seq); return -1; }
+        p->lkey[i] = (uint32_t)lk;
+    }
+    Py_DECREF(seq);
+    if (p->opcode < OP_READ || p->opcode > OP_FAA) {
+        PyErr_Format(UsageError, "wr %llu: unknown opcode %d", (unsigned long long)p->wr_id, p->opcode);
+        return -1;
+    }
+    if (p->opcode >= OP_CAS) {
+        if (p->nsge != 1 || p->sge[0][1] != 8) {
+            PyErr_Format(UsageError, "wr %llu: atomics need exactly one 8-byte SGE", (unsigned long long)p->wr_id);
+            return -1;
+        }
+        if (p->remote % 8) {
+            PyErr_Format(UsageError, "wr %llu: atomic remote address %#llx is not 8-byte aligned",
+                         (unsigned long long)p->wr_id, (unsigned long long)p->remote);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Append one validated request to the ring (caller holds s->lock, GIL may be released). Local SGEs are
+ * pinned here; a bad lkey is a LOC_PROT_ERR completion and moves the endpoint to ERROR, as on verbs. */
+static void ep_enqueue(EndpointObject *s, const pending_t *p) {
+    if (s->state != EP_READY) {
+        cq_push(s, p->wr_id, ST_FLUSH, p->opcode, 0, p->signaled);
+        return;
+    }
+    cop *o = OP(s, s->tail);
+    o->seq = s->tail;
+    o->wr_id = p->wr_id;
+    o->opcode = (uint8_t)p->opcode;
+    o->signaled = (uint8_t)p->signaled;
+    o->expect = p->opcode != OP_WRITE || p->signaled;
+    o->nsge = p->nsge;
+    o->npins = 0;
+    o->len = 0;
+    int need = p->opcode == OP_WRITE ? 0 : ACC_LOCAL_WRITE;
+    int bad = 0;
+    pthread_mutex_lock(&s->e->lock);
+    for (int i = 0; i < p->nsge; i++) {
+        region *r = find_lkey(s->e, p->lkey[i]);
+        if (!r || !in_bounds(r, p->sge[i][0], p->sge[i][1]) || (r->access & need) != need) { bad = 1; break; }
+        r->inflight++;
+        o->pins[o->npins++] = r;
+        o->sge[i].addr = p->sge[i][0];
+        o->sge[i].len = p->sge[i][1];
+        o->len += p->sge[i][1];
+    }
+    if (bad) for (int i = 0; i < o->npins; i++) unpin_locked(s->e, o->pins[i]);
+    pthread_mutex_unlock(&s->e->lock);
+    if (bad) {
+        o->npins = 0;
+        s->tail++; /* make it part of the queue so ep_fail reports it, then fail there */
+        ep_fail_ex(s, o->seq, ST_LOC_PROT, 1); /* requests still in flight before it are flushed too */
+        return;
+    }
+    uint8_t *h = o->req;
+    memset(h, 0, REQ_HDR);
+    h[0] = (uint8_t)p->opcode;
+    h[1] = p->signaled ? 1 : 0;
+    put32(h + 4, p->rkey);
+    put64(h + 8, o->seq);
+    put64(h + 16, p->remote);
+    put64(h + 24, o->len);
+    put64(h + 32, p->cmp);
+    put64(h + 40, p->swp);
+    s->tail++;
+}
+
+static PyObject *ep_closed_err(void) {
+    PyErr_SetString(UsageError, "endpoint is closed");
+    return NULL;
+}
+
+static void ep_post_pending(EndpointObject *s, pending_t *ps, Py_ssize_t n) {
+    pthread_mutex_lock(&s->lock);
+    if (ep_grow(s, (uint64_t)n) == 0) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (ps[i].signaled) s->outstanding++;
+            ep_enqueue(s, &ps[i]);
+        }
+        ep_progress(s);
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) cq_push(s, ps[i].wr_id, ST_GENERAL, ps[i].opcode, 0, ps[i].signaled);
+    }
+    pthread_mutex_unlock(&s->lock);
+}
+
+static PyObject *Endpoint_post(EndpointObject *self, PyObject *arg) {
+    if (self->state == EP_CLOSED) return ep_closed_err();
+    PyObject *seq = PySequence_Fast(arg, "post needs a sequence of WorkRequest");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    pending_t *ps = PyMem_Malloc((n ? n : 1) * sizeof *ps);
+    if (!ps) { Py_DECREF(seq); return PyErr_NoMemory(); }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (parse_wr(PySequence_Fast_GET_ITEM(seq, i), &ps[i]) < 0) { PyMem_Free(ps); Py_DECREF(seq); return NULL; }
+    Py_DECREF(seq);
+    Py_BEGIN_ALLOW_THREADS
+    ep_post_pending(self, ps, n);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(ps);
+    Py_RETURN_NONE;
+}
+
+/* post_plan(local_addr, local_len, local_lkey, remote_addr, remote_rkey, pairs, opcode, wr_id_base, signal_every)
+ * The first five are buffers of uint64 (the prepared plan); pairs is a buffer of int64 (local, remote) index
+ * pairs. Returns the number of signalled requests. */
+static PyObject *Endpoint_post_plan(EndpointObject *self, PyObject *args) {
+    Py_buffer b[6];
+    int opcode, signal_every;
+    unsigned long long base;
+    memset(b, 0, sizeof b);
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*iKi", &b[0], &b[1], &b[2], &b[3], &b[4], &b[5], &opcode, &base, &signal_every))
+        return NULL;
+    PyObject *result = NULL;
+    pending_t *ps = NULL;
+    if (self->state == EP_CLOSED) { ep_closed_err(); goto out; }
+    const uint64_t *la = b[0].buf, *ll = b[1].buf, *lk = b[2].buf, *ra = b[3].buf, *rk = b[4].buf;
+    const int64_t *pairs = b[5].buf;
+    Py_ssize_t nl = b[0].len / 8, nr = b[3].len / 8, n = b[5].len / 16;
+    if ((opcode != OP_READ && opcode != OP_WRITE) || signal_every < 1) {
+        PyErr_SetString(UsageError, "post_plan needs opcode READ or WRITE and signal_every >= 1");
+        goto out;
+    }
+    ps = PyMem_Malloc((n ? n : 1) * sizeof *ps);
+    if (!ps) { PyErr_NoMemory(); goto out; }
+    long signalled = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t li = pairs[2 * i], ri = pairs[2 * i + 1];
+        if (li < 0 || li >= nl || ri < 0 || ri >= nr) {
+            PyErr_Format(UsageError, "pair %zd: index (%lld, %lld) outside the plan (%zd local, %zd remote)", i,
+                         (long long)li, (long long)ri, nl, nr);
+            goto out;
+        }
+        pending_t *p = &ps[i];
+        p->wr_id = base + (uint64_t)i;
+        p->opcode = opcode;
+        p->remote = ra[ri];
+        p->rkey = (uint32_t)rk[ri];
+        p->cmp = p->swp = 0;
+        p->signaled = ((i + 1) % signal_every == 0) || i == n - 1;
+        signalled += p->signaled;
+        p->nsge = 1;
+        p->sge[0][0] = la[li];
+        p->sge[0][1] = ll[li];
+        p->lkey[0] = (uint32_t)lk[li];
+    }
+    Py_BEGIN_ALLOW_THREADS
+    ep_post_pending(self, ps, n);
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromLong(signalled);
+out:
+    PyMem_Free(ps);
+    for (int i = 0; i < 6; i++) if (b[i].obj) PyBuffer_Release(&b[i]);
+    return result;
+}
+
+static PyObject *drain_cq(EndpointObject *s, Py_ssize_t max) {
+    Py_ssize_t n = (Py_ssize_t)(s->cq_tail - s->cq_head);
+    if (n > max) n = max;
+    PyObject *list = PyList_New(n);
+    if (!list) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        cqe_t *c = &s->cq[s->cq_head & (s->cq_cap - 1)];
+        PyObject *t = Py_BuildValue("KiiK", (unsigned long long)c->wr_id, c->status, c->opcode,
+                                    (unsigned long long)c->byte_len);
+        if (!t) { Py_DECREF(list); return NULL; }
+        PyList_SET_ITEM(list, i, t);
+        if (c->counted) s->outstanding--;
+        s->cq_head++;
+    }
+    return list;
+}
+
+static PyObject *Endpoint_poll(EndpointObject *self, PyObject *args) {
+    Py_ssize_t max = 64;
+    if (!PyArg_ParseTuple(args, "|n", &max)) return NULL;
+    if (self->state == EP_CLOSED) return ep_closed_err();
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->lock);
+    ep_progress(self);
+    pthread_mutex_unlock(&self->lock);
+    Py_END_ALLOW_THREADS
+    pthread_mutex_lock(&self->lock);
+    PyObject *r = drain_cq(self, max);
+    pthread_mutex_unlock(&self->lock);
+    return r;
+}
+
+/* wait(count, timeout) -> list of up to `count` completions; fewer only when the timeout passed. */
+static PyObject *Endpoint_wait(EndpointObject *self, PyObject *args) {
+    Py_ssize_t count;
+    double timeout;
+    if (!PyArg_ParseTuple(args, "nd", &count, &timeout)) return NULL;
+    if (self->state == EP_CLOSED) return ep_closed_err();
+    if (!(timeout > 0)) { PyErr_SetString(UsageError, "wait needs a positive timeout"); return NULL; }
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->lock);
+    self->waiters++;
+    pthread_mutex_unlock(&self->lock);
+    uint64_t start = now_ns(), deadline = start + (uint64_t)(timeout * 1e9);
+    spin_start(&self->spin, start, self->spin_us);
+    for (;;) {
+        pthread_mutex_lock(&self->lock);
+        ep_progress(self);
+        Py_ssize_t have = (Py_ssize_t)(self->cq_tail - self->cq_head);
+        int fd = self->fd;
+        short events = POLLIN | (self->send_seq < self->tail ? POLLOUT : 0);
+        int idle = self->head >= self->tail;
+        skip_silent(self);
+        /* a large payload is on its way: wait for it in one MSG_WAITALL recv rather than spinning on chunks */
+        int big = self->state == EP_READY && fd >= 0 && self->recv_seq < self->send_seq &&
+                  resp_payload(OP(self, self->recv_seq)) >= BLOCKING_RECV_MIN;
+        pthread_mutex_unlock(&self->lock);
+        if (have >= count || fd < 0 || idle) break;
+        uint64_t t = now_ns();
+        if (t >= deadline) break;
+        if (big) {
+            pthread_mutex_lock(&self->lock);
+            if (self->fd >= 0 && self->state == EP_READY) {
+                uint64_t slice = deadline - t < 100000000ULL ? deadline - t : 100000000ULL;
+                if (slice != self->rcvtimeo_ns) {
+                    struct timeval tv = {.tv_sec = (long)(slice / 1000000000ULL),
+                                         .tv_usec = (long)((slice % 1000000000ULL) / 1000)};
+                    if (!tv.tv_sec && !tv.tv_usec) tv.tv_usec = 1;
+                    setsockopt(self->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+                    self->rcvtimeo_ns = slice;
+                }
+                ep_progress_recv_mode(self, 1);
+            }
+            pthread_mutex_unlock(&self->lock);
+            continue;
+        }
+        if (spin_more(&self->spin, t)) { sched_yield(); continue; }
+        struct pollfd p = {.fd = fd, .events = events};
+        uint64_t left_ms = (deadline - t) / 1000000ULL + 1;
+        poll(&p, 1, left_ms > 100 ? 100 : (int)left_ms);
+    }
+    pthread_mutex_lock(&self->lock);
+    self->waiters--;
+    pthread_mutex_unlock(&self->lock);
+    Py_END_ALLOW_THREADS
+    pthread_mutex_lock(&self->lock);
+    PyObject *r = drain_cq(self, count);
+    pthread_mutex_unlock(&self->lock);
+    return r;
+}
+
+static void ep_shutdown(EndpointObject *s) {
+    ep_unregister(s); /* first: the background thread never touches it again */
+    pthread_mutex_lock(&s->lock);
+    if (s->state != EP_CLOSED && s->e) {
+        for (uint64_t q = s->head; q < s->tail; q++) unpin_all(s->e, OP(s, q)->pins, &OP(s, q)->npins);
+        s->head = s->recv_seq = s->send_seq = s->tail;
+        ep_close_fd(s);
+        s->state = EP_CLOSED;
+    }
+    pthread_mutex_unlock(&s->lock);
+}
+
+static PyObject *Endpoint_close(EndpointObject *self, PyObject *unused) {
+    if (self->e && self->e->pid != getpid()) Py_RETURN_NONE; /* see Endpoint_dealloc */
+    Py_BEGIN_ALLOW_THREADS
+    ep_shutdown(self);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static void Endpoint_dealloc(EndpointObject *self) {
+    if (self->e && self->e->pid != getpid()) {
+        /* inherited through fork: the parent owns the locks, pins and background thread; just drop the fd */
+        if (self->fd >= 0) close(self->fd);
+        self->e = NULL;
+        self->fd = -1;
+    }
+    if (self->e) ep_shutdown(self);
+    else if (self->fd >= 0) close(self->fd);
+    free(self->ring);
+    free(self->cq);
+    pthread_mutex_destroy(&self->lock);
+    Py_XDECREF(self->engine_obj);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Endpoint_state(EndpointObject *self, void *c) { return PyLong_FromLong(self->state); }
+static PyObject *Endpoint_outstanding(EndpointObject *self, void *c) { return PyLong_FromLong(self->outstanding); }
+
+static PyMethodDef Endpoint_methods[] = {
+    {"post", (PyCFunction)Endpoint_post, METH_O, "post(work_requests)"},
+    {"post_plan", (PyCFunction)Endpoint_post_plan, METH_VARARGS, "post a prepared plan with index pairs"},
+    {"poll", (PyCFunction)Endpoint_poll, METH_VARARGS, "poll(max) -> [(wr_id, status, opcode, byte_len)]"},
+    {"wait", (PyCFunction)Endpoint_wait, METH_VARARGS, "wait(count, timeout) -> completions"},
+    {"close", (PyCFunction)Endpoint_close, METH_NOARGS, "close; outstanding requests are dropped"},
+    {NULL}};
+static PyGetSetDef Endpoint_getset[] = {
+    {"state", (getter)Endpoint_state, NULL, "0 ready, 1 error, 2 closed", NULL},
+    {"outstanding", (getter)Endpoint_outstanding, NULL, "signalled requests not yet returned", NULL},
+    {NULL}};
+static PyTypeObject EndpointType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "rdmapool._tcpengine.Endpoint",
+    .tp_basicsize = sizeof(EndpointObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Endpoint_init,
+    .tp_dealloc = (destructor)Endpoint_dealloc,
+    .tp_methods = Endpoint_methods,
+    .tp_getset = Endpoint_getset,
+};

@@ -1,0 +1,402 @@
+"""The pool client: batched put / lookup_prefix / get / delete over a set of memory servers.
+
+Theory of operation
+-------------------
+Keys are routed to servers (`routing`); each server gets one control round trip per call for all its keys.
+Bytes move only by one-sided operations on the transport:
+
+- put: `allocate` reserves slots -> one WRITE per block (header, payload, trailer as a 3-piece gather list, so a
+  registered payload is never copied) -> `commit` the blocks whose WRITE completed, `abort` the others.
+- lookup_prefix: `lookup` with prefix semantics on each server's part of the chain; the chain's prefix ends at
+  the first miss on any server. Each hit comes back with a read lease.
+- get / read: one READ per block of header + payload + trailer (a 3-piece scatter list), then `block.validate`
+  against the lookup reply: key, generation at both ends, length, self-checks and (for host memory) the payload
+  checksum. A block that fails is a miss and a `corrupt_blocks` count, never data.
+
+A server that is down, slow or misbehaving costs misses: `ServerUnavailable` and transport errors are caught
+here, counted, and the server is skipped until its retry pause ends. Caller mistakes raise `UsageError`.
+The client is thread-safe by one lock (calls are serialised).
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from rdmapool import block
+from rdmapool.client.buffers import Arena, RegionSlice, Registry
+from rdmapool.client.connection import ServerConnection
+from rdmapool.client.datapath import read_blocks, write_blocks
+from rdmapool.client.hashing import Hasher
+from rdmapool.client.protocol import Hit, parse_grants, parse_hits, parse_results
+from rdmapool.client.routing import RendezvousRouter, Router
+from rdmapool.client.stats import ClientCounters
+from rdmapool.config import ClientConfig, ServerAddress
+from rdmapool.errors import (
+    AuthError,
+    ProtocolError,
+    ServerUnavailable,
+    TransportError,
+    UsageError,
+)
+from rdmapool.server.core import AllocStatus
+from rdmapool.server.slots import BlockHint
+from rdmapool.transport.base import Access, MemoryRegion, Transport
+
+#: errors that make a server's keys misses instead of failing the caller
+_DEGRADE = (ServerUnavailable, TransportError, ProtocolError, AuthError)
+#: a lease is trusted until this fraction of it has passed on the client's clock
+LEASE_MARGIN = 0.8
+DEFAULT_MAX_KEYS = 4096
+
+
+class PutStatus(enum.Enum):
+    STORED = "stored"
+    EXISTS = "exists"  # already resident, or another writer is storing it
+    FULL = "full"
+    TOO_BIG = "too_big"
+    FAILED = "failed"  # the write or the commit did not go through
+    UNAVAILABLE = "unavailable"
+
+
+_FROM_ALLOC = {AllocStatus.EXISTS: PutStatus.EXISTS, AllocStatus.FULL: PutStatus.FULL,
+               AllocStatus.TOO_BIG: PutStatus.TOO_BIG, AllocStatus.REFUSED: PutStatus.UNAVAILABLE}
+
+
+class BlockRef(NamedTuple):
+    """A leased hit from a lookup, readable with `PoolClient.read` until `lease_until` (client clock).
+    A NamedTuple because a lookup builds one per hit (see docs/decisions.md)."""
+
+    key: bytes
+    server: ServerAddress
+    epoch: int
+    hit: Hit
+    lease_until: float
+
+    @property
+    def length(self) -> int:
+        return self.hit[3]
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    refs: tuple[BlockRef, ...]
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+
+Buffer = Any  # a buffer-protocol object or a RegionSlice
+
+
+class PoolClient:
+    def __init__(self, servers: Sequence[ServerAddress | str] | Router, config: ClientConfig,
+                 transport: Transport | None = None, transport_name: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if isinstance(servers, Sequence):
+            servers = RendezvousRouter([s if isinstance(s, ServerAddress) else ServerAddress.parse(s) for s in servers])
+        self.router: Router = servers
+        self.config = config
+        self.clock = clock
+        self.counters = ClientCounters()
+        self._transport = transport
+        self._own_transport = transport is None
+        # the servers' transport name; an injected transport (e.g. a fault-injecting wrapper) may be named otherwise
+        self._transport_name = transport_name or (transport.name if transport is not None else "tcp")
+        self._conns: dict[ServerAddress, ServerConnection] = {}
+        self._arena: Arena | None = None
+        self._registry = Registry()
+        self.hasher = Hasher(config.hash_threads)
+        self._lock = threading.RLock()
+
+    # ---- memory -----------------------------------------------------------------------------------------
+    @property
+    def transport(self) -> Transport:
+        if self._transport is None:
+            from rdmapool import transport as transports
+
+            self._transport = transports.create(self._transport_name)
+        return self._transport
+
+    def register(self, buffer: Any) -> MemoryRegion:
+        """Register a host buffer so puts from it and gets into it are zero-copy."""
+        with self._lock:
+            region = self.transport.register(buffer, Access.ALL)
+            self._registry.regions.append(region)
+            return region
+
+    def arena(self) -> Arena:
+        """The registered staging arena (made on first use)."""
+        if self._arena is None:
+            self._arena = Arena(self.transport, self.config.staging_bytes)
+        return self._arena
+
+    @property
+    def registry(self) -> Registry:
+        """Regions registered through `register`: buffers inside them move without a copy."""
+        return self._registry
+
+    def _transport_for(self, name: str) -> Transport:
+        if name != self._transport_name:
+            raise ProtocolError(f"server speaks transport {name!r}, this client {self._transport_name!r}")
+        return self.transport
+
+    def _conn(self, addr: ServerAddress) -> ServerConnection:
+        conn = self._conns.get(addr)
+        if conn is None:
+            conn = self._conns[addr] = ServerConnection(addr, self.config, self._transport_for, self.clock)
+        return conn
+
+    def _groups(self, keys: Sequence[bytes]) -> dict[ServerAddress, list[int]]:
+        servers = self.router.servers
+        if len(servers) == 1:
+            return {servers[0]: list(range(len(keys)))}
+        groups: dict[ServerAddress, list[int]] = defaultdict(list)
+        for i, key in enumerate(keys):
+            groups[servers[self.router.route(key)]].append(i)
+        return groups
+
+    def _batches(self, keys: Sequence[bytes]) -> Iterator[tuple[ServerConnection, list[int]]]:
+        """(connection, key indices) per server, in chunks of at most the server's `max_keys`. A server that
+        cannot be reached is counted and skipped (its keys stay misses)."""
+        for addr, idx in self._groups(keys).items():
+            conn = self._conn(addr)
+            try:
+                conn.ensure()
+            except _DEGRADE as exc:
+                self._degraded(conn, exc)
+                continue
+            step = max(1, int(conn.hello.get("max_keys", DEFAULT_MAX_KEYS)))
+            for start in range(0, len(idx), step):
+                yield conn, idx[start : start + step]
+
+    def _degraded(self, conn: ServerConnection, exc: Exception) -> None:
+        self.counters.add("unavailable" if isinstance(exc, ServerUnavailable) else f"error_{type(exc).__name__}")
+        if not isinstance(exc, ServerUnavailable):
+            conn.close(mark_down=True)
+
+    # ---- put --------------------------------------------------------------------------------------------
+    def put(self, keys: Sequence[bytes], buffers: Sequence[Buffer],
+            hints: Sequence[BlockHint] | None = None) -> list[PutStatus]:
+        """Store blocks. `hints` (optional, one per key) tell the servers' eviction policy each block's parent
+        key, depth and token count."""
+        keys = [block.check_key(k) for k in keys]
+        if len(keys) != len(buffers) or (hints is not None and len(hints) != len(keys)):
+            raise UsageError(f"put got {len(keys)} keys, {len(buffers)} buffers"
+                             + (f" and {len(hints)} hints" if hints is not None else ""))
+        wire_hints = None if hints is None else [_hint_to_wire(h) for h in hints]
+        sources = [_as_source(b) for b in buffers]
+        out = [PutStatus.UNAVAILABLE] * len(keys)
+        with self._lock:
+            for conn, idx in self._batches(keys):
+                try:
+                    hint_part = None if wire_hints is None else [wire_hints[i] for i in idx]
+                    self._put_one_server(conn, [keys[i] for i in idx], [sources[i] for i in idx], idx, out,
+                                         hint_part)
+                except _DEGRADE as exc:
+                    self._degraded(conn, exc)
+            for status in out:
+                self.counters.add(f"put_{status.value}")
+        return out
+
+    def _put_one_server(self, conn: ServerConnection, keys: list[bytes], sources: list, idx: list[int],
+                        out: list[PutStatus], hints: list | None) -> None:
+        fields = {"keys": keys, "lengths": [_length(s) for s in sources]}
+        if hints is not None:
+            fields["hints"] = hints
+        reply = conn.call("allocate", **fields)
+        grants = parse_grants(reply, len(keys))
+        todo = []
+        for j, grant in enumerate(grants):
+            status = AllocStatus(grant.status) if grant.status in AllocStatus._value2member_map_ else None
+            if status is AllocStatus.OK:
+                if grant.capacity < _length(sources[j]):
+                    raise ProtocolError("server reserved a slot smaller than asked")
+                todo.append(j)
+            else:
+                out[idx[j]] = _FROM_ALLOC.get(status, PutStatus.FAILED)
+        written = write_blocks(self, conn, [(keys[j], grants[j], sources[j]) for j in todo])
+        commits = [[keys[j], grants[j].generation] for j, ok in zip(todo, written, strict=True) if ok]
+        aborts = [[keys[j], grants[j].generation] for j, ok in zip(todo, written, strict=True) if not ok]
+        requests = ([("commit", {"items": commits})] if commits else []) + (
+            [("abort", {"items": aborts})] if aborts else [])
+        if not requests:
+            return
+        replies = conn.call_many(requests)
+        committed = parse_results(replies[0], len(commits)) if commits else []
+        it = iter(committed)
+        for j, ok in zip(todo, written, strict=True):
+            out[idx[j]] = PutStatus.STORED if ok and next(it) else PutStatus.FAILED
+            if out[idx[j]] is PutStatus.STORED:
+                self.counters.add("bytes_written", _length(sources[j]))
+
+    # ---- lookup -----------------------------------------------------------------------------------------
+    def lookup_prefix(self, keys: Sequence[bytes]) -> LookupResult:
+        """The longest prefix of `keys` stored in the pool, each with a read lease."""
+        keys = [block.check_key(k) for k in keys]
+        with self._lock:
+            refs = self._lookup(keys, prefix=True)
+            end = next((i for i, r in enumerate(refs) if r is None), len(keys))
+            self.counters.add("lookup_keys", len(keys))
+            self.counters.add("lookup_hits", end)
+            return LookupResult(tuple(refs[:end]))
+
+    def _lookup(self, keys: list[bytes], prefix: bool) -> list[BlockRef | None]:
+        refs: list[BlockRef | None] = [None] * len(keys)
+        missed: set[ServerAddress] = set()
+        for conn, idx in self._batches(keys):
+            addr = conn.address
+            if prefix and addr in missed:
+                continue  # this server's part of the chain already ended: the prefix cannot reach further
+            try:
+                start = self.clock()
+                reply = conn.call("lookup", keys=[keys[i] for i in idx], prefix=prefix)
+                hits = parse_hits(reply, len(idx))
+                lease = float(conn.hello.get("lease_s", 0)) * LEASE_MARGIN
+                epoch = int(conn.hello.get("epoch", 0))
+                until = start + lease
+                for i, hit in zip(idx, hits, strict=False):
+                    if hit is not None:
+                        refs[i] = BlockRef(keys[i], addr, epoch, hit, until)
+                if prefix and len(hits) < len(idx):
+                    missed.add(addr)
+            except _DEGRADE as exc:
+                self._degraded(conn, exc)
+        return refs
+
+    # ---- get --------------------------------------------------------------------------------------------
+    def get(self, keys: Sequence[bytes], into: Sequence[Buffer]) -> list[int | None]:
+        """Read each key's block into its buffer; returns payload lengths, None for misses. The contents of a
+        buffer whose key missed are unspecified."""
+        keys = [block.check_key(k) for k in keys]
+        if len(keys) != len(into):
+            raise UsageError(f"get got {len(keys)} keys and {len(into)} buffers")
+        with self._lock:
+            refs = self._lookup(keys, prefix=False)
+            return self._read(refs, into)
+
+    def read(self, refs: Sequence[BlockRef], into: Sequence[Buffer]) -> list[int | None]:
+        """Read blocks found by `lookup_prefix` (no further round trip to the servers)."""
+        if len(refs) != len(into):
+            raise UsageError(f"read got {len(refs)} refs and {len(into)} buffers")
+        with self._lock:
+            return self._read(list(refs), into)
+
+    def _read(self, refs: list[BlockRef | None], into: Sequence[Buffer]) -> list[int | None]:
+        targets = [_as_target(b) for b in into]
+        out: list[int | None] = [None] * len(refs)
+        now = self.clock()
+        by_server: dict[ServerAddress, list[int]] = defaultdict(list)
+        for i, ref in enumerate(refs):
+            if ref is None:
+                continue
+            if _length(targets[i]) < ref.length:
+                raise UsageError(f"buffer {i} holds {_length(targets[i])} bytes, block has {ref.length}")
+            if now >= ref.lease_until:
+                self.counters.add("lease_expired")
+                continue
+            by_server[ref.server].append(i)
+        for addr, idx in by_server.items():
+            conn = self._conn(addr)
+            try:
+                conn.ensure()
+                read_blocks(self, conn, [refs[i] for i in idx], [targets[i] for i in idx], idx, out)
+            except _DEGRADE as exc:
+                self._degraded(conn, exc)
+        hits = sum(1 for v in out if v is not None)
+        self.counters.add("get_hits", hits)
+        self.counters.add("get_misses", len(refs) - hits)
+        return out
+
+    # ---- delete, touch, stats ---------------------------------------------------------------------------
+    def delete(self, keys: Sequence[bytes]) -> list[bool]:
+        keys = [block.check_key(k) for k in keys]
+        out = [False] * len(keys)
+        with self._lock:
+            for conn, idx in self._batches(keys):
+                try:
+                    results = parse_results(conn.call("delete", keys=[keys[i] for i in idx]), len(idx))
+                    for i, ok in zip(idx, results, strict=True):
+                        out[i] = ok
+                except _DEGRADE as exc:
+                    self._degraded(conn, exc)
+        return out
+
+    def touch(self, keys: Sequence[bytes]) -> None:
+        """Report accesses (e.g. reads through cached refs) to the servers' eviction policies."""
+        keys = [block.check_key(k) for k in keys]
+        with self._lock:
+            for conn, idx in self._batches(keys):
+                try:
+                    conn.call("touch", keys=[keys[i] for i in idx])
+                except _DEGRADE as exc:
+                    self._degraded(conn, exc)
+
+    def server_stats(self, server: ServerAddress | str) -> dict:
+        addr = server if isinstance(server, ServerAddress) else ServerAddress.parse(server)
+        with self._lock:
+            stats = self._conn(addr).call("stats").get("stats")
+        if not isinstance(stats, dict):
+            raise ProtocolError("stats reply lacks a map")
+        return stats
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._conns.values():
+                conn.close()
+            self._conns.clear()
+            self.hasher.close()
+            if self._arena is not None:
+                self._arena.close()
+                self._arena = None
+            if self._transport is not None:
+                for region in self._registry.regions:
+                    self._transport.deregister(region)
+                self._registry.regions.clear()
+                if self._own_transport:
+                    self._transport.close()
+                    self._transport = None
+
+    def __enter__(self) -> PoolClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _hint_to_wire(h: BlockHint) -> list:
+    if not isinstance(h, BlockHint):
+        raise UsageError(f"hints must be BlockHint objects, got {type(h).__name__}")
+    if h.parent is not None:
+        block.check_key(h.parent)
+    return [h.parent, int(h.depth), int(h.tokens)]
+
+
+def _as_source(buf: Buffer):
+    if isinstance(buf, RegionSlice):
+        return buf
+    try:
+        return memoryview(buf).cast("B")
+    except TypeError:
+        raise UsageError(f"put needs buffers (bytes, bytearray, numpy arrays, RegionSlice), got {type(buf).__name__}") from None
+
+
+def _as_target(buf: Buffer):
+    if isinstance(buf, RegionSlice):
+        return buf
+    try:
+        view = memoryview(buf).cast("B")
+    except TypeError:
+        raise UsageError(f"get needs writable buffers or RegionSlices, got {type(buf).__name__}") from None
+    if view.readonly:
+        raise UsageError("get needs writable buffers")
+    return view
+
+
+def _length(src) -> int:
+    return src.length if isinstance(src, RegionSlice) else len(src)

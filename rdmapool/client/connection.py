@@ -1,0 +1,133 @@
+"""One control connection to one server (blocking socket, every wait bounded) plus its data endpoint.
+
+Theory of operation
+-------------------
+`ServerConnection.call` sends one framed request and reads until the reply with its id arrives, within the
+request timeout; `call_many` pipelines several requests (to one server) in one write. Any failure (refused,
+reset, timeout, malformed reply) closes the socket and the endpoint and raises `ServerUnavailable`; the next
+call after `retry_after_s` reconnects, says `hello` again and connects a fresh transport endpoint (a restarted
+server has a new epoch and new regions). Until then calls fail at once: a dead server costs misses, not waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Callable
+
+from rdmapool.client.protocol import ClientSession, check_reply
+from rdmapool.config import ClientConfig, ServerAddress
+from rdmapool.errors import AuthError, ProtocolError, ServerUnavailable, UsageError
+from rdmapool.transport.base import Endpoint, Transport
+
+
+class ServerConnection:
+    def __init__(self, address: ServerAddress, config: ClientConfig,
+                 transport_for: Callable[[str], Transport | None], clock: Callable[[], float] = time.monotonic) -> None:
+        self.address = address
+        self.config = config
+        self._transport_for = transport_for
+        self._clock = clock
+        self._sock: socket.socket | None = None
+        self._session: ClientSession | None = None
+        self.endpoint: Endpoint | None = None
+        self.hello: dict = {}
+        self._down_until = 0.0
+        self.connects = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def ensure(self) -> None:
+        """Connected and said hello, or ServerUnavailable (at once while inside the retry pause)."""
+        if self._sock is not None:
+            return
+        if self._clock() < self._down_until:
+            raise ServerUnavailable(f"{self.address} marked down")
+        try:
+            self._connect()
+        except AuthError:
+            self.close(mark_down=True)
+            raise
+        except (OSError, ProtocolError, ServerUnavailable, UsageError) as exc:
+            self.close(mark_down=True)
+            raise ServerUnavailable(f"{self.address}: {type(exc).__name__}: {exc}") from None
+
+    def _connect(self) -> None:
+        cfg = self.config
+        self._sock = socket.create_connection((self.address.host, self.address.port), timeout=cfg.connect_timeout_s)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._session = ClientSession(cfg.max_frame)
+        self.hello = self._call_raw([("hello", {"token": cfg.token})])[0]
+        transport = self._transport_for(str(self.hello.get("transport")))
+        self.connects += 1
+        if transport is None:  # a control-only connection (stats)
+            return
+        peer_info = self.hello.get("peer_info")
+        if not isinstance(peer_info, dict):
+            raise ProtocolError("hello reply lacks peer_info")
+        self.endpoint = transport.connect(peer_info, exchange=self._exchange, timeout=cfg.connect_timeout_s)
+
+    def _exchange(self, request: dict) -> dict:
+        reply = self._call_raw([("accept", {"request": request})])[0].get("reply")
+        if not isinstance(reply, dict):
+            raise ProtocolError("accept reply lacks a map")
+        return reply
+
+    def call(self, op: str, **fields: object) -> dict:
+        return self.call_many([(op, fields)])[0]
+
+    def call_many(self, requests: list[tuple[str, dict]]) -> list[dict]:
+        reused = self._sock is not None
+        self.ensure()
+        try:
+            return self._call_raw(requests)
+        except ConnectionError as exc:
+            # a reused connection the server closed meanwhile (idle timeout, restart): reconnect once
+            if not reused:
+                self.close(mark_down=True)
+                raise ServerUnavailable(f"{self.address}: {type(exc).__name__}: {exc}") from None
+        except (OSError, ProtocolError) as exc:
+            self.close(mark_down=True)
+            raise ServerUnavailable(f"{self.address}: {type(exc).__name__}: {exc}") from None
+        self.close()
+        self.ensure()
+        try:
+            return self._call_raw(requests)
+        except (OSError, ProtocolError) as exc:
+            self.close(mark_down=True)
+            raise ServerUnavailable(f"{self.address}: {type(exc).__name__}: {exc}") from None
+
+    def _call_raw(self, requests: list[tuple[str, dict]]) -> list[dict]:
+        ids, out = [], bytearray()
+        for op, fields in requests:
+            rid, data = self._session.request(op, **fields)
+            ids.append(rid)
+            out += data
+        deadline = self._clock() + self.config.request_timeout_s
+        self._sock.settimeout(self.config.request_timeout_s)
+        self._sock.sendall(out)
+        replies: list[dict] = []
+        while len(replies) < len(ids):
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise TimeoutError(f"no reply within {self.config.request_timeout_s}s")
+            self._sock.settimeout(remaining)
+            data = self._sock.recv(1 << 20)
+            if not data:
+                raise ConnectionResetError("server closed the connection")
+            replies.extend(self._session.receive(data))
+        return [check_reply(r, rid) for r, rid in zip(replies, ids, strict=True)]
+
+    def close(self, mark_down: bool = False) -> None:
+        if self.endpoint is not None:
+            with contextlib.suppress(Exception):  # a broken endpoint may fail to close; dropped either way
+                self.endpoint.close()
+            self.endpoint = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if mark_down:
+            self._down_until = self._clock() + self.config.retry_after_s

@@ -1,0 +1,218 @@
+"""The client's one-sided data path for one server: WRITE reserved blocks, READ and validate leased blocks.
+
+Theory of operation
+-------------------
+Each block moves in ONE request: a WRITE gathers (header, payload, trailer) and a READ scatters the same three
+pieces, so a registered payload is never copied and the remote bytes are contiguous. Header and trailer live
+in the client's registered staging arena (as do payloads of unregistered buffers); when the arena fills, the
+batch drains (every request in flight completes) before the arena is reused.
+
+Requests are posted as soon as each is built and completions are taken as they arrive (`_Batch`), so building
+or validating one block overlaps the transfer of others. Payload checksums of large blocks run on the
+`Hasher`'s worker threads (GIL released), overlapping the transfer too; results are collected before the
+arena is reused and before the call returns, all within the call's data deadline.
+
+A read counts only after `block.validate` against the lookup reply and, for host destinations, the payload
+checksum: anything else is a miss and a `corrupt_blocks` count. Timeouts and broken endpoints close the
+connection (`ServerUnavailable` upwards: misses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from rdmapool import block
+from rdmapool.client.buffers import Arena, RegionSlice
+from rdmapool.client.connection import ServerConnection
+from rdmapool.client.hashing import Hasher
+from rdmapool.errors import CorruptBlock, ServerUnavailable
+from rdmapool.transport.base import EndpointState, Opcode, WorkRequest
+
+if TYPE_CHECKING:
+    from rdmapool.client.client import BlockRef, PoolClient
+
+
+class _Batch:
+    """One-sided requests on one server's endpoint: posted one by one, completions handed to `done(wr_id, ok)`
+    as they arrive, all within one `data_timeout_s` deadline."""
+
+    def __init__(self, client: PoolClient, conn: ServerConnection, done: Callable[[int, bool], None]) -> None:
+        if conn.endpoint is None:
+            raise ServerUnavailable(f"{conn.address}: no data endpoint")
+        self.client, self.conn, self.endpoint, self.done = client, conn, conn.endpoint, done
+        self.deadline = client.clock() + client.config.data_timeout_s
+        self.in_flight = 0
+
+    def remaining(self) -> float:
+        return self.deadline - self.client.clock()
+
+    def post(self, wr: WorkRequest) -> None:
+        self.endpoint.post([wr])
+        self.in_flight += 1
+        self._reap(self.endpoint.poll(self.in_flight))
+
+    def drain(self) -> None:
+        while self.in_flight:
+            remaining = self.remaining()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                got = self.endpoint.wait(1, remaining)
+            except TimeoutError as exc:
+                self.conn.close(mark_down=True)
+                raise ServerUnavailable(f"{self.conn.address}: one-sided operations timed out") from exc
+            self._reap(got + self.endpoint.poll(self.in_flight))
+        if self.endpoint.state is not EndpointState.READY:
+            self.conn.close()  # a broken endpoint is never repaired: reconnect on the next call
+
+    def timed_out(self) -> ServerUnavailable:
+        self.conn.close(mark_down=True)
+        return ServerUnavailable(f"{self.conn.address}: data path timed out")
+
+    def _reap(self, completions: list) -> None:
+        for c in completions:
+            self.in_flight -= 1
+            if not c.ok:
+                self.client.counters.add(f"wc_{c.status.name.lower()}")
+            self.done(c.wr_id, c.ok)
+
+
+def write_blocks(client: PoolClient, conn: ServerConnection, items: list) -> list[bool]:
+    """items: (key, reservation, source). One WRITE per block; returns which completed."""
+    arena = client.arena()
+    hasher: Hasher = client.hasher
+    ok: list[bool] = [False] * len(items)
+
+    def done(n: int, success: bool) -> None:
+        ok[n] = success
+
+    batch = _Batch(client, conn, done)
+    # start every large checksum now: workers hash ahead while blocks are built and posted in order
+    sums = [None if (h := _host_view(src)) is None else hasher.submit(h) for _, _, src in items]
+    arena.reset()
+    for n, (key, grant, src) in enumerate(items):
+        try:
+            checksum = None if sums[n] is None else hasher.result(sums[n], batch.remaining())
+        except TimeoutError:
+            raise batch.timed_out() from None
+        wr = _write_request(client, n, arena, key, grant, src, checksum)
+        if wr is None:  # arena full: let what is staged land, then start over
+            batch.drain()
+            arena.reset()
+            wr = _write_request(client, n, arena, key, grant, src, checksum)
+        batch.post(wr)
+    batch.drain()
+    arena.reset()
+    return ok
+
+
+def _host_view(src) -> memoryview | None:
+    return src.view() if isinstance(src, RegionSlice) else src
+
+
+def _write_request(client: PoolClient, n: int, arena: Arena, key: bytes, grant, src,
+                   checksum: bytes | None) -> WorkRequest | None:
+    length = src.length if isinstance(src, RegionSlice) else len(src)
+    head, tail = arena.take(block.HEADER_SIZE), arena.take(block.TRAILER_SIZE)
+    if head is None or tail is None:
+        return None
+    if isinstance(src, RegionSlice):
+        payload_sge = src.region.sge(src.offset, src.length)
+    else:
+        payload_sge = client.registry.find(src)
+    if payload_sge is None and length:
+        staged = arena.take(length)
+        if staged is None:
+            return None
+        payload_sge, view = staged
+        view[:] = src
+    # a None checksum (device memory) is recorded as such in the flags; readers then need verify off
+    head[1][:] = block.encode_header(key, grant.generation, length, checksum)
+    tail[1][:] = block.encode_trailer(key, grant.generation, length, checksum is None)
+    sgl = (head[0], payload_sge, tail[0]) if length else (head[0], tail[0])
+    return WorkRequest(n, Opcode.WRITE, sgl, grant.addr, grant.rkey)
+
+
+def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef], targets: list,
+                idx: list[int], out: list[int | None]) -> None:
+    """One READ per block; each validated as it completes; `out[idx[n]]` = payload length for good blocks."""
+    arena = client.arena()
+    arena.reset()
+    staged: dict[int, tuple] = {}
+    hashing: list[tuple] = []  # (future, wanted checksum, n, payload, target, copy)
+    verify = client.config.verify_checksum
+
+    def accept(n: int, payload, target, copy: bool) -> None:
+        if copy:
+            target[: refs[n].length] = payload
+        out[idx[n]] = refs[n].length
+        client.counters.add("bytes_read", refs[n].length)
+
+    def done(n: int, success: bool) -> None:
+        head, payload, tail, target, copy = staged.pop(n)
+        if not success:
+            return
+        ref = refs[n]
+        check = verify and payload is not None
+        try:
+            block.validate(head, payload, tail, block.Expected(ref.key, ref.hit.generation, ref.length),
+                           verify_checksum=False)
+            want = block.stored_checksum(head) if check else None
+        except CorruptBlock:
+            client.counters.add("corrupt_blocks")
+            return
+        if check:
+            hashing.append((client.hasher.submit(payload), want, n, payload, target, copy))
+        else:
+            accept(n, payload, target, copy)
+
+    def settle() -> None:
+        """Collect the checksums started so far (before the arena is reused, and at the end)."""
+        for fut, want, n, payload, target, copy in hashing:
+            try:
+                got = client.hasher.result(fut, batch.remaining())
+            except TimeoutError:
+                raise batch.timed_out() from None
+            if got == want:
+                accept(n, payload, target, copy)
+            else:
+                client.counters.add("corrupt_blocks")
+        hashing.clear()
+
+    batch = _Batch(client, conn, done)
+    epoch = int(conn.hello.get("epoch", -1))
+    for n, (ref, target) in enumerate(zip(refs, targets, strict=True)):
+        if ref.epoch != epoch:
+            client.counters.add("stale_refs")  # the server restarted since the lookup
+            continue
+        pieces = _read_pieces(client, arena, ref, target)
+        if pieces is None:  # arena full: finish what is in flight, then reuse the arena
+            batch.drain()
+            settle()
+            arena.reset()
+            pieces = _read_pieces(client, arena, ref, target)
+        head, payload_sge, payload_view, tail, copy = pieces
+        sgl = (head[0], payload_sge, tail[0]) if ref.length else (head[0], tail[0])
+        staged[n] = (head[1], payload_view, tail[1], target, copy)
+        batch.post(WorkRequest(n, Opcode.READ, sgl, ref.hit.addr, ref.hit.rkey))
+    batch.drain()
+    settle()
+
+
+def _read_pieces(client: PoolClient, arena: Arena, ref: BlockRef, target):
+    head, tail = arena.take(block.HEADER_SIZE), arena.take(block.TRAILER_SIZE)
+    if head is None or tail is None:
+        return None
+    n = ref.length
+    if isinstance(target, RegionSlice):
+        sge = target.region.sge(target.offset, n)
+        view = target.view()
+        return head, sge, None if view is None else view[:n], tail, False
+    direct = client.registry.find(target[:n])
+    if direct is not None:
+        return head, direct, target[:n], tail, False
+    staged = arena.take(n)
+    if staged is None:
+        return None
+    return head, staged[0], staged[1], tail, True

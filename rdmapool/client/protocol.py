@@ -1,0 +1,98 @@
+"""The client side of the control protocol, sans-IO: requests to bytes, bytes to checked, typed replies.
+
+Replies are untrusted too: a server that sends a malformed reply is treated like one that is down.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from rdmapool.errors import AuthError, ProtocolError, UsageError
+from rdmapool.server import wire
+
+
+class Hit(NamedTuple):
+    """A lookup hit: where the block is, the generation it must carry, its payload length. (A NamedTuple: one
+    is built per hit, 512 per lookup; see docs/decisions.md.)"""
+
+    addr: int
+    rkey: int
+    generation: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    status: int  # rdmapool.server.core.AllocStatus value
+    addr: int = 0
+    rkey: int = 0
+    generation: int = 0
+    capacity: int = 0
+
+
+class ClientSession:
+    """Frames requests with fresh ids and matches replies to them."""
+
+    def __init__(self, max_frame: int) -> None:
+        self._ids = itertools.count(1)
+        self._decoder = wire.FrameDecoder(max_frame)
+
+    def request(self, op: str, **fields: object) -> tuple[int, bytes]:
+        rid = next(self._ids) & 0xFFFFFFFF
+        return rid, wire.encode({"v": wire.VERSION, "id": rid, "op": op, **fields})
+
+    def receive(self, data: bytes) -> list[dict]:
+        self._decoder.feed(data)
+        return list(self._decoder.messages())
+
+
+def check_reply(reply: dict, rid: int) -> dict:
+    if reply.get("id") != rid:
+        raise ProtocolError(f"reply id {reply.get('id')!r} does not match request {rid}")
+    if reply.get("ok") is True:
+        return reply
+    kind, error = reply.get("kind"), reply.get("error")
+    if kind == "AuthError":
+        raise AuthError(f"server refused: {error}")
+    if kind == "UsageError":
+        raise UsageError(f"server refused: {error}")
+    raise ProtocolError(f"server refused the request: {kind}: {error}")
+
+
+def _ints(item: object, n: int, where: str) -> list[int]:
+    if not (isinstance(item, list) and len(item) == n and all(isinstance(v, int) and v >= 0 for v in item)):
+        raise ProtocolError(f"{where}: expected {n} non-negative integers")
+    return item
+
+
+def parse_hits(reply: dict, asked: int) -> list[Hit | None]:
+    """Hits are packed fixed-size records (see `wire.HIT`): decoding is one C loop, and every value is an
+    unsigned 64-bit integer by construction. Generation 0 (never issued by a server) marks a miss."""
+    raw = reply.get("hits")
+    size = wire.HIT.size
+    if type(raw) is not bytes or len(raw) % size or len(raw) // size > asked:
+        raise ProtocolError(f"hits must be bytes of at most {asked} records of {size} bytes")
+    make = Hit._make
+    return [make(h) if h[2] else None for h in wire.HIT.iter_unpack(raw)]
+
+
+def parse_grants(reply: dict, asked: int) -> list[Reservation]:
+    raw = wire.get_list(reply, "grants", asked)
+    if len(raw) != asked:
+        raise ProtocolError(f"{len(raw)} grants for {asked} keys")
+    out = []
+    for i, item in enumerate(raw):
+        if isinstance(item, list) and len(item) == 1:
+            out.append(Reservation(*_ints(item, 1, f"grants[{i}]")))
+        else:
+            out.append(Reservation(*_ints(item, 5, f"grants[{i}]")))
+    return out
+
+
+def parse_results(reply: dict, asked: int) -> list[bool]:
+    raw = wire.get_list(reply, "results", asked)
+    if len(raw) != asked or not all(isinstance(v, bool) for v in raw):
+        raise ProtocolError("results must be one boolean per item")
+    return raw

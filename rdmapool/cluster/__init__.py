@@ -1,0 +1,1 @@
+"""Cluster membership, the shard map and its placement, and the etcd interface they use."""

@@ -1,0 +1,114 @@
+"""`rdmapool server`: start one memory server and serve until SIGINT/SIGTERM.
+
+    rdmapool server --listen 127.0.0.1:7400 --transport tcp --tenant alice:TOKEN:1GiB --metrics 127.0.0.1:9400
+
+Tenants (NAME:TOKEN:QUOTA) come from --tenant, a TOML --tenants-file ([tenants.NAME] token=..., quota=...),
+or the RDMAPOOL_TENANTS environment variable (comma-separated specs), so tokens need not appear in `ps`.
+When ready it prints one JSON line with the server's info (address, metrics port, epoch) on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import tomllib
+
+from rdmapool.config import ServerConfig, TenantConfig, parse_hostport, parse_size
+from rdmapool.errors import UsageError
+
+
+def _tenants(args: argparse.Namespace) -> tuple[TenantConfig, ...]:
+    specs = list(args.tenant or [])
+    env = os.environ.get("RDMAPOOL_TENANTS", "")
+    specs += [s for s in env.split(",") if s.strip()]
+    tenants = [TenantConfig.parse(s.strip()) for s in specs]
+    if args.tenants_file:
+        try:
+            with open(args.tenants_file, "rb") as f:
+                data = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise UsageError(f"cannot read tenants file {args.tenants_file}: {exc}") from None
+        for name, t in (data.get("tenants") or {}).items():
+            if not isinstance(t, dict) or "token" not in t or "quota" not in t:
+                raise UsageError(f"tenants file: [tenants.{name}] needs token and quota")
+            tenants.append(TenantConfig(name, str(t["token"]), parse_size(t["quota"])))
+    return tuple(tenants)
+
+
+def build_config(args: argparse.Namespace) -> ServerConfig:
+    host, port = parse_hostport(args.listen)
+    metrics_host, metrics_port = ("127.0.0.1", None)
+    if args.metrics:
+        metrics_host, metrics_port = parse_hostport(args.metrics)
+    classes = tuple(parse_size(s) for s in args.size_classes.split(",")) if args.size_classes else None
+    return ServerConfig(
+        tenants=_tenants(args), host=host, port=port, transport=args.transport,
+        # the tcp data engine listens where the control port does (else peers on other hosts cannot reach it)
+        transport_options={"host": host} if args.transport == "tcp" else {},
+        **({"size_classes": classes} if classes else {}),
+        lease_s=args.lease_s, grace_s=args.grace_s, reservation_s=args.reservation_s, ttl_s=args.ttl_s,
+        idle_ttl_s=args.idle_ttl_s, policy=args.policy, memory=args.memory, metrics_host=metrics_host,
+        metrics_port=metrics_port,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from rdmapool.server import MemoryServer
+
+    config = build_config(args)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server = MemoryServer(config)
+    info = server.start()
+    agent = None
+    try:
+        if args.etcd:
+            from rdmapool.cluster.serving import start_from_args
+
+            agent = start_from_args(server, args)
+        print(json.dumps({"ready": True, "address": server.address, **info.to_dict(),
+                          "member_id": agent.session.record.id if agent else None}), flush=True)
+        drain = threading.Event()
+        if agent is not None:  # SIGUSR1: drain (the map moves this server's shards away), then leave
+            signal.signal(signal.SIGUSR1, lambda *_: drain.set())
+        while not stop.wait(1.0 if agent is None else 0.1):
+            if agent is not None:
+                for kind, detail in agent.session.take_events():
+                    print(json.dumps({"cluster_event": kind, "detail": str(detail)}), flush=True)
+                if drain.is_set():
+                    from rdmapool.cluster.serving import drain_step
+
+                    if drain_step(agent):
+                        break
+    finally:
+        if agent is not None:
+            agent.stop(leave=True)
+        server.stop()
+    print(json.dumps({"stopped": True, "server_id": info.server_id}), file=sys.stderr, flush=True)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("server", help="start a memory server (serves until SIGINT/SIGTERM)")
+    p.add_argument("--listen", default="127.0.0.1:7400", help="control address HOST:PORT (port 0: any free)")
+    p.add_argument("--transport", default="tcp", help="one-sided transport: tcp, shm, verbs")
+    p.add_argument("--tenant", action="append", metavar="NAME:TOKEN:QUOTA", help="a tenant (repeatable)")
+    p.add_argument("--tenants-file", help="TOML file with [tenants.NAME] token = ..., quota = ...")
+    p.add_argument("--size-classes", help="comma-separated slot payload sizes, e.g. 64KiB,1MiB,32MiB")
+    p.add_argument("--lease-s", type=float, default=10.0, help="read lease per lookup hit (s)")
+    p.add_argument("--grace-s", type=float, default=1.0, help="wait after the last lease before reuse (s)")
+    p.add_argument("--reservation-s", type=float, default=10.0, help="time to commit an allocated slot (s)")
+    p.add_argument("--ttl-s", type=float, default=None, help="absolute block lifetime from commit (s)")
+    p.add_argument("--idle-ttl-s", type=float, default=None, help="block lifetime since last access (s)")
+    p.add_argument("--policy", default="default", help="eviction policy (rdmapool.policy names)")
+    p.add_argument("--memory", default="host", choices=["host", "cuda"], help="pool memory kind")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve /metrics and /healthz here")
+    from rdmapool.cluster.serving import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=run)

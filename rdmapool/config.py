@@ -1,0 +1,164 @@
+"""Typed configuration for memory servers and clients: frozen dataclasses, validated once at construction.
+
+Sizes accept integers or strings with binary suffixes ("64KiB", "1G"); times are seconds (floats).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from rdmapool.errors import UsageError
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(value: int | str) -> int:
+    """`4096`, `"64KiB"`, `"1g"`, `"32 MiB"` -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise UsageError(f"size must be >= 0, got {value}")
+        return value
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", str(value).lower())
+    if not m:
+        raise UsageError(f"cannot read size {value!r}; use bytes or a suffix like 64KiB, 1GiB")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    host, sep, port = str(value).rpartition(":")
+    if not sep:
+        host, port = default_host, value
+    try:
+        port_n = int(port)
+    except ValueError:
+        raise UsageError(f"bad address {value!r}: expected HOST:PORT") from None
+    if not 0 <= port_n < 65536:
+        raise UsageError(f"bad port in {value!r}")
+    return host or default_host, port_n
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise UsageError(f"{name} must be > 0, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class TenantConfig:
+    """A tenant: the token that authenticates it and its quota, which is the size of its own registered region."""
+
+    name: str
+    token: str
+    quota: int
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.name):
+            raise UsageError(f"tenant name {self.name!r}: 1-64 of letters, digits, _ . -")
+        if len(self.token) < 8:
+            raise UsageError(f"tenant {self.name}: token must have at least 8 characters")
+        if self.quota <= 0:
+            raise UsageError(f"tenant {self.name}: quota must be > 0")
+
+    @classmethod
+    def parse(cls, spec: str) -> TenantConfig:
+        """`NAME:TOKEN:QUOTA`, e.g. `alice:s3cret-token:256MiB`."""
+        parts = spec.split(":")
+        if len(parts) != 3:
+            raise UsageError(f"tenant {spec.split(':')[0]!r}: expected NAME:TOKEN:QUOTA")
+        return cls(parts[0], parts[1], parse_size(parts[2]))
+
+
+DEFAULT_SIZE_CLASSES = (64 << 10, 256 << 10, 1 << 20, 4 << 20, 32 << 20)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    tenants: tuple[TenantConfig, ...]
+    host: str = "127.0.0.1"
+    port: int = 0
+    transport: str = "tcp"
+    transport_options: dict = field(default_factory=dict)
+    #: payload capacities of the slot classes; each tenant's region is split among them by bytes
+    size_classes: tuple[int, ...] = DEFAULT_SIZE_CLASSES
+    #: how the region is split among classes (weights, same length as size_classes); None = equal bytes
+    class_weights: tuple[float, ...] | None = None
+    lease_s: float = 10.0  # read lease granted with each lookup hit
+    grace_s: float = 1.0  # extra wait after the last lease before a slot is reused
+    reservation_s: float = 10.0  # how long an allocate'd slot waits for its commit
+    ttl_s: float | None = None  # absolute lifetime of a block from its commit
+    idle_ttl_s: float | None = None  # lifetime since the last lookup or touch
+    policy: str = "default"
+    max_frame: int = 1 << 20
+    max_keys: int = 4096  # per request
+    memory: str = "host"  # "host" or "cuda"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None  # None: no HTTP endpoint; 0: any free port
+    idle_timeout_s: float = 300.0  # a control connection silent this long is closed
+    tick_s: float = 0.05  # how often expiries are swept
+    prefault: bool = True  # touch every page of the pool at start (no page faults on first writes)
+
+    def __post_init__(self) -> None:
+        if not self.tenants:
+            raise UsageError("a server needs at least one tenant (NAME:TOKEN:QUOTA)")
+        names = [t.name for t in self.tenants]
+        tokens = [t.token for t in self.tenants]
+        if len(set(names)) != len(names) or len(set(tokens)) != len(tokens):
+            raise UsageError("tenant names and tokens must be unique")
+        if not self.size_classes or any(s <= 0 for s in self.size_classes):
+            raise UsageError("size classes must be a non-empty list of positive sizes")
+        if list(self.size_classes) != sorted(set(self.size_classes)):
+            raise UsageError("size classes must be strictly increasing")
+        if self.class_weights is not None and (
+            len(self.class_weights) != len(self.size_classes) or any(w < 0 for w in self.class_weights)
+            or sum(self.class_weights) <= 0
+        ):
+            raise UsageError("class_weights needs one non-negative weight per size class")
+        for name in ("lease_s", "reservation_s", "tick_s", "idle_timeout_s"):
+            _positive(name, getattr(self, name))
+        if self.grace_s < 0:
+            raise UsageError("grace_s must be >= 0")
+        for name in ("ttl_s", "idle_ttl_s"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        if self.max_frame < 1024 or self.max_keys < 1:
+            raise UsageError("max_frame must be >= 1024 and max_keys >= 1")
+        if self.memory not in ("host", "cuda"):
+            raise UsageError(f"memory must be host or cuda, got {self.memory!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerAddress:
+    """Where a server's control port listens."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, value: str) -> ServerAddress:
+        return cls(*parse_hostport(value))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    token: str
+    connect_timeout_s: float = 2.0
+    request_timeout_s: float = 2.0  # one control round trip
+    data_timeout_s: float = 5.0  # one batch of one-sided operations
+    retry_after_s: float = 1.0  # a server that failed is not retried before this (misses meanwhile)
+    verify_checksum: bool = True  # on reads into host memory (writes from host memory always carry one)
+    staging_bytes: int = 64 << 20  # registered staging memory for unregistered user buffers
+    max_frame: int = 16 << 20
+    hash_threads: int = 2  # workers hashing large payloads while transfers run (0: hash inline)
+
+    def __post_init__(self) -> None:
+        if self.hash_threads < 0:
+            raise UsageError("hash_threads must be >= 0")
+        for name in ("connect_timeout_s", "request_timeout_s", "data_timeout_s"):
+            _positive(name, getattr(self, name))
+        if self.retry_after_s < 0:
+            raise UsageError("retry_after_s must be >= 0")
+        if self.staging_bytes < 0:
+            raise UsageError("staging_bytes must be >= 0")

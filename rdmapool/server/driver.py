@@ -1,0 +1,278 @@
+"""The memory server process: allocates and registers the pool, then drives `ServerSession`s over TCP.
+
+Theory of operation
+-------------------
+`MemoryServer.start()` allocates one region per tenant through the transport (one registration each, hugepages
+where the backend can), builds the `PoolCore`, binds the control port and runs one selector thread. That thread
+owns every control socket (non-blocking), feeds bytes to each connection's sans-IO session, writes replies back,
+sweeps expiries every `tick_s`, and closes connections that misbehave, stall or idle: a bad peer costs only its
+own connection. One lock serialises the core between this thread and metrics scrapes. The server never reads or
+writes block bytes: clients move them with one-sided operations on the transport.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import selectors
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+from rdmapool.config import ServerConfig
+from rdmapool.errors import UsageError
+from rdmapool.server.core import PoolCore
+from rdmapool.server.protocol import Handler, ServerInfo, ServerSession
+from rdmapool.transport.base import MemoryKind, MemoryRegion, Transport
+
+READ_CHUNK = 256 << 10
+MAX_CONNECTIONS = 1024
+
+
+def prefault(region: MemoryRegion) -> None:
+    """Touch every page of a fresh host region once, at start, so the first block written into each slot does
+    not pay for page faults and zeroing on the server (RDMA registration pins pages the same way). This writes
+    zeros into memory that holds no block yet: the server still never touches block bytes."""
+    if region.view is None:
+        return
+    import numpy as np
+
+    np.frombuffer(region.view, dtype=np.uint8)[::4096] = 0
+
+
+class _Conn:
+    __slots__ = ("sock", "session", "out", "last_active", "peer")
+
+    def __init__(self, sock: socket.socket, session: ServerSession, now: float, peer: str) -> None:
+        self.sock = sock
+        self.session = session
+        self.out = bytearray()
+        self.last_active = now
+        self.peer = peer
+
+
+class MemoryServer:
+    """start() -> ServerInfo; stop() releases everything. Usable as a context manager."""
+
+    def __init__(self, config: ServerConfig, transport: Transport | None = None,
+                 clock: Callable[[], float] = time.monotonic, server_id: str | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.server_id = server_id or uuid.uuid4().hex[:12]
+        self._transport = transport
+        self._own_transport = transport is None
+        self.regions: dict[str, MemoryRegion] = {}
+        self.core: PoolCore | None = None
+        self.handler: Handler | None = None
+        self.lock = threading.Lock()
+        self._sel: selectors.BaseSelector | None = None
+        self._listener: socket.socket | None = None
+        self._conns: dict[int, _Conn] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = -1, -1
+        self._metrics = None
+        self.info: ServerInfo | None = None
+        self.started_at = 0.0
+
+    # ---- lifecycle --------------------------------------------------------------------------------------
+    def start(self) -> ServerInfo:
+        if self._thread is not None:
+            raise UsageError("server already started")
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self.info
+
+    def _start(self) -> None:
+        from rdmapool import transport as transports
+
+        cfg = self.config
+        if self._transport is None:
+            self._transport = transports.create(cfg.transport, **cfg.transport_options)
+        for tenant in cfg.tenants:
+            if cfg.memory == "cuda":
+                from rdmapool.server.gpumem import allocate_cuda
+
+                self.regions[tenant.name] = allocate_cuda(self._transport, tenant.quota)
+            else:
+                self.regions[tenant.name] = self._transport.allocate(tenant.quota, MemoryKind.HOST)
+                if cfg.prefault:
+                    prefault(self.regions[tenant.name])
+        epoch = int.from_bytes(os.urandom(4), "little") | 1
+        self.core = PoolCore(cfg, {n: r.descriptor for n, r in self.regions.items()}, epoch=epoch)
+        # one Slot record per slot lives as long as the server: keep them out of the cyclic GC's full scans,
+        # which otherwise pause the loop for tens of ms on a pool of a million slots (lookup p99)
+        gc.collect()
+        gc.freeze()
+        self._listener = socket.create_server((cfg.host, cfg.port), backlog=128)
+        self._listener.setblocking(False)
+        host, port = self._listener.getsockname()[:2]
+        self.info = ServerInfo(self.server_id, host, port, self._transport.name, epoch,
+                               self._transport.peer_info(), None, sum(t.quota for t in cfg.tenants))
+        self.handler = Handler(self.core, cfg, self.info)
+        if hasattr(self._transport, "accept"):
+            self.handler.ops["accept"] = self._accept_transport
+        if cfg.metrics_port is not None:
+            from rdmapool.server.metrics import MetricsServer
+
+            self._metrics = MetricsServer(self, cfg.metrics_host, cfg.metrics_port)
+            self.info = ServerInfo(**{**self.info.to_dict(), "metrics_port": self._metrics.port})
+            self.handler.info = self.info
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._listener, selectors.EVENT_READ, None)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self.started_at = time.time()
+        self._thread = threading.Thread(target=self._loop, name=f"rdmapool-server-{self.server_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving, close every connection, deregister the pool, close the transport. Idempotent."""
+        self._stop.set()
+        if self._wake_w >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        for conn in list(self._conns.values()):
+            self._close(conn)
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+        if self._sel is not None:
+            self._sel.close()
+            self._sel = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        if self._transport is not None:
+            for region in self.regions.values():
+                with contextlib.suppress(Exception):
+                    self._transport.deregister(region)
+            if self._own_transport:
+                self._transport.close()
+        self.regions.clear()
+
+    def __enter__(self) -> MemoryServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def address(self) -> str:
+        return f"{self.info.host}:{self.info.port}"
+
+    def snapshot(self) -> dict:
+        """For scrapes: exact counts under the lock; leased slots by a scan outside it (approximate while
+        the loop runs, never stalling it for the length of the scan)."""
+        now = self.clock()
+        with self.lock:
+            snap = self.core.snapshot(now, count_leases=False)
+            connections = len(self._conns)
+        for pool, t in zip(self.core.tenants.values(), snap["tenants"].values(), strict=True):
+            for cls, c in zip(pool.classes, t["classes"], strict=True):
+                c["leased"] = cls.leased(now)
+        return {"server": self.info.to_dict(), "connections": connections, **snap}
+
+    def _accept_transport(self, tenant: str, msg: dict, now: float) -> dict:
+        request = msg.get("request")
+        if not isinstance(request, dict):
+            from rdmapool.errors import ProtocolError
+
+            raise ProtocolError("accept: field 'request' must be a map")
+        return {"reply": self._transport.accept(request)}
+
+    # ---- the selector loop ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        cfg = self.config
+        next_sweep = 0.0
+        while not self._stop.is_set():
+            for key, mask in self._sel.select(timeout=cfg.tick_s):
+                if key.data is None:
+                    self._accept()
+                elif key.data == "wake":
+                    with contextlib.suppress(OSError):
+                        os.read(self._wake_r, 4096)
+                else:
+                    self._service(key.data, mask)
+            now = self.clock()
+            if now >= next_sweep:
+                with self.lock:
+                    self.core.sweep(now)
+                for conn in list(self._conns.values()):
+                    if now - conn.last_active > cfg.idle_timeout_s:
+                        self._close(conn)
+                next_sweep = now + cfg.tick_s
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if len(self._conns) >= MAX_CONNECTIONS:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Conn(sock, ServerSession(self.handler), self.clock(), f"{peer[0]}:{peer[1]}")
+            self._conns[sock.fileno()] = conn
+            self._sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _service(self, conn: _Conn, mask: int) -> None:
+        if mask & selectors.EVENT_READ and not conn.out:
+            try:
+                data = conn.sock.recv(READ_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                self._close(conn)
+                return
+            if data == b"":
+                conn.session.eof()
+                self._close(conn)
+                return
+            if data:
+                now = self.clock()
+                conn.last_active = now
+                with self.lock:
+                    conn.out += conn.session.receive(data, now)
+        if conn.out:
+            try:
+                sent = conn.sock.send(conn.out)
+                del conn.out[:sent]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._close(conn)
+                return
+        if conn.session.closed and not conn.out:
+            self._close(conn)
+            return
+        # while replies are pending, wait for writability and stop reading (backpressure on a slow reader)
+        events = selectors.EVENT_WRITE if conn.out else selectors.EVENT_READ
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.modify(conn.sock, events, conn)
+
+    def _close(self, conn: _Conn) -> None:
+        self._conns.pop(conn.sock.fileno(), None)
+        if self._sel is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(conn.sock)
+        conn.sock.close()

@@ -1,0 +1,139 @@
+"""Control-protocol framing and field validation, shared by the server and the client.
+
+Theory of operation
+-------------------
+A frame is a 4-byte big-endian length N (1 <= N <= max_frame) followed by N bytes of msgpack holding one map.
+Requests carry `v` (protocol version), `id` (echoed in the reply) and `op`; replies carry `v`, `id`, `ok` and
+either the op's fields or `error` + `kind`. msgpack is decoded with extension types refused and container sizes
+bounded by the frame; nothing is ever unpickled. Every field is checked by the `get_*` helpers below, which raise
+`ProtocolError` naming the field: a peer's malformed frame can only ever close that peer's connection.
+
+`FrameDecoder` is sans-IO: feed it bytes as they arrive, take whole messages out.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+
+from rdmapool.block import KEY_SIZE
+from rdmapool.errors import ProtocolError
+
+VERSION = 1
+_LEN = struct.Struct(">I")
+#: one lookup hit on the wire: addr, rkey, generation, length (u64 little-endian each); generation 0 = miss
+HIT = struct.Struct("<QQQQ")
+U64 = 2**64
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack extension type {code} is not allowed")
+
+
+def encode(message: dict) -> bytes:
+    body = msgpack.packb(message, use_bin_type=True)
+    return _LEN.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Bytes in, decoded message maps out. Raises ProtocolError on an oversized, empty or undecodable frame."""
+
+    def __init__(self, max_frame: int) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    @property
+    def pending(self) -> int:
+        """Bytes held that do not yet form a whole frame (a truncated frame at EOF leaves this > 0)."""
+        return len(self._buf)
+
+    def messages(self) -> Iterator[dict]:
+        while len(self._buf) >= _LEN.size:
+            (n,) = _LEN.unpack_from(self._buf)
+            if n == 0 or n > self.max_frame:
+                raise ProtocolError(f"frame of {n} bytes (allowed 1..{self.max_frame})")
+            if len(self._buf) < _LEN.size + n:
+                return
+            body = bytes(self._buf[_LEN.size : _LEN.size + n])
+            del self._buf[: _LEN.size + n]
+            yield decode_body(body, self.max_frame)
+
+
+def decode_body(body: bytes, max_frame: int) -> dict:
+    try:
+        msg = msgpack.unpackb(
+            body, raw=False, strict_map_key=True, ext_hook=_refuse_ext, use_list=True,
+            timestamp=0,
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(f"undecodable frame: {type(exc).__name__}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"a frame must hold a map, got {type(msg).__name__}")
+    if msg.get("v") != VERSION:
+        raise ProtocolError(f"protocol version {msg.get('v')!r} not supported (this side speaks {VERSION})")
+    return msg
+
+
+# ---- field access with validation ------------------------------------------------------------------------
+def get_int(msg: dict, name: str, lo: int = 0, hi: int = U64) -> int:
+    value = msg.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value < hi:
+        raise ProtocolError(f"field {name!r} must be an integer in [{lo}, {hi}), got {type(value).__name__}")
+    return value
+
+
+def get_str(msg: dict, name: str, max_len: int = 256) -> str:
+    value = msg.get(name)
+    if not isinstance(value, str) or len(value) > max_len:
+        raise ProtocolError(f"field {name!r} must be a string of at most {max_len} characters")
+    return value
+
+
+def get_bool(msg: dict, name: str, default: bool | None = None) -> bool:
+    value = msg.get(name, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"field {name!r} must be a boolean")
+    return value
+
+
+def get_list(msg: dict, name: str, max_items: int) -> list:
+    value = msg.get(name)
+    if not isinstance(value, list):
+        raise ProtocolError(f"field {name!r} must be a list")
+    if len(value) > max_items:
+        raise ProtocolError(f"field {name!r} has {len(value)} items (at most {max_items})")
+    return value
+
+
+def check_key(value: object, where: str) -> bytes:
+    if not isinstance(value, bytes) or len(value) != KEY_SIZE:
+        raise ProtocolError(f"{where}: a key is {KEY_SIZE} bytes of binary")
+    return value
+
+
+def get_keys(msg: dict, name: str, max_items: int) -> list[bytes]:
+    keys = get_list(msg, name, max_items)
+    for i, k in enumerate(keys):
+        if type(k) is not bytes or len(k) != KEY_SIZE:
+            check_key(k, f"{name}[{i}]")  # raises, naming the field
+    return keys
+
+
+def get_key_generations(msg: dict, name: str, max_items: int) -> list[tuple[bytes, int]]:
+    out = []
+    for i, item in enumerate(get_list(msg, name, max_items)):
+        if not (isinstance(item, list) and len(item) == 2):
+            raise ProtocolError(f"{name}[{i}] must be [key, generation]")
+        key, gen = item
+        if not isinstance(gen, int) or isinstance(gen, bool) or not 0 <= gen < U64:
+            raise ProtocolError(f"{name}[{i}]: generation must be a 64-bit unsigned integer")
+        out.append((check_key(key, f"{name}[{i}]"), gen))
+    return out

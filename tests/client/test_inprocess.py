@@ -1,0 +1,256 @@
+"""Client against a server driver in the same process over the in-process test transport: round trips,
+prefix lookups, tenants, torn reads, corruption, reuse under a slow reader, unavailable servers."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from rdmapool import transport as transports
+from rdmapool.client import PoolClient, PutStatus
+from rdmapool.config import ClientConfig, ServerConfig, TenantConfig
+from rdmapool.errors import UsageError
+from rdmapool.server import MemoryServer
+from rdmapool.server.slots import stride_for
+from rdmapool.transport.base import Transport
+from tests.support.localmem import LocalTransport
+
+TOKENS = {"a": "token-a-secret", "b": "token-b-secret"}
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+TRANSPORTS = ["local", "tcp", "shm"]
+
+
+_MADE: list[Transport] = []
+
+
+def new_transport(name: str) -> Transport:
+    """A transport for a server or client of this test; closed after the test (injected transports belong to
+    the caller, not to the server or client they are given to)."""
+    t = LocalTransport() if name == "local" else transports.create(name)
+    _MADE.append(t)
+    return t
+
+
+def _made(t: Transport) -> Transport:
+    _MADE.append(t)
+    return t
+
+
+@pytest.fixture(autouse=True)
+def _close_transports():
+    yield
+    while _MADE:
+        _MADE.pop().close()
+
+
+@pytest.fixture(params=TRANSPORTS)
+def server(request):
+    cfg = ServerConfig(tenants=tuple(TenantConfig(t, tok, 8 << 20) for t, tok in TOKENS.items()),
+                       size_classes=(4096, 256 << 10), lease_s=0.5, grace_s=0.2, reservation_s=2.0)
+    with MemoryServer(cfg, transport=new_transport(request.param)) as srv:
+        srv.transport_name = request.param
+        yield srv
+
+
+def make_client(server, tenant="a", **options) -> PoolClient:
+    cfg = ClientConfig(token=TOKENS[tenant], staging_bytes=1 << 20, request_timeout_s=2.0, **options)
+    return PoolClient([server.address], cfg, transport=new_transport(server.transport_name))
+
+
+def test_round_trip_byte_exact(server) -> None:
+    with make_client(server) as c:
+        payloads = [os.urandom(n) for n in (0, 1, 4000, 100_000)]
+        assert c.put([key(i) for i in range(4)], payloads) == [PutStatus.STORED] * 4
+        bufs = [bytearray(200_000) for _ in payloads]
+        assert c.get([key(i) for i in range(4)], bufs) == [len(p) for p in payloads]
+        assert all(bytes(b[: len(p)]) == p for b, p in zip(bufs, payloads, strict=True))
+        assert c.put([key(0)], [b"x"]) == [PutStatus.EXISTS]
+
+
+def test_registered_buffers_are_zero_copy_and_round_trip(server) -> None:
+    with make_client(server) as c:
+        src = np.frombuffer(os.urandom(3 * 4096), dtype=np.uint8).copy()
+        dst = np.zeros(3 * 4096, dtype=np.uint8)
+        c.register(src)
+        c.register(dst)
+        parts = [src[i * 4096 : (i + 1) * 4096] for i in range(3)]
+        assert c.put([key(i) for i in range(3)], parts) == [PutStatus.STORED] * 3
+        outs = [dst[i * 4096 : (i + 1) * 4096] for i in range(3)]
+        assert c.get([key(i) for i in range(3)], outs) == [4096] * 3
+        assert np.array_equal(src, dst)
+
+
+def test_lookup_prefix_and_read(server) -> None:
+    with make_client(server) as c:
+        c.put([key(1), key(2), key(4)], [b"one", b"two", b"four"])
+        res = c.lookup_prefix([key(1), key(2), key(3), key(4)])
+        assert len(res) == 2
+        bufs = [bytearray(8), bytearray(8)]
+        assert c.read(res.refs, bufs) == [3, 3] and bytes(bufs[1][:3]) == b"two"
+
+
+def test_tenants_pairwise_same_hits_other_misses(server) -> None:
+    with make_client(server, "a") as a, make_client(server, "b") as b:
+        a.put([key(1)], [b"secret of a"])
+        assert len(a.lookup_prefix([key(1)])) == 1
+        assert len(b.lookup_prefix([key(1)])) == 0
+        assert b.get([key(1)], [bytearray(64)]) == [None]
+        assert b.delete([key(1)]) == [False]
+        assert a.get([key(1)], [bytearray(64)]) == [11]
+
+
+def test_torn_read_is_a_miss_never_data(server) -> None:
+    if server.transport_name != "local":
+        pytest.skip("torn reads are injected by the local test transport here; real transports race real rewrites in test_races.py")
+    with make_client(server) as c:
+        c.put([key(1)], [os.urandom(4000)])
+        ep = c._conn(c.router.servers[0]).endpoint
+
+        def tear(wr, data: bytes) -> bytes:  # the middle of the payload from some other write
+            mid = len(data) // 2
+            return data[:mid] + bytes(64) + data[mid + 64 :]
+
+        ep.read_filter = tear
+        assert c.get([key(1)], [bytearray(4096)]) == [None]
+        assert c.counters["corrupt_blocks"] == 1
+        ep.read_filter = None
+        assert c.get([key(1)], [bytearray(4096)]) == [4000]
+
+
+@pytest.mark.parametrize("size", [1000, 256 << 10])  # hashed inline / on a worker thread
+def test_corrupted_slot_detected(server, size: int) -> None:
+    with make_client(server) as c:
+        c.put([key(1)], [b"x" * size])
+        (ref,) = c.lookup_prefix([key(1)]).refs
+        region = server.regions["a"]
+        off = ref.hit.addr - region.descriptor.addr
+        region.view[off + 100 + size // 2] ^= 1  # payload byte
+        assert c.get([key(1)], [bytearray(size)]) == [None]
+        region.view[off + 100 + size // 2] ^= 1
+        region.view[off + 30] ^= 1  # header key byte
+        assert c.get([key(1)], [bytearray(size)]) == [None]
+        region.view[off + 30] ^= 1
+        assert c.get([key(1)], [bytearray(size)]) == [size]
+        assert c.counters["corrupt_blocks"] == 2
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_slot_reused_under_slow_reader_gives_miss(transport: str) -> None:
+    """Two slots only. A reader holds a ref; the block is deleted; while the lease runs the slot is not reused;
+    once lease + grace pass it is, and the slow reader's READ then gets a miss, never the new bytes."""
+    stride = stride_for(4096)
+    cfg = ServerConfig(tenants=(TenantConfig("a", TOKENS["a"], 2 * stride),), size_classes=(4096,),
+                       lease_s=0.5, grace_s=0.2)
+    with MemoryServer(cfg, transport=new_transport(transport)) as srv:
+        srv.transport_name = transport
+        with make_client(srv) as c:
+            _reuse_under_slow_reader(c)
+
+
+def _reuse_under_slow_reader(c: PoolClient) -> None:
+    c.put([key(1)], [b"old" * 100])
+    (ref,) = c.lookup_prefix([key(1)]).refs
+    assert c.delete([key(1)]) == [True]
+    assert c.put([key(2), key(3)], [b"new" * 100] * 2) == [PutStatus.STORED, PutStatus.FULL]
+    time.sleep(0.75)  # lease 0.5 + grace 0.2
+    assert c.put([key(3)], [b"new" * 100]) == [PutStatus.STORED]  # the old slot, new generation
+    stale = type(ref)(ref.key, ref.server, ref.epoch, ref.hit, time.monotonic() + 10)  # a stalled READ
+    assert c.read([stale], [bytearray(300)]) == [None]
+    assert c.counters["corrupt_blocks"] == 1
+    assert c.get([key(3)], [bytearray(300)]) == [300]
+
+
+def test_unavailable_server_gives_misses_fast() -> None:
+    cfg = ClientConfig(token="token-a-secret", connect_timeout_s=0.5, retry_after_s=5.0)
+    with PoolClient(["127.0.0.1:1"], cfg, transport=_made(LocalTransport())) as c:
+        t = time.monotonic()
+        assert c.put([key(1)], [b"x"]) == [PutStatus.UNAVAILABLE]
+        assert len(c.lookup_prefix([key(1)])) == 0
+        assert c.get([key(1)], [bytearray(4)]) == [None]
+        assert time.monotonic() - t < 1.0
+        assert c.counters["unavailable"] >= 1
+
+
+def test_bad_token_is_misses_not_exception(server) -> None:
+    cfg = ClientConfig(token="not-a-known-token")
+    with PoolClient([server.address], cfg, transport=_made(LocalTransport())) as c:
+        assert c.put([key(1)], [b"x"]) == [PutStatus.UNAVAILABLE]
+        assert c.counters["error_AuthError"] == 1
+
+
+def test_batches_larger_than_server_max_keys_are_split() -> None:
+    cfg = ServerConfig(tenants=(TenantConfig("a", TOKENS["a"], 1 << 20),), size_classes=(4096,), max_keys=8)
+    with MemoryServer(cfg, transport=_made(LocalTransport())) as srv:
+        srv.transport_name = "local"
+        with make_client(srv) as c:
+            keys = [key(i) for i in range(50)]
+            assert c.put(keys, [bytes([i]) * 10 for i in range(50)]) == [PutStatus.STORED] * 50
+            assert len(c.lookup_prefix(keys + [key(999)])) == 50
+            c.delete([key(20)])
+            assert len(c.lookup_prefix(keys)) == 20
+            bufs = [bytearray(10) for _ in keys]
+            got = c.get(keys, bufs)
+            assert got == [10] * 20 + [None] + [10] * 29 and bufs[49] == bytes([49]) * 10
+
+
+def test_put_with_chain_hints(server) -> None:
+    from rdmapool.client import BlockHint
+
+    with make_client(server) as c:
+        keys = [key(i) for i in range(3)]
+        hints = [BlockHint(None, 0, 16), BlockHint(keys[0], 1, 16), BlockHint(keys[1], 2, 5)]
+        assert c.put(keys, [b"a", b"b", b"c"], hints) == [PutStatus.STORED] * 3
+        assert len(c.lookup_prefix(keys)) == 3
+        with pytest.raises(UsageError):
+            c.put(keys, [b"a", b"b", b"c"], hints[:2])
+
+
+def test_connection_closed_by_server_idle_timeout_is_reopened_transparently() -> None:
+    cfg = ServerConfig(tenants=(TenantConfig("a", TOKENS["a"], 1 << 20),), size_classes=(4096,),
+                       idle_timeout_s=0.2, tick_s=0.02)
+    with MemoryServer(cfg, transport=_made(LocalTransport())) as srv:
+        srv.transport_name = "local"
+        with make_client(srv) as c:
+            assert c.put([key(1)], [b"x"]) == [PutStatus.STORED]
+            time.sleep(0.5)  # the server closes the idle control connection
+            assert len(c.lookup_prefix([key(1)])) == 1
+            assert c.counters["unavailable"] == 0
+            assert c._conn(c.router.servers[0]).connects == 2
+
+
+class HandshakeTransport(LocalTransport):
+    """A backend that needs a connection handshake (as verbs does for QP numbers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.accepted: list[dict] = []
+        self.replies: list[dict] = []
+
+    def accept(self, request: dict) -> dict:
+        self.accepted.append(request)
+        return {"qpn": 42, "echo": request.get("qpn")}
+
+    def connect(self, peer_info: dict, exchange=None, timeout: float = 5.0):
+        self.replies.append(exchange({"qpn": 7}))
+        return super().connect(peer_info, exchange, timeout)
+
+
+def test_transport_handshake_goes_through_the_control_connection() -> None:
+    cfg = ServerConfig(tenants=(TenantConfig("a", TOKENS["a"], 1 << 20),), size_classes=(4096,))
+    server_side = HandshakeTransport()
+    _MADE.append(server_side)
+    with MemoryServer(cfg, transport=server_side) as srv:
+        client_side = HandshakeTransport()
+        _MADE.append(client_side)
+        with PoolClient([srv.address], ClientConfig(token=TOKENS["a"]), transport=client_side) as c:
+            assert c.put([key(1)], [b"x"]) == [PutStatus.STORED]
+        assert server_side.accepted == [{"qpn": 7}]
+        assert client_side.replies == [{"qpn": 42, "echo": 7}]

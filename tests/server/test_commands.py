@@ -1,0 +1,41 @@
+"""`rdmapool server` argument handling: tenants from flags, environment and a TOML file; bad input is a
+UsageError naming the problem."""
+
+from __future__ import annotations
+
+import pytest
+
+from rdmapool.cli import build_parser
+from rdmapool.commands.server import build_config
+from rdmapool.errors import UsageError
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(["server", *argv])
+
+
+def test_tenants_from_flag_env_and_file(tmp_path, monkeypatch) -> None:
+    f = tmp_path / "tenants.toml"
+    f.write_text('[tenants.carol]\ntoken = "carol-token-xyz"\nquota = "2MiB"\n')
+    monkeypatch.setenv("RDMAPOOL_TENANTS", "bob:bob-token-123:1MiB")
+    cfg = build_config(parse("--tenant", "alice:alice-token-1:64MiB", "--tenants-file", str(f),
+                             "--size-classes", "64KiB,1MiB", "--listen", "127.0.0.1:0", "--ttl-s", "5"))
+    assert [(t.name, t.quota) for t in cfg.tenants] == [("alice", 64 << 20), ("bob", 1 << 20), ("carol", 2 << 20)]
+    assert cfg.size_classes == (64 << 10, 1 << 20) and cfg.ttl_s == 5.0 and cfg.port == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tenant", "alice:short:1MiB"], "at least 8"),
+        (["--tenant", "alice:token-123456"], "NAME:TOKEN:QUOTA"),
+        (["--tenant", "a:token-123456:lots"], "cannot read size"),
+        ([], "at least one tenant"),
+        (["--tenant", "a:token-123456:1MiB", "--size-classes", "1MiB,64KiB"], "increasing"),
+        (["--tenant", "a:token-123456:1MiB", "--listen", "host:notaport"], "HOST:PORT"),
+    ],
+)
+def test_bad_arguments_name_the_problem(argv: list[str], message: str, monkeypatch) -> None:
+    monkeypatch.delenv("RDMAPOOL_TENANTS", raising=False)
+    with pytest.raises(UsageError, match=message):
+        build_config(parse(*argv))

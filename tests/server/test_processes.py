@@ -1,0 +1,169 @@
+"""Real server processes on loopback, both transports: round trips, racing writers, killed clients, restarts,
+a put flood, and the metrics/health endpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from rdmapool.client import PoolClient, PutStatus
+from rdmapool.commands.stats import fetch
+from rdmapool.config import ClientConfig, ServerAddress
+from tests.support import procs
+
+TRANSPORTS = ["tcp", "shm"]
+FAST = ("--lease-s", "1", "--grace-s", "0.2", "--reservation-s", "1")
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+def client(server: procs.ServerProc, transport: str, tenant: str = "a", **options) -> PoolClient:
+    cfg = ClientConfig(token=procs.TOKENS[tenant], staging_bytes=4 << 20, **options)
+    return PoolClient([server.address], cfg, transport_name=transport)
+
+
+def child(server: procs.ServerProc, transport: str, mode: str, k: bytes, *args: str, env=None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "tests.support.client_child", server.address, transport, procs.TOKENS["a"], mode,
+           k.hex(), *args]
+    return subprocess.Popen(cmd, cwd=procs.ROOT, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(procs.ROOT), **(env or {})})
+
+
+def classes(server: procs.ServerProc, tenant: str = "a") -> list[dict]:
+    return fetch(ServerAddress.parse(server.address), procs.TOKENS[tenant])["tenants"][tenant]["classes"]
+
+
+def wait_for(predicate, timeout: float = 10.0, step: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_round_trip_tenants_and_endpoints(transport: str) -> None:
+    with procs.running(transport, "16MiB", "--metrics", "127.0.0.1:0") as srv, \
+            client(srv, transport, "a") as a, client(srv, transport, "b") as b:
+        payloads = [os.urandom(n) for n in (100, 64 << 10, 1 << 20, 3 << 20)]
+        keys = [key(i) for i in range(4)]
+        assert a.put(keys, payloads) == [PutStatus.STORED] * 4
+        bufs = [bytearray(4 << 20) for _ in keys]
+        assert a.get(keys, bufs) == [len(p) for p in payloads]
+        assert all(bytes(buf[: len(p)]) == p for buf, p in zip(bufs, payloads, strict=True))
+        assert len(a.lookup_prefix(keys)) == 4 and len(b.lookup_prefix(keys)) == 0  # pairwise isolation
+        metrics_port = srv.info["metrics_port"]
+        health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/healthz", timeout=5))
+        assert health["status"] == "ok" and health["server_id"] == srv.info["server_id"]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        assert 'rdmapool_events_total{event="commits"} 4.0' in text
+        assert 'rdmapool_slots{size_class="1048576",state="resident",tenant="a"}' in text
+        table = subprocess.run([sys.executable, "-m", "rdmapool", "stats", srv.address, "--once"], cwd=procs.ROOT,
+                               env={**os.environ, "RDMAPOOL_TOKEN": procs.TOKENS["b"]}, capture_output=True,
+                               text=True, timeout=30)
+        assert table.returncode == 0, table.stderr
+        assert srv.info["server_id"] in table.stdout and "commits" in table.stdout
+        registry = CollectorRegistry()
+        a.counters.register(registry)
+        assert registry.get_sample_value("rdmapool_client_events_total", {"event": "put_stored"}) == 4
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_concurrent_writers_of_one_key(transport: str) -> None:
+    with procs.running(transport, "16MiB") as srv:
+        start_at = str(time.time() + 1.5)
+        kids = [child(srv, transport, "put", key(7), str(v), env={"START_AT": start_at}) for v in range(1, 5)]
+        statuses = [json.loads(k.communicate(timeout=30)[0])["status"] for k in kids]
+        assert sorted(statuses) == ["exists"] * 3 + ["stored"]
+        winner = statuses.index("stored") + 1
+        with client(srv, transport) as c:
+            buf = bytearray(50_000)
+            assert c.get([key(7)], [buf]) == [50_000]
+            assert bytes(buf) == bytes([winner]) * 50_000
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_client_killed_mid_write_and_mid_read_is_reclaimed(transport: str) -> None:
+    with procs.running(transport, "16MiB", *FAST) as srv, client(srv, transport) as c:
+        writer = child(srv, transport, "hang-write", key(1))
+        assert "reserved" in json.loads(writer.stdout.readline())
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(10)
+        assert sum(cl["writing"] for cl in classes(srv)) == 1
+        assert c.lookup_prefix([key(1)]).refs == ()  # uncommitted: invisible
+        assert c.put([key(1)], [b"x"]) == [PutStatus.EXISTS]  # the reservation still holds the key
+        assert wait_for(lambda: sum(cl["writing"] + cl["retired"] for cl in classes(srv)) == 0, 5.0)
+        assert c.put([key(1)], [b"y" * 50_000]) == [PutStatus.STORED]
+
+        reader = child(srv, transport, "hang-read", key(1))
+        assert json.loads(reader.stdout.readline())["hits"] == 1
+        reader.send_signal(signal.SIGKILL)
+        reader.wait(10)
+        assert sum(cl["leased"] for cl in classes(srv)) == 1
+        assert wait_for(lambda: sum(cl["leased"] for cl in classes(srv)) == 0, 5.0)
+        assert c.delete([key(1)]) == [True]
+        assert wait_for(lambda: sum(cl["retired"] for cl in classes(srv)) == 0, 3.0)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_server_restart_gives_misses_then_reconnects(transport: str) -> None:
+    srv = procs.start(transport, "16MiB")
+    port = srv.info["port"]
+    c = client(srv, transport, retry_after_s=0.2, request_timeout_s=1.0, connect_timeout_s=1.0)
+    try:
+        assert c.put([key(1)], [b"before"]) == [PutStatus.STORED]
+        srv.kill()
+        t = time.monotonic()
+        assert c.get([key(1)], [bytearray(16)]) == [None]
+        assert c.put([key(2)], [b"x"]) == [PutStatus.UNAVAILABLE]
+        assert time.monotonic() - t < 3.0
+        srv = procs.start(transport, "16MiB", f"127.0.0.1:{port}")
+        time.sleep(0.3)
+        assert c.get([key(1)], [bytearray(16)]) == [None]  # a restarted server is empty
+        assert c.put([key(1)], [b"after"]) == [PutStatus.STORED]
+        buf = bytearray(16)
+        assert c.get([key(1)], [buf]) == [5] and bytes(buf[:5]) == b"after"
+        assert c.counters["unavailable"] >= 1
+    finally:
+        c.close()
+        procs.stop(srv)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_put_flood_stays_bounded(transport: str) -> None:
+    with procs.running(transport, "8MiB", "--size-classes", "64KiB") as srv, client(srv, transport) as c:
+        payload = os.urandom(64 << 10)
+        rss_before = srv.rss_kib()
+        stored = 0
+        for batch in range(30):
+            keys = [key(batch * 32 + i) for i in range(32)]
+            stored += c.put(keys, [payload] * 32).count(PutStatus.STORED)
+        assert stored == 30 * 32  # every put found room: eviction, not refusal
+        (cl,) = classes(srv)
+        assert cl["resident"] <= cl["slots"] < 30 * 32
+        snapshot = fetch(ServerAddress.parse(srv.address), procs.TOKENS["a"])
+        assert snapshot["counters"]["evictions"] >= 30 * 32 - cl["slots"]
+        # 60 MiB went through an 8 MiB pool: the server's memory grew by far less than that
+        assert srv.rss_kib() - rss_before < 24 << 10
+        keys = [key(30 * 32 - 1 - i) for i in range(4)]
+        assert c.get(keys, [bytearray(64 << 10) for _ in keys]) == [64 << 10] * 4  # the newest are resident
+
+
+def test_ttl_expires_blocks_end_to_end() -> None:
+    with procs.running("tcp", "4MiB", "--size-classes", "64KiB", "--ttl-s", "0.5") as srv, client(srv, "tcp") as c:
+        assert c.put([key(1)], [b"short-lived"]) == [PutStatus.STORED]
+        assert c.get([key(1)], [bytearray(16)]) == [11]
+        time.sleep(0.8)
+        assert c.get([key(1)], [bytearray(16)]) == [None]
+        assert fetch(ServerAddress.parse(srv.address), procs.TOKENS["a"])["counters"]["expired_ttl"] == 1
