@@ -9,6 +9,12 @@ capacity * duration. The best choice is a fractional knapsack over the upper con
 (cost, hits) curve. The class distributions are measured in-sample, so the bound is optimistic (with one
 class per life it becomes the clairvoyant "oracle" row, close to Belady). Block 0's hits are added to all.
 
+It bounds policies whose information is a class plus age (and any admission share), assuming chains return
+independently of what else the pool sees; it is not a proof for every conceivable online policy. So it also
+asks how good a return predictor would have to be: a synthetic score with a given AUC used as the class
+(`predictor_sweep`), against the AUC the online features really reach, in-sample and fitted on the first
+half and scored on the second (`feature_auc`).
+
     rdmapool bench eviction_bound [--trace PATH] [--capacity 0.05 --capacity 0.1] [--record]
 """
 
@@ -109,6 +115,34 @@ def life_table(trace) -> dict:
             if gaps else [], "last_block_reused_share": round(tails / len(trace.requests), 4)}
 
 
+def feature_scan(trace, horizon: float = 300.0) -> dict:
+    """Share of requests that get a next turn, per bucket of other online features (requests within `horizon`
+    seconds of the trace's end left out): log2 of new blocks this turn, of prefix hits, of requests in the
+    last 10 s, and the partial last block's size in quarters of a block."""
+    from bisect import bisect_left
+
+    _, _, gap, _ = lives(trace)
+    reqs = trace.requests
+    seen: set = set()
+    times = [r.time for r in reqs]
+    rows: dict[str, dict] = {n: defaultdict(lambda: [0, 0]) for n in ("new blocks", "prefix hits", "load 10 s",
+                                                                       "tail quarter")}
+    bt = trace.block_tokens
+    for j, r in enumerate(reqs):
+        k = 0
+        while k < len(r.keys) and r.keys[k] in seen:
+            k += 1
+        seen.update(r.keys)
+        if r.time > times[-1] - horizon:
+            continue
+        tail = (r.tokens % bt) * 4 // bt if r.tokens else -1
+        for name, b in (("new blocks", _lg(len(r.keys) - k)), ("prefix hits", _lg(k)),
+                        ("load 10 s", _lg(j - bisect_left(times, r.time - 10))), ("tail quarter", tail)):
+            rows[name][b][0] += 1
+            rows[name][b][1] += gap[j] < math.inf
+    return {n: {b: round(c / t, 2) for b, (t, c) in sorted(v.items()) if t >= 20} for n, v in rows.items()}
+
+
 def _lg(x):
     return -1 if x is None else int(math.log2(x + 1))
 
@@ -122,6 +156,71 @@ FEATURES = {
 }
 
 
+def auc(scores: list[float], labels: list[bool]) -> float:
+    """Area under the ROC curve (ties count half): the chance a returning chain outranks one that does not."""
+    order = sorted(range(len(scores)), key=scores.__getitem__)
+    rank_sum, i = 0.0, 0
+    while i < len(order):
+        j = i
+        while j < len(order) and scores[order[j]] == scores[order[i]]:
+            j += 1
+        rank_sum += sum((i + j + 1) / 2 for k in range(i, j) if labels[order[k]])
+        i = j
+    pos = sum(labels)
+    neg = len(labels) - pos
+    return (rank_sum - pos * (pos + 1) / 2) / (pos * neg) if pos and neg else 0.5
+
+
+def predictor_sweep(trace, shares, mus=(0.5, 1.0, 1.5, 2.0, 3.0), seed: int = 7) -> list[dict]:
+    """How good must a return predictor be? A synthetic score mu*[chain returns] + N(0, 1), cut in deciles,
+    used as the class (no age or turn): its AUC and the fluid bound it allows. Nothing online has this score;
+    the sweep shows the predictive power the goal needs."""
+    import random
+    from bisect import bisect
+
+    _, _, gap, _ = lives(trace)
+    ret = [g < math.inf for g in gap]
+    rng = random.Random(seed)
+    noise = [rng.gauss(0.0, 1.0) for _ in ret]
+    out = []
+    for mu in mus:
+        sc = [mu * r + z for r, z in zip(ret, noise, strict=True)]
+        qs = sorted(sc)
+        edges = [qs[len(qs) * q // 10] for q in range(1, 10)]
+        cls = [bisect(edges, x) for x in sc]
+        out.append({"mu": mu, "auc": round(auc(sc, ret), 3),
+                    "bound": {str(s): round(bound(trace, lambda j, r, t, pg, c=cls: c[j], s), 4) for s in shares}})
+    return out
+
+
+def feature_auc(trace, horizon: float = 300.0) -> dict:
+    """AUC of online features as return predictors: in-sample (class return rates fitted on the whole trace)
+    and out-of-sample (fitted on the first half, scored on the second). Requests within `horizon` seconds of
+    the end of their half are left out (their return would not be seen)."""
+    turn, prevgap, gap, _ = lives(trace)
+    reqs = trace.requests
+    ret = [g < math.inf for g in gap]
+    t0, t1 = reqs[0].time, reqs[-1].time
+    mid = (t0 + t1) / 2
+    fits = {"turn": lambda j, r: min(turn[j], 6),
+            "turn + previous gap + length": lambda j, r: (min(turn[j], 6), _lg(prevgap[j]),
+                                                          int(math.log2(len(r.keys))))}
+    train = [j for j, r in enumerate(reqs) if r.time < mid - horizon]
+    test = [j for j, r in enumerate(reqs) if mid <= r.time < t1 - horizon]
+    out = {}
+    for name, f in fits.items():
+        row = {}
+        for label, fit_on, score_on in (("in-sample", train + test, train + test), ("out-of-sample", train, test)):
+            stats: dict = defaultdict(lambda: [1.0, 0.35])  # one pseudo-chain at the overall return rate
+            for j in fit_on:
+                stats[f(j, reqs[j])][0] += 1
+                stats[f(j, reqs[j])][1] += ret[j]
+            sc = [stats[f(j, reqs[j])][1] / stats[f(j, reqs[j])][0] for j in score_on]
+            row[label] = round(auc(sc, [ret[j] for j in score_on]), 3)
+        out[name] = row
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="eviction_bound")
     ap.add_argument("--trace", default=str(shipped_traces_dir() / "conversation_first_half.jsonl"))
@@ -131,11 +230,23 @@ def main(argv: list[str] | None = None) -> int:
     trace = load_trace(args.trace)
     shares = args.capacity or [0.05, 0.10]
     out = {name: {str(s): round(bound(trace, f, s), 4) for s in shares} for name, f in FEATURES.items()}
+    _, _, gap, _ = lives(trace)
+    known = [g < math.inf for g in gap]
+    out["oracle: whether (not when) each chain returns"] = {
+        str(s): round(bound(trace, lambda j, r, t, pg: known[j], s), 4) for s in shares}
     life = life_table(trace)
     print(f"life table: {life}", file=sys.stderr)
     for name, row in out.items():
-        print(f"{name:40s} " + "  ".join(f"{s}: {v:.3f}" for s, v in row.items()), file=sys.stderr)
-    payload = {"bench": "eviction_bound", "trace": args.trace, "bounds": out, "life_table": life}
+        print(f"{name:48s} " + "  ".join(f"{s}: {v:.3f}" for s, v in row.items()), file=sys.stderr)
+    sweep = predictor_sweep(trace, shares)
+    for row in sweep:
+        print(f"predictor AUC {row['auc']:.3f}: bound {row['bound']}", file=sys.stderr)
+    feats = feature_auc(trace)
+    print(f"return-predictor AUC of online features: {feats}", file=sys.stderr)
+    scan = feature_scan(trace)
+    print(f"next-turn share by bucket of other features: {scan}", file=sys.stderr)
+    payload = {"bench": "eviction_bound", "trace": args.trace, "bounds": out, "life_table": life,
+               "predictor_sweep": sweep, "feature_auc": feats, "feature_scan": scan}
     if args.record:
         print(f"recorded {record('eviction_bound', payload)}", file=sys.stderr)
     print(json.dumps(payload))

@@ -11,6 +11,8 @@ from rdmapool.policy.arc import ARC
 from rdmapool.policy.base import BlockInfo, EvictionPolicy, Key
 from rdmapool.policy.belady import Belady
 from rdmapool.policy.chainheat import ChainHeat
+from rdmapool.policy.fluid import Fluid
+from rdmapool.policy.hitdensity import HitDensity
 from rdmapool.policy.lfu import LFU
 from rdmapool.policy.lru import LRU
 from rdmapool.policy.prefix import PrefixAware
@@ -28,6 +30,8 @@ _FACTORIES: dict[str, Callable[..., EvictionPolicy]] = {
     "sieve": Sieve,
     "arc": ARC,
     "chainheat": ChainHeat,
+    "hitdensity": HitDensity,
+    "fluid": Fluid,
     "belady": Belady,
 }
 #: policies that need knowledge of the future (simulation only)
