@@ -35,9 +35,23 @@ import torch
 
 from rdmapool.errors import UsageError
 from rdmapool.kv import kernels
+from rdmapool.kv.hfcache import prealloc_cache, wait_all
 from rdmapool.kv.keys import ChunkKey, Namespace, chunk_keys
 from rdmapool.kv.layouts import Layout, paged_kv
 from rdmapool.kv.pool import KVPool, PoolConnector
+
+#: how pool chunks become a cache: "layered" (direct reads pipelined per layer with the scatter and the forward pass,
+#: where the shm direct path applies; else as "serial"), "serial" (read all, scatter into preallocated buffers),
+#: "legacy" (read all, scatter, then DynamicCache's concatenations: the first GPU measurement's path)
+LOAD_MODES = ("layered", "serial", "legacy")
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    cache: Any
+    cached: int  # tokens the cache shows
+    finish: Any  # None, or finish() -> leading chunks intact (a pipelined read still in flight)
+    bufs: Any
 
 
 @dataclass(frozen=True)
@@ -75,7 +89,15 @@ class HFEngine:
     """One model, optionally one pool. Not thread-safe: one batch at a time."""
 
     def __init__(self, model: Any, model_id: str, revision: str, pool: KVPool | None = None, tenant: str = "",
-                 chunk_tokens: int = 256, tp: tuple[int, int] = (0, 1), direct: str = "auto") -> None:
+                 chunk_tokens: int = 256, tp: tuple[int, int] = (0, 1), direct: str = "auto",
+                 load_mode: str = "layered") -> None:
+        if load_mode not in LOAD_MODES:
+            raise UsageError(f"load_mode must be one of {', '.join(LOAD_MODES)}, got {load_mode!r}")
+        self.load_mode = load_mode
+        #: breakdown mode: a dict that run_batch fills with seconds per phase, synchronizing around each phase
+        #: (distorts the overlap: for diagnosis only). None: no synchronisation, no timing.
+        self.breakdown: dict[str, float] | None = None
+        self._last_mark = 0.0
         self.model = model
         self.device = next(model.parameters()).device
         params = inspect.signature(model.forward).parameters
@@ -106,18 +128,70 @@ class HFEngine:
         return out.logits[:, -1].float(), new_cache
 
     # -- pool <-> cache ------------------------------------------------------------------------------------------
-    def _cache_from_pool(self, keys: list[ChunkKey], use: int) -> tuple[Any, int]:
+    def _buffers(self, capacity: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        shape = (1, self.heads, capacity, self.head_dim)
+        return [(torch.empty(shape, dtype=self.dtype, device=self.device),
+                 torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
+
+    def _cache_over(self, bufs: list, length: int, ready: list | None = None) -> Any:
+        """A cache showing the first `length` positions of `bufs`, written in place by the forward pass."""
+        cache = prealloc_cache(bufs, length, ready) if self.load_mode != "legacy" else None
+        if cache is not None:
+            return cache
+        if ready and self.device.type == "cuda":
+            for ev in ready:
+                torch.cuda.current_stream(self.device).wait_event(ev)
+        return make_cache([(k[:, :, :length], v[:, :, :length]) for k, v in bufs])
+
+    def _cache_from_pool(self, keys: list[ChunkKey], use: int, total: int) -> _Loaded:
+        """The KV of up to `use` chunks from the pool, as a cache of at most `total - 1` tokens (the last prompt
+        token is always computed: its logits give the first token) in buffers of `total` positions."""
+        refs = self.conn.direct_refs(keys[:use], self.device) if self.load_mode == "layered" else None
+        if refs is not None:
+            return self._layered(refs, use, total)
         raw, got = self.conn.read_blocks(keys[:use], self.device)
+        self._mark("read")
         if got == 0:
-            return None, 0
+            return _Loaded(None, 0, None, None)
         length = got * self.chunk
-        shape = (1, self.heads, length, self.head_dim)
-        pairs = [(torch.empty(shape, dtype=self.dtype, device=self.device),
-                  torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
-        slots = torch.arange(length, device=self.device)
+        bufs = self._buffers(total if self.load_mode != "legacy" else length)
         blocks = raw[:got].view(self.dtype).view(got, self.num_layers, 2, self.chunk, self.heads, self.head_dim)
-        kernels.scatter(paged_kv(Layout.HF, pairs), slots, blocks, self.chunk)
-        return make_cache(pairs), length
+        kernels.scatter(paged_kv(Layout.HF, bufs), torch.arange(length, device=self.device), blocks, self.chunk)
+        cached = min(length, total - 1)
+        return _Loaded(self._cache_over(bufs, cached), cached, None, bufs)
+
+    def _layered(self, refs: list, use: int, total: int) -> _Loaded:
+        """Pipelined direct read: payloads are copied layer-major (layer l of every chunk, then layer l+1) on a
+        side stream; each layer is scattered into the cache buffers as soon as it landed, on a second stream, and
+        the forward pass waits per layer (`PreallocLayer.ready`). Trailers and leases are checked by `finish`."""
+        n_l, part = self.num_layers, self.chunk_bytes // self.num_layers
+        raw = torch.empty((n_l, use, part), dtype=torch.uint8, device=self.device)
+        bufs = self._buffers(total)
+        ls = kernels.LayerScatter(paged_kv(Layout.HF, bufs), torch.arange(use * self.chunk, device=self.device),
+                                  self.chunk)
+        cuda = self.device.type == "cuda"
+        stream = None
+        if cuda:
+            stream = self._scatter_stream = getattr(self, "_scatter_stream", None) or torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        ready: list = [None] * n_l
+
+        def on_part(layer: int, copied: Any) -> None:
+            blocks = raw[layer, :use].view(self.dtype).view(use, 1, 2, self.chunk, self.heads, self.head_dim)
+            if stream is None:
+                ls.layer(layer, blocks)
+                return
+            stream.wait_event(copied)
+            with torch.cuda.stream(stream):
+                ls.layer(layer, blocks)
+                ready[layer] = torch.cuda.Event()
+                ready[layer].record(stream)
+
+        finish = self.conn.start_direct(refs, raw, n_l, on_part)
+        if stream is not None:
+            raw.record_stream(stream)
+        cached = min(use * self.chunk, total - 1)
+        return _Loaded(self._cache_over(bufs, cached, ready if cuda else None), cached, finish, bufs)
 
     def _store(self, pairs: list, row: int, col0: int, keys: list[ChunkKey], first: int, last: int) -> None:
         """Gather chunks [first, last) of request `row`, whose token 0 sits at column `col0`, and put them."""
@@ -134,12 +208,37 @@ class HFEngine:
 
     # -- serving ---------------------------------------------------------------------------------------------
     def _prefill(self, tokens: list[int], keys: list[ChunkKey], known: int) -> tuple[torch.Tensor, Any, int]:
-        use = min(known, (len(tokens) - 1) // self.chunk)
-        cache, cached = self._cache_from_pool(keys, use) if use else (None, 0)
+        use = min(known, len(tokens) // self.chunk)
+        loaded = self._cache_from_pool(keys, use, len(tokens)) if use else _Loaded(None, 0, None, None)
+        self._mark("scatter" if loaded.finish is None else "read+scatter")
+        cache, cached = loaded.cache, loaded.cached
+        logits, cache = self._forward_from(tokens, cache, cached)
+        if loaded.finish is not None:
+            good = loaded.finish()  # copies done, trailers and leases checked: was the forward on good data?
+            wait_all(cache)
+            if good * self.chunk < cached:  # no: recompute from the intact prefix, in the same buffers
+                cached = min(good * self.chunk, len(tokens) - 1)
+                cache = self._cache_over(loaded.bufs, cached) if cached else None
+                logits, cache = self._forward_from(tokens, cache, cached)
+        self._mark("forward")
+        return logits[0], cache, cached
+
+    def _forward_from(self, tokens: list[int], cache: Any, cached: int) -> tuple[torch.Tensor, Any]:
         ids = torch.tensor([tokens[cached:]], device=self.device)
         pos = torch.arange(cached, len(tokens), device=self.device)[None]
-        logits, cache = self._forward(ids, cache, pos)
-        return logits[0], cache, cached
+        return self._forward(ids, cache, pos)
+
+    def _mark(self, phase: str | None) -> None:
+        """Breakdown mode only (`self.breakdown` a dict): synchronize, add the time since the last mark to `phase`
+        (None: only start counting)."""
+        if self.breakdown is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if phase is not None:
+            self.breakdown[phase] = self.breakdown.get(phase, 0.0) + now - self._last_mark
+        self._last_mark = now
 
     def run_batch(self, prompts: list[list[int]], max_new_tokens: int) -> BatchResult:
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -147,13 +246,16 @@ class HFEngine:
         if max_new_tokens < 0:
             raise UsageError("max_new_tokens must be >= 0")
         before = self.conn.stats.snapshot() if self.conn else None
-        t0 = time.perf_counter()
+        self._mark(None)
+        t0 = self._last_mark = time.perf_counter()
         keys, known, logits, caches, cached = [], [], [], [], []
         for p in prompts:
             # one request at a time, so a prefill worker's request already hits what the previous one stored
             # (a shared system prompt is computed once per batch, not once per request)
             k = chunk_keys(self.ns, p) if self.conn else []
+            self._mark("keys")
             n = self.conn.lookup(k) if self.conn else 0
+            self._mark("lookup")
             lg, cache, c = self._prefill(p, k, n)
             pairs = cache_pairs(cache)
             if self.conn and max_new_tokens == 0:
@@ -167,6 +269,7 @@ class HFEngine:
         first_logits = torch.stack(logits)
         first = first_logits.argmax(-1).tolist()
         ttft = time.perf_counter() - t0
+        self._mark("first_token")
         stored = list(known)
         if self.conn:  # a decode engine stores what the pool lacked only once every first token is out
             for b, p in enumerate(prompts):
