@@ -151,10 +151,13 @@ def start_direct(pool: Any, refs: list, dst: torch.Tensor, parts: int = 1,
     if stream is not None:
         stream.wait_stream(torch.cuda.current_stream(dst.device))
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        # a copy per (part, row): keep the Python work per copy small, it is paid thousands of times per request
+        views = [src.view(parts, -1) for _, src in srcs]
+        same = len({v.shape[1] for v in views}) == 1
         for p in range(parts):
-            for i, (_, src) in enumerate(srcs):
-                size = src.numel() // parts
-                rows[p, i, :size].copy_(src[p * size:(p + 1) * size], non_blocking=cuda)
+            rp = rows[p, :, : views[0].shape[1]] if views and same else rows[p]
+            for i, v in enumerate(views):
+                (rp[i] if same else rp[i, : v.shape[1]]).copy_(v[p], non_blocking=cuda)
             if on_part is not None:
                 event = None
                 if stream is not None:

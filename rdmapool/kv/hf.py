@@ -188,6 +188,9 @@ class HFEngine:
                 ready[layer].record(stream)
 
         finish = self.conn.start_direct(refs, raw, n_l, on_part)
+        if self.breakdown is not None:  # host time to queue every copy and scatter (no synchronisation)
+            self.breakdown["queue_host"] = self.breakdown.get("queue_host", 0.0) + time.perf_counter() \
+                - self._last_mark
         if stream is not None:
             raw.record_stream(stream)
         cached = min(use * self.chunk, total - 1)
