@@ -191,8 +191,9 @@ class HFEngine:
         if self.breakdown is not None:  # host time to queue every copy and scatter (no synchronisation)
             self.breakdown["queue_host"] = self.breakdown.get("queue_host", 0.0) + time.perf_counter() \
                 - self._last_mark
-        if stream is not None:
+        if stream is not None:  # made on the current stream, read by queued scatters: no reuse before they ran
             raw.record_stream(stream)
+            ls.keep_for(stream)
         cached = min(use * self.chunk, total - 1)
         return _Loaded(self._cache_over(bufs, cached, ready if cuda else None), cached, finish, bufs)
 

@@ -119,7 +119,7 @@ def gather(kv: PagedKV, slots: torch.Tensor, out: torch.Tensor, chunk_tokens: in
 class LayerScatter:
     """Scatter pool blocks into a cache one layer at a time (a pipeline feeds layer l while layer l+1 is still
     arriving), with no host synchronisation per launch: the slot mapping is checked and the table of plane base
-    addresses is built once, here, on the current stream. `slots` must stay alive until the last launch ran."""
+    addresses is built once, here, on the current stream (see `keep_for` when launching on another one)."""
 
     def __init__(self, kv: PagedKV, slots: torch.Tensor, chunk_tokens: int, impl: str = "auto") -> None:
         self.kv = kv
@@ -128,6 +128,13 @@ class LayerScatter:
         self.chunk = chunk_tokens
         self.impl = _choose(impl, kv)
         self.args = _launch_args(kv, slots, chunk_tokens) if self.impl == "triton" else None
+
+    def keep_for(self, stream: torch.cuda.Stream) -> None:
+        """Launches queued on another stream than the one `slots` and the address table were made on: keep their
+        memory from being reused (caching allocator) until that stream's queued work ran."""
+        self.slots.record_stream(stream)
+        if self.args is not None:
+            self.args[0].record_stream(stream)
 
     def layer(self, index: int, blocks: torch.Tensor) -> None:
         """`blocks` `[n, 1, planes, chunk, heads, dim]`: the chunks' slice of layer `index`."""
