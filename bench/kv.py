@@ -84,7 +84,8 @@ def _one_transport(args, model, mid: str, rev: str, transport: str, prompts: dic
                 phases: dict[str, dict[str, float]] = {}
                 check: dict = {}
                 for mode in modes:
-                    dec.load_mode = mode
+                    dec.load_mode, _, group = mode.partition("-")  # "layered-4": 4 layers per copy
+                    dec.layers_per_copy = int(group or 1)
                     dec.run_batch([prompt], 1)  # warm-up of this mode (kernels compiled, allocator primed)
                     ttft, reads, cached = [], [], 0
                     for _ in range(args.repeats):
@@ -109,7 +110,8 @@ def _one_transport(args, model, mid: str, rev: str, transport: str, prompts: dic
                                         for k in runs[0]}
                     if mode == modes[0]:
                         head = (ttft, reads, cached)
-                dec.load_mode = modes[0]
+                dec.load_mode, _, group = modes[0].partition("-")
+                dec.layers_per_copy = int(group or 1)
                 ttft, reads, cached = head
                 # the transfer alone: lookup + read + landing in device memory, through host staging and (shm)
                 # straight from the server's mapping (rdmapool.kv.direct), whole chunks, and (shm) layer-major as
@@ -248,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-tokens", type=int, default=None, help="default: 256 on cuda, 16 on cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--load-modes", default="layered",
-                   help="comma-separated HFEngine load modes for the shm hit (layered, serial, legacy); the first "
-                        "gives the headline TTFT, the others are reported beside it")
+                   help="comma-separated HFEngine load modes for the shm hit (layered, layered-G with G layers per "
+                        "copy, serial, legacy); the first gives the headline TTFT, the others are reported beside it")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the hit's phases (keys, lookup, read, scatter, forward) with a synchronisation "
                         "around each (extra runs: the headline TTFT is measured without them)")

@@ -113,12 +113,12 @@ class DirectRead:
 
 def start_direct(pool: Any, refs: list, dst: torch.Tensor, parts: int = 1,
                  on_part: Callable[[int, Any], None] | None = None) -> DirectRead:
-    """Queue copies of the payloads of `refs` (from `lookup_prefix`) into `dst`: uint8 `[n, >= length]` when
-    `parts == 1`, else `[parts, n, >= length // parts]` (slice p of row i's payload into `dst[p, i]`). On CUDA the
-    copies run on a side stream that first waits for the current one."""
+    """Queue copies of the payloads of `refs` (from `lookup_prefix`) into `dst`: uint8 `[n, >= length]` (or
+    `[1, n, >= length]`) when `parts == 1`, else `[parts, n, >= length // parts]` (slice p of row i's payload into
+    `dst[p, i]`). On CUDA the copies run on a side stream that first waits for the current one."""
     if parts < 1:
         raise UsageError(f"parts must be >= 1, got {parts}")
-    rows = dst.unsqueeze(0) if parts == 1 else dst
+    rows = dst.unsqueeze(0) if dst.dim() == 2 and parts == 1 else dst
     if rows.dim() != 3 or rows.shape[0] != parts or rows.shape[1] < len(refs) or rows.dtype != torch.uint8:
         raise UsageError(f"dst must be uint8 [{parts}, >= {len(refs)}, part bytes], got {tuple(dst.shape)}")
     srcs = []

@@ -90,10 +90,11 @@ class HFEngine:
 
     def __init__(self, model: Any, model_id: str, revision: str, pool: KVPool | None = None, tenant: str = "",
                  chunk_tokens: int = 256, tp: tuple[int, int] = (0, 1), direct: str = "auto",
-                 load_mode: str = "layered") -> None:
+                 load_mode: str = "layered", layers_per_copy: int = 1) -> None:
         if load_mode not in LOAD_MODES:
             raise UsageError(f"load_mode must be one of {', '.join(LOAD_MODES)}, got {load_mode!r}")
         self.load_mode = load_mode
+        self.layers_per_copy = layers_per_copy
         #: breakdown mode: a dict that run_batch fills with seconds per phase, synchronizing around each phase
         #: (distorts the overlap: for diagnosis only). None: no synchronisation, no timing.
         self.breakdown: dict[str, float] | None = None
@@ -108,6 +109,8 @@ class HFEngine:
         k, _ = cache_pairs(probe)[0]
         self.num_layers = len(cache_pairs(probe))
         self.heads, self.head_dim, self.dtype = k.shape[1], k.shape[3], k.dtype
+        if layers_per_copy < 1 or self.num_layers % layers_per_copy:
+            raise UsageError(f"layers_per_copy must divide the {self.num_layers} layers, got {layers_per_copy}")
         self.ns = Namespace(model_id, revision, Layout.HF.value, str(self.dtype).removeprefix("torch."),
                             tp_rank=tp[0], tp_size=tp[1], tenant=tenant, chunk_tokens=chunk_tokens)
         self.chunk = chunk_tokens
@@ -161,11 +164,13 @@ class HFEngine:
         return _Loaded(self._cache_over(bufs, cached), cached, None, bufs)
 
     def _layered(self, refs: list, use: int, total: int) -> _Loaded:
-        """Pipelined direct read: payloads are copied layer-major (layer l of every chunk, then layer l+1) on a
-        side stream; each layer is scattered into the cache buffers as soon as it landed, on a second stream, and
-        the forward pass waits per layer (`PreallocLayer.ready`). Trailers and leases are checked by `finish`."""
-        n_l, part = self.num_layers, self.chunk_bytes // self.num_layers
-        raw = torch.empty((n_l, use, part), dtype=torch.uint8, device=self.device)
+        """Pipelined direct read: payloads are copied layer-major (`layers_per_copy` layers of every chunk, then
+        the next ones) on a side stream; each group is scattered into the cache buffers as soon as it landed, on
+        a second stream, and the forward pass waits per layer (`PreallocLayer.ready`). Trailers and leases are
+        checked by `finish`. Copies per request: chunks * layers / layers_per_copy, each queued by Python."""
+        g = self.layers_per_copy
+        n_l, n_p = self.num_layers, self.num_layers // g
+        raw = torch.empty((n_p, use, self.chunk_bytes // n_p), dtype=torch.uint8, device=self.device)
         bufs = self._buffers(total)
         ls = kernels.LayerScatter(paged_kv(Layout.HF, bufs), torch.arange(use * self.chunk, device=self.device),
                                   self.chunk)
@@ -176,18 +181,19 @@ class HFEngine:
             stream.wait_stream(torch.cuda.current_stream(self.device))
         ready: list = [None] * n_l
 
-        def on_part(layer: int, copied: Any) -> None:
-            blocks = raw[layer, :use].view(self.dtype).view(use, 1, 2, self.chunk, self.heads, self.head_dim)
+        def on_part(part: int, copied: Any) -> None:
+            blocks = raw[part, :use].view(self.dtype).view(use, g, 2, self.chunk, self.heads, self.head_dim)
             if stream is None:
-                ls.layer(layer, blocks)
+                ls.layers(part * g, blocks)
                 return
             stream.wait_event(copied)
             with torch.cuda.stream(stream):
-                ls.layer(layer, blocks)
-                ready[layer] = torch.cuda.Event()
-                ready[layer].record(stream)
+                ls.layers(part * g, blocks)
+                done = torch.cuda.Event()
+                done.record(stream)
+            ready[part * g:(part + 1) * g] = [done] * g
 
-        finish = self.conn.start_direct(refs, raw, n_l, on_part)
+        finish = self.conn.start_direct(refs, raw, n_p, on_part)
         if self.breakdown is not None:  # host time to queue every copy and scatter (no synchronisation)
             self.breakdown["queue_host"] = self.breakdown.get("queue_host", 0.0) + time.perf_counter() \
                 - self._last_mark

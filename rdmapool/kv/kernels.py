@@ -136,20 +136,23 @@ class LayerScatter:
         if self.args is not None:
             self.args[0].record_stream(stream)
 
-    def layer(self, index: int, blocks: torch.Tensor) -> None:
-        """`blocks` `[n, 1, planes, chunk, heads, dim]`: the chunks' slice of layer `index`."""
+    def layers(self, first: int, blocks: torch.Tensor) -> None:
+        """`blocks` `[n, g, planes, chunk, heads, dim]`: the chunks' slice of layers `first .. first + g - 1`."""
         kv = self.kv
-        one = PagedKV(kv.layout, (kv.planes[index],))
-        check_blocks(one, blocks, self.n, self.chunk)
+        g = blocks.shape[1] if blocks.dim() == 6 else 0
+        if not 0 <= first < first + g <= kv.num_layers:
+            raise UsageError(f"layers {first}..{first + g - 1} out of range [0, {kv.num_layers})")
+        some = PagedKV(kv.layout, kv.planes[first:first + g])
+        check_blocks(some, blocks, self.n, self.chunk)
         if self.n == 0:
             return
         if self.args is None:
-            scatter_reference(one, self.slots, blocks)
+            scatter_reference(some, self.slots, blocks)
             return
         planes = kv.num_planes
-        ptrs = self.args[0][index * planes:(index + 1) * planes]
-        grid = (planes, self.slots.numel())
-        _scatter_kernel[grid](ptrs, self.slots, _as_int(blocks), *self.args[2:7], planes, *self.args[8:],
+        ptrs = self.args[0][first * planes:(first + g) * planes]
+        grid = (g * planes, self.slots.numel())
+        _scatter_kernel[grid](ptrs, self.slots, _as_int(blocks), *self.args[2:7], g * planes, *self.args[8:],
                               BLOCK=BLOCK)
 
 

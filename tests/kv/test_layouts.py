@@ -126,10 +126,11 @@ def test_layer_by_layer_scatter_matches_one_launch(layout: Layout) -> None:
     new = _random(kv.block_shape(n, chunk), torch.bfloat16, gen)
     kernels.scatter(kv2, slots, new, chunk, impl="torch")
     per_layer = kernels.LayerScatter(kv3, slots, chunk, impl="triton")
-    for layer in reversed(range(layers)):  # any order: each launch touches its own layer only
-        per_layer.layer(layer, new[:, layer:layer + 1].contiguous())
+    # any order and grouping: each launch touches its own layers only
+    per_layer.layers(2, new[:, 2:3].contiguous())
+    per_layer.layers(0, new[:, 0:2].contiguous())
     flat2 = [bits(x) for layer in raw2 for x in (layer if isinstance(layer, tuple) else (layer,))]
     flat3 = [bits(x) for layer in raw3 for x in (layer if isinstance(layer, tuple) else (layer,))]
     assert all(torch.equal(a, b) for a, b in zip(flat2, flat3, strict=True))
     with pytest.raises(UsageError):
-        per_layer.layer(0, new)  # all layers' blocks where one layer's are expected
+        per_layer.layers(1, new)  # three layers' blocks from layer 1 on: past the last layer

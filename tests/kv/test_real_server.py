@@ -193,8 +193,8 @@ def test_direct_read_is_a_miss_when_the_lease_ran_out_during_the_copy(micro) -> 
         assert all(torch.equal(out[i], torch.from_numpy(payload[i])) for i in range(3))
 
 
-@pytest.mark.parametrize("mode", ["layered", "serial", "legacy"])
-def test_load_modes_answer_as_the_baseline_and_read_every_full_chunk(micro, mode: str) -> None:
+@pytest.mark.parametrize("mode,group", [("layered", 1), ("layered", 2), ("serial", 1), ("legacy", 1)])
+def test_load_modes_answer_as_the_baseline_and_read_every_full_chunk(micro, mode: str, group: int) -> None:
     """A prompt of exactly 3 chunks reads all 3 (its cache then shows all tokens but the last, which is computed),
     over the shm direct path, with every way of building the cache."""
     model, mid, rev = micro
@@ -202,7 +202,8 @@ def test_load_modes_answer_as_the_baseline_and_read_every_full_chunk(micro, mode
     want = HFEngine(model, mid, rev, None, chunk_tokens=CHUNK).run_batch([prompt], 6)
     with procs.running("shm", "16MiB") as srv, client(srv, "shm") as a, client(srv, "shm") as b:
         HFEngine(model, mid, rev, a, tenant="a", chunk_tokens=CHUNK).run_batch([prompt], 0)
-        eng = HFEngine(model, mid, rev, b, tenant="a", chunk_tokens=CHUNK, direct="on", load_mode=mode)
+        eng = HFEngine(model, mid, rev, b, tenant="a", chunk_tokens=CHUNK, direct="on", load_mode=mode,
+                       layers_per_copy=group)
         eng.breakdown = {}
         got = eng.run_batch([prompt], 6)
     assert got.cached_tokens == [3 * CHUNK - 1]
