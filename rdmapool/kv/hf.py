@@ -5,16 +5,25 @@ Theory of operation
 `HFEngine.run_batch(prompts, max_new_tokens)` serves a batch of requests greedily:
 
 1. Keys: `chunk_keys` of each prompt (namespace: model fingerprint, layout "hf", dtype, TP 0/1, tenant).
-   One `lookup_prefix` per request finds the longest cached prefix; at least one prompt token is always computed
-   (its logits give the first token), so a request uses at most (len - 1) // C chunks.
-2. Prefill, request by request: the cached chunks are read with one batched read (reusing the lookup's leases)
-   into registered host staging and moved to the device, or, from a server on this host over shm, copied by the
-   copy engine straight from the server's mapped memory into device memory (`rdmapool.kv.direct`), then
-   scattered into fresh HF cache tensors
-   (`rdmapool.kv.kernels.scatter`, layout "hf"); the model then runs only the rest of the prompt. One at a time,
-   so no query row is ever pure padding, and a prefill engine (`max_new_tokens == 0`) stores each request's new
-   chunks before the next request looks up: a system prompt shared by the batch is computed once.
+   One `lookup_prefix` per request finds the longest cached prefix. Every full chunk found is read (up to
+   len // C); at least one prompt token is always computed (its logits give the first token), so when the pool
+   holds the whole prompt the cache shows len - 1 tokens and the forward pass computes only the last one (the KV
+   of the positions before it does not depend on it).
+2. Prefill, request by request: the cached chunks become a cache over preallocated buffers of len positions
+   (`rdmapool.kv.hfcache`: no `torch.cat` when the cache is built nor when the forward pass appends), by
+   `load_mode`:
+   - "layered" (default; applies to a server on this host over shm, on CUDA): the copy engine pulls the payloads
+     straight from the server's mapped memory, layer-major (`rdmapool.kv.direct.start_direct`, side stream);
+     each group of layers is scattered (`kernels.LayerScatter`, second stream) as soon as it landed, and the
+     forward pass starts at once, each layer waiting for its own event. Trailers and leases are checked after the
+     forward pass is queued; if any block failed, the forward pass is redone from the intact prefix.
+   - "serial": read everything (direct, or through registered host staging), then scatter, then the forward.
+   - "legacy": as serial, then transformers' concatenating `DynamicCache` (the path of the first GPU run).
+   The model then runs only the rest of the prompt. One at a time, so no query row is ever pure padding, and a
+   prefill engine (`max_new_tokens == 0`) stores each request's new chunks before the next request looks up: a
+   system prompt shared by the batch is computed once.
    The first token of every request is known here: that is the TTFT the engine reports (for the whole batch).
+   With `engine.breakdown = {}`, run_batch synchronizes around each phase and records its seconds (diagnosis).
 3. A decode engine then stores the prompt chunks the pool lacked (normally none: the prefill worker wrote them).
 4. Decode, batched: the requests' caches are right-aligned in one left-padded cache (padding masked out) and
    every step runs one token per request. Whenever a request's KV covers another full chunk (generated tokens
