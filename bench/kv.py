@@ -11,6 +11,9 @@ For each prefix length P, the prompt is P random tokens plus a 16-token tail:
 - transfer: lookup + read + landing in GPU memory, as a rate, through registered (pinned) staging and, for shm,
   straight from the server's cudaHostRegister'ed mapping by the copy engine (`rdmapool.kv.direct`), against
   `gpu.copy_(pinned)` of the same number of bytes. The hit TTFT uses the direct path on CUDA over shm.
+`--load-modes layered,layered-4,serial,legacy` times the shm hit with each way of building the cache (the first
+is the headline; see `rdmapool.kv.hf`), `--breakdown` adds per-phase times (keys, lookup, read, scatter, forward)
+from extra runs synchronised around each phase.
 Goals (issue 6) at 32k: hit >= 10x faster than recompute; shm path >= 90% of the pinned copy rate.
 Prints one JSON object on its last line; `--record` writes bench/results/kv-<date>.json.
 """
