@@ -78,6 +78,7 @@ def _one_transport(args, model, mid: str, rev: str, transport: str, prompts: dic
         try:
             pre = HFEngine(model, mid, rev, writer, tenant="demo", chunk_tokens=args.chunk_tokens)
             dec = HFEngine(model, mid, rev, reader, tenant="demo", chunk_tokens=args.chunk_tokens)
+            default_group = dec.layers_per_copy  # the engine's own default ("layered" without "-N")
             for n, prompt in prompts.items():
                 t0 = time.perf_counter()
                 pre.run_batch([prompt], 0)
@@ -88,7 +89,7 @@ def _one_transport(args, model, mid: str, rev: str, transport: str, prompts: dic
                 check: dict = {}
                 for mode in modes:
                     dec.load_mode, _, group = mode.partition("-")  # "layered-4": 4 layers per copy
-                    dec.layers_per_copy = int(group or 1)
+                    dec.layers_per_copy = int(group) if group else default_group
                     dec.run_batch([prompt], 1)  # warm-up of this mode (kernels compiled, allocator primed)
                     ttft, reads, cached = [], [], 0
                     for _ in range(args.repeats):
@@ -114,7 +115,7 @@ def _one_transport(args, model, mid: str, rev: str, transport: str, prompts: dic
                     if mode == modes[0]:
                         head = (ttft, reads, cached)
                 dec.load_mode, _, group = modes[0].partition("-")
-                dec.layers_per_copy = int(group or 1)
+                dec.layers_per_copy = int(group) if group else default_group
                 ttft, reads, cached = head
                 # the transfer alone: lookup + read + landing in device memory, through host staging and (shm)
                 # straight from the server's mapping (rdmapool.kv.direct), whole chunks, and (shm) layer-major as
