@@ -56,8 +56,9 @@ def surviving(old_ids: Sequence[str], old_table: np.ndarray, new_ids: Sequence[s
     return m
 
 
-def _solve(types: Counter, R: int, quota_by_sink: dict, keep_cap_of, sink_of_new) -> int:
-    """Max kept units of the aggregated flow (see module doc); returns the kept count."""
+def _solve(types: Counter, R: int, quota_by_sink: dict, keep_cap: dict, slack: dict) -> int | None:
+    """Max kept units of the aggregated flow (see module doc), each sink taking its quota +- its slack; None if
+    no flow meets the quotas."""
     import networkx as nx
 
     g = nx.DiGraph()
@@ -74,19 +75,30 @@ def _solve(types: Counter, R: int, quota_by_sink: dict, keep_cap_of, sink_of_new
             g.add_edge(("t", ti), ("td", ti, d), capacity=c, weight=0)
             g.add_edge(("td", ti, d), ("keep", s), capacity=c, weight=-1)
             g.add_edge(("td", ti, d), ("pool", d), capacity=c, weight=0)
+    low = 0
     for (s, d), q in quota_by_sink.items():
-        g.add_edge(("keep", s), ("sink", s), capacity=keep_cap_of(s), weight=0)
+        g.add_edge(("keep", s), ("sink", s), capacity=keep_cap[s] + slack[s], weight=0)
         g.add_edge(("pool", d), ("sink", s), weight=0)
-        g.add_node(("sink", s), demand=int(q))
+        lo = max(0, int(q) - slack[s])
+        g.add_node(("sink", s), demand=lo)
+        low += lo
+        if int(q) + slack[s] > lo:
+            g.add_edge(("sink", s), "spare", capacity=int(q) + slack[s] - lo, weight=0)
     if total != sum(int(q) for q in quota_by_sink.values()):
         raise ValueError("quotas do not add up to shards x replicas")
-    cost, _ = nx.network_simplex(g)
+    g.add_node("spare", demand=total - low)
+    try:
+        cost, _ = nx.network_simplex(g)
+    except nx.NetworkXUnfeasible:
+        return None
     return -int(cost)
 
 
 def constrained_min(old_ids: Sequence[str], old_table: np.ndarray, new_ids: Sequence[str], quota: np.ndarray,
                     dom: np.ndarray, usable_R: int, max_types: int = 4000) -> int | None:
-    """Exact least moves under quotas + distinct domains, or None where the aggregated graph is too large."""
+    """Exact least moves under quotas + distinct domains, or None where the aggregated graph is too large.
+    Where quota rounding makes exact quotas infeasible (a capped rack's servers rounded up past S), every
+    server may take its quota +- 1 slot (the placement then overflows by a slot, too)."""
     m = surviving(old_ids, old_table, new_ids, quota, dom)
     keys = Counter(tuple(sorted(int(s) for s in row if s >= 0)) for row in m)
     if len(keys) > max_types:
@@ -96,14 +108,19 @@ def constrained_min(old_ids: Sequence[str], old_table: np.ndarray, new_ids: Sequ
     for olds, c in keys.items():
         types[(tuple((s, int(dom[s])) for s in olds), tuple(doms))] += c
     sinks = {(s, int(dom[s])): int(q) for s, q in enumerate(quota) if q > 0}
-    kept = _solve(types, usable_R, sinks, keep_cap_of=lambda s: int(quota[s]), sink_of_new=None)
-    return int(m.shape[0] * usable_R - kept)
+    for slack in (0, 1):
+        kept = _solve(types, usable_R, sinks, {s: int(quota[s]) for s, _ in sinks},
+                      {s: slack for s, _ in sinks})
+        if kept is not None:
+            return int(m.shape[0] * usable_R - kept)
+    return None
 
 
 def rack_bound(old_ids: Sequence[str], old_table: np.ndarray, new_ids: Sequence[str], quota: np.ndarray,
                dom: np.ndarray, usable_R: int, max_types: int = 4000) -> int | None:
     """A lower bound on constrained moves from the domain-level relaxation: each domain is one server with the
-    domain's quota, and its keeps are capped by sum over its servers of min(held, quota)."""
+    domain's quota, and its keeps are capped by sum over its servers of min(held, quota). With the same +-1 slot
+    per server fallback as `constrained_min`."""
     m = surviving(old_ids, old_table, new_ids, quota, dom)
     held = np.bincount(m[m >= 0], minlength=len(quota))
     d_of = np.where(m >= 0, dom[np.maximum(m, 0)], -1)
@@ -112,11 +129,16 @@ def rack_bound(old_ids: Sequence[str], old_table: np.ndarray, new_ids: Sequence[
         return None
     nd = int(dom.max()) + 1
     dq = np.bincount(dom, weights=quota, minlength=nd).astype(np.int64)
+    n_in = np.bincount(dom, weights=(np.asarray(quota) > 0), minlength=nd).astype(np.int64)
     dkeep = np.bincount(dom, weights=np.minimum(held, quota), minlength=nd).astype(np.int64)
     doms = [d for d in range(nd) if dq[d] > 0]
     types: Counter = Counter()
     for olds, c in keys.items():
         types[(tuple((d, d) for d in olds), tuple(doms))] += c
     sinks = {(d, d): int(dq[d]) for d in doms}
-    kept = _solve(types, usable_R, sinks, keep_cap_of=lambda d: int(dkeep[d]), sink_of_new=None)
-    return int(m.shape[0] * usable_R - kept)
+    for slack in (0, 1):
+        kept = _solve(types, usable_R, sinks, {d: int(dkeep[d]) for d in doms},
+                      {d: slack * int(n_in[d]) for d in doms})
+        if kept is not None:
+            return int(m.shape[0] * usable_R - kept)
+    return None
