@@ -221,8 +221,49 @@ def _shed(table: np.ndarray, quota: np.ndarray, seeds: np.ndarray, w: np.ndarray
     s_sorted = servers[order]
     starts = np.searchsorted(s_sorted, s_sorted, side="left")
     rank_in_server = np.arange(len(order)) - starts
-    drop = order[rank_in_server >= quota[s_sorted]]
-    table[rows[drop], cols[drop]] = EMPTY
+    dropped = np.zeros(len(order), dtype=bool)
+    dropped[order[rank_in_server >= quota[s_sorted]]] = True
+    _spread_drops(table, rows, receivable, order, s_sorted, dropped)
+    table[rows[dropped], cols[dropped]] = EMPTY
+
+
+def _spread_drops(table: np.ndarray, rows: np.ndarray, receivable: np.ndarray, order: np.ndarray,
+                  s_sorted: np.ndarray, dropped: np.ndarray) -> None:
+    """At most one vacancy per row where possible: a row that loses two replicas needs two receivers in distinct
+    domains, but after a join the only receiver is the newcomer, and each such row costs a swap (an extra move).
+    A server with a drop in a row that already has a vacancy (another drop, or a replica that left) drops
+    instead its least-preferred kept slot in an untouched receivable row, if it has one."""
+    S = table.shape[0]
+    vacant_before = (table < 0).any(axis=1)
+    for _ in range(4):
+        per_row = np.bincount(rows[dropped], minlength=S) + vacant_before
+        first = np.zeros(len(rows), dtype=bool)
+        idx = np.nonzero(dropped)[0]
+        _, first_of_row = np.unique(rows[idx], return_index=True)
+        first[idx[first_of_row]] = True
+        # a drop conflicts if its row has another vacancy: the row's first drop is allowed when it had none
+        conflict = dropped & (per_row[rows] > 1) & ~(first & ~vacant_before[rows])
+        if not conflict.any():
+            return
+        changed = False
+        pos = np.empty(len(order), dtype=np.int64)
+        pos[order] = np.arange(len(order))
+        for srv in np.unique(s_sorted[pos[np.nonzero(conflict)[0]]]):
+            a, b = np.searchsorted(s_sorted, [srv, srv + 1])
+            seg = order[a:b]  # this server's slots, most wanted first
+            bad = seg[conflict[seg]]
+            free = seg[~dropped[seg] & receivable[seg] & (per_row[rows[seg]] == 0)][::-1]  # least wanted first
+            # one replacement per untouched row
+            _, u = np.unique(rows[free], return_index=True)
+            free = free[np.sort(u)]
+            n = min(len(bad), len(free))
+            if n:
+                dropped[bad[:n]] = False
+                dropped[free[:n]] = True
+                per_row[rows[free[:n]]] += 1
+                changed = True
+        if not changed:
+            return
 
 
 def _candidates(table: np.ndarray, rows: np.ndarray, k: int, rem: np.ndarray, seeds: np.ndarray, w: np.ndarray,
