@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rdmapool.cluster.plan import plan_fill
 from rdmapool.cluster.repair import balance_primaries, overflow_fill
 from rdmapool.cluster.scores import GOLD, mix, quotas, rendezvous_scores, server_seed
 from rdmapool.errors import UsageError
@@ -176,6 +177,8 @@ def place(
         _shed(table, quota, seeds, w, dom)
         table = _compact_rows(table)
     kept = (table >= 0) if previous is not None else kept  # entries that hold data already
+    if usable_R:
+        plan_fill(table, quota, seeds, w, dom, usable_R)  # few domains: plan them by max flow first
     overflow = _fill(table, quota, seeds, w, dom, usable_R) if usable_R else 0
     if R > 1 and usable_R:
         balance_primaries(table, kept, w, seeds)
