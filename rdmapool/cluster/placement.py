@@ -14,9 +14,15 @@ clock, deterministic for equal inputs, vectorised with numpy so 1,000 servers x 
 3. *Keep.* Assignments of the previous table stay where the server is still placeable and the row keeps
    distinct domains; rows are compacted in order, so surviving replicas move up (a secondary that holds the
    data becomes the primary when the primary leaves: reads keep hitting).
-4. *Shed.* A server above its new quota gives up its excess slots, those where its rendezvous score is worst.
+4. *Shed.* A server above its new quota gives up its excess slots, those where its rendezvous score is worst,
+   preferring slots a server with room can take and rows that have no vacancy yet (a row that lost two
+   replicas after a join has one receiver, the newcomer, for two vacancies: a swap, an extra move).
    Steps 3 and 4 move only what must move: the minimum for a join or leave, plus rounding.
-5. *Fill.* Vacant slots, rank by rank, by deferred acceptance: each vacant row proposes to its best-scoring
+5. *Plan* (few domains, `plan.py`). With at most 16 domains, the domain of every vacancy is chosen by a max
+   flow over rows grouped by the domains they use, so no row is stranded without an eligible server with
+   quota left; each planned vacancy takes its best-scoring server with room in its domain. Moves then equal
+   the constrained minimum (`minmoves.py`) in every simulated small case.
+6. *Fill.* Vacant slots left (all of them with many domains), rank by rank, by deferred acceptance: each vacant row proposes to its best-scoring
    server (weighted rendezvous score -ln(u)/w, u = hash(shard, server)) among those with quota left and a domain
    not yet in the row; a server over-asked keeps its best-scoring proposals up to its quota and is then full.
    A row whose every eligible server is full takes the eligible server with the lowest load/quota (quota

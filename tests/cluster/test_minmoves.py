@@ -48,7 +48,8 @@ def test_ten_servers_join_and_leave_within_1_2x_constrained_minimum(R: int, uneq
         u, c = mins(p, q, after)
         assert c >= u
         assert moves(p, q) >= c  # no placement beats the exact minimum, ours included
-        assert moves(p, q) <= 1.2 * c, (R, unequal, [n.id for n in after][-1], moves(p, q), u, c)
+        # goal: 1.2x; the planned fill meets the exact minimum here, so hold it to 1.05x to catch regressions
+        assert moves(p, q) <= 1.05 * c, (R, unequal, [n.id for n in after][-1], moves(p, q), u, c)
 
 
 def test_capped_rack_forces_moves_beyond_the_unconstrained_minimum() -> None:
@@ -63,7 +64,49 @@ def test_capped_rack_forces_moves_beyond_the_unconstrained_minimum() -> None:
     held = p.loads()[[i for i, n in enumerate(nodes) if n.rack in ("r0", "r1")]].sum()
     assert c >= 2 * S - held  # shards must gain racks r0/r1 up to S each
     assert c > 1.15 * u, (c, u)  # the unconstrained minimum misses that
-    assert moves(p, q) <= 1.2 * c
+    assert moves(p, q) <= 1.05 * c
+
+
+@pytest.mark.parametrize("unequal", [False, True])
+@pytest.mark.parametrize("R", [2, 3])
+def test_hundred_servers_join_and_leave_near_the_unconstrained_minimum(R: int, unequal: bool) -> None:
+    rng = np.random.default_rng(2)
+    caps = rng.choice([64, 128, 256, 512], size=100) if unequal else np.full(100, 256)
+    nodes = [Node(f"s{i}", float(caps[i]), rack=f"r{i % 5}", host=f"h{i}") for i in range(100)]
+    p = place(nodes, S, R)
+    for after in ([*nodes, Node("new", 256.0, rack="r2", host="hnew")], nodes[1:], nodes[:50] + nodes[51:]):
+        q = place(after, S, R, (p.ids, p.table))
+        u = minmoves.unconstrained_min(p.ids, p.table, q.ids, q.quota)
+        assert u <= moves(p, q) <= 1.2 * u  # the constrained minimum lies in between
+
+
+def test_max_flow_small() -> None:
+    from rdmapool.cluster.plan import max_flow
+
+    # source 0 -> 2 (3), 0 -> 3 (2); 2 -> 4 (2), 2 -> 5 (2), 3 -> 4 (2); 4 -> 1 (3), 5 -> 1 (1)
+    cap = {0: {2: 3, 3: 2}, 2: {4: 2, 5: 2}, 3: {4: 2}, 4: {1: 3}, 5: {1: 1}}
+    f = max_flow(cap, 0, 1)
+    assert f[4][1] + f[5][1] == 4
+    assert f[0][2] + f[0][3] == 4 and f[5][1] == 1
+
+
+def test_plan_fills_rows_the_greedy_fill_would_strand() -> None:
+    from rdmapool.cluster.plan import plan_fill
+    from rdmapool.cluster.scores import server_seed
+
+    # servers 0, 1 in rack 0 (room 2 and 0), server 2 in rack 1 (room 2), server 3 in rack 2 (room 0).
+    # Rows 1 and 2 hold rack 0, so only server 2 can serve them; rows 0 and 3 hold rack 2 and must then take
+    # server 0, whatever their rendezvous preference: the plan sees that, a row-by-row greedy may not
+    dom = np.array([0, 0, 1, 2])
+    quota = np.array([3, 1, 2, 2])
+    table = np.array([[3, -1], [0, -1], [1, -1], [3, -1]], dtype=np.int32)
+    w = np.ones(4)
+    seeds = np.array([server_seed(f"s{i}") for i in range(4)], dtype=np.uint64)
+    assert plan_fill(table, quota, seeds, w, dom, 2)
+    assert (table >= 0).all()
+    d = dom[table]
+    assert (d[:, 0] != d[:, 1]).all()
+    assert (np.bincount(table.ravel(), minlength=4) == quota).all()
 
 
 def test_constrained_minimum_by_hand() -> None:
