@@ -18,10 +18,12 @@ clock, deterministic for equal inputs, vectorised with numpy so 1,000 servers x 
    preferring slots a server with room can take and rows that have no vacancy yet (a row that lost two
    replicas after a join has one receiver, the newcomer, for two vacancies: a swap, an extra move).
    Steps 3 and 4 move only what must move: the minimum for a join or leave, plus rounding.
-5. *Plan* (few domains, `plan.py`). With at most 16 domains, the domain of every vacancy is chosen by a max
-   flow over rows grouped by the domains they use, so no row is stranded without an eligible server with
-   quota left; each planned vacancy takes its best-scoring server with room in its domain. Moves then equal
-   the constrained minimum (`minmoves.py`) in every simulated small case.
+5. *Plan* (few domains, `plan.py`). When an update's greedy fill (6) would strand rows and there are at most 16
+   domains, the domain of every vacancy is chosen instead by a max flow over rows grouped by the domains they
+   use, so no row is stranded; each planned vacancy takes its best-scoring server with room in its domain,
+   and (6) places what is left. Moves then equal the constrained minimum (`minmoves.py`) in nearly every
+   simulated small case. (Not used when the greedy fill succeeds: its rendezvous choices spread rack pairs
+   more evenly, which first-replica balancing needs.)
 6. *Fill.* Vacant slots left (all of them with many domains), rank by rank, by deferred acceptance: each vacant row proposes to its best-scoring
    server (weighted rendezvous score -ln(u)/w, u = hash(shard, server)) among those with quota left and a domain
    not yet in the row; a server over-asked keeps its best-scoring proposals up to its quota and is then full.
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rdmapool.cluster.plan import MAX_DOMAINS as PLAN_MAX_DOMAINS
 from rdmapool.cluster.plan import plan_fill
 from rdmapool.cluster.repair import balance_primaries, overflow_fill
 from rdmapool.cluster.scores import GOLD, mix, quotas, rendezvous_scores, server_seed
@@ -183,9 +186,18 @@ def place(
         _shed(table, quota, seeds, w, dom)
         table = _compact_rows(table)
     kept = (table >= 0) if previous is not None else kept  # entries that hold data already
+    overflow = 0
     if usable_R:
-        plan_fill(table, quota, seeds, w, dom, usable_R)  # few domains: plan them by max flow first
-    overflow = _fill(table, quota, seeds, w, dom, usable_R) if usable_R else 0
+        # the greedy fill first; if it strands rows and there are few domains, plan the domains by max flow
+        # instead (a stranded row costs a swap, i.e. an extra move)
+        trial = table.copy()
+        few = previous is not None and len(np.unique(dom)) <= PLAN_MAX_DOMAINS  # a fresh map moves nothing
+        overflow = _fill(trial, quota, seeds, w, dom, usable_R, repair=not few)
+        if overflow >= 0:
+            table = trial
+        else:
+            plan_fill(table, quota, seeds, w, dom, usable_R)
+            overflow = _fill(table, quota, seeds, w, dom, usable_R)
     if R > 1 and usable_R:
         balance_primaries(table, kept, w, seeds)
     return Placement(ids, table, quota, spread, overflow)
@@ -299,7 +311,9 @@ def _candidates(table: np.ndarray, rows: np.ndarray, k: int, rem: np.ndarray, se
 
 
 def _fill(table: np.ndarray, quota: np.ndarray, seeds: np.ndarray, w: np.ndarray, dom: np.ndarray,
-          usable_R: int) -> int:
+          usable_R: int, repair: bool = True) -> int:
+    """Greedy fill (step 6); returns the slots placed over quota, or -1 (table half filled) when rows were
+    stranded and `repair` is off."""
     N = len(quota)
     load = np.bincount(table[table >= 0], minlength=N).astype(np.int64)
     count = (table >= 0).sum(axis=1)
@@ -318,6 +332,8 @@ def _fill(table: np.ndarray, quota: np.ndarray, seeds: np.ndarray, w: np.ndarray
                 ok[again] = np.isfinite(cs[again]) & (rem[cand[again]] > 0)
             stuck = ~ok.any(axis=1)
             if stuck.all():
+                if not repair:
+                    return -1
                 # only rows no server with quota left can take: repair them together (swaps), once the others
                 # are placed; a row left unfilled had no eligible server at all
                 overflow += overflow_fill(table, vacant, k, load, quota, w, dom)
