@@ -336,7 +336,8 @@ def reading(rows: list[dict]) -> str:
         f"shards takes up to {max(r['fresh_placement_s'] for r in big):.1f} s (numpy, one core); an incremental "
         f"map after a join or leave up to {max(r['incremental_placement_s'] for r in big) * 1000:.0f} ms at "
         f"{big[0]['servers']} servers and up to {max(r['incremental_placement_s'] for r in rows):.2f} s anywhere "
-        "(small clusters: the domain plan and per-domain fill over all 65,536 rows).",
+        "(small clusters, where many rows change: the greedy fill's candidate search over all servers and, "
+        "where it would strand rows, the domain plan).",
     ]
     return "\n".join(lines)
 
