@@ -11,6 +11,9 @@ For each prefix length P, the prompt is P random tokens plus a 16-token tail:
 - transfer: lookup + read + landing in GPU memory, as a rate, through registered (pinned) staging and, for shm,
   straight from the server's cudaHostRegister'ed mapping by the copy engine (`rdmapool.kv.direct`), against
   `gpu.copy_(pinned)` of the same number of bytes. The hit TTFT uses the direct path on CUDA over shm.
+`--load-modes layered,layered-4,serial,legacy` times the shm hit with each way of building the cache (the first
+is the headline; see `rdmapool.kv.hf`), `--breakdown` adds per-phase times (keys, lookup, read, scatter, forward)
+from extra runs synchronised around each phase.
 Goals (issue 6) at 32k: hit >= 10x faster than recompute; shm path >= 90% of the pinned copy rate.
 Prints one JSON object on its last line; `--record` writes bench/results/kv-<date>.json.
 """
@@ -55,7 +58,8 @@ def _pinned_rate(nbytes: int, device: str, repeats: int) -> float | None:
     return nbytes / statistics.median(times) / 1e9
 
 
-def _one_transport(args, model, mid: str, rev: str, transport: str, prompts: dict[int, list[int]]) -> dict:
+def _one_transport(args, model, mid: str, rev: str, transport: str, prompts: dict[int, list[int]],
+                   recompute_logits: dict) -> dict:
     import torch
 
     from rdmapool.kv.hf import HFEngine
@@ -78,22 +82,58 @@ def _one_transport(args, model, mid: str, rev: str, transport: str, prompts: dic
                 t0 = time.perf_counter()
                 pre.run_batch([prompt], 0)
                 store_s = time.perf_counter() - t0
-                ttft, reads, cached = [], [], 0
-                for _ in range(args.repeats):
-                    r = dec.run_batch([prompt], 1)
-                    ttft.append(r.ttft_s)
-                    cached = r.cached_tokens[0]
-                    reads.append((r.bytes_read, r.read_s))
+                modes = args.load_modes if transport == "shm" else args.load_modes[:1]
+                by_mode: dict[str, float] = {}
+                phases: dict[str, dict[str, float]] = {}
+                check: dict = {}
+                for mode in modes:
+                    dec.load_mode, _, group = mode.partition("-")  # "layered-4": 4 layers per copy
+                    dec.layers_per_copy = int(group or 1)
+                    dec.run_batch([prompt], 1)  # warm-up of this mode (kernels compiled, allocator primed)
+                    ttft, reads, cached = [], [], 0
+                    for _ in range(args.repeats):
+                        r = dec.run_batch([prompt], 1)
+                        ttft.append(r.ttft_s)
+                        cached = r.cached_tokens[0]
+                        reads.append((r.bytes_read, r.read_s))
+                    by_mode[mode] = round(statistics.median(ttft) * 1e3, 2)
+                    ref = recompute_logits.get(n)
+                    if ref is not None:
+                        check[mode] = {"same_first_token": bool(r.first_logits.argmax(-1).item() ==
+                                                                ref.argmax(-1).item()),
+                                       "max_abs_logit_diff": round(float((r.first_logits[0] - ref).abs().max()), 4)}
+                    if args.breakdown:  # synchronised phases: a diagnosis, not the headline
+                        runs = []
+                        for _ in range(args.repeats):
+                            dec.breakdown = {}
+                            dec.run_batch([prompt], 1)
+                            runs.append(dec.breakdown)
+                        dec.breakdown = None
+                        phases[mode] = {k: round(statistics.median(b.get(k, 0.0) for b in runs) * 1e3, 2)
+                                        for k in runs[0]}
+                    if mode == modes[0]:
+                        head = (ttft, reads, cached)
+                dec.load_mode, _, group = modes[0].partition("-")
+                dec.layers_per_copy = int(group or 1)
+                ttft, reads, cached = head
                 # the transfer alone: lookup + read + landing in device memory, through host staging and (shm)
-                # straight from the server's mapping (rdmapool.kv.direct)
+                # straight from the server's mapping (rdmapool.kv.direct), whole chunks, and (shm) layer-major as
+                # the layered load copies them
                 keys = chunk_keys(dec.ns, prompt)
                 rates: dict[str, list[float]] = {}
-                for mode in ("off", "on") if transport == "shm" else ("off",):
-                    dec.conn.direct = mode
+                for mode in ("off", "on", "layered") if transport == "shm" else ("off",):
+                    dec.conn.direct = "off" if mode == "off" else "on"
                     for _ in range(args.repeats):
                         _sync(args.device)
                         t0 = time.perf_counter()
-                        raw, got = dec.conn.read_blocks(keys[: dec.conn.lookup(keys)], torch.device(args.device))
+                        got_n = dec.conn.lookup(keys)
+                        if mode == "layered":
+                            raw = torch.empty((dec.num_layers, got_n, chunk_b // dec.num_layers), dtype=torch.uint8,
+                                              device=args.device)
+                            refs = dec.conn.direct_refs(keys[:got_n], torch.device(args.device))
+                            got = dec.conn.start_direct(refs, raw, dec.num_layers)()
+                        else:
+                            raw, got = dec.conn.read_blocks(keys[:got_n], torch.device(args.device))
                         _sync(args.device)
                         rates.setdefault(mode, []).append(got * chunk_b / (time.perf_counter() - t0) / 1e9)
                         del raw
@@ -105,7 +145,12 @@ def _one_transport(args, model, mid: str, rev: str, transport: str, prompts: dic
                           if nbytes else None,
                           "to_device_gbps": round(statistics.median(rates["off"]), 3),
                           "direct_to_device_gbps": round(statistics.median(rates["on"]), 3) if "on" in rates
-                          else None}
+                          else None,
+                          "direct_layered_gbps": round(statistics.median(rates["layered"]), 3)
+                          if "layered" in rates else None,
+                          "load_mode": modes[0], "ttft_ms_by_mode": by_mode, "first_token_check": check}
+                if phases:
+                    out[n]["breakdown_ms"] = phases
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
         finally:
@@ -134,8 +179,11 @@ def run(args: argparse.Namespace) -> dict:
     base = HFEngine(model, mid, rev, None, chunk_tokens=args.chunk_tokens)
     base.run_batch([prompts[min(prompts)]], 1)  # warm-up
     result: dict = {"recompute": {}, "pinned_copy_gbps": {}}
+    recompute_logits: dict[int, torch.Tensor] = {}
     for n, prompt in prompts.items():
-        times = [base.run_batch([prompt], 1).ttft_s for _ in range(args.repeats)]
+        runs = [base.run_batch([prompt], 1) for _ in range(args.repeats)]
+        times = [r.ttft_s for r in runs]
+        recompute_logits[n] = runs[-1].first_logits[0]
         result["recompute"][n] = {"ttft_ms": round(statistics.median(times) * 1e3, 2)}
         nbytes = n // args.chunk_tokens * base.chunk_bytes
         rate = _pinned_rate(nbytes, args.device, args.repeats)
@@ -144,7 +192,7 @@ def run(args: argparse.Namespace) -> dict:
             torch.cuda.empty_cache()
     for transport in args.transports:
         try:
-            result[transport] = _one_transport(args, model, mid, rev, transport, prompts)
+            result[transport] = _one_transport(args, model, mid, rev, transport, prompts, recompute_logits)
         except Exception as exc:  # a transport that cannot run here is reported, the others still run
             result[transport] = {"error": f"{type(exc).__name__}: {exc}"}
     summary = {}
@@ -160,6 +208,12 @@ def run(args: argparse.Namespace) -> dict:
                 if hit.get("direct_to_device_gbps") is not None:
                     row[f"{t}_direct_gbps"] = hit["direct_to_device_gbps"]
                 row[f"{t}_to_device_gbps"] = best
+                if hit.get("direct_layered_gbps") is not None:
+                    row[f"{t}_direct_layered_gbps"] = hit["direct_layered_gbps"]
+                if len(hit.get("ttft_ms_by_mode", {})) > 1:
+                    row[f"{t}_ttft_ms_by_mode"] = hit["ttft_ms_by_mode"]
+                if hit.get("breakdown_ms"):
+                    row[f"{t}_breakdown_ms"] = hit["breakdown_ms"]
                 if row["pinned_gbps"]:
                     row[f"{t}_vs_pinned"] = round(best / row["pinned_gbps"], 3)
         summary[str(n)] = row
@@ -180,6 +234,12 @@ def _table(res: dict) -> str:
         if row["pinned_gbps"]:
             parts.append(f"pinned copy {row['pinned_gbps']} GB/s")
         lines.append("; ".join(parts))
+        for key, val in row.items():
+            if key.endswith("_ttft_ms_by_mode"):
+                lines.append(f"    {key.split('_')[0]} hit TTFT by load mode (ms): {val}")
+            if key.endswith("_breakdown_ms"):
+                for mode, ph in val.items():
+                    lines.append(f"    {key.split('_')[0]} {mode} breakdown (ms, synchronised): {ph}")
     return "\n".join(lines)
 
 
@@ -192,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--transports", default="shm,tcp")
     p.add_argument("--chunk-tokens", type=int, default=None, help="default: 256 on cuda, 16 on cpu")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--load-modes", default="layered",
+                   help="comma-separated HFEngine load modes for the shm hit (layered, layered-G with G layers per "
+                        "copy, serial, legacy); the first gives the headline TTFT, the others are reported beside it")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the hit's phases (keys, lookup, read, scatter, forward) with a synchronisation "
+                        "around each (extra runs: the headline TTFT is measured without them)")
     p.add_argument("--record", action="store_true", help="write bench/results/kv-<date>.json")
     args = p.parse_args(argv)
     cpu = args.device == "cpu"
@@ -200,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args.dtype = args.dtype or ("float32" if cpu else "bfloat16")
     args.prefixes = [int(x) for x in (args.prefixes or ("64,128" if cpu else "4096,16384,32768")).split(",")]
     args.transports = [t for t in args.transports.split(",") if t]
+    args.load_modes = [m for m in args.load_modes.split(",") if m]
     if cpu is False:
         import torch
 

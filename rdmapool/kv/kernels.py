@@ -40,7 +40,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _gather_kernel(ptrs, slots, out, block_size, s_blk, s_tok, s_head, s_dim, n_lp, chunk,
-                       HD, D, BLOCK: tl.constexpr):
+                       HD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
         lp = tl.program_id(0)
         t = tl.program_id(1)
         base = tl.load(ptrs + lp).to(tl.pointer_type(out.dtype.element_ty))
@@ -56,7 +56,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _scatter_kernel(ptrs, slots, blocks, block_size, s_blk, s_tok, s_head, s_dim, n_lp, chunk,
-                        HD, D, BLOCK: tl.constexpr):
+                        HD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
         lp = tl.program_id(0)
         t = tl.program_id(1)
         base = tl.load(ptrs + lp).to(tl.pointer_type(blocks.dtype.element_ty))
@@ -114,6 +114,46 @@ def gather(kv: PagedKV, slots: torch.Tensor, out: torch.Tensor, chunk_tokens: in
             raise
         out.copy_(gather(kv, slots, kv.empty_blocks(out.shape[0], chunk_tokens), chunk_tokens, impl))
     return out
+
+
+class LayerScatter:
+    """Scatter pool blocks into a cache one layer at a time (a pipeline feeds layer l while layer l+1 is still
+    arriving), with no host synchronisation per launch: the slot mapping is checked and the table of plane base
+    addresses is built once, here, on the current stream (see `keep_for` when launching on another one)."""
+
+    def __init__(self, kv: PagedKV, slots: torch.Tensor, chunk_tokens: int, impl: str = "auto") -> None:
+        self.kv = kv
+        self.n = check_slots(kv, slots, chunk_tokens)
+        self.slots = slots
+        self.chunk = chunk_tokens
+        self.impl = _choose(impl, kv)
+        self.args = _launch_args(kv, slots, chunk_tokens) if self.impl == "triton" else None
+
+    def keep_for(self, stream: torch.cuda.Stream) -> None:
+        """Launches queued on another stream than the one `slots` and the address table were made on: keep their
+        memory from being reused (caching allocator) until that stream's queued work ran."""
+        self.slots.record_stream(stream)
+        if self.args is not None:
+            self.args[0].record_stream(stream)
+
+    def layers(self, first: int, blocks: torch.Tensor) -> None:
+        """`blocks` `[n, g, planes, chunk, heads, dim]`: the chunks' slice of layers `first .. first + g - 1`."""
+        kv = self.kv
+        g = blocks.shape[1] if blocks.dim() == 6 else 0
+        if not 0 <= first < first + g <= kv.num_layers:
+            raise UsageError(f"layers {first}..{first + g - 1} out of range [0, {kv.num_layers})")
+        some = PagedKV(kv.layout, kv.planes[first:first + g])
+        check_blocks(some, blocks, self.n, self.chunk)
+        if self.n == 0:
+            return
+        if self.args is None:
+            scatter_reference(some, self.slots, blocks)
+            return
+        planes = kv.num_planes
+        ptrs = self.args[0][first * planes:(first + g) * planes]
+        grid = (g * planes, self.slots.numel())
+        _scatter_kernel[grid](ptrs, self.slots, _as_int(blocks), *self.args[2:7], g * planes, *self.args[8:],
+                              BLOCK=BLOCK)
 
 
 def scatter(kv: PagedKV, slots: torch.Tensor, blocks: torch.Tensor, chunk_tokens: int, impl: str = "auto") -> None:

@@ -172,23 +172,52 @@ class PoolConnector:
         self.stats.bytes_read += n * self.chunk_bytes
         return n
 
+    def direct_refs(self, keys: Sequence[ChunkKey], device: torch.device) -> list | None:
+        """The last lookup's leased refs for `keys` when the direct path (`rdmapool.kv.direct`) applies to
+        `device` (direct="auto" on CUDA, "on" anywhere), else None."""
+        from rdmapool.kv import direct
+
+        if not keys:
+            return None
+        use_direct = self.direct == "on" or (self.direct == "auto" and torch.device(device).type == "cuda")
+        if not use_direct or not direct.supported(self.pool):
+            return None
+        return self._refs_for([k.raw for k in keys])
+
+    def start_direct(self, refs: list, dst: torch.Tensor, parts: int = 1,
+                     on_part: Callable[[int, Any], None] | None = None) -> Callable[[], int]:
+        """Queue a direct read (`rdmapool.kv.direct.start_direct`); returns `finish() -> leading chunks intact`,
+        which also counts them. A pool error before any copy is a miss (finish then answers 0)."""
+        from rdmapool.kv import direct
+
+        t0 = self.clock()
+        try:
+            read = direct.start_direct(self.pool, refs, dst, parts, on_part)
+        except _MISS_ERRORS as exc:
+            self._failed("direct", exc)
+            read = None
+        done: list[int] = []
+
+        def finish() -> int:
+            if not done:
+                n = read.finish() if read is not None else 0
+                self.stats.read_s += self.clock() - t0
+                self.stats.chunks_read += n
+                self.stats.bytes_read += n * self.chunk_bytes
+                done.append(n)
+            return done[0]
+
+        return finish
+
     def read_blocks(self, keys: Sequence[ChunkKey], device: torch.device) -> tuple[torch.Tensor, int]:
         """Read chunks into a `[n, chunk_bytes]` uint8 tensor on `device`; returns it and how many leading chunks
         arrived intact. Device memory is filled straight from a co-located server's shm mapping when that path
         applies (`rdmapool.kv.direct`: direct="auto" on CUDA, "on" anywhere), else through host staging."""
-        from rdmapool.kv import direct
-
         device = torch.device(device)
-        refs = self._refs_for([k.raw for k in keys]) if keys else None
-        use_direct = self.direct == "on" or (self.direct == "auto" and device.type == "cuda")
-        if use_direct and refs is not None and direct.supported(self.pool):
+        refs = self.direct_refs(keys, device)
+        if refs is not None:
             out = torch.empty((len(keys), self.chunk_bytes), dtype=torch.uint8, device=device)
-            t0 = self.clock()
-            n = direct.read_direct(self.pool, refs, out)
-            self.stats.read_s += self.clock() - t0
-            self.stats.chunks_read += n
-            self.stats.bytes_read += n * self.chunk_bytes
-            return out, n
+            return out, self.start_direct(refs, out)()
         staging = self.staging("read", len(keys))
         n = self.read(keys, staging)
         if device.type == "cpu":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import selectors
 import socket
@@ -27,6 +28,8 @@ from rdmapool.errors import UsageError
 from rdmapool.server.core import PoolCore
 from rdmapool.server.protocol import Handler, ServerInfo, ServerSession
 from rdmapool.transport.base import MemoryKind, MemoryRegion, Transport
+
+log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 << 10
 MAX_CONNECTIONS = 1024
@@ -44,7 +47,7 @@ def prefault(region: MemoryRegion) -> None:
 
 
 class _Conn:
-    __slots__ = ("sock", "session", "out", "last_active", "peer")
+    __slots__ = ("sock", "session", "out", "last_active", "peer", "transport_sessions")
 
     def __init__(self, sock: socket.socket, session: ServerSession, now: float, peer: str) -> None:
         self.sock = sock
@@ -52,6 +55,8 @@ class _Conn:
         self.out = bytearray()
         self.last_active = now
         self.peer = peer
+        #: handshakes this client's `accept` ops opened in the transport (verbs queue pairs), released on close
+        self.transport_sessions: list[int] = []
 
 
 class MemoryServer:
@@ -74,6 +79,7 @@ class MemoryServer:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake_r, self._wake_w = -1, -1
+        self._servicing: _Conn | None = None
         self._metrics = None
         self.info: ServerInfo | None = None
         self.started_at = 0.0
@@ -194,7 +200,13 @@ class MemoryServer:
             from rdmapool.errors import ProtocolError
 
             raise ProtocolError("accept: field 'request' must be a map")
-        return {"reply": self._transport.accept(request)}
+        reply = self._transport.accept(request)
+        # The transport's per-client state (verbs queue pairs) lives as long as this control connection: the
+        # loop is single-threaded, so the connection being serviced is the one that asked.
+        session = reply.get("session") if isinstance(reply, dict) else None
+        if isinstance(session, int) and self._servicing is not None:
+            self._servicing.transport_sessions.append(session)
+        return {"reply": reply}
 
     # ---- the selector loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -252,7 +264,11 @@ class MemoryServer:
                 now = self.clock()
                 conn.last_active = now
                 with self.lock:
-                    conn.out += conn.session.receive(data, now)
+                    self._servicing = conn
+                    try:
+                        conn.out += conn.session.receive(data, now)
+                    finally:
+                        self._servicing = None
         if conn.out:
             try:
                 sent = conn.sock.send(conn.out)
@@ -276,3 +292,10 @@ class MemoryServer:
             with contextlib.suppress(KeyError, ValueError):
                 self._sel.unregister(conn.sock)
         conn.sock.close()
+        release = getattr(self._transport, "release", None)
+        while conn.transport_sessions and release is not None:
+            session = conn.transport_sessions.pop()
+            try:
+                release(session)
+            except Exception as exc:  # a transport failing to free one client's QPs must not stop the server
+                log.warning("releasing transport session %s of %s failed: %s", session, conn.peer, exc)

@@ -65,3 +65,29 @@ def test_gpu_engine_through_a_real_shm_server() -> None:
             HFEngine(model, mid, rev, a, tenant="a", chunk_tokens=16).run_batch([prompt], 0)
             got = HFEngine(model, mid, rev, b, tenant="a", chunk_tokens=16).run_batch([prompt], 4)
     assert got.cached_tokens == [64] and got.bytes_read == 4 * 2 * 2 * 16 * 2 * 16 * 2
+
+
+def test_gpu_load_modes_agree_through_a_real_shm_server() -> None:
+    """The pipelined layer-wise load (side streams, events, per-layer scatter) gives the very logits of the serial
+    load, and both the outputs of the legacy concatenating cache; prompts with and without a partial chunk."""
+    from rdmapool.client import PoolClient
+    from rdmapool.config import ClientConfig
+    from tests.support import procs
+
+    spec = ModelSpec("llama", "micro", seed=2)
+    model = load_model(spec, "cuda", torch.bfloat16)
+    mid, rev = fingerprint(spec, "cuda", torch.bfloat16)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, 512, (n,), generator=gen).tolist() for n in (8 * 16 + 3, 8 * 16)]
+    with procs.running("shm", "64MiB") as srv:
+        cfg = ClientConfig(token=procs.TOKENS["a"], staging_bytes=4 << 20)
+        with PoolClient([srv.address], cfg, transport_name="shm") as a, \
+                PoolClient([srv.address], cfg, transport_name="shm") as b:
+            for prompt in prompts:
+                HFEngine(model, mid, rev, a, tenant="a", chunk_tokens=16).run_batch([prompt], 0)
+                got = {mode: HFEngine(model, mid, rev, b, tenant="a", chunk_tokens=16, load_mode=mode)
+                       .run_batch([prompt], 6) for mode in ("layered", "serial", "legacy")}
+                assert got["layered"].cached_tokens == [min(len(prompt) // 16 * 16, len(prompt) - 1)]
+                assert torch.equal(got["layered"].first_logits, got["serial"].first_logits)
+                assert got["layered"].outputs == got["serial"].outputs == got["legacy"].outputs
+                assert (got["layered"].first_logits - got["legacy"].first_logits).abs().max() < 0.05

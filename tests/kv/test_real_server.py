@@ -157,3 +157,57 @@ def test_a_dead_server_costs_hits_not_answers(micro) -> None:
         finally:
             close_client(writer)
             close_client(reader)
+
+
+def test_direct_read_is_a_miss_when_the_lease_ran_out_during_the_copy(micro) -> None:
+    """Without a payload checksum the lease is what says the slot was not reused mid-copy: checked again after
+    the copies finished (client clock, with the client's margin already in `lease_until`)."""
+    from rdmapool.kv import direct
+
+    payload = [torch.randint(0, 255, (4096,), dtype=torch.uint8).numpy() for _ in range(3)]
+    keys = [bytes([i + 7]) * 16 for i in range(3)]
+    with procs.running("shm", "16MiB") as srv, client(srv, "shm") as a, client(srv, "shm") as b:
+        a.put(keys, payload)
+        found = b.lookup_prefix(keys)
+        refs = list(found.refs)
+        until = min(r.lease_until for r in refs)
+        real = b.clock
+        try:
+            # valid when the copies are queued, expired by the time they are checked
+            ticks = iter([until - 1e-3, until + 1e-3])
+            b.clock = lambda: next(ticks)
+            read = direct.start_direct(b, refs, torch.zeros(3, 4096, dtype=torch.uint8))
+            assert read.queued == 3
+            assert read.finish() == 0
+            assert b.counters.snapshot().get("lease_expired", 0) >= 1
+            # still valid after the copies: every block is good
+            ticks = iter([until - 2e-3, until - 1e-3])
+            b.clock = lambda: next(ticks)
+            out = torch.zeros(3, 4096, dtype=torch.uint8)
+            assert direct.read_direct(b, refs, out) == 3
+            # expired before the copies: nothing is even queued
+            b.clock = lambda: until
+            assert direct.start_direct(b, refs, torch.zeros(3, 4096, dtype=torch.uint8)).queued == 0
+        finally:
+            b.clock = real
+        assert all(torch.equal(out[i], torch.from_numpy(payload[i])) for i in range(3))
+
+
+@pytest.mark.parametrize("mode,group", [("layered", 1), ("layered", 2), ("serial", 1), ("legacy", 1)])
+def test_load_modes_answer_as_the_baseline_and_read_every_full_chunk(micro, mode: str, group: int) -> None:
+    """A prompt of exactly 3 chunks reads all 3 (its cache then shows all tokens but the last, which is computed),
+    over the shm direct path, with every way of building the cache."""
+    model, mid, rev = micro
+    prompt = torch.randint(0, 512, (3 * CHUNK,), generator=torch.Generator().manual_seed(9)).tolist()
+    want = HFEngine(model, mid, rev, None, chunk_tokens=CHUNK).run_batch([prompt], 6)
+    with procs.running("shm", "16MiB") as srv, client(srv, "shm") as a, client(srv, "shm") as b:
+        HFEngine(model, mid, rev, a, tenant="a", chunk_tokens=CHUNK).run_batch([prompt], 0)
+        eng = HFEngine(model, mid, rev, b, tenant="a", chunk_tokens=CHUNK, direct="on", load_mode=mode,
+                       layers_per_copy=group)
+        eng.breakdown = {}
+        got = eng.run_batch([prompt], 6)
+    assert got.cached_tokens == [3 * CHUNK - 1]
+    assert got.bytes_read == 3 * eng.chunk_bytes
+    assert got.outputs == want.outputs
+    assert (got.first_logits - want.first_logits).abs().max() < 1e-4
+    assert {"keys", "lookup", "forward", "first_token"} <= set(eng.breakdown)

@@ -12,13 +12,13 @@ import threading
 
 import numpy as np
 import pytest
-from transport_harness import PEER, ROOT, digest, make, pattern, settle
+from transport_harness import PEER, ROOT, TIMEOUT_SCALE, digest, make, pattern, settle
 
 from rdmapool.errors import UsageError
 from rdmapool.transport import Access, EndpointState, Opcode, Sge, TransferPlan, WcStatus, WorkRequest
 from rdmapool.transport.base import CompletionTimeout
 
-T = 20.0  # generous completion timeout: CI machines are slow; a hang still fails
+T = 20.0 * TIMEOUT_SCALE  # generous completion timeout: CI machines are slow; a hang still fails
 
 
 def ok(completions) -> None:
@@ -140,7 +140,7 @@ def test_atomics_under_contention_from_processes(backend, spawn_peer):
     procs = [subprocess.Popen([sys.executable, str(PEER), "--backend", backend, "--client", spec],
                               stdout=subprocess.PIPE, text=True, env=env) for _ in range(workers)]
     try:
-        outs = [p.communicate(timeout=90)[0] for p in procs]
+        outs = [p.communicate(timeout=90 * TIMEOUT_SCALE)[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:

@@ -32,6 +32,9 @@ def _load_backends():
 
 backends = _load_backends()
 
+#: >1 where the machine is known to be slow (the rxe QEMU VM under TCG sets RDMAPOOL_TIMEOUT_SCALE)
+TIMEOUT_SCALE = max(1.0, float(os.environ.get("RDMAPOOL_TIMEOUT_SCALE", "1")))
+
 
 
 
@@ -44,6 +47,7 @@ class Peer:
     """A serving transport in a subprocess (tests/transport/peer.py)."""
 
     def __init__(self, backend: str, regions: list[int], timeout: float = 20.0) -> None:
+        timeout *= TIMEOUT_SCALE
         args = [sys.executable, str(PEER), "--backend", backend]
         for size in regions:
             args += ["--region", str(size)]
@@ -66,6 +70,7 @@ class Peer:
         return json.loads(line)
 
     def call(self, timeout: float = 20.0, **msg: object) -> dict:
+        timeout *= TIMEOUT_SCALE
         self.proc.stdin.write(json.dumps(msg) + "\n")
         self.proc.stdin.flush()
         reply = self._readline(timeout)
