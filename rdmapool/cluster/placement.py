@@ -14,9 +14,17 @@ clock, deterministic for equal inputs, vectorised with numpy so 1,000 servers x 
 3. *Keep.* Assignments of the previous table stay where the server is still placeable and the row keeps
    distinct domains; rows are compacted in order, so surviving replicas move up (a secondary that holds the
    data becomes the primary when the primary leaves: reads keep hitting).
-4. *Shed.* A server above its new quota gives up its excess slots, those where its rendezvous score is worst.
+4. *Shed.* A server above its new quota gives up its excess slots, those where its rendezvous score is worst,
+   preferring slots a server with room can take and rows that have no vacancy yet (a row that lost two
+   replicas after a join has one receiver, the newcomer, for two vacancies: a swap, an extra move).
    Steps 3 and 4 move only what must move: the minimum for a join or leave, plus rounding.
-5. *Fill.* Vacant slots, rank by rank, by deferred acceptance: each vacant row proposes to its best-scoring
+5. *Plan* (few domains, `plan.py`). When an update's greedy fill (6) would strand rows and there are at most 16
+   domains, the domain of every vacancy is chosen instead by a max flow over rows grouped by the domains they
+   use, so no row is stranded; each planned vacancy takes its best-scoring server with room in its domain,
+   and (6) places what is left. Moves then equal the constrained minimum (`minmoves.py`) in nearly every
+   simulated small case. (Not used when the greedy fill succeeds: its rendezvous choices spread rack pairs
+   more evenly, which first-replica balancing needs.)
+6. *Fill.* Vacant slots left (all of them with many domains), rank by rank, by deferred acceptance: each vacant row proposes to its best-scoring
    server (weighted rendezvous score -ln(u)/w, u = hash(shard, server)) among those with quota left and a domain
    not yet in the row; a server over-asked keeps its best-scoring proposals up to its quota and is then full.
    A row whose every eligible server is full takes the eligible server with the lowest load/quota (quota
@@ -31,6 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rdmapool.cluster.plan import MAX_DOMAINS as PLAN_MAX_DOMAINS
+from rdmapool.cluster.plan import plan_fill
 from rdmapool.cluster.repair import balance_primaries, overflow_fill
 from rdmapool.cluster.scores import GOLD, mix, quotas, rendezvous_scores, server_seed
 from rdmapool.errors import UsageError
@@ -176,7 +186,18 @@ def place(
         _shed(table, quota, seeds, w, dom)
         table = _compact_rows(table)
     kept = (table >= 0) if previous is not None else kept  # entries that hold data already
-    overflow = _fill(table, quota, seeds, w, dom, usable_R) if usable_R else 0
+    overflow = 0
+    if usable_R:
+        # the greedy fill first; if it strands rows and there are few domains, plan the domains by max flow
+        # instead (a stranded row costs a swap, i.e. an extra move)
+        trial = table.copy()
+        few = previous is not None and len(np.unique(dom)) <= PLAN_MAX_DOMAINS  # a fresh map moves nothing
+        overflow = _fill(trial, quota, seeds, w, dom, usable_R, repair=not few)
+        if overflow >= 0:
+            table = trial
+        else:
+            plan_fill(table, quota, seeds, w, dom, usable_R)
+            overflow = _fill(table, quota, seeds, w, dom, usable_R)
     if R > 1 and usable_R:
         balance_primaries(table, kept, w, seeds)
     return Placement(ids, table, quota, spread, overflow)
@@ -221,8 +242,49 @@ def _shed(table: np.ndarray, quota: np.ndarray, seeds: np.ndarray, w: np.ndarray
     s_sorted = servers[order]
     starts = np.searchsorted(s_sorted, s_sorted, side="left")
     rank_in_server = np.arange(len(order)) - starts
-    drop = order[rank_in_server >= quota[s_sorted]]
-    table[rows[drop], cols[drop]] = EMPTY
+    dropped = np.zeros(len(order), dtype=bool)
+    dropped[order[rank_in_server >= quota[s_sorted]]] = True
+    _spread_drops(table, rows, receivable, order, s_sorted, dropped)
+    table[rows[dropped], cols[dropped]] = EMPTY
+
+
+def _spread_drops(table: np.ndarray, rows: np.ndarray, receivable: np.ndarray, order: np.ndarray,
+                  s_sorted: np.ndarray, dropped: np.ndarray) -> None:
+    """At most one vacancy per row where possible: a row that loses two replicas needs two receivers in distinct
+    domains, but after a join the only receiver is the newcomer, and each such row costs a swap (an extra move).
+    A server with a drop in a row that already has a vacancy (another drop, or a replica that left) drops
+    instead its least-preferred kept slot in an untouched receivable row, if it has one."""
+    S = table.shape[0]
+    vacant_before = (table < 0).any(axis=1)
+    for _ in range(4):
+        per_row = np.bincount(rows[dropped], minlength=S) + vacant_before
+        first = np.zeros(len(rows), dtype=bool)
+        idx = np.nonzero(dropped)[0]
+        _, first_of_row = np.unique(rows[idx], return_index=True)
+        first[idx[first_of_row]] = True
+        # a drop conflicts if its row has another vacancy: the row's first drop is allowed when it had none
+        conflict = dropped & (per_row[rows] > 1) & ~(first & ~vacant_before[rows])
+        if not conflict.any():
+            return
+        changed = False
+        pos = np.empty(len(order), dtype=np.int64)
+        pos[order] = np.arange(len(order))
+        for srv in np.unique(s_sorted[pos[np.nonzero(conflict)[0]]]):
+            a, b = np.searchsorted(s_sorted, [srv, srv + 1])
+            seg = order[a:b]  # this server's slots, most wanted first
+            bad = seg[conflict[seg]]
+            free = seg[~dropped[seg] & receivable[seg] & (per_row[rows[seg]] == 0)][::-1]  # least wanted first
+            # one replacement per untouched row
+            _, u = np.unique(rows[free], return_index=True)
+            free = free[np.sort(u)]
+            n = min(len(bad), len(free))
+            if n:
+                dropped[bad[:n]] = False
+                dropped[free[:n]] = True
+                per_row[rows[free[:n]]] += 1
+                changed = True
+        if not changed:
+            return
 
 
 def _candidates(table: np.ndarray, rows: np.ndarray, k: int, rem: np.ndarray, seeds: np.ndarray, w: np.ndarray,
@@ -249,7 +311,9 @@ def _candidates(table: np.ndarray, rows: np.ndarray, k: int, rem: np.ndarray, se
 
 
 def _fill(table: np.ndarray, quota: np.ndarray, seeds: np.ndarray, w: np.ndarray, dom: np.ndarray,
-          usable_R: int) -> int:
+          usable_R: int, repair: bool = True) -> int:
+    """Greedy fill (step 6); returns the slots placed over quota, or -1 (table half filled) when rows were
+    stranded and `repair` is off."""
     N = len(quota)
     load = np.bincount(table[table >= 0], minlength=N).astype(np.int64)
     count = (table >= 0).sum(axis=1)
@@ -268,6 +332,8 @@ def _fill(table: np.ndarray, quota: np.ndarray, seeds: np.ndarray, w: np.ndarray
                 ok[again] = np.isfinite(cs[again]) & (rem[cand[again]] > 0)
             stuck = ~ok.any(axis=1)
             if stuck.all():
+                if not repair:
+                    return -1
                 # only rows no server with quota left can take: repair them together (swaps), once the others
                 # are placed; a row left unfilled had no eligible server at all
                 overflow += overflow_fill(table, vacant, k, load, quota, w, dom)
