@@ -8,9 +8,12 @@ in the client's registered staging arena (as do payloads of unregistered buffers
 batch drains (every request in flight completes) before the arena is reused.
 
 Requests are posted as soon as each is built and completions are taken as they arrive (`_Batch`), so building
-or validating one block overlaps the transfer of others. Payload checksums of large blocks run on the
-`Hasher`'s worker threads (GIL released), overlapping the transfer too; results are collected before the
-arena is reused and before the call returns, all within the call's data deadline.
+or validating one block overlaps the transfer of others. Payload checksums come from the transport when its
+endpoint digests (`Endpoint.digests`: the shm mover hashes each stride right after copying it, while it is in
+cache, so the payload is not read from DRAM a second time); reads ask for the digest of the payload SGE and
+writes send the payload first, then header and trailer with its digest. Otherwise checksums of large blocks
+run on the `Hasher`'s worker threads (GIL released), overlapping the transfer; results are collected before
+the arena is reused and before the call returns, all within the call's data deadline.
 
 A read counts only after `block.validate` against the lookup reply and, for host destinations, the payload
 checksum: anything else is a miss and a `corrupt_blocks` count. Timeouts and broken endpoints close the
@@ -34,10 +37,11 @@ if TYPE_CHECKING:
 
 
 class _Batch:
-    """One-sided requests on one server's endpoint: posted one by one, completions handed to `done(wr_id, ok)`
-    as they arrive, all within one `data_timeout_s` deadline."""
+    """One-sided requests on one server's endpoint: posted one by one, completions handed to
+    `done(wr_id, ok, digest)` as they arrive, all within one `data_timeout_s` deadline."""
 
-    def __init__(self, client: PoolClient, conn: ServerConnection, done: Callable[[int, bool], None]) -> None:
+    def __init__(self, client: PoolClient, conn: ServerConnection,
+                 done: Callable[[int, bool, bytes | None], None]) -> None:
         if conn.endpoint is None:
             raise ServerUnavailable(f"{conn.address}: no data endpoint")
         self.client, self.conn, self.endpoint, self.done = client, conn, conn.endpoint, done
@@ -75,36 +79,104 @@ class _Batch:
             self.in_flight -= 1
             if not c.ok:
                 self.client.counters.add(f"wc_{c.status.name.lower()}")
-            self.done(c.wr_id, c.ok)
+            self.done(c.wr_id, c.ok, c.digest)
 
 
 def write_blocks(client: PoolClient, conn: ServerConnection, items: list) -> list[bool]:
-    """items: (key, reservation, source). One WRITE per block; returns which completed."""
+    """items: (key, reservation, source); returns which blocks were written completely.
+
+    When the endpoint digests WRITEs (see `Endpoint.digests`), a host payload goes first, alone, and the transport
+    hashes it as it copies; its completion's digest then goes into the header, which is written together with
+    the trailer in a second request (the slot is reserved and invisible until commit, so the order in which
+    the pieces land does not matter). Otherwise the checksum is computed first (`Hasher`) and one WRITE
+    carries header, payload and trailer."""
     arena = client.arena()
     hasher: Hasher = client.hasher
+    fused = conn.endpoint is not None and Opcode.WRITE in conn.endpoint.digests
     ok: list[bool] = [False] * len(items)
+    good = [0] * len(items)  # requests of block n completed successfully
+    need = [1] * len(items)  # requests block n takes
+    ready: list[tuple[int, bytes | None]] = []  # payloads landed: (n, digest) whose header and trailer are due
+    late: dict[int, tuple] = {}  # n -> (head, tail, payload view) for the second request
 
-    def done(n: int, success: bool) -> None:
-        ok[n] = success
+    def done(wr_id: int, success: bool, digest: bytes | None) -> None:
+        n, part = divmod(wr_id, 4)
+        if success:
+            good[n] += 1
+            ok[n] = good[n] == need[n]
+            if part == 1:
+                ready.append((n, digest))
 
     batch = _Batch(client, conn, done)
-    # start every large checksum now: workers hash ahead while blocks are built and posted in order
-    sums = [None if (h := _host_view(src)) is None else hasher.submit(h) for _, _, src in items]
+
+    def post_ready() -> None:
+        while ready:
+            n, digest = ready.pop()
+            key, grant, _src = items[n]
+            head, tail, view = late.pop(n)
+            checksum = digest if digest is not None else block.payload_checksum(view)
+            length = len(view)
+            head[1][:] = block.encode_header(key, grant.generation, length, checksum)
+            tail[1][:] = block.encode_trailer(key, grant.generation, length, False)
+            batch.post(WorkRequest(4 * n + 2, Opcode.WRITE, (head[0],), grant.addr, grant.rkey))
+            batch.post(WorkRequest(4 * n + 3, Opcode.WRITE, (tail[0],), grant.addr + block.HEADER_SIZE + length,
+                                   grant.rkey))
+
+    def finish() -> None:
+        while True:
+            post_ready()
+            batch.drain()
+            if not ready:
+                return
+
+    hosts = [_host_view(src) for _, _, src in items]
+    split = [fused and h is not None and len(h) > 0 for h in hosts]
+    # start every large checksum the transport will not compute: workers hash ahead while blocks are posted
+    sums = [None if (h is None or split[n]) else hasher.submit(h) for n, h in enumerate(hosts)]
     arena.reset()
     for n, (key, grant, src) in enumerate(items):
-        try:
-            checksum = None if sums[n] is None else hasher.result(sums[n], batch.remaining())
-        except TimeoutError:
-            raise batch.timed_out() from None
-        wr = _write_request(client, n, arena, key, grant, src, checksum)
-        if wr is None:  # arena full: let what is staged land, then start over
-            batch.drain()
-            arena.reset()
-            wr = _write_request(client, n, arena, key, grant, src, checksum)
+        if split[n]:
+            need[n] = 3
+            wr = _payload_request(client, n, arena, grant, src, late)
+            if wr is None:
+                finish()
+                arena.reset()
+                wr = _payload_request(client, n, arena, grant, src, late)
+        else:
+            try:
+                checksum = None if sums[n] is None else hasher.result(sums[n], batch.remaining())
+            except TimeoutError:
+                raise batch.timed_out() from None
+            wr = _write_request(client, 4 * n, arena, key, grant, src, checksum)
+            if wr is None:  # arena full: let what is staged land, then start over
+                finish()
+                arena.reset()
+                wr = _write_request(client, 4 * n, arena, key, grant, src, checksum)
         batch.post(wr)
-    batch.drain()
+        post_ready()
+    finish()
     arena.reset()
     return ok
+
+
+def _payload_request(client: PoolClient, n: int, arena: Arena, grant, src, late: dict) -> WorkRequest | None:
+    """The payload-only WRITE of block n (digest requested); header and trailer slots reserved in `late`."""
+    head, tail = arena.take(block.HEADER_SIZE), arena.take(block.TRAILER_SIZE)
+    if head is None or tail is None:
+        return None
+    view = _host_view(src)
+    if isinstance(src, RegionSlice):
+        sge = src.region.sge(src.offset, src.length)
+    else:
+        sge = client.registry.find(src)
+    if sge is None:
+        staged = arena.take(len(view))
+        if staged is None:
+            return None
+        sge, staged_view = staged
+        staged_view[:] = view
+    late[n] = (head, tail, view)
+    return WorkRequest(4 * n + 1, Opcode.WRITE, (sge,), grant.addr + block.HEADER_SIZE, grant.rkey, digest=0)
 
 
 def _host_view(src) -> memoryview | None:
@@ -149,7 +221,7 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         out[idx[n]] = refs[n].length
         client.counters.add("bytes_read", refs[n].length)
 
-    def done(n: int, success: bool) -> None:
+    def done(n: int, success: bool, digest: bytes | None) -> None:
         head, payload, tail, target, copy = staged.pop(n)
         if not success:
             return
@@ -162,8 +234,10 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         except CorruptBlock:
             client.counters.add("corrupt_blocks")
             return
-        if check:
+        if check and digest is None:  # the transport did not hash what landed: hash it here
             hashing.append((client.hasher.submit(payload), want, n, payload, target, copy))
+        elif check and digest != want:
+            client.counters.add("corrupt_blocks")
         else:
             accept(n, payload, target, copy)
 
@@ -195,7 +269,8 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         head, payload_sge, payload_view, tail, copy = pieces
         sgl = (head[0], payload_sge, tail[0]) if ref.length else (head[0], tail[0])
         staged[n] = (head[1], payload_view, tail[1], target, copy)
-        batch.post(WorkRequest(n, Opcode.READ, sgl, ref.hit.addr, ref.hit.rkey))
+        digest = 1 if verify and ref.length and payload_view is not None else None  # the payload SGE
+        batch.post(WorkRequest(n, Opcode.READ, sgl, ref.hit.addr, ref.hit.rkey, digest=digest))
     batch.drain()
     settle()
 

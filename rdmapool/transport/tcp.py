@@ -53,6 +53,7 @@ except ImportError as exc:  # pragma: no cover - the package build always compil
     ) from exc
 
 _native.set_usage_error(UsageError)
+_DIGESTS = frozenset((Opcode.READ,)) if _native.DIGEST else frozenset()
 
 #: bumped in a forked child: transports and endpoints made before the fork belong to the parent (their engine
 #: threads did not survive the fork) and refuse to work in the child instead of deadlocking on copied locks
@@ -72,9 +73,9 @@ DEFAULT_SPIN_US = 50
 DEREGISTER_TIMEOUT_S = 5.0
 
 
-def _completion(raw: tuple[int, int, int, int]) -> Completion:
-    wr_id, status, opcode, byte_len = raw
-    return Completion(wr_id, WcStatus(status), Opcode(opcode), byte_len)
+def _completion(raw: tuple[int, int, int, int, bytes | None]) -> Completion:
+    wr_id, status, opcode, byte_len, digest = raw
+    return Completion(wr_id, WcStatus(status), Opcode(opcode), byte_len, digest=digest)
 
 
 class TcpEndpoint(Endpoint):
@@ -89,6 +90,11 @@ class TcpEndpoint(Endpoint):
     @property
     def state(self) -> EndpointState:
         return _STATES[self._ep.state]
+
+    @property
+    def digests(self) -> frozenset[Opcode]:
+        """READs: the engine hashes a response's digest SGE as soon as it has landed (still in cache)."""
+        return _DIGESTS
 
     @property
     def outstanding(self) -> int:

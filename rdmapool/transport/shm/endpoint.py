@@ -48,6 +48,8 @@ from rdmapool.transport.shm.segment import Segment
 from rdmapool.transport.shm.table import LOCAL_ONLY, STATE_OPEN, TableView
 
 _REC = struct.Struct("<IIQQQQQQQ")
+_DIGESTS = frozenset((Opcode.READ, Opcode.WRITE)) if native.DIGEST else frozenset()
+_DIGEST_AT = 32  # a digest record's compare/swap words receive its 16 digest bytes
 _NEED = {  # plain ints: enum flag arithmetic costs microseconds per request
     Opcode.READ: int(Access.REMOTE_READ),
     Opcode.WRITE: int(Access.REMOTE_WRITE),
@@ -106,6 +108,11 @@ class ShmEndpoint(Endpoint):
     @property
     def state(self) -> EndpointState:
         return self._state
+
+    @property
+    def digests(self) -> frozenset[Opcode]:
+        """The native mover hashes digest SGEs as it copies them (native/xxhash/digest.h)."""
+        return _DIGESTS
 
     @property
     def outstanding(self) -> int:
@@ -251,6 +258,7 @@ class ShmEndpoint(Endpoint):
         recs = bytearray()
         rec_wr: list[int] = []
         lengths: list[int] = []
+        digest_rec: dict[int, int] = {}  # request index -> its digest record
         fail_at, failure = len(wrs), None
         for i, wr in enumerate(wrs):
             try:
@@ -258,6 +266,12 @@ class ShmEndpoint(Endpoint):
             except _Failure as f:
                 fail_at, failure = i, f
                 break
+            if wr.digest is not None and native.DIGEST:
+                rec = len(rec_wr) - len(wr.sgl) + wr.digest
+                op = int.from_bytes(recs[rec * _REC.size : rec * _REC.size + 4], "little")
+                if not op & native.OP_HANDOFF:  # GPU memory is not hashed here
+                    recs[rec * _REC.size : rec * _REC.size + 4] = (op | native.OP_DIGEST).to_bytes(4, "little")
+                    digest_rec[i] = rec
         done, status = self._run(recs, len(rec_wr))
         if status == _ST_RETRY_EXC:
             self._peer_lost(wrs)
@@ -270,9 +284,11 @@ class ShmEndpoint(Endpoint):
                 self._drop(rkey)
             else:
                 failure = _Failure(WcStatus(status), self._handoff_error)
-        for wr, length in zip(wrs[:fail_at], lengths, strict=False):
+        for i, (wr, length) in enumerate(zip(wrs[:fail_at], lengths, strict=False)):
             if wr.signaled:
-                self._cq.append(Completion(wr.wr_id, WcStatus.SUCCESS, wr.opcode, length))
+                rec = digest_rec.get(i)
+                digest = None if rec is None else bytes(recs[rec * _REC.size + _DIGEST_AT : rec * _REC.size + _DIGEST_AT + 16])
+                self._cq.append(Completion(wr.wr_id, WcStatus.SUCCESS, wr.opcode, length, digest=digest))
         if failure is not None:
             wr = wrs[fail_at]
             self._cq.append(Completion(wr.wr_id, failure.status, wr.opcode, 0, failure.detail))
