@@ -48,8 +48,6 @@
  */
 
 #include "tcpengine/common.h"
-#include "xxhash/digest.h"
-static int have_digest;
 #include "tcpengine/regions.h"
 #include "tcpengine/server.h"
 #include "tcpengine/engine_type.h"
@@ -86,8 +84,5 @@ PyMODINIT_FUNC PyInit__tcpengine(void) {
     PyModule_AddIntConstant(m, "REQ_HDR", REQ_HDR);
     PyModule_AddIntConstant(m, "RESP_HDR", RESP_HDR);
     PyModule_AddIntConstant(m, "MAX_SGE", MAX_SGE);
-    have_digest = digest_available();
-    /* whether READs that ask for a digest get one (Completion.digest); else the caller hashes */
-    PyModule_AddObjectRef(m, "DIGEST", have_digest ? Py_True : Py_False);
     return m;
 }

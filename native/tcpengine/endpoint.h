@@ -9,7 +9,6 @@ typedef struct cop {
     uint64_t seq, wr_id, len;
     uint8_t opcode, signaled, expect;
     int nsge;
-    int digest; /* READ: index of the SGE to hash when the response has landed, or -1 */
     sge_t sge[MAX_SGE];
     region *pins[MAX_SGE];
     int npins;
@@ -20,8 +19,6 @@ typedef struct cop {
 typedef struct {
     uint64_t wr_id, byte_len;
     int status, opcode, counted;
-    int has_digest;
-    unsigned char digest[16];
 } cqe_t;
 
 typedef struct {
@@ -59,7 +56,6 @@ static int cq_push(EndpointObject *s, uint64_t wr_id, int status, int opcode, ui
     }
     cqe_t *c = &s->cq[s->cq_tail++ & (s->cq_cap - 1)];
     c->wr_id = wr_id; c->status = status; c->opcode = opcode; c->byte_len = byte_len; c->counted = counted;
-    c->has_digest = 0;
     return 0;
 }
 
@@ -87,14 +83,7 @@ static void ep_fail(EndpointObject *s, uint64_t bad, int status) { ep_fail_ex(s,
 static void complete_upto(EndpointObject *s, uint64_t seq) {
     for (uint64_t q = s->head; q <= seq; q++) {
         cop *o = OP(s, q);
-        if (o->signaled && cq_push(s, o->wr_id, ST_SUCCESS, o->opcode, o->len, 1) == 0 && o->digest >= 0 &&
-            have_digest) {
-            /* the payload has just landed (recv wrote it): hash it while it is still in cache, before the
-             * pins drop; the caller then need not read it from DRAM again */
-            cqe_t *c = &s->cq[(s->cq_tail - 1) & (s->cq_cap - 1)];
-            digest_only((const void *)(uintptr_t)o->sge[o->digest].addr, (size_t)o->sge[o->digest].len, c->digest);
-            c->has_digest = 1;
-        }
+        if (o->signaled) cq_push(s, o->wr_id, ST_SUCCESS, o->opcode, o->len, 1);
         unpin_all(s->e, o->pins, &o->npins);
     }
     s->head = seq + 1;

@@ -61,7 +61,7 @@ static int Endpoint_init(EndpointObject *self, PyObject *args, PyObject *kw) {
 typedef struct {
     uint64_t wr_id, remote, cmp, swp;
     uint32_t rkey;
-    int opcode, signaled, nsge, digest;
+    int opcode, signaled, nsge;
     uint64_t sge[MAX_SGE][2];
     uint32_t lkey[MAX_SGE];
 } pending_t;
@@ -92,17 +92,6 @@ static int parse_wr(PyObject *wr, pending_t *p) {
     if (!sig) return -1;
     p->signaled = PyObject_IsTrue(sig);
     Py_DECREF(sig);
-    p->digest = -1;
-    PyObject *dg = PyObject_GetAttrString(wr, "digest");
-    if (!dg) PyErr_Clear(); /* a request type without the field: no digest */
-    else {
-        if (dg != Py_None) {
-            long d = PyLong_AsLong(dg);
-            if (d == -1 && PyErr_Occurred()) { Py_DECREF(dg); return -1; }
-            p->digest = (int)d;
-        }
-        Py_DECREF(dg);
-    }
     PyObject *sgl = PyObject_GetAttrString(wr, "sgl");
     if (!sgl) return -1;
     PyObject *seq = PySequence_Fast(sgl, "sgl must be a sequence of Sge");
@@ -124,10 +113,6 @@ static int parse_wr(PyObject *wr, pending_t *p) {
         p->lkey[i] = (uint32_t)lk;
     }
     Py_DECREF(seq);
-    if (p->digest >= p->nsge || p->digest < -1) {
-        PyErr_Format(UsageError, "wr %llu: digest must index an SGE", (unsigned long long)p->wr_id);
-        return -1;
-    }
     if (p->opcode < OP_READ || p->opcode > OP_FAA) {
         PyErr_Format(UsageError, "wr %llu: unknown opcode %d", (unsigned long long)p->wr_id, p->opcode);
         return -1;
@@ -160,7 +145,6 @@ static void ep_enqueue(EndpointObject *s, const pending_t *p) {
     o->signaled = (uint8_t)p->signaled;
     o->expect = p->opcode != OP_WRITE || p->signaled;
     o->nsge = p->nsge;
-    o->digest = p->opcode == OP_READ ? p->digest : -1; /* WRITE digests: not here (see docs/decisions.md) */
     o->npins = 0;
     o->len = 0;
     int need = p->opcode == OP_WRITE ? 0 : ACC_LOCAL_WRITE;
@@ -271,7 +255,6 @@ static PyObject *Endpoint_post_plan(EndpointObject *self, PyObject *args) {
         p->signaled = ((i + 1) % signal_every == 0) || i == n - 1;
         signalled += p->signaled;
         p->nsge = 1;
-        p->digest = -1;
         p->sge[0][0] = la[li];
         p->sge[0][1] = ll[li];
         p->lkey[0] = (uint32_t)lk[li];
@@ -293,11 +276,8 @@ static PyObject *drain_cq(EndpointObject *s, Py_ssize_t max) {
     if (!list) return NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
         cqe_t *c = &s->cq[s->cq_head & (s->cq_cap - 1)];
-        PyObject *t = c->has_digest
-            ? Py_BuildValue("KiiKy#", (unsigned long long)c->wr_id, c->status, c->opcode,
-                            (unsigned long long)c->byte_len, (const char *)c->digest, (Py_ssize_t)16)
-            : Py_BuildValue("KiiKO", (unsigned long long)c->wr_id, c->status, c->opcode,
-                            (unsigned long long)c->byte_len, Py_None);
+        PyObject *t = Py_BuildValue("KiiK", (unsigned long long)c->wr_id, c->status, c->opcode,
+                                    (unsigned long long)c->byte_len);
         if (!t) { Py_DECREF(list); return NULL; }
         PyList_SET_ITEM(list, i, t);
         if (c->counted) s->outstanding--;

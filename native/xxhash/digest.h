@@ -1,4 +1,4 @@
-/* Fused copy + digest (included by native/shmatomics.c and native/tcpengine.c; one copy per module).
+/* Fused copy + digest for the shm mover (included by native/shmatomics.c; shared place for other modules).
  *
  * A READ or WRITE record flagged OP_DIGEST is copied in strides of DIGEST_STRIDE bytes; each stride is hashed
  * (xxh3-128, streaming) right after it is copied, while it is still in L1/L2, from the *local* side: the bytes

@@ -42,6 +42,7 @@ from rdmapool.transport.base import (
     Transport,
     WcStatus,
     WorkRequest,
+    check_work_request,
 )
 
 try:
@@ -53,7 +54,6 @@ except ImportError as exc:  # pragma: no cover - the package build always compil
     ) from exc
 
 _native.set_usage_error(UsageError)
-_DIGESTS = frozenset((Opcode.READ,)) if _native.DIGEST else frozenset()
 
 #: bumped in a forked child: transports and endpoints made before the fork belong to the parent (their engine
 #: threads did not survive the fork) and refuse to work in the child instead of deadlocking on copied locks
@@ -73,9 +73,9 @@ DEFAULT_SPIN_US = 50
 DEREGISTER_TIMEOUT_S = 5.0
 
 
-def _completion(raw: tuple[int, int, int, int, bytes | None]) -> Completion:
-    wr_id, status, opcode, byte_len, digest = raw
-    return Completion(wr_id, WcStatus(status), Opcode(opcode), byte_len, digest=digest)
+def _completion(raw: tuple[int, int, int, int]) -> Completion:
+    wr_id, status, opcode, byte_len = raw
+    return Completion(wr_id, WcStatus(status), Opcode(opcode), byte_len)
 
 
 class TcpEndpoint(Endpoint):
@@ -92,17 +92,15 @@ class TcpEndpoint(Endpoint):
         return _STATES[self._ep.state]
 
     @property
-    def digests(self) -> frozenset[Opcode]:
-        """READs: the engine hashes a response's digest SGE as soon as it has landed (still in cache)."""
-        return _DIGESTS
-
-    @property
     def outstanding(self) -> int:
         return self._ep.outstanding
 
     def post(self, wrs: Sequence[WorkRequest]) -> None:
         if self._generation != _fork_generation[0]:
             _check_fork(self._generation, "endpoint")
+        for wr in wrs:
+            if wr.digest is not None:  # the engine checks everything else; it computes no digests (see
+                check_work_request(wr)  # docs/decisions.md): the request is valid, the completion says None
         self._ep.post(wrs)
 
     def poll(self, max_entries: int = 64) -> list[Completion]:
