@@ -266,11 +266,9 @@ class ShmEndpoint(Endpoint):
             except _Failure as f:
                 fail_at, failure = i, f
                 break
-            if wr.digest is not None and native.DIGEST:
+            if wr.digest is not None and _DIGESTS:
                 rec = len(rec_wr) - len(wr.sgl) + wr.digest
-                op = int.from_bytes(recs[rec * _REC.size : rec * _REC.size + 4], "little")
-                if not op & native.OP_HANDOFF:  # GPU memory is not hashed here
-                    recs[rec * _REC.size : rec * _REC.size + 4] = (op | native.OP_DIGEST).to_bytes(4, "little")
+                if recs[rec * _REC.size + 1] & (native.OP_DIGEST >> 8):  # _encode flagged it (host memory)
                     digest_rec[i] = rec
         done, status = self._run(recs, len(rec_wr))
         if status == _ST_RETRY_EXC:
@@ -354,8 +352,11 @@ class ShmEndpoint(Endpoint):
                            f"[{wr.remote_addr:#x}, +{length}) is outside region {wr.rkey:#x}")
         ptr = rem.base + (wr.remote_addr - rem.addr)
         if op is Opcode.READ or op is Opcode.WRITE:
-            for sge in sgl:
-                code = op | (handoff if self._local[sge.lkey].cuda else 0)
+            want = wr.digest if _DIGESTS else None
+            for k, sge in enumerate(sgl):
+                cuda_sge = self._local[sge.lkey].cuda
+                # GPU memory is not hashed here: no digest for it (the caller hashes, or skips as the issue allows)
+                code = op | (handoff if cuda_sge else 0) | (native.OP_DIGEST if k == want and not cuda_sge else 0)
                 recs += _REC.pack(code, 0, sge.addr, ptr, sge.length, 0, 0, rem.valid_ptr, wr.rkey)
                 rec_wr.append(index)
                 ptr += sge.length
