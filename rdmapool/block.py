@@ -114,8 +114,10 @@ def encode_block(key: bytes, generation: int, payload: object, with_checksum: bo
     )
 
 
-def validate(header: object, payload: object, trailer: object, expected: Expected, verify_checksum: bool = True) -> None:
-    """Raise CorruptBlock unless header, payload and trailer form the block `expected` names.
+def validate(header: object, payload: object, trailer: object, expected: Expected,
+             verify_checksum: bool = True) -> bytes | None:
+    """Raise CorruptBlock unless header, payload and trailer form the block `expected` names. Returns the
+    payload checksum the header carries (None when written without one), as `stored_checksum` would.
 
     `payload` may be None when it lives where the CPU cannot hash it (GPU memory); then `verify_checksum`
     must be False. Checks run on copies of the small fields, never on memory that may still change.
@@ -149,7 +151,7 @@ def validate(header: object, payload: object, trailer: object, expected: Expecte
     if tgen != gen or tlength != length or tflags != flags:
         raise CorruptBlock(f"trailer generation {tgen} / length {tlength} disagree with the header (torn read)")
     if not verify_checksum:
-        return
+        return None if flags & FLAG_NO_CHECKSUM else checksum
     if flags & FLAG_NO_CHECKSUM:
         raise CorruptBlock("block was written without a checksum but the reader requires one")
     if payload is None:
@@ -159,6 +161,7 @@ def validate(header: object, payload: object, trailer: object, expected: Expecte
         raise CorruptBlock(f"payload of {len(view)} bytes, header says {length}")
     if payload_checksum(view) != checksum:
         raise CorruptBlock("payload checksum mismatch (torn or corrupted payload)")
+    return checksum
 
 
 def stored_checksum(header: object) -> bytes:

@@ -244,9 +244,10 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         ref = refs[n]
         check = verify and payload is not None
         try:
-            block.validate(head, payload, tail, block.Expected(ref.key, ref.hit.generation, ref.length),
-                           verify_checksum=False)
-            want = block.stored_checksum(head) if check else None
+            want = block.validate(head, payload, tail, block.Expected(ref.key, ref.hit.generation, ref.length),
+                                  verify_checksum=False)
+            if check and want is None:
+                raise CorruptBlock("block was written without a checksum but the reader requires one")
         except CorruptBlock:
             client.counters.add("corrupt_blocks")
             return
