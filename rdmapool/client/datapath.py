@@ -11,7 +11,7 @@ Requests are posted as soon as each is built and completions are taken as they a
 or validating one block overlaps the transfer of others. Payload checksums come from the transport when its
 endpoint digests (`Endpoint.digests`: the shm mover hashes each stride right after copying it, while it is in
 cache, so the payload is not read from DRAM a second time); reads ask for the digest of the payload SGE and
-writes send the payload first, then header and trailer with its digest. Otherwise checksums of large blocks
+writes send payload and trailer first, then the header with its digest. Otherwise checksums of large blocks
 run on the `Hasher`'s worker threads (GIL released), overlapping the transfer; results are collected before
 the arena is reused and before the call returns, all within the call's data deadline.
 
@@ -92,9 +92,9 @@ class _Batch:
 def write_blocks(client: PoolClient, conn: ServerConnection, items: list) -> list[bool]:
     """items: (key, reservation, source); returns which blocks were written completely.
 
-    When the endpoint digests WRITEs (see `Endpoint.digests`), a host payload goes first, alone, and the transport
-    hashes it as it copies; its completion's digest then goes into the header, which is written together with
-    the trailer in a second request (the slot is reserved and invisible until commit, so the order in which
+    When the endpoint digests WRITEs (see `Endpoint.digests`), payload and trailer go first (the trailer holds
+    no checksum) and the transport hashes the payload as it copies; its completion's digest then goes into the
+    header, written by a second request (the slot is reserved and invisible until commit, so the order in which
     the pieces land does not matter). Otherwise the checksum is computed first (`Hasher`) and one WRITE
     carries header, payload and trailer."""
     arena = client.arena()
@@ -104,7 +104,7 @@ def write_blocks(client: PoolClient, conn: ServerConnection, items: list) -> lis
     good = [0] * len(items)  # requests of block n completed successfully
     need = [1] * len(items)  # requests block n takes
     ready: list[tuple[int, bytes | None]] = []  # payloads landed: (n, digest) whose header and trailer are due
-    late: dict[int, tuple] = {}  # n -> (head, tail, payload view) for the second request
+    late: dict[int, tuple] = {}  # n -> (head, payload view) for the second request
 
     def done(wr_id: int, success: bool, digest: bytes | None) -> None:
         n, part = divmod(wr_id, 4)
@@ -116,21 +116,17 @@ def write_blocks(client: PoolClient, conn: ServerConnection, items: list) -> lis
 
     batch = _Batch(client, conn, done)
 
-    pending: list[WorkRequest] = []  # payload-only WRITEs, posted together
+    pending: list[WorkRequest] = []  # payload+trailer WRITEs, posted together
 
     def post_ready() -> None:
-        """Headers and trailers of the payloads that landed, in one post."""
+        """The headers of the blocks whose payload and trailer landed, in one post."""
         wrs = []
         for n, digest in ready:
             key, grant, _src = items[n]
-            head, tail, view = late.pop(n)
+            head, view = late.pop(n)
             checksum = digest if digest is not None else block.payload_checksum(view)
-            length = len(view)
-            head[1][:] = block.encode_header(key, grant.generation, length, checksum)
-            tail[1][:] = block.encode_trailer(key, grant.generation, length, False)
+            head[1][:] = block.encode_header(key, grant.generation, len(view), checksum)
             wrs.append(WorkRequest(4 * n + 2, Opcode.WRITE, (head[0],), grant.addr, grant.rkey))
-            wrs.append(WorkRequest(4 * n + 3, Opcode.WRITE, (tail[0],), grant.addr + block.HEADER_SIZE + length,
-                                   grant.rkey))
         ready.clear()
         batch.post_many(wrs)
 
@@ -150,12 +146,12 @@ def write_blocks(client: PoolClient, conn: ServerConnection, items: list) -> lis
     arena.reset()
     for n, (key, grant, src) in enumerate(items):
         if split[n]:
-            need[n] = 3
-            wr = _payload_request(client, n, arena, grant, src, late)
+            need[n] = 2
+            wr = _payload_request(client, n, arena, key, grant, src, late)
             if wr is None:
                 finish()
                 arena.reset()
-                wr = _payload_request(client, n, arena, grant, src, late)
+                wr = _payload_request(client, n, arena, key, grant, src, late)
         else:
             try:
                 checksum = None if sums[n] is None else hasher.result(sums[n], batch.remaining())
@@ -175,8 +171,10 @@ def write_blocks(client: PoolClient, conn: ServerConnection, items: list) -> lis
     return ok
 
 
-def _payload_request(client: PoolClient, n: int, arena: Arena, grant, src, late: dict) -> WorkRequest | None:
-    """The payload-only WRITE of block n (digest requested); header and trailer slots reserved in `late`."""
+def _payload_request(client: PoolClient, n: int, arena: Arena, key: bytes, grant, src,
+                     late: dict) -> WorkRequest | None:
+    """Block n's WRITE of payload and trailer (no checksum in it), digest of the payload requested; the
+    header's arena slot is kept in `late` for the second request."""
     head, tail = arena.take(block.HEADER_SIZE), arena.take(block.TRAILER_SIZE)
     if head is None or tail is None:
         return None
@@ -191,8 +189,10 @@ def _payload_request(client: PoolClient, n: int, arena: Arena, grant, src, late:
             return None
         sge, staged_view = staged
         staged_view[:] = view
-    late[n] = (head, tail, view)
-    return WorkRequest(4 * n + 1, Opcode.WRITE, (sge,), grant.addr + block.HEADER_SIZE, grant.rkey, digest=0)
+    tail[1][:] = block.encode_trailer(key, grant.generation, len(view), False)
+    late[n] = (head, view)
+    return WorkRequest(4 * n + 1, Opcode.WRITE, (sge, tail[0]), grant.addr + block.HEADER_SIZE, grant.rkey,
+                       digest=0)
 
 
 def _host_view(src) -> memoryview | None:
