@@ -12,8 +12,9 @@ extensions = [
     Extension(
         f"rdmapool._{src.stem}",
         sources=[str(src.relative_to(Path(__file__).parent))],
-        # parts a module includes from native/<name>/ (rebuild when they change)
-        depends=[str(h.relative_to(Path(__file__).parent)) for h in sorted((native / src.stem).glob("*.h"))],
+        # parts a module includes from native/<name>/ and the shared native/xxhash/ (rebuild when they change)
+        depends=[str(h.relative_to(Path(__file__).parent))
+                 for h in sorted((native / src.stem).glob("*.h")) + sorted((native / "xxhash").glob("*.h"))],
         extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wno-unused-function"],
         libraries=["pthread"],
     )

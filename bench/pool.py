@@ -7,7 +7,9 @@ in this process one PoolClient. In the same run and over the same endpoint:
   get                   PoolClient.get: lookup (lease) + READ + validation (checksum on, and off as for GPUs)
 Bandwidths are payload bytes per second over a batch of ~`--batch-bytes` per call: the median of `--repeat`
 interleaved rounds (raw, put, raw, get, get without checksum), so both sides see the same background load.
-`overhead_*` = 1 - protocol / raw. Then the p50/p99 of lookup_prefix over 512 keys.
+`overhead_*` = 1 - protocol / raw (wall clock); `cpu_overhead_*` = protocol / raw - 1 in this process's CPU
+time (median per call), which other load on a shared machine disturbs far less. Then the p50/p99 of
+lookup_prefix over 512 keys (with the p50 of client CPU per lookup).
 JSON on the last line; --record also writes bench/results/pool-<date>.json.
 """
 
@@ -77,27 +79,31 @@ def bench_size(transport: str, size: int, batch_bytes: int, repeat: int, hash_th
                     c.delete(keys)
                 keys[:] = [_key(next(counter)) for _ in range(n)]
                 c.config = verify_cfg
-                t = time.perf_counter()
+                t, u = time.perf_counter(), time.process_time()
                 ok = c.put(keys, srcs)
                 times["put"].append(time.perf_counter() - t)
+                cpu["put"].append(time.process_time() - u)
                 if ok != [PutStatus.STORED] * n:
                     raise RuntimeError(f"put did not store every block: {ok}")
 
             def get(name: str, config: ClientConfig) -> None:
                 c.config = config
-                t = time.perf_counter()
+                t, u = time.perf_counter(), time.process_time()
                 got = c.get(keys, dsts)
                 times[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - u)
                 if got != [size] * n:
                     raise RuntimeError(f"get missed: {got} {c.counters.snapshot()}")
 
             def raw(name: str, wrs: list) -> None:
-                t = time.perf_counter()
+                t, u = time.perf_counter(), time.process_time()
                 ep.execute(wrs, 60.0)
                 times[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - u)
 
             # interleaved rounds: raw and protocol runs see the same background load
             times: dict[str, list[float]] = {k: [] for k in ("raw_write", "put", "raw_read", "get", "get_nock")}
+            cpu: dict[str, list[float]] = {k: [] for k in times}  # this process's CPU time (all its threads)
             for _ in range(repeat):
                 raw("raw_write", writes)
                 put()
@@ -107,6 +113,7 @@ def bench_size(transport: str, size: int, batch_bytes: int, repeat: int, hash_th
             if bytes(dst.view[:size]) != bytes(src.view[:size]):
                 raise RuntimeError("get returned wrong bytes")
             raw_write, put_t, raw_read, get_t, get_nock_t = (statistics.median(times[k]) for k in times)
+            cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
             c.transport.deregister(stage)
     payload = n * size
     gbps = lambda t: round(payload / t / 1e9, 3)  # noqa: E731
@@ -115,6 +122,11 @@ def bench_size(transport: str, size: int, batch_bytes: int, repeat: int, hash_th
     r["overhead_put"] = round(1 - r["put_GBps"] / r["raw_write_GBps"], 3)
     r["overhead_get"] = round(1 - r["get_GBps"] / r["raw_read_GBps"], 3)
     r["overhead_get_nochecksum"] = round(1 - r["get_nochecksum_GBps"] / r["raw_read_GBps"], 3)
+    # the same comparison in client CPU time per byte (robust to other load on a shared machine; the server's
+    # CPU, which serves the control protocol only, and for tcp the serving engine's, are not in it)
+    r["cpu_overhead_put"] = round(cpu_med["put"] / cpu_med["raw_write"] - 1, 3)
+    r["cpu_overhead_get"] = round(cpu_med["get"] / cpu_med["raw_read"] - 1, 3)
+    r["cpu_overhead_get_nochecksum"] = round(cpu_med["get_nock"] / cpu_med["raw_read"] - 1, 3)
     return r
 
 
@@ -144,16 +156,18 @@ def bench_lookup(transport: str, nkeys: int, samples: int) -> dict:
             keys = [_key(i) for i in range(nkeys)]
             if c.put(keys, [b"k" * 1024] * nkeys) != [PutStatus.STORED] * nkeys:
                 raise RuntimeError("could not store the lookup keys")
-            times = []
+            times, cpu = [], []
             for _ in range(samples):
-                t = time.perf_counter()
+                t, u = time.perf_counter(), time.process_time()
                 hits = len(c.lookup_prefix(keys))
                 times.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - u)
                 if hits != nkeys:
                     raise RuntimeError(f"lookup found {hits} of {nkeys}")
     times.sort()
     return {"keys": nkeys, "samples": samples, "p50_ms": round(times[len(times) // 2] * 1e3, 3),
-            "p99_ms": round(times[int(len(times) * 0.99) - 1] * 1e3, 3)}
+            "p99_ms": round(times[int(len(times) * 0.99) - 1] * 1e3, 3),
+            "client_cpu_p50_ms": round(statistics.median(cpu) * 1e3, 3)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,12 +21,15 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <poll.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
 enum { OP_READ = 1, OP_WRITE = 2, OP_CAS = 3, OP_FAA = 4 };
 /* A record the caller must execute itself (a copy to or from GPU memory): run() stops before it. */
 enum { OP_HANDOFF = 0x100 };
+/* A READ/WRITE record whose local bytes are hashed as they move: the digest lands in compare/swap (digest.h). */
+enum { OP_DIGEST = 0x200 };
 enum { ST_OK = 0, ST_HANDOFF = 1, ST_REM_ACCESS = 10, ST_RETRY_EXC = 12 };
 
 /* One record; a READ/WRITE with several local SGEs becomes several records. 64 bytes, little-endian. */
@@ -43,6 +46,9 @@ struct op {
 };
 
 #define GIL_RELEASE_BYTES (256u * 1024u)
+
+#include "xxhash/digest.h"
+static int have_digest;
 
 static int get_u64(PyObject *o, uint64_t *out) {
     unsigned long long v = PyLong_AsUnsignedLongLong(o);
@@ -137,7 +143,7 @@ static int peer_gone(const uint64_t *state_ptr, uint64_t state_expect, int pidfd
 /* Returns (done, status): records [0, done) completed; status is ST_OK, or the reason record `done` failed
  * (ST_REM_ACCESS), or ST_HANDOFF when record `done` is one the caller executes, or ST_RETRY_EXC when the owner
  * is gone (then nothing of this batch may be trusted). */
-static void run_ops(const struct op *ops, Py_ssize_t n, const uint64_t *state_ptr, uint64_t state_expect,
+static void run_ops(struct op *ops, Py_ssize_t n, const uint64_t *state_ptr, uint64_t state_expect,
                     int pidfd, Py_ssize_t *done, int *status) {
     *done = 0;
     *status = ST_OK;
@@ -145,7 +151,7 @@ static void run_ops(const struct op *ops, Py_ssize_t n, const uint64_t *state_pt
      * once, after the batch, which is the check that matters. */
     if (peer_gone(state_ptr, state_expect, -1)) { *status = ST_RETRY_EXC; return; }
     for (Py_ssize_t i = 0; i < n; i++) {
-        const struct op *o = &ops[i];
+        struct op *o = &ops[i];
         if (o->opcode & OP_HANDOFF) {
             *done = i;
             *status = ST_HANDOFF;
@@ -159,7 +165,16 @@ static void run_ops(const struct op *ops, Py_ssize_t n, const uint64_t *state_pt
         void *local = (void *)(uintptr_t)o->local;
         uint64_t *remote = (uint64_t *)(uintptr_t)o->remote;
         uint64_t old;
-        switch (o->opcode) {
+        if ((o->opcode & OP_DIGEST) && have_digest) {
+            /* compare/swap receive the digest: 16 bytes, canonical order */
+            unsigned char *out = (unsigned char *)o + offsetof(struct op, compare);
+            if ((o->opcode & ~OP_DIGEST) == OP_READ) copy_digest(local, remote, o->len, 1, out);
+            else if ((o->opcode & ~OP_DIGEST) == OP_WRITE) copy_digest(remote, local, o->len, 0, out);
+            else { *done = i; *status = ST_REM_ACCESS; return; }
+            *done = i + 1;
+            continue;
+        }
+        switch (o->opcode & ~OP_DIGEST) {
         case OP_READ: memcpy(local, remote, o->len); break;
         case OP_WRITE: memcpy(remote, local, o->len); break;
         case OP_CAS:
@@ -186,13 +201,14 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
     Py_ssize_t nops;
     unsigned long long state_addr, state_expect;
     int pidfd;
-    if (!PyArg_ParseTuple(args, "y*nKKi", &buf, &nops, &state_addr, &state_expect, &pidfd)) return NULL;
+    /* writable: digest records get their result written back (compare/swap) */
+    if (!PyArg_ParseTuple(args, "w*nKKi", &buf, &nops, &state_addr, &state_expect, &pidfd)) return NULL;
     if (nops < 0 || (size_t)buf.len < (size_t)nops * sizeof(struct op)) {
         PyBuffer_Release(&buf);
         PyErr_SetString(PyExc_ValueError, "run: op buffer shorter than nops records");
         return NULL;
     }
-    const struct op *ops = (const struct op *)buf.buf;
+    struct op *ops = (struct op *)buf.buf;
     uint64_t total = 0;
     for (Py_ssize_t i = 0; i < nops; i++) total += ops[i].len;
     Py_ssize_t done;
@@ -299,7 +315,21 @@ static PyObject *py_peer_alive(PyObject *self, PyObject *args) {
     return PyBool_FromLong(!peer_gone((const uint64_t *)(uintptr_t)state_addr, state_expect, pidfd));
 }
 
+/* digest(buffer) -> 16 bytes: the vendored xxh3-128 (canonical), to check it agrees with the xxhash package. */
+static PyObject *py_digest(PyObject *self, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    if (!have_digest) { PyBuffer_Release(&view); PyErr_SetString(PyExc_RuntimeError, "no AVX2: digest unavailable"); return NULL; }
+    unsigned char out[16];
+    Py_BEGIN_ALLOW_THREADS
+    digest_only(view.buf, (size_t)view.len, out);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    return PyBytes_FromStringAndSize((const char *)out, 16);
+}
+
 static PyMethodDef methods[] = {
+    {"digest", py_digest, METH_O, "digest(buffer) -> xxh3-128 canonical bytes (the mover's hash)"},
     {"load64", py_load64, METH_O, "load64(addr) -> int: acquire load of 8 bytes"},
     {"store64", py_store64, METH_VARARGS, "store64(addr, value): release store of 8 bytes"},
     {"cas64", py_cas64, METH_VARARGS, "cas64(addr, expected, desired) -> old value"},
@@ -324,6 +354,10 @@ PyMODINIT_FUNC PyInit__shmatomics(void) {
     if (!m) return NULL;
     PyModule_AddIntConstant(m, "OP_SIZE", (long)sizeof(struct op));
     PyModule_AddIntConstant(m, "OP_HANDOFF", OP_HANDOFF);
+    have_digest = digest_available();
+    PyModule_AddIntConstant(m, "OP_DIGEST", OP_DIGEST);
+    /* whether OP_DIGEST records are hashed (else they are plain copies and the caller hashes) */
+    PyModule_AddObjectRef(m, "DIGEST", have_digest ? Py_True : Py_False);
     PyModule_AddIntConstant(m, "ST_HANDOFF", ST_HANDOFF);
     PyModule_AddIntConstant(m, "GIL_RELEASE_BYTES", (long)GIL_RELEASE_BYTES);
     return m;

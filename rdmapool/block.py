@@ -78,6 +78,14 @@ def check_key(key: object) -> bytes:
     return bytes(key)
 
 
+def check_keys(keys: object) -> list[bytes]:
+    """`check_key` of each, as a new list; the all-valid case runs as C loops (lookups pass 512 keys)."""
+    keys = list(keys)  # type: ignore[call-overload]
+    if set(map(type, keys)) <= {bytes} and set(map(len, keys)) <= {KEY_SIZE}:
+        return keys
+    return [check_key(k) for k in keys]
+
+
 def encode_header(key: bytes, generation: int, length: int, checksum: bytes | None) -> bytes:
     """The 64 header bytes. `checksum=None` marks the block as written without a payload checksum."""
     check_key(key)
@@ -106,8 +114,10 @@ def encode_block(key: bytes, generation: int, payload: object, with_checksum: bo
     )
 
 
-def validate(header: object, payload: object, trailer: object, expected: Expected, verify_checksum: bool = True) -> None:
-    """Raise CorruptBlock unless header, payload and trailer form the block `expected` names.
+def validate(header: object, payload: object, trailer: object, expected: Expected,
+             verify_checksum: bool = True) -> bytes | None:
+    """Raise CorruptBlock unless header, payload and trailer form the block `expected` names. Returns the
+    payload checksum the header carries (None when written without one), as `stored_checksum` would.
 
     `payload` may be None when it lives where the CPU cannot hash it (GPU memory); then `verify_checksum`
     must be False. Checks run on copies of the small fields, never on memory that may still change.
@@ -141,7 +151,7 @@ def validate(header: object, payload: object, trailer: object, expected: Expecte
     if tgen != gen or tlength != length or tflags != flags:
         raise CorruptBlock(f"trailer generation {tgen} / length {tlength} disagree with the header (torn read)")
     if not verify_checksum:
-        return
+        return None if flags & FLAG_NO_CHECKSUM else checksum
     if flags & FLAG_NO_CHECKSUM:
         raise CorruptBlock("block was written without a checksum but the reader requires one")
     if payload is None:
@@ -151,6 +161,7 @@ def validate(header: object, payload: object, trailer: object, expected: Expecte
         raise CorruptBlock(f"payload of {len(view)} bytes, header says {length}")
     if payload_checksum(view) != checksum:
         raise CorruptBlock("payload checksum mismatch (torn or corrupted payload)")
+    return checksum
 
 
 def stored_checksum(header: object) -> bytes:

@@ -21,11 +21,13 @@ The client is thread-safe by one lock (calls are serialised).
 from __future__ import annotations
 
 import enum
+import functools
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, NamedTuple
 
 from rdmapool import block
@@ -81,6 +83,9 @@ class BlockRef(NamedTuple):
     @property
     def length(self) -> int:
         return self.hit[3]
+
+
+_new_ref = functools.partial(tuple.__new__, BlockRef)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +190,7 @@ class PoolClient:
             hints: Sequence[BlockHint] | None = None) -> list[PutStatus]:
         """Store blocks. `hints` (optional, one per key) tell the servers' eviction policy each block's parent
         key, depth and token count."""
-        keys = [block.check_key(k) for k in keys]
+        keys = block.check_keys(keys)
         if len(keys) != len(buffers) or (hints is not None and len(hints) != len(keys)):
             raise UsageError(f"put got {len(keys)} keys, {len(buffers)} buffers"
                              + (f" and {len(hints)} hints" if hints is not None else ""))
@@ -238,7 +243,7 @@ class PoolClient:
     # ---- lookup -----------------------------------------------------------------------------------------
     def lookup_prefix(self, keys: Sequence[bytes]) -> LookupResult:
         """The longest prefix of `keys` stored in the pool, each with a read lease."""
-        keys = [block.check_key(k) for k in keys]
+        keys = block.check_keys(keys)
         with self._lock:
             refs = self._lookup(keys, prefix=True)
             end = next((i for i, r in enumerate(refs) if r is None), len(keys))
@@ -260,9 +265,12 @@ class PoolClient:
                 lease = float(conn.hello.get("lease_s", 0)) * LEASE_MARGIN
                 epoch = int(conn.hello.get("epoch", 0))
                 until = start + lease
-                for i, hit in zip(idx, hits, strict=False):
-                    if hit is not None:
-                        refs[i] = BlockRef(keys[i], addr, epoch, hit, until)
+                if len(idx) == len(keys) and None not in hits:  # the common case, built in one C loop
+                    refs[: len(hits)] = map(_new_ref, zip(keys, repeat(addr), repeat(epoch), hits, repeat(until)))
+                else:
+                    for i, hit in zip(idx, hits, strict=False):
+                        if hit is not None:
+                            refs[i] = BlockRef(keys[i], addr, epoch, hit, until)
                 if prefix and len(hits) < len(idx):
                     missed.add(addr)
             except _DEGRADE as exc:
@@ -273,7 +281,7 @@ class PoolClient:
     def get(self, keys: Sequence[bytes], into: Sequence[Buffer]) -> list[int | None]:
         """Read each key's block into its buffer; returns payload lengths, None for misses. The contents of a
         buffer whose key missed are unspecified."""
-        keys = [block.check_key(k) for k in keys]
+        keys = block.check_keys(keys)
         if len(keys) != len(into):
             raise UsageError(f"get got {len(keys)} keys and {len(into)} buffers")
         with self._lock:
@@ -315,7 +323,7 @@ class PoolClient:
 
     # ---- delete, touch, stats ---------------------------------------------------------------------------
     def delete(self, keys: Sequence[bytes]) -> list[bool]:
-        keys = [block.check_key(k) for k in keys]
+        keys = block.check_keys(keys)
         out = [False] * len(keys)
         with self._lock:
             for conn, idx in self._batches(keys):
@@ -329,7 +337,7 @@ class PoolClient:
 
     def touch(self, keys: Sequence[bytes]) -> None:
         """Report accesses (e.g. reads through cached refs) to the servers' eviction policies."""
-        keys = [block.check_key(k) for k in keys]
+        keys = block.check_keys(keys)
         with self._lock:
             for conn, idx in self._batches(keys):
                 try:

@@ -8,9 +8,12 @@ in the client's registered staging arena (as do payloads of unregistered buffers
 batch drains (every request in flight completes) before the arena is reused.
 
 Requests are posted as soon as each is built and completions are taken as they arrive (`_Batch`), so building
-or validating one block overlaps the transfer of others. Payload checksums of large blocks run on the
-`Hasher`'s worker threads (GIL released), overlapping the transfer too; results are collected before the
-arena is reused and before the call returns, all within the call's data deadline.
+or validating one block overlaps the transfer of others. Payload checksums come from the transport when its
+endpoint digests (`Endpoint.digests`: the shm mover hashes each stride right after copying it, while it is in
+cache, so the payload is not read from DRAM a second time); reads ask for the digest of the payload SGE and
+writes send payload and trailer first, then the header with its digest. Otherwise checksums of large blocks
+run on the `Hasher`'s worker threads (GIL released), overlapping the transfer; results are collected before
+the arena is reused and before the call returns, all within the call's data deadline.
 
 A read counts only after `block.validate` against the lookup reply and, for host destinations, the payload
 checksum: anything else is a miss and a `corrupt_blocks` count. Timeouts and broken endpoints close the
@@ -34,10 +37,11 @@ if TYPE_CHECKING:
 
 
 class _Batch:
-    """One-sided requests on one server's endpoint: posted one by one, completions handed to `done(wr_id, ok)`
-    as they arrive, all within one `data_timeout_s` deadline."""
+    """One-sided requests on one server's endpoint: posted one by one, completions handed to
+    `done(wr_id, ok, digest)` as they arrive, all within one `data_timeout_s` deadline."""
 
-    def __init__(self, client: PoolClient, conn: ServerConnection, done: Callable[[int, bool], None]) -> None:
+    def __init__(self, client: PoolClient, conn: ServerConnection,
+                 done: Callable[[int, bool, bytes | None], None]) -> None:
         if conn.endpoint is None:
             raise ServerUnavailable(f"{conn.address}: no data endpoint")
         self.client, self.conn, self.endpoint, self.done = client, conn, conn.endpoint, done
@@ -51,6 +55,13 @@ class _Batch:
         self.endpoint.post([wr])
         self.in_flight += 1
         self._reap(self.endpoint.poll(self.in_flight))
+
+    def post_many(self, wrs: list[WorkRequest]) -> None:
+        """One post for several requests (shm: one pass of the native mover, GIL released once)."""
+        if wrs:
+            self.endpoint.post(wrs)
+            self.in_flight += len(wrs)
+            self._reap(self.endpoint.poll(self.in_flight))
 
     def drain(self) -> None:
         while self.in_flight:
@@ -75,36 +86,113 @@ class _Batch:
             self.in_flight -= 1
             if not c.ok:
                 self.client.counters.add(f"wc_{c.status.name.lower()}")
-            self.done(c.wr_id, c.ok)
+            self.done(c.wr_id, c.ok, c.digest)
 
 
 def write_blocks(client: PoolClient, conn: ServerConnection, items: list) -> list[bool]:
-    """items: (key, reservation, source). One WRITE per block; returns which completed."""
+    """items: (key, reservation, source); returns which blocks were written completely.
+
+    When the endpoint digests WRITEs (see `Endpoint.digests`), payload and trailer go first (the trailer holds
+    no checksum) and the transport hashes the payload as it copies; its completion's digest then goes into the
+    header, written by a second request (the slot is reserved and invisible until commit, so the order in which
+    the pieces land does not matter). Otherwise the checksum is computed first (`Hasher`) and one WRITE
+    carries header, payload and trailer."""
     arena = client.arena()
     hasher: Hasher = client.hasher
+    fused = conn.endpoint is not None and Opcode.WRITE in conn.endpoint.digests
     ok: list[bool] = [False] * len(items)
+    good = [0] * len(items)  # requests of block n completed successfully
+    need = [1] * len(items)  # requests block n takes
+    ready: list[tuple[int, bytes | None]] = []  # payloads landed: (n, digest) whose header and trailer are due
+    late: dict[int, tuple] = {}  # n -> (head, payload view) for the second request
 
-    def done(n: int, success: bool) -> None:
-        ok[n] = success
+    def done(wr_id: int, success: bool, digest: bytes | None) -> None:
+        n, part = divmod(wr_id, 4)
+        if success:
+            good[n] += 1
+            ok[n] = good[n] == need[n]
+            if part == 1:
+                ready.append((n, digest))
 
     batch = _Batch(client, conn, done)
-    # start every large checksum now: workers hash ahead while blocks are built and posted in order
-    sums = [None if (h := _host_view(src)) is None else hasher.submit(h) for _, _, src in items]
+
+    pending: list[WorkRequest] = []  # payload+trailer WRITEs, posted together
+
+    def post_ready() -> None:
+        """The headers of the blocks whose payload and trailer landed, in one post."""
+        wrs = []
+        for n, digest in ready:
+            key, grant, _src = items[n]
+            head, view = late.pop(n)
+            checksum = digest if digest is not None else block.payload_checksum(view)
+            head[1][:] = block.encode_header(key, grant.generation, len(view), checksum)
+            wrs.append(WorkRequest(4 * n + 2, Opcode.WRITE, (head[0],), grant.addr, grant.rkey))
+        ready.clear()
+        batch.post_many(wrs)
+
+    def finish() -> None:
+        while True:
+            batch.post_many(pending)
+            pending.clear()
+            post_ready()
+            batch.drain()
+            if not ready:
+                return
+
+    hosts = [_host_view(src) for _, _, src in items]
+    split = [fused and h is not None and len(h) > 0 for h in hosts]
+    # start every large checksum the transport will not compute: workers hash ahead while blocks are posted
+    sums = [None if (h is None or split[n]) else hasher.submit(h) for n, h in enumerate(hosts)]
     arena.reset()
     for n, (key, grant, src) in enumerate(items):
-        try:
-            checksum = None if sums[n] is None else hasher.result(sums[n], batch.remaining())
-        except TimeoutError:
-            raise batch.timed_out() from None
-        wr = _write_request(client, n, arena, key, grant, src, checksum)
-        if wr is None:  # arena full: let what is staged land, then start over
-            batch.drain()
-            arena.reset()
-            wr = _write_request(client, n, arena, key, grant, src, checksum)
-        batch.post(wr)
-    batch.drain()
+        if split[n]:
+            need[n] = 2
+            wr = _payload_request(client, n, arena, key, grant, src, late)
+            if wr is None:
+                finish()
+                arena.reset()
+                wr = _payload_request(client, n, arena, key, grant, src, late)
+        else:
+            try:
+                checksum = None if sums[n] is None else hasher.result(sums[n], batch.remaining())
+            except TimeoutError:
+                raise batch.timed_out() from None
+            wr = _write_request(client, 4 * n, arena, key, grant, src, checksum)
+            if wr is None:  # arena full: let what is staged land, then start over
+                finish()
+                arena.reset()
+                wr = _write_request(client, 4 * n, arena, key, grant, src, checksum)
+        if split[n]:
+            pending.append(wr)
+        else:
+            batch.post(wr)  # right away: its transfer overlaps the next checksum
+    finish()
     arena.reset()
     return ok
+
+
+def _payload_request(client: PoolClient, n: int, arena: Arena, key: bytes, grant, src,
+                     late: dict) -> WorkRequest | None:
+    """Block n's WRITE of payload and trailer (no checksum in it), digest of the payload requested; the
+    header's arena slot is kept in `late` for the second request."""
+    head, tail = arena.take(block.HEADER_SIZE), arena.take(block.TRAILER_SIZE)
+    if head is None or tail is None:
+        return None
+    view = _host_view(src)
+    if isinstance(src, RegionSlice):
+        sge = src.region.sge(src.offset, src.length)
+    else:
+        sge = client.registry.find(src)
+    if sge is None:
+        staged = arena.take(len(view))
+        if staged is None:
+            return None
+        sge, staged_view = staged
+        staged_view[:] = view
+    tail[1][:] = block.encode_trailer(key, grant.generation, len(view), False)
+    late[n] = (head, view)
+    return WorkRequest(4 * n + 1, Opcode.WRITE, (sge, tail[0]), grant.addr + block.HEADER_SIZE, grant.rkey,
+                       digest=0)
 
 
 def _host_view(src) -> memoryview | None:
@@ -149,21 +237,24 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         out[idx[n]] = refs[n].length
         client.counters.add("bytes_read", refs[n].length)
 
-    def done(n: int, success: bool) -> None:
+    def done(n: int, success: bool, digest: bytes | None) -> None:
         head, payload, tail, target, copy = staged.pop(n)
         if not success:
             return
         ref = refs[n]
         check = verify and payload is not None
         try:
-            block.validate(head, payload, tail, block.Expected(ref.key, ref.hit.generation, ref.length),
-                           verify_checksum=False)
-            want = block.stored_checksum(head) if check else None
+            want = block.validate(head, payload, tail, block.Expected(ref.key, ref.hit.generation, ref.length),
+                                  verify_checksum=False)
+            if check and want is None:
+                raise CorruptBlock("block was written without a checksum but the reader requires one")
         except CorruptBlock:
             client.counters.add("corrupt_blocks")
             return
-        if check:
+        if check and digest is None:  # the transport did not hash what landed: hash it here
             hashing.append((client.hasher.submit(payload), want, n, payload, target, copy))
+        elif check and digest != want:
+            client.counters.add("corrupt_blocks")
         else:
             accept(n, payload, target, copy)
 
@@ -181,6 +272,9 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         hashing.clear()
 
     batch = _Batch(client, conn, done)
+    # an endpoint that digests READs needs no hashing to overlap: its requests go in one post
+    together = Opcode.READ in batch.endpoint.digests
+    pending: list[WorkRequest] = []
     epoch = int(conn.hello.get("epoch", -1))
     for n, (ref, target) in enumerate(zip(refs, targets, strict=True)):
         if ref.epoch != epoch:
@@ -188,6 +282,8 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
             continue
         pieces = _read_pieces(client, arena, ref, target)
         if pieces is None:  # arena full: finish what is in flight, then reuse the arena
+            batch.post_many(pending)
+            pending.clear()
             batch.drain()
             settle()
             arena.reset()
@@ -195,7 +291,13 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         head, payload_sge, payload_view, tail, copy = pieces
         sgl = (head[0], payload_sge, tail[0]) if ref.length else (head[0], tail[0])
         staged[n] = (head[1], payload_view, tail[1], target, copy)
-        batch.post(WorkRequest(n, Opcode.READ, sgl, ref.hit.addr, ref.hit.rkey))
+        digest = 1 if verify and ref.length and payload_view is not None else None  # the payload SGE
+        wr = WorkRequest(n, Opcode.READ, sgl, ref.hit.addr, ref.hit.rkey, digest=digest)
+        if together:
+            pending.append(wr)
+        else:
+            batch.post(wr)
+    batch.post_many(pending)
     batch.drain()
     settle()
 

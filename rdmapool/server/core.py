@@ -101,6 +101,12 @@ class PoolCore:
         self._retired: list[tuple[float, int, str, Slot]] = []
         self._ttl: list[tuple[float, int, str, Slot]] = []
         self.counters: Counter[str] = Counter()
+        #: when set (the server driver sets it), lookups queue their access reports to the eviction policy and
+        #: `flush_access` applies them once the reply is sent (the driver: in idle moments, a chunk at a time).
+        #: Every operation but lookup flushes all first; a report whose slot has since left RESIDENT (or been
+        #: reused) is dropped, so the policy never hears of a key it does not track (see docs/decisions.md)
+        self.defer_access = False
+        self._deferred: list[tuple[Slot, int, float]] = []  # (slot, its generation then, when)
 
     # ---- operations -------------------------------------------------------------------------------------
     def lookup(self, tenant: str, keys: Sequence[bytes], now: float, prefix: bool = True) -> list[SlotRef | None]:
@@ -118,8 +124,28 @@ class PoolCore:
         return b"".join(miss if s is None else pack(base + s.offset, rkey, s.generation, s.length)
                         for s in self._lookup_slots(pool, keys, now, prefix))
 
+    @property
+    def access_backlog(self) -> int:
+        """Access reports queued by lookups (`defer_access`) and not yet applied."""
+        return len(self._deferred)
+
+    def flush_access(self, limit: int | None = None) -> None:
+        """Apply the queued access reports in order: all of them, or the oldest `limit`."""
+        if not self._deferred:
+            return
+        if limit is None or limit >= len(self._deferred):
+            todo, self._deferred = self._deferred, []
+        else:
+            todo = self._deferred[:limit]
+            del self._deferred[:limit]
+        resident = SlotState.RESIDENT
+        for slot, generation, when in todo:
+            if slot.state is resident and slot.generation == generation:
+                slot.cls.policy.on_access(slot.key, when)
+
     def _lookup_slots(self, pool: TenantPool, keys: Sequence[bytes], now: float, prefix: bool) -> list[Slot | None]:
         self.sweep(now)
+        deferred = self._deferred if self.defer_access else None
         out: list[Slot | None] = []
         index = pool.index
         lease_until = now + self.config.lease_s
@@ -142,7 +168,10 @@ class PoolCore:
             if slot.last_access != now:
                 # one access report per key and call: a request naming a key 4096 times is one access
                 slot.last_access = now
-                slot.cls.policy.on_access(key, now)
+                if deferred is None:
+                    slot.cls.policy.on_access(key, now)
+                else:
+                    deferred.append((slot, slot.generation, now))
             out.append(slot)
         hits = len(out) - (0 if prefix else misses)
         self.counters["lookup_hits"] += hits
@@ -152,6 +181,7 @@ class PoolCore:
 
     def allocate(self, tenant: str, keys: Sequence[bytes], lengths: Sequence[int], now: float,
                  hints: Sequence[BlockHint] | None = None) -> list[Grant]:
+        self.flush_access()
         pool = self._pool(tenant)
         hints = hints if hints is not None else [NO_HINT] * len(keys)
         if not len(keys) == len(lengths) == len(hints):
@@ -165,6 +195,7 @@ class PoolCore:
         return grants
 
     def commit(self, tenant: str, items: Sequence[tuple[bytes, int]], now: float) -> list[bool]:
+        self.flush_access()
         pool = self._pool(tenant)
         self.sweep(now)
         results = []
@@ -182,6 +213,7 @@ class PoolCore:
         return results
 
     def abort(self, tenant: str, items: Sequence[tuple[bytes, int]], now: float) -> list[bool]:
+        self.flush_access()
         pool = self._pool(tenant)
         results = []
         for key, generation in items:
@@ -193,6 +225,7 @@ class PoolCore:
         return results
 
     def delete(self, tenant: str, keys: Sequence[bytes], now: float) -> list[bool]:
+        self.flush_access()
         pool = self._pool(tenant)
         results = []
         for key in keys:
@@ -204,6 +237,7 @@ class PoolCore:
         return results
 
     def touch(self, tenant: str, keys: Sequence[bytes], now: float) -> int:
+        self.flush_access()
         pool = self._pool(tenant)
         n = 0
         for key in keys:
@@ -320,6 +354,7 @@ class PoolCore:
     def snapshot(self, now: float, count_leases: bool = True) -> dict:
         """Slots by state, resident bytes, per tenant and class (O(classes), kept incrementally), the operation
         counters, and with `count_leases` the slots under an unexpired lease (a scan of all slots)."""
+        self.flush_access()
         tenants = {}
         for pool in self.tenants.values():
             classes = []

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 << 10
 MAX_CONNECTIONS = 1024
+#: access reports applied per idle moment, and the backlog beyond which they are applied at once
+ACCESS_CHUNK = 64
+ACCESS_BACKLOG_MAX = 1 << 18  # about 20 MB
 
 
 def prefault(region: MemoryRegion) -> None:
@@ -112,6 +115,7 @@ class MemoryServer:
                     prefault(self.regions[tenant.name])
         epoch = int.from_bytes(os.urandom(4), "little") | 1
         self.core = PoolCore(cfg, {n: r.descriptor for n, r in self.regions.items()}, epoch=epoch)
+        self.core.defer_access = True  # replies first, eviction-policy bookkeeping after (flushed in _loop)
         # one Slot record per slot lives as long as the server: keep them out of the cyclic GC's full scans,
         # which otherwise pause the loop for tens of ms on a pool of a million slots (lookup p99)
         gc.collect()
@@ -213,7 +217,9 @@ class MemoryServer:
         cfg = self.config
         next_sweep = 0.0
         while not self._stop.is_set():
-            for key, mask in self._sel.select(timeout=cfg.tick_s):
+            backlog = self.core.access_backlog
+            events = self._sel.select(timeout=0 if backlog else cfg.tick_s)
+            for key, mask in events:
                 if key.data is None:
                     self._accept()
                 elif key.data == "wake":
@@ -221,6 +227,12 @@ class MemoryServer:
                         os.read(self._wake_r, 4096)
                 else:
                     self._service(key.data, mask)
+            backlog = self.core.access_backlog
+            if backlog and (not events or backlog > ACCESS_BACKLOG_MAX):
+                # the lookups' access reports for the eviction policy, now that their replies are out: a chunk
+                # at a time while no request waits; beyond the cap (lookups outpace the policy), the excess now
+                with self.lock:
+                    self.core.flush_access(ACCESS_CHUNK + max(0, backlog - ACCESS_BACKLOG_MAX))
             now = self.clock()
             if now >= next_sweep:
                 with self.lock:

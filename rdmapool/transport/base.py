@@ -21,6 +21,12 @@ Semantics (as for RC queue pairs; every backend implements exactly this, the con
   `WR_FLUSH_ERR`. A broken endpoint is not repaired; the caller connects a new one.
 - Atomics are 8 bytes, naturally aligned, little-endian on the wire; the old value lands in the local SGE.
 - Every wait takes a timeout. A peer that vanishes yields error completions (`RETRY_EXC_ERR`), never a hang.
+- Optional digests: a READ/WRITE may name one SGE (`WorkRequest.digest`, an index into its SGL) whose local
+  bytes the backend hashes as it moves them (xxh3-128, the 16 canonical bytes of `xxhash.xxh3_128_digest`):
+  for a READ the bytes that landed, for a WRITE the bytes that were sent. A backend that can do so (while the
+  bytes are in cache, fused with its copy) says `Endpoint.digests` and puts the result in `Completion.digest`;
+  every other backend ignores the request and returns `digest=None`, and the caller hashes the buffer itself.
+  A digest is only a convenience: it equals hashing the local SGE after the completion, nothing more.
 
 Hot path: descriptor lists are prepared once (`TransferPlan`) and each request posts small index arrays
 (`Endpoint.post_plan`), as NIXL and Mooncake's engine do; backends may override that with native batching.
@@ -140,6 +146,8 @@ class WorkRequest:
     compare: int = 0
     swap: int = 0
     signaled: bool = True
+    #: index into `sgl` of the SGE to hash as it moves (READ/WRITE only; see "Optional digests"), or None
+    digest: int | None = None
 
     @property
     def length(self) -> int:
@@ -175,6 +183,8 @@ def check_work_request(wr: WorkRequest) -> None:
             raise UsageError(f"wr {wr.wr_id}: atomic remote address {wr.remote_addr:#x} is not 8-byte aligned")
         if not (0 <= wr.compare < 2**64 and 0 <= wr.swap < 2**64):
             raise UsageError(f"wr {wr.wr_id}: atomic operands must fit in 64 unsigned bits")
+    if wr.digest is not None and (wr.opcode not in (Opcode.READ, Opcode.WRITE) or not 0 <= wr.digest < len(wr.sgl)):
+        raise UsageError(f"wr {wr.wr_id}: digest must index an SGE of a READ or WRITE")
 
 
 class WcStatus(enum.IntEnum):
@@ -198,6 +208,8 @@ class Completion:
     opcode: Opcode
     byte_len: int = 0
     detail: str = ""
+    #: xxh3-128 (canonical bytes) of the SGE the request named in `digest`, when the backend computed it
+    digest: bytes | None = None
 
     @property
     def ok(self) -> bool:
@@ -232,6 +244,12 @@ class TransferPlan:
 
 class Endpoint(ABC):
     """A connected queue pair to one peer."""
+
+    @property
+    def digests(self) -> frozenset[Opcode]:
+        """The opcodes whose successful completions carry the digest a request asks for (see "Optional
+        digests"). Empty unless a backend overrides it; callers still check `Completion.digest` for None."""
+        return frozenset()
 
     @property
     @abstractmethod

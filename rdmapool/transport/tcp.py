@@ -42,6 +42,7 @@ from rdmapool.transport.base import (
     Transport,
     WcStatus,
     WorkRequest,
+    check_work_request,
 )
 
 try:
@@ -97,6 +98,9 @@ class TcpEndpoint(Endpoint):
     def post(self, wrs: Sequence[WorkRequest]) -> None:
         if self._generation != _fork_generation[0]:
             _check_fork(self._generation, "endpoint")
+        for wr in wrs:
+            if wr.digest is not None:  # the engine checks everything else; it computes no digests (see
+                check_work_request(wr)  # docs/decisions.md): the request is valid, the completion says None
         self._ep.post(wrs)
 
     def poll(self, max_entries: int = 64) -> list[Completion]:

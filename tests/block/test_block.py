@@ -104,3 +104,14 @@ def test_any_mix_of_two_generations_is_detected(split: list[bool], n: int) -> No
     for gen in (1, 2):
         with pytest.raises(CorruptBlock):
             validate_block(torn, Expected(KEY, gen, n))
+
+
+def test_validate_returns_the_stored_checksum() -> None:
+    key, payload = os.urandom(16), os.urandom(5000)
+    for with_checksum in (True, False):
+        data = memoryview(encode_block(key, 9, payload, with_checksum=with_checksum))
+        head, body, tail = data[:HEADER_SIZE], data[HEADER_SIZE:-TRAILER_SIZE], data[-TRAILER_SIZE:]
+        want = block.payload_checksum(payload) if with_checksum else None
+        assert block.validate(head, body, tail, Expected(key, 9, 5000), verify_checksum=False) == want
+        if with_checksum:
+            assert block.validate(head, body, tail, Expected(key, 9, 5000)) == want == block.stored_checksum(head)

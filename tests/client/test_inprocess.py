@@ -143,6 +143,47 @@ def test_corrupted_slot_detected(server, size: int) -> None:
         assert c.counters["corrupt_blocks"] == 2
 
 
+@pytest.mark.parametrize("server", ["tcp", "shm"], indirect=True)
+@pytest.mark.parametrize("fused", [True, False], ids=["transport-digest", "client-hash"])
+def test_fused_digest_detects_corruption_like_the_client_hash(server, fused: bool, monkeypatch) -> None:
+    """The transport's digest (shm: hashed while copying; tcp: as the READ lands) and the client's own hash
+    accept and reject exactly the same blocks; `fused=False` strips every digest, as a backend without them."""
+    import dataclasses
+
+    from rdmapool.client import datapath
+
+    if not fused:
+        reap = datapath._Batch._reap
+        monkeypatch.setattr(datapath._Batch, "_reap",
+                            lambda self, cs: reap(self, [dataclasses.replace(c, digest=None) for c in cs]))
+    size = 250_000  # the largest size class is 256 KiB
+    data = os.urandom(size)
+    with make_client(server) as c:
+        hashed = []
+        submit = c.hasher.submit
+        monkeypatch.setattr(c.hasher, "submit", lambda p: hashed.append(len(p)) or submit(p))
+        assert c.put([key(1), key(2)], [data, data[:1000]]) == [PutStatus.STORED] * 2
+        digests = c._conn(c.router.servers[0]).endpoint.digests
+        # with digests on, only what the transport cannot digest is hashed by the client
+        from rdmapool.transport import Opcode
+
+        if fused:  # (stripped digests: the write path hashes the payload itself, not through the Hasher)
+            assert (size in hashed) == (Opcode.WRITE not in digests)
+        hashed.clear()
+        out = bytearray(size)
+        assert c.get([key(1)], [out]) == [size] and out == data
+        assert (size in hashed) == (not fused or Opcode.READ not in digests)
+        (ref,) = c.lookup_prefix([key(1)]).refs
+        region = server.regions["a"]
+        off = ref.hit.addr - region.descriptor.addr + 64  # payload start
+        for at in (0, size // 2, size - 1):
+            region.view[off + at] ^= 0x01
+            assert c.get([key(1)], [bytearray(size)]) == [None]
+            region.view[off + at] ^= 0x01
+        assert c.counters["corrupt_blocks"] == 3
+        assert c.get([key(1), key(2)], [bytearray(size), bytearray(1000)]) == [size, 1000]
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_slot_reused_under_slow_reader_gives_miss(transport: str) -> None:
     """Two slots only. A reader holds a ref; the block is deleted; while the lease runs the slot is not reused;

@@ -283,3 +283,52 @@ def test_lookup_wire_matches_lookup() -> None:
     assert [r[2] != 0 for r in records] == [True, False, True]
     assert [tuple(r) for r in records if r[2]] == [tuple(ref[:4]) for ref in refs if ref is not None]
     assert len(core.lookup_wire("a", keys, 3.0)) == HIT.size  # prefix: stops at the first miss
+
+
+def _record_accesses(core: PoolCore, tenant: str = "a") -> list[tuple[bytes, float]]:
+    seen: list[tuple[bytes, float]] = []
+    for cls in core.tenants[tenant].classes:
+        real = cls.policy.on_access
+
+        def spy(k: bytes, now: float, real=real) -> None:
+            seen.append((k, now))
+            real(k, now)
+
+        cls.policy.on_access = spy  # type: ignore[method-assign]
+    return seen
+
+
+def test_deferred_access_reports_arrive_in_order_after_flush() -> None:
+    core = make_core(slots=8)
+    for i in range(4):
+        put(core, "a", key(i), 0.0)
+    seen = _record_accesses(core)
+    core.defer_access = True
+    assert len(core.lookup("a", [key(0), key(1)], 1.0)) == 2
+    assert len(core.lookup("a", [key(2)], 2.0)) == 1
+    assert seen == [] and core.access_backlog == 3
+    core.flush_access(limit=2)
+    assert seen == [(key(0), 1.0), (key(1), 1.0)] and core.access_backlog == 1
+    core.flush_access()
+    assert seen[-1] == (key(2), 2.0) and core.access_backlog == 0
+    check_invariants(core)
+
+
+def test_deferred_access_flushed_before_other_ops_and_dropped_for_gone_slots() -> None:
+    core = make_core(slots=8, policy="lru")
+    for i in range(3):
+        put(core, "a", key(i), 0.0)
+    seen = _record_accesses(core)
+    core.defer_access = True
+    core.lookup("a", [key(0), key(1)], 1.0)
+    core.touch("a", [key(2)], 1.5)  # every op but lookup applies the backlog first, in order
+    assert seen == [(key(0), 1.0), (key(1), 1.0), (key(2), 1.5)]
+    core.lookup("a", [key(0), key(1)], 2.0)
+    core.defer_access = False
+    assert core.delete("a", [key(0)], 2.5) == [True]  # flushed before the delete: key(0)'s report counts
+    core.defer_access = True
+    core.lookup("a", [key(1)], 3.0)
+    core._retire(core.tenants["a"], core.tenants["a"].index[key(1)], 3.0, "deletes")  # gone before the flush
+    core.flush_access()
+    assert seen[3:] == [(key(0), 2.0), (key(1), 2.0)]  # the report of a retired slot is dropped
+    check_invariants(core)

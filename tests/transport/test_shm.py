@@ -371,3 +371,49 @@ def test_post_plan_errors_match_the_slow_path(shm_pair):
         done = ep.wait(2, TIMEOUT)
         assert [c.status for c in done] == [WcStatus.SUCCESS, WcStatus.REM_ACCESS_ERR]
         assert "deregistered" in done[1].detail
+
+
+# --- fused digests ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [0, 1, 16383, 16385, 3 << 20])
+def test_digest_of_read_and_write_equals_hashing_the_local_bytes(shm_pair, size):
+    import xxhash
+
+    from rdmapool import _shmatomics
+    from rdmapool.transport import Opcode
+
+    if not _shmatomics.DIGEST:
+        pytest.skip("this CPU has no AVX2: the shm mover does not digest (callers hash)")
+    srv, cli = shm_pair
+    region = srv.allocate(size + 200)
+    src = bytearray(os.urandom(size + 16))
+    dst = bytearray(size + 16)
+    ls, ld = cli.register(src), cli.register(dst)
+    with cli.connect(srv.peer_info()) as ep:
+        assert ep.digests == {Opcode.READ, Opcode.WRITE}
+        wsgl = (ls.sge(0, 8), ls.sge(8, size), ls.sge(8 + size, 8))
+        write = WorkRequest(1, Opcode.WRITE, wsgl, region.remote(3), region.rkey, digest=1)
+        read = WorkRequest(2, Opcode.READ, (ld.sge(0, 8), ld.sge(8, size)), region.remote(3), region.rkey, digest=1)
+        plain = WorkRequest.read(3, ld.sge(), region.remote(3), region.rkey)
+        w, r, p = ep.execute([write, read, plain], TIMEOUT)
+        assert w.ok and r.ok and p.ok and p.digest is None
+        want = xxhash.xxh3_128_digest(bytes(src[8 : 8 + size]))
+        assert w.digest == want and r.digest == want
+        # a payload changed between write and read: the read's digest is that of what landed, not the old one
+        region.view[3 + 8 + size // 2] ^= 0xFF if size else 0
+        (r2,) = ep.execute([read], TIMEOUT)
+        assert r2.digest == xxhash.xxh3_128_digest(bytes(dst[8 : 8 + size]))
+        assert (r2.digest == want) == (size == 0)
+        with pytest.raises(UsageError):
+            ep.post([WorkRequest(4, Opcode.READ, (ld.sge(0, 8),), region.remote(3), region.rkey, digest=1)])
+
+
+def test_native_digest_matches_the_xxhash_package():
+    import xxhash
+
+    from rdmapool import _shmatomics
+
+    if not _shmatomics.DIGEST:
+        pytest.skip("this CPU has no AVX2: the shm mover does not digest (callers hash)")
+    for n in (0, 1, 17, 240, 241, 16384, 1 << 20, 3 * (1 << 20) + 5):
+        data = os.urandom(n)
+        assert _shmatomics.digest(data) == xxhash.xxh3_128_digest(data)

@@ -451,3 +451,35 @@ def test_initiator_killed_mid_run_leaves_the_server_serving(backend, spawn_peer)
             ok(ep.execute([WorkRequest.faa(1, local.sge(0, 8), desc.addr, desc.rkey, 1)], T))
     finally:
         client.close()
+
+
+# -- optional digests ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [5, 16385, 3 << 20])
+def test_digest_is_the_hash_of_the_local_sge_or_none(pair, size):
+    """A backend lists the opcodes it digests; their completions carry xxh3-128 of the named local SGE (what
+    landed / what was sent), every other completion carries None. A digest never stands for stale bytes."""
+    import xxhash
+
+    server, client = pair
+    remote = server.allocate(size + 64)
+    buf = client.allocate(size + 16)
+    buf.view[:] = pattern(size + 16, 3)
+    with client.connect(server.peer_info()) as ep:
+        offered = ep.digests
+        assert offered <= {Opcode.READ, Opcode.WRITE}
+        sgl = (buf.sge(0, 8), buf.sge(8, size), buf.sge(8 + size, 8))
+        want = xxhash.xxh3_128_digest(bytes(buf.view[8 : 8 + size]))
+        (w,) = ep.execute([WorkRequest(1, Opcode.WRITE, sgl, remote.remote(0), remote.rkey, digest=1)], T)
+        ok([w])
+        assert w.digest == (want if Opcode.WRITE in offered else None)
+        remote.view[9] ^= 0x5A  # the payload changes remotely: a READ's digest is that of the new bytes
+        buf.view[:] = bytes(size + 16)
+        (r,) = ep.execute([WorkRequest(2, Opcode.READ, sgl, remote.remote(0), remote.rkey, digest=1)], T)
+        ok([r])
+        landed = xxhash.xxh3_128_digest(bytes(buf.view[8 : 8 + size]))
+        assert landed != want
+        assert r.digest == (landed if Opcode.READ in offered else None)
+        (plain,) = ep.execute([WorkRequest.read(3, buf.sge(), remote.remote(0), remote.rkey)], T)
+        assert plain.digest is None
+        with pytest.raises(UsageError):
+            ep.post([WorkRequest(4, Opcode.READ, (buf.sge(0, 8),), remote.remote(0), remote.rkey, digest=1)])

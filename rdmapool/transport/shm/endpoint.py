@@ -48,6 +48,8 @@ from rdmapool.transport.shm.segment import Segment
 from rdmapool.transport.shm.table import LOCAL_ONLY, STATE_OPEN, TableView
 
 _REC = struct.Struct("<IIQQQQQQQ")
+_DIGESTS = frozenset((Opcode.READ, Opcode.WRITE)) if native.DIGEST else frozenset()
+_DIGEST_AT = 32  # a digest record's compare/swap words receive its 16 digest bytes
 _NEED = {  # plain ints: enum flag arithmetic costs microseconds per request
     Opcode.READ: int(Access.REMOTE_READ),
     Opcode.WRITE: int(Access.REMOTE_WRITE),
@@ -106,6 +108,11 @@ class ShmEndpoint(Endpoint):
     @property
     def state(self) -> EndpointState:
         return self._state
+
+    @property
+    def digests(self) -> frozenset[Opcode]:
+        """The native mover hashes digest SGEs as it copies them (native/xxhash/digest.h)."""
+        return _DIGESTS
 
     @property
     def outstanding(self) -> int:
@@ -251,6 +258,7 @@ class ShmEndpoint(Endpoint):
         recs = bytearray()
         rec_wr: list[int] = []
         lengths: list[int] = []
+        digest_rec: dict[int, int] = {}  # request index -> its digest record
         fail_at, failure = len(wrs), None
         for i, wr in enumerate(wrs):
             try:
@@ -258,6 +266,10 @@ class ShmEndpoint(Endpoint):
             except _Failure as f:
                 fail_at, failure = i, f
                 break
+            if wr.digest is not None and _DIGESTS:
+                rec = len(rec_wr) - len(wr.sgl) + wr.digest
+                if recs[rec * _REC.size + 1] & (native.OP_DIGEST >> 8):  # _encode flagged it (host memory)
+                    digest_rec[i] = rec
         done, status = self._run(recs, len(rec_wr))
         if status == _ST_RETRY_EXC:
             self._peer_lost(wrs)
@@ -270,9 +282,11 @@ class ShmEndpoint(Endpoint):
                 self._drop(rkey)
             else:
                 failure = _Failure(WcStatus(status), self._handoff_error)
-        for wr, length in zip(wrs[:fail_at], lengths, strict=False):
+        for i, (wr, length) in enumerate(zip(wrs[:fail_at], lengths, strict=False)):
             if wr.signaled:
-                self._cq.append(Completion(wr.wr_id, WcStatus.SUCCESS, wr.opcode, length))
+                rec = digest_rec.get(i)
+                digest = None if rec is None else bytes(recs[rec * _REC.size + _DIGEST_AT : rec * _REC.size + _DIGEST_AT + 16])
+                self._cq.append(Completion(wr.wr_id, WcStatus.SUCCESS, wr.opcode, length, digest=digest))
         if failure is not None:
             wr = wrs[fail_at]
             self._cq.append(Completion(wr.wr_id, failure.status, wr.opcode, 0, failure.detail))
@@ -338,8 +352,11 @@ class ShmEndpoint(Endpoint):
                            f"[{wr.remote_addr:#x}, +{length}) is outside region {wr.rkey:#x}")
         ptr = rem.base + (wr.remote_addr - rem.addr)
         if op is Opcode.READ or op is Opcode.WRITE:
-            for sge in sgl:
-                code = op | (handoff if self._local[sge.lkey].cuda else 0)
+            want = wr.digest if _DIGESTS else None
+            for k, sge in enumerate(sgl):
+                cuda_sge = self._local[sge.lkey].cuda
+                # GPU memory is not hashed here: no digest for it (the caller hashes, or skips as the issue allows)
+                code = op | (handoff if cuda_sge else 0) | (native.OP_DIGEST if k == want and not cuda_sge else 0)
                 recs += _REC.pack(code, 0, sge.addr, ptr, sge.length, 0, 0, rem.valid_ptr, wr.rkey)
                 rec_wr.append(index)
                 ptr += sge.length
