@@ -32,7 +32,16 @@ def cuda_available() -> tuple[bool, str]:
     return False, "no CUDA device visible to torch or CuPy on this machine"
 
 
+#: backends whose peers can reach a device-memory region one-sidedly (GPUDirect RDMA)
+SERVES_DEVICE_MEMORY = ("verbs",)
+
+
 def allocate_cuda(transport: Transport, length: int) -> MemoryRegion:
+    if transport.name not in SERVES_DEVICE_MEMORY:
+        # tcp cannot register device memory at all; shm would register it local-only, a pool no client reaches
+        raise UsageError(f"--memory cuda needs a transport that serves GPU memory to peers ({', '.join(SERVES_DEVICE_MEMORY)}"
+                         f" with GPUDirect); {transport.name} cannot. Keep the pool in host memory: clients still "
+                         "read straight into their GPUs (shm copies run at pinned speed)")
     ok, how = cuda_available()
     if not ok:
         raise NoDevice(f"--memory cuda: {how}")
