@@ -8,8 +8,8 @@ reset, timeout, malformed reply) closes the socket and the endpoint and raises `
 call after `retry_after_s` reconnects, says `hello` again and connects a fresh transport endpoint (a restarted
 server has a new epoch and new regions). Until then calls fail at once: a dead server costs misses, not waits.
 
-A transport that offers `connect_many` (verbs) gets several data endpoints per server (its default count,
-`qps_per_peer`, made in one handshake): `endpoints` holds them, the data path spreads a batch's independent
+A transport that offers `connect_many` (verbs) gets several data endpoints per server
+(`ClientConfig.endpoints_per_server`, else the transport's default `qps_per_peer`; made in one handshake): `endpoints` holds them, the data path spreads a batch's independent
 requests over them, and any one failing closes the whole connection. Other transports get one. `endpoint` is
 the first (for callers that need just one, and for properties every endpoint of a transport shares).
 """
@@ -80,7 +80,8 @@ class ServerConnection:
             raise ProtocolError("hello reply lacks peer_info")
         connect_many = getattr(transport, "connect_many", None)
         if callable(connect_many):
-            endpoints = list(connect_many(peer_info, exchange=self._exchange, timeout=cfg.connect_timeout_s))
+            endpoints = list(connect_many(peer_info, cfg.endpoints_per_server, exchange=self._exchange,
+                                          timeout=cfg.connect_timeout_s))
             if not endpoints:
                 raise ProtocolError("connect_many made no endpoint")
             self.endpoints = endpoints

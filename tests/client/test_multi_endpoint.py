@@ -13,6 +13,7 @@ import pytest
 
 from rdmapool.client import PoolClient, PutStatus
 from rdmapool.config import ClientConfig, ServerConfig, TenantConfig
+from rdmapool.errors import UsageError
 from rdmapool.server import MemoryServer
 from rdmapool.transport.base import Completion, EndpointState, Opcode, WcStatus, WorkRequest
 from tests.support.localmem import LocalEndpoint, LocalTransport
@@ -87,9 +88,9 @@ def pool():
         server_side.close()
 
 
-def make_client(srv: MemoryServer, qps: int) -> tuple[PoolClient, ManyTransport]:
+def make_client(srv: MemoryServer, qps: int, per_server: int | None = None) -> tuple[PoolClient, ManyTransport]:
     t = ManyTransport(qps)
-    cfg = ClientConfig(token=TOKEN, staging_bytes=4 << 20, retry_after_s=0.0)
+    cfg = ClientConfig(token=TOKEN, staging_bytes=4 << 20, retry_after_s=0.0, endpoints_per_server=per_server)
     return PoolClient([srv.address], cfg, transport=t), t
 
 
@@ -167,3 +168,17 @@ def test_transports_without_connect_many_keep_one_endpoint(pool) -> None:
             assert conn.endpoints == t.endpoints and len(t.endpoints) == 1 and conn.endpoint is t.endpoints[0]
     finally:
         t.close()
+
+
+def test_config_sets_the_endpoint_count_and_checks_it(pool) -> None:
+    srv, _ = pool
+    c, t = make_client(srv, 2, per_server=3)
+    try:
+        with c:
+            assert c.put([key(1)], [b"z" * 5000]) == [PutStatus.STORED]
+            assert len(c._conn(c.router.servers[0]).endpoints) == 3
+    finally:
+        t.close()
+    for bad in (0, 17):
+        with pytest.raises(UsageError, match="endpoints_per_server"):
+            ClientConfig(token=TOKEN, endpoints_per_server=bad)
