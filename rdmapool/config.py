@@ -152,10 +152,15 @@ class ClientConfig:
     staging_bytes: int = 64 << 20  # registered staging memory for unregistered user buffers
     max_frame: int = 16 << 20
     hash_threads: int = 2  # workers hashing large payloads while transfers run (0: hash inline)
+    #: data endpoints per server where the transport offers several (`connect_many`: verbs queue pairs);
+    #: None takes the transport's default (verbs `qps_per_peer`, 2). Transports without it use one.
+    endpoints_per_server: int | None = None
 
     def __post_init__(self) -> None:
         if self.hash_threads < 0:
             raise UsageError("hash_threads must be >= 0")
+        if self.endpoints_per_server is not None and not 1 <= self.endpoints_per_server <= 16:
+            raise UsageError(f"endpoints_per_server must be 1..16, got {self.endpoints_per_server}")
         for name in ("connect_timeout_s", "request_timeout_s", "data_timeout_s"):
             _positive(name, getattr(self, name))
         if self.retry_after_s < 0:

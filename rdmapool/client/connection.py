@@ -1,4 +1,4 @@
-"""One control connection to one server (blocking socket, every wait bounded) plus its data endpoint.
+"""One control connection to one server (blocking socket, every wait bounded) plus its data endpoints.
 
 Theory of operation
 -------------------
@@ -7,6 +7,11 @@ request timeout; `call_many` pipelines several requests (to one server) in one w
 reset, timeout, malformed reply) closes the socket and the endpoint and raises `ServerUnavailable`; the next
 call after `retry_after_s` reconnects, says `hello` again and connects a fresh transport endpoint (a restarted
 server has a new epoch and new regions). Until then calls fail at once: a dead server costs misses, not waits.
+
+A transport that offers `connect_many` (verbs) gets several data endpoints per server
+(`ClientConfig.endpoints_per_server`, else the transport's default `qps_per_peer`; made in one handshake): `endpoints` holds them, the data path spreads a batch's independent
+requests over them, and any one failing closes the whole connection. Other transports get one. `endpoint` is
+the first (for callers that need just one, and for properties every endpoint of a transport shares).
 """
 
 from __future__ import annotations
@@ -31,10 +36,15 @@ class ServerConnection:
         self._clock = clock
         self._sock: socket.socket | None = None
         self._session: ClientSession | None = None
-        self.endpoint: Endpoint | None = None
+        self.endpoints: list[Endpoint] = []
         self.hello: dict = {}
         self._down_until = 0.0
         self.connects = 0
+
+    @property
+    def endpoint(self) -> Endpoint | None:
+        """The first data endpoint, or None while there is none."""
+        return self.endpoints[0] if self.endpoints else None
 
     @property
     def connected(self) -> bool:
@@ -68,7 +78,15 @@ class ServerConnection:
         peer_info = self.hello.get("peer_info")
         if not isinstance(peer_info, dict):
             raise ProtocolError("hello reply lacks peer_info")
-        self.endpoint = transport.connect(peer_info, exchange=self._exchange, timeout=cfg.connect_timeout_s)
+        connect_many = getattr(transport, "connect_many", None)
+        if callable(connect_many):
+            endpoints = list(connect_many(peer_info, cfg.endpoints_per_server, exchange=self._exchange,
+                                          timeout=cfg.connect_timeout_s))
+            if not endpoints:
+                raise ProtocolError("connect_many made no endpoint")
+            self.endpoints = endpoints
+        else:
+            self.endpoints = [transport.connect(peer_info, exchange=self._exchange, timeout=cfg.connect_timeout_s)]
 
     def _exchange(self, request: dict) -> dict:
         reply = self._call_raw([("accept", {"request": request})])[0].get("reply")
@@ -122,10 +140,10 @@ class ServerConnection:
         return [check_reply(r, rid) for r, rid in zip(replies, ids, strict=True)]
 
     def close(self, mark_down: bool = False) -> None:
-        if self.endpoint is not None:
+        endpoints, self.endpoints = self.endpoints, []
+        for ep in endpoints:
             with contextlib.suppress(Exception):  # a broken endpoint may fail to close; dropped either way
-                self.endpoint.close()
-            self.endpoint = None
+                ep.close()
         if self._sock is not None:
             self._sock.close()
             self._sock = None

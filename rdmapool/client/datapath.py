@@ -18,6 +18,9 @@ the arena is reused and before the call returns, all within the call's data dead
 A read counts only after `block.validate` against the lookup reply and, for host destinations, the payload
 checksum: anything else is a miss and a `corrupt_blocks` count. Timeouts and broken endpoints close the
 connection (`ServerUnavailable` upwards: misses).
+
+A server connection may hold several endpoints (verbs: `qps_per_peer` queue pairs); a batch spreads its
+requests round-robin over them (`_Batch`), so one queue pair's outstanding-read limit does not cap the batch.
 """
 
 from __future__ import annotations
@@ -37,53 +40,81 @@ if TYPE_CHECKING:
 
 
 class _Batch:
-    """One-sided requests on one server's endpoint: posted one by one, completions handed to
-    `done(wr_id, ok, digest)` as they arrive, all within one `data_timeout_s` deadline."""
+    """One-sided requests on one server's data endpoints: posted one by one (or a list at a time), spread
+    round-robin over the endpoints, completions handed to `done(wr_id, ok, digest)` as they arrive, all within
+    one `data_timeout_s` deadline.
+
+    Requests need no order across endpoints: each block is one READ or one WRITE, and a header WRITE that must
+    follow its payload is built only after the payload's completion came back. Each endpoint keeps its own RC
+    order and its own count in flight; an endpoint left in ERROR closes the whole connection."""
 
     def __init__(self, client: PoolClient, conn: ServerConnection,
                  done: Callable[[int, bool, bytes | None], None]) -> None:
-        if conn.endpoint is None:
+        if not conn.endpoints:
             raise ServerUnavailable(f"{conn.address}: no data endpoint")
-        self.client, self.conn, self.endpoint, self.done = client, conn, conn.endpoint, done
+        self.client, self.conn, self.done = client, conn, done
+        self.endpoints = list(conn.endpoints)
+        self.endpoint = self.endpoints[0]  # every endpoint of a transport has the same `digests`
+        self.flying = [0] * len(self.endpoints)  # requests in flight, per endpoint
+        self._next = 0  # the endpoint the next request goes to
         self.deadline = client.clock() + client.config.data_timeout_s
-        self.in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        return sum(self.flying)
 
     def remaining(self) -> float:
         return self.deadline - self.client.clock()
 
     def post(self, wr: WorkRequest) -> None:
-        self.endpoint.post([wr])
-        self.in_flight += 1
-        self._reap(self.endpoint.poll(self.in_flight))
+        i = self._next
+        self._next = (i + 1) % len(self.endpoints)
+        self.endpoints[i].post([wr])
+        self.flying[i] += 1
+        self._poll_all()
 
     def post_many(self, wrs: list[WorkRequest]) -> None:
-        """One post for several requests (shm: one pass of the native mover, GIL released once)."""
-        if wrs:
-            self.endpoint.post(wrs)
-            self.in_flight += len(wrs)
-            self._reap(self.endpoint.poll(self.in_flight))
+        """One post per endpoint for several requests (shm: one pass of the native mover, GIL released once)."""
+        if not wrs:
+            return
+        k = len(self.endpoints)
+        start = self._next
+        self._next = (start + len(wrs)) % k
+        for j in range(min(k, len(wrs))):
+            i = (start + j) % k
+            part = wrs[j::k]
+            self.endpoints[i].post(part)
+            self.flying[i] += len(part)
+        self._poll_all()
 
     def drain(self) -> None:
         while self.in_flight:
+            i = next(j for j, f in enumerate(self.flying) if f)
             remaining = self.remaining()
             try:
                 if remaining <= 0:
                     raise TimeoutError
-                got = self.endpoint.wait(1, remaining)
+                got = self.endpoints[i].wait(1, remaining)
             except TimeoutError as exc:
                 self.conn.close(mark_down=True)
                 raise ServerUnavailable(f"{self.conn.address}: one-sided operations timed out") from exc
-            self._reap(got + self.endpoint.poll(self.in_flight))
-        if self.endpoint.state is not EndpointState.READY:
+            self._reap(i, got)
+            self._poll_all()
+        if any(ep.state is not EndpointState.READY for ep in self.endpoints):
             self.conn.close()  # a broken endpoint is never repaired: reconnect on the next call
 
     def timed_out(self) -> ServerUnavailable:
         self.conn.close(mark_down=True)
         return ServerUnavailable(f"{self.conn.address}: data path timed out")
 
-    def _reap(self, completions: list) -> None:
+    def _poll_all(self) -> None:
+        for i, ep in enumerate(self.endpoints):
+            if self.flying[i]:
+                self._reap(i, ep.poll(self.flying[i]))
+
+    def _reap(self, i: int, completions: list) -> None:
         for c in completions:
-            self.in_flight -= 1
+            self.flying[i] -= 1
             if not c.ok:
                 self.client.counters.add(f"wc_{c.status.name.lower()}")
             self.done(c.wr_id, c.ok, c.digest)
@@ -99,7 +130,7 @@ def write_blocks(client: PoolClient, conn: ServerConnection, items: list) -> lis
     carries header, payload and trailer."""
     arena = client.arena()
     hasher: Hasher = client.hasher
-    fused = conn.endpoint is not None and Opcode.WRITE in conn.endpoint.digests
+    fused = conn.endpoint is not None and Opcode.WRITE in conn.endpoint.digests  # the same on every endpoint
     ok: list[bool] = [False] * len(items)
     good = [0] * len(items)  # requests of block n completed successfully
     need = [1] * len(items)  # requests block n takes

@@ -1,5 +1,6 @@
 """A memory-pool client round over verbs: put blocks of several sizes into running memory servers, read them
-back one-sided, check every byte, delete half, check they miss. Prints one JSON line; exit 0 only if all held.
+back one-sided, check every byte, delete half, check they miss; every server's connection holds two or more
+queue pairs and each of them carried requests. Prints one JSON line; exit 0 only if all held.
 Used by the two-VM test (tests/vm: server and client in different VMs joined by a virtual wire) and by the
 Docker `pool` role.
 
@@ -67,6 +68,9 @@ def main() -> int:
         deleted = client.delete(keys[::2])
         again = client.get(keys, [bytearray(len(b)) for b in blocks])
         transport = client.transport
+        # requests posted on each data endpoint (verbs: queue pair) of each server's connection
+        per_qp = [[getattr(ep, "_seq", None) for ep in client._conn(addr).endpoints]
+                  for addr in client.router.servers]
         report = {
             "transport": transport.name,
             "device": getattr(getattr(transport, "device", None), "name", None),
@@ -76,12 +80,14 @@ def main() -> int:
             "deleted": sum(bool(d) for d in deleted),
             "miss_after_delete": sum(again[i] is None for i in range(0, args.blocks, 2)),
             "kept_after_delete": sum(again[i] == len(blocks[i]) for i in range(1, args.blocks, 2)),
+            "wrs_per_qp": per_qp,
             "seconds": round(time.monotonic() - t0, 2),
         }
     half = len(keys[::2])
     report["ok"] = (report["transport"] == "verbs" and report["stored"] == args.blocks
                     and report["read_exact"] == args.blocks and report["miss_after_delete"] == half
-                    and report["kept_after_delete"] == args.blocks - half)
+                    and report["kept_after_delete"] == args.blocks - half
+                    and all(len(qps) >= 2 and all(n for n in qps) for qps in per_qp))
     print(json.dumps(report), flush=True)
     return 0 if report["ok"] else 1
 

@@ -155,7 +155,7 @@ def test_fused_digest_detects_corruption_like_the_client_hash(server, fused: boo
     if not fused:
         reap = datapath._Batch._reap
         monkeypatch.setattr(datapath._Batch, "_reap",
-                            lambda self, cs: reap(self, [dataclasses.replace(c, digest=None) for c in cs]))
+                            lambda self, i, cs: reap(self, i, [dataclasses.replace(c, digest=None) for c in cs]))
     size = 250_000  # the largest size class is 256 KiB
     data = os.urandom(size)
     with make_client(server) as c:

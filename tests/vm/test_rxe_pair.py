@@ -1,6 +1,6 @@
 """A memory server and a client as separate processes in two VMs joined by QEMU socket networking: two kernels,
 two rxe devices, RoCE v2 over a virtual wire. The client puts blocks into the server's pool and reads them back
-one-sided over verbs (scripts/vm/pool_check.py); the verbs connection info travels over the server's control
+one-sided over verbs (scripts/vm/pool_check.py) on two queue pairs; the verbs connection info travels over the server's control
 protocol (Transport.accept / connect(exchange=...))."""
 
 from __future__ import annotations
@@ -67,5 +67,8 @@ def test_memory_server_and_client_in_two_vms_over_rxe(vm_image, tmp_path):
     server_out = (tmp_path / "server" / "server.out").read_text()
     assert report["ok"], f"{report}\n{c.describe()}\n--- server\n{s.describe()}"
     assert report["transport"] == "verbs" and report["device"] == "rxe0"
+    # the client holds two or more queue pairs to the server (issue 5) and spreads requests over all of them
+    (qps,) = report["wrs_per_qp"]
+    assert len(qps) >= 2 and all(qps), report
     assert '"ready": true' in server_out and '"transport": "verbs"' in server_out, server_out
     assert c.rc == 0 and s.rc == 0, f"client {c.rc}, server {s.rc}\n{s.describe()}"
