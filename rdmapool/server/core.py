@@ -106,7 +106,13 @@ class PoolCore:
         #: Every operation but lookup flushes all first; a report whose slot has since left RESIDENT (or been
         #: reused) is dropped, so the policy never hears of a key it does not track (see docs/decisions.md)
         self.defer_access = False
-        self._deferred: list[tuple[Slot, int, float]] = []  # (slot, its generation then, when)
+        # Three parallel lists (slot, its generation then, when), not a tuple per report: a lookup of 512 hits
+        # would otherwise leave 512 new GC-tracked tuples behind, and the backlog (up to the driver's cap) made
+        # the server's cyclic GC pause the loop for several ms in front of a lookup (see docs/decisions.md).
+        # Slots are long-lived (frozen by the driver); ints and floats are not GC containers.
+        self._deferred: list[Slot] = []
+        self._deferred_gen: list[int] = []
+        self._deferred_when: list[float] = []
 
     # ---- operations -------------------------------------------------------------------------------------
     def lookup(self, tenant: str, keys: Sequence[bytes], now: float, prefix: bool = True) -> list[SlotRef | None]:
@@ -134,18 +140,20 @@ class PoolCore:
         if not self._deferred:
             return
         if limit is None or limit >= len(self._deferred):
-            todo, self._deferred = self._deferred, []
+            slots, gens, whens = self._deferred, self._deferred_gen, self._deferred_when
+            self._deferred, self._deferred_gen, self._deferred_when = [], [], []
         else:
-            todo = self._deferred[:limit]
-            del self._deferred[:limit]
+            slots, gens, whens = self._deferred[:limit], self._deferred_gen[:limit], self._deferred_when[:limit]
+            del self._deferred[:limit], self._deferred_gen[:limit], self._deferred_when[:limit]
         resident = SlotState.RESIDENT
-        for slot, generation, when in todo:
+        for slot, generation, when in zip(slots, gens, whens, strict=True):
             if slot.state is resident and slot.generation == generation:
                 slot.cls.policy.on_access(slot.key, when)
 
     def _lookup_slots(self, pool: TenantPool, keys: Sequence[bytes], now: float, prefix: bool) -> list[Slot | None]:
         self.sweep(now)
         deferred = self._deferred if self.defer_access else None
+        deferred_gen, deferred_when = self._deferred_gen, self._deferred_when
         out: list[Slot | None] = []
         index = pool.index
         lease_until = now + self.config.lease_s
@@ -171,7 +179,9 @@ class PoolCore:
                 if deferred is None:
                     slot.cls.policy.on_access(key, now)
                 else:
-                    deferred.append((slot, slot.generation, now))
+                    deferred.append(slot)
+                    deferred_gen.append(slot.generation)
+                    deferred_when.append(now)
             out.append(slot)
         hits = len(out) - (0 if prefix else misses)
         self.counters["lookup_hits"] += hits
