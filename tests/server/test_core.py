@@ -354,3 +354,22 @@ def test_deferred_access_reports_leave_no_gc_tracked_objects_behind() -> None:
     assert len(gc.get_objects()) - before < 64
     core.flush_access()
     check_invariants(core)
+
+
+def test_chunked_flush_interleaved_with_lookups_applies_every_report_once_in_order() -> None:
+    core = make_core(slots=16)
+    keys = [key(i) for i in range(16)]
+    for k in keys:
+        put(core, "a", k, 0.0)
+    seen = _record_accesses(core)
+    core.defer_access = True
+    expected = []
+    for t in range(1, 41):  # lookups keep arriving while the backlog drains 5 at a time (head index + compaction)
+        core.lookup("a", keys, float(t))
+        expected += [(k, float(t)) for k in keys]
+        core.flush_access(limit=5)
+        assert core.access_backlog == len(expected) - len(seen)
+    while core.access_backlog:
+        core.flush_access(limit=7)
+    assert seen == expected
+    check_invariants(core)
