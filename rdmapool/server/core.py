@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import heapq
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -106,16 +106,15 @@ class PoolCore:
         #: Every operation but lookup flushes all first; a report whose slot has since left RESIDENT (or been
         #: reused) is dropped, so the policy never hears of a key it does not track (see docs/decisions.md)
         self.defer_access = False
-        # Three parallel lists (slot, its generation then, when), not a tuple per report: a lookup of 512 hits
+        # Three parallel deques (slot, its generation then, when), not a tuple per report: a lookup of 512 hits
         # would otherwise leave 512 new GC-tracked tuples behind, and the backlog (up to the driver's cap) made
-        # the server's cyclic GC pause the loop for several ms in front of a lookup (see docs/decisions.md).
-        # Slots are long-lived (frozen by the driver); ints and floats are not GC containers.
-        self._deferred: list[Slot] = []
-        self._deferred_gen: list[int] = []
-        self._deferred_when: list[float] = []
-        # Reports before this index are applied. A chunked flush advances it (O(chunk)) and the applied head is
-        # cut off only once it is at least half the lists: `del lst[:64]` on a backlog of 2^18 moved MBs per chunk.
-        self._deferred_head = 0
+        # the server's cyclic GC pause the loop for several ms in front of a lookup. Deques, not lists: a chunked
+        # flush pops from the left in O(chunk), where `del lst[:64]` moved MBs of a large backlog per chunk
+        # (see docs/decisions.md). Slots are frozen by the driver; the ints and floats appended are the slot's
+        # generation and the lookup's `now`, existing objects: a report allocates nothing.
+        self._deferred: deque[Slot] = deque()
+        self._deferred_gen: deque[int] = deque()
+        self._deferred_when: deque[float] = deque()
 
     # ---- operations -------------------------------------------------------------------------------------
     def lookup(self, tenant: str, keys: Sequence[bytes], now: float, prefix: bool = True) -> list[SlotRef | None]:
@@ -136,25 +135,21 @@ class PoolCore:
     @property
     def access_backlog(self) -> int:
         """Access reports queued by lookups (`defer_access`) and not yet applied."""
-        return len(self._deferred) - self._deferred_head
+        return len(self._deferred)
 
     def flush_access(self, limit: int | None = None) -> None:
         """Apply the queued access reports in order: all of them, or the oldest `limit`."""
-        head, end = self._deferred_head, len(self._deferred)
-        if head >= end:
-            return
-        stop = end if limit is None else min(end, head + limit)
-        slots, gens, whens = self._deferred[head:stop], self._deferred_gen[head:stop], self._deferred_when[head:stop]
-        if stop == end:
-            self._deferred, self._deferred_gen, self._deferred_when = [], [], []
-            self._deferred_head = 0
-        elif stop * 2 >= end:
-            del self._deferred[:stop], self._deferred_gen[:stop], self._deferred_when[:stop]
-            self._deferred_head = 0
-        else:
-            self._deferred_head = stop
+        slots, gens, whens = self._deferred, self._deferred_gen, self._deferred_when
         resident = SlotState.RESIDENT
-        for slot, generation, when in zip(slots, gens, whens, strict=True):
+        if limit is None or limit >= len(slots):
+            self._deferred, self._deferred_gen, self._deferred_when = deque(), deque(), deque()
+            for slot, generation, when in zip(slots, gens, whens, strict=True):
+                if slot.state is resident and slot.generation == generation:
+                    slot.cls.policy.on_access(slot.key, when)
+            return
+        pop_slot, pop_gen, pop_when = slots.popleft, gens.popleft, whens.popleft
+        for _ in range(limit):
+            slot, generation, when = pop_slot(), pop_gen(), pop_when()
             if slot.state is resident and slot.generation == generation:
                 slot.cls.policy.on_access(slot.key, when)
 
