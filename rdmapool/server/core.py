@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import heapq
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -106,7 +106,15 @@ class PoolCore:
         #: Every operation but lookup flushes all first; a report whose slot has since left RESIDENT (or been
         #: reused) is dropped, so the policy never hears of a key it does not track (see docs/decisions.md)
         self.defer_access = False
-        self._deferred: list[tuple[Slot, int, float]] = []  # (slot, its generation then, when)
+        # Three parallel deques (slot, its generation then, when), not a tuple per report: a lookup of 512 hits
+        # would otherwise leave 512 new GC-tracked tuples behind, and the backlog (up to the driver's cap) made
+        # the server's cyclic GC pause the loop for several ms in front of a lookup. Deques, not lists: a chunked
+        # flush pops from the left in O(chunk), where `del lst[:64]` moved MBs of a large backlog per chunk
+        # (see docs/decisions.md). Slots are frozen by the driver; the ints and floats appended are the slot's
+        # generation and the lookup's `now`, existing objects: a report allocates nothing.
+        self._deferred: deque[Slot] = deque()
+        self._deferred_gen: deque[int] = deque()
+        self._deferred_when: deque[float] = deque()
 
     # ---- operations -------------------------------------------------------------------------------------
     def lookup(self, tenant: str, keys: Sequence[bytes], now: float, prefix: bool = True) -> list[SlotRef | None]:
@@ -131,21 +139,24 @@ class PoolCore:
 
     def flush_access(self, limit: int | None = None) -> None:
         """Apply the queued access reports in order: all of them, or the oldest `limit`."""
-        if not self._deferred:
-            return
-        if limit is None or limit >= len(self._deferred):
-            todo, self._deferred = self._deferred, []
-        else:
-            todo = self._deferred[:limit]
-            del self._deferred[:limit]
+        slots, gens, whens = self._deferred, self._deferred_gen, self._deferred_when
         resident = SlotState.RESIDENT
-        for slot, generation, when in todo:
+        if limit is None or limit >= len(slots):
+            self._deferred, self._deferred_gen, self._deferred_when = deque(), deque(), deque()
+            for slot, generation, when in zip(slots, gens, whens, strict=True):
+                if slot.state is resident and slot.generation == generation:
+                    slot.cls.policy.on_access(slot.key, when)
+            return
+        pop_slot, pop_gen, pop_when = slots.popleft, gens.popleft, whens.popleft
+        for _ in range(limit):
+            slot, generation, when = pop_slot(), pop_gen(), pop_when()
             if slot.state is resident and slot.generation == generation:
                 slot.cls.policy.on_access(slot.key, when)
 
     def _lookup_slots(self, pool: TenantPool, keys: Sequence[bytes], now: float, prefix: bool) -> list[Slot | None]:
         self.sweep(now)
         deferred = self._deferred if self.defer_access else None
+        deferred_gen, deferred_when = self._deferred_gen, self._deferred_when
         out: list[Slot | None] = []
         index = pool.index
         lease_until = now + self.config.lease_s
@@ -171,7 +182,9 @@ class PoolCore:
                 if deferred is None:
                     slot.cls.policy.on_access(key, now)
                 else:
-                    deferred.append((slot, slot.generation, now))
+                    deferred.append(slot)
+                    deferred_gen.append(slot.generation)
+                    deferred_when.append(now)
             out.append(slot)
         hits = len(out) - (0 if prefix else misses)
         self.counters["lookup_hits"] += hits

@@ -332,3 +332,44 @@ def test_deferred_access_flushed_before_other_ops_and_dropped_for_gone_slots() -
     core.flush_access()
     assert seen[3:] == [(key(0), 2.0), (key(1), 2.0)]  # the report of a retired slot is dropped
     check_invariants(core)
+
+
+def test_deferred_access_reports_leave_no_gc_tracked_objects_behind() -> None:
+    # A queued report must not be a GC-tracked container per hit: a backlog of those made the server's cyclic
+    # GC pause its loop for several ms in front of lookups (lookup p99, docs/decisions.md).
+    import gc
+
+    core = make_core(slots=256)
+    keys = [key(i) for i in range(256)]
+    for k in keys:
+        put(core, "a", k, 0.0)
+    core.defer_access = True
+    core.lookup_wire("a", keys, 1.0)  # lists grow to their size once
+    core.flush_access()
+    gc.collect()
+    before = len(gc.get_objects())
+    for t in range(2, 6):
+        core.lookup_wire("a", keys, float(t))
+    assert core.access_backlog == 4 * 256
+    assert len(gc.get_objects()) - before < 64
+    core.flush_access()
+    check_invariants(core)
+
+
+def test_chunked_flush_interleaved_with_lookups_applies_every_report_once_in_order() -> None:
+    core = make_core(slots=16)
+    keys = [key(i) for i in range(16)]
+    for k in keys:
+        put(core, "a", k, 0.0)
+    seen = _record_accesses(core)
+    core.defer_access = True
+    expected = []
+    for t in range(1, 41):  # lookups keep arriving while the backlog drains 5 at a time (head index + compaction)
+        core.lookup("a", keys, float(t))
+        expected += [(k, float(t)) for k in keys]
+        core.flush_access(limit=5)
+        assert core.access_backlog == len(expected) - len(seen)
+    while core.access_backlog:
+        core.flush_access(limit=7)
+    assert seen == expected
+    check_invariants(core)
