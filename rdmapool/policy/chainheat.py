@@ -46,6 +46,7 @@ from collections import OrderedDict
 from math import exp, log
 
 from rdmapool.errors import UsageError
+from rdmapool.policy._chains import ChainMemory
 from rdmapool.policy._structs import LazyHeap, Peak
 from rdmapool.policy.base import BlockInfo, EvictionPolicy, Key
 
@@ -54,7 +55,7 @@ _GAP_PER_OCTAVE = 4
 _GAP_BUCKETS = 4 * 14  # up to 2^14 s
 
 
-class ChainHeat(EvictionPolicy):
+class ChainHeat(ChainMemory, EvictionPolicy):
     name = "chainheat"
 
     def __init__(self, beta: float = 1.5, cap: int = 3, ghost: float = 8.0, shared_children: int = 4,
@@ -88,22 +89,6 @@ class ChainHeat(EvictionPolicy):
         self._out: OrderedDict[Key, None] = OrderedDict()  # chains sampled out of admission (bounded)
 
     # -- what a newcomer would be -------------------------------------------------------------------------
-    def _new_heat(self, info: BlockInfo) -> int:
-        ghost = self._ghost.get(info.key)
-        if ghost is not None:
-            return ghost[0] + 1
-        p = info.parent
-        if p is not None:
-            m = self._meta.get(p)
-            if m is not None and self._children.get(p, 0) < self.shared_children:
-                return m[0]
-        return 1
-
-    def _partial(self, info: BlockInfo) -> bool:
-        if info.tokens > self._full_tokens:
-            self._full_tokens = info.tokens
-        return 0 < info.tokens < self._full_tokens
-
     def _prio(self, heat: int, depth: int, partial: bool, now: float) -> tuple[float, int]:
         if partial:
             return (now - _PARTIAL_SHIFT, -depth)

@@ -26,6 +26,7 @@ from collections import OrderedDict
 from math import log2
 
 from rdmapool.errors import UsageError
+from rdmapool.policy._chains import ChainMemory
 from rdmapool.policy._structs import LazyHeap, Peak
 from rdmapool.policy.base import BlockInfo, EvictionPolicy, Key
 
@@ -42,7 +43,7 @@ def _edge(b: int) -> float:
     return 2.0 ** ((b + 1) / _BPO) - 1.0
 
 
-class Fluid(EvictionPolicy):
+class Fluid(ChainMemory, EvictionPolicy):
     name = "fluid"
 
     def __init__(self, turns: int = 5, period: int = 4000, decay: float = 0.99, ghost: float = 8.0,
@@ -133,22 +134,6 @@ class Fluid(EvictionPolicy):
         return pick(hi)[1]
 
     # -- what a newcomer would be -------------------------------------------------------------------------
-    def _partial(self, info: BlockInfo) -> bool:
-        if info.tokens > self._full_tokens:
-            self._full_tokens = info.tokens
-        return 0 < info.tokens < self._full_tokens
-
-    def _new_heat(self, info: BlockInfo) -> int:
-        ghost = self._ghost.get(info.key)
-        if ghost is not None:
-            return ghost[0] + 1
-        p = info.parent
-        if p is not None:
-            m = self._meta.get(p)
-            if m is not None and self._children.get(p, 0) < self.shared_children:
-                return m[0]
-        return 1
-
     def _prio(self, heat: int, depth: int, partial: bool, touch: float) -> tuple[float, int]:
         if partial:
             return (touch - _PARTIAL_SHIFT, -depth)

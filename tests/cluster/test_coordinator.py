@@ -12,18 +12,11 @@ from rdmapool.cluster.router import ShardRouter
 from rdmapool.cluster.session import MembershipSession
 from rdmapool.cluster.shardmap import ShardMap
 from rdmapool.errors import ProtocolError
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.etcd
 S = 1024
 
-
-def wait_for(pred, timeout: float, step: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 def record(i: int, rack: str = "", cap: int = 1 << 30) -> MemberRecord:

@@ -15,17 +15,10 @@ from rdmapool.cluster.lease import LeaseClock, LeaseKeeper
 from rdmapool.cluster.local_etcd import LocalEtcd
 from rdmapool.cluster.mirror import PrefixMirror
 from rdmapool.errors import UsageError
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.etcd
 
-
-def wait_for(pred, timeout: float, step: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 def test_kv_and_txn(client: GatewayEtcd, keys) -> None:

@@ -13,19 +13,12 @@ from rdmapool.cluster.gateway import GatewayEtcd
 from rdmapool.cluster.local_etcd import LocalEtcd
 from rdmapool.cluster.router import ShardRouter
 from tests.cluster.conftest import spawn_member
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 TTL = 2
 S = 1024
 
-
-def wait_for(pred, timeout: float, step: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 def start_members(endpoints, cluster, n, racks=3):

@@ -18,18 +18,11 @@ from rdmapool.cluster.local_etcd import LocalEtcd
 from rdmapool.cluster.router import ShardRouter
 from rdmapool.config import ClientConfig
 from tests.support import procs
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 TTL = 2
 
-
-def wait_for(pred, timeout: float, step: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 def start_servers(endpoints: list[str], cluster: str, n: int, *extra: str) -> list[procs.ServerProc]:
