@@ -2,11 +2,12 @@
 
 A mixin, because both keep the same bookkeeping: `_ghost` (key -> (heat, ...) of evicted blocks), `_meta`
 (resident key -> (heat, ...)), `_children` (parent key -> resident children), `shared_children` and
-`_full_tokens` (the largest block seen: smaller ones are partial chain tails, almost never reused)."""
+`_full_tokens` (the largest block seen: smaller ones are partial chain tails, almost never reused), and a
+bounded ghost of evicted keys (`_ghost`, `_peak`, `ghost_factor`)."""
 
 from __future__ import annotations
 
-from rdmapool.policy.base import BlockInfo
+from rdmapool.policy.base import BlockInfo, Key
 
 
 class ChainMemory:
@@ -27,3 +28,12 @@ class ChainMemory:
         if info.tokens > self._full_tokens:
             self._full_tokens = info.tokens
         return 0 < info.tokens < self._full_tokens
+
+    def _remember(self, key: Key, heat: int, touched: float, *extra: int) -> None:
+        """Keep an evicted key's heat in the ghost, bounded to `ghost_factor` x the peak population."""
+        ghost = self._ghost
+        ghost[key] = (heat, touched, *extra)
+        ghost.move_to_end(key)
+        limit = max(64, int(self.ghost_factor * self._peak.value))
+        while len(ghost) > limit:
+            ghost.popitem(last=False)

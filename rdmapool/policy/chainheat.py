@@ -117,11 +117,11 @@ class ChainHeat(ChainMemory, EvictionPolicy):
         top = self._heap.peek()
         heat = self._new_heat(info)
         if self._sampled_out(info, heat):
-            self._remember(info.key, heat, now)
+            self._remember(info.key, heat, now, 0)
             return False
         if top is None or self._prio(heat, info.depth, self._partial(info), now) > top[1]:
             return True
-        self._remember(info.key, heat, now)
+        self._remember(info.key, heat, now, 0)
         return False
 
     def on_insert(self, info: BlockInfo, now: float) -> None:
@@ -203,13 +203,6 @@ class ChainHeat(ChainMemory, EvictionPolicy):
         self._log_gap += (log(gap) - self._log_gap) / min(self._gaps, self.memory)
         self._scale = exp(self._log_gap)
 
-    def _remember(self, key: Key, heat: int, touched: float, children: int = 0) -> None:
-        ghost = self._ghost
-        ghost[key] = (heat, touched, children)
-        ghost.move_to_end(key)
-        limit = max(64, int(self.ghost_factor * self._peak.value))
-        while len(ghost) > limit:
-            ghost.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._meta)

@@ -194,13 +194,6 @@ class Fluid(ChainMemory, EvictionPolicy):
         top = self._heap.peek()
         return None if top is None else top[0]
 
-    def _remember(self, key: Key, heat: int, touched: float) -> None:
-        ghost = self._ghost
-        ghost[key] = (heat, touched)
-        ghost.move_to_end(key)
-        limit = max(64, int(self.ghost_factor * self._peak.value))
-        while len(ghost) > limit:
-            ghost.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._meta)

@@ -30,6 +30,7 @@ from collections import OrderedDict
 from math import log2
 
 from rdmapool.errors import UsageError
+from rdmapool.policy._chains import ChainMemory
 from rdmapool.policy._structs import Peak
 from rdmapool.policy.base import BlockInfo, EvictionPolicy, Key
 
@@ -51,7 +52,7 @@ def _depth_bucket(depth: int) -> int:
     return min(4, 1 + int(log2(depth)) // 2)  # 1, 2-3 | 4-15 | 16-63 | 64+
 
 
-class HitDensity(EvictionPolicy):
+class HitDensity(ChainMemory, EvictionPolicy):
     name = "hitdensity"
 
     def __init__(self, turns: int = 5, granule: float = 4.0, buckets: int = 128, samples: int = 64,
@@ -265,13 +266,6 @@ class HitDensity(EvictionPolicy):
         self._victim_key, self._victim_now = k, now
         return k
 
-    def _remember(self, key: Key, heat: int, touched: float) -> None:
-        ghost = self._ghost
-        ghost[key] = (heat, touched)
-        ghost.move_to_end(key)
-        limit = max(64, int(self.ghost_factor * self._peak.value))
-        while len(ghost) > limit:
-            ghost.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._meta) + len(self._partials)
