@@ -202,9 +202,14 @@ def feature_auc(trace, horizon: float = 300.0) -> dict:
     ret = [g < math.inf for g in gap]
     t0, t1 = reqs[0].time, reqs[-1].time
     mid = (t0 + t1) / 2
+    root = _roots(trace, turn)
     fits = {"turn": lambda j, r: min(turn[j], 6),
             "turn + previous gap + length": lambda j, r: (min(turn[j], 6), _lg(prevgap[j]),
-                                                          int(math.log2(len(r.keys))))}
+                                                          int(math.log2(len(r.keys)))),
+            "shared prompt (where the first turn left known blocks)": lambda j, r: root[j],
+            "turn + shared prompt": lambda j, r: (min(turn[j], 6), root[j]),
+            "output tokens (log2)": lambda j, r: _lg(r.output_tokens),
+            "turn + output tokens": lambda j, r: (min(turn[j], 6), _lg(r.output_tokens))}
     train = [j for j, r in enumerate(reqs) if r.time < mid - horizon]
     test = [j for j, r in enumerate(reqs) if mid <= r.time < t1 - horizon]
     out = {}
@@ -219,6 +224,25 @@ def feature_auc(trace, horizon: float = 300.0) -> dict:
             row[label] = round(auc(sc, [ret[j] for j in score_on]), 3)
         out[name] = row
     return out
+
+
+def _roots(trace, turn: list[int]) -> list:
+    """Per request, its conversation's shared prompt: where its first turn left the blocks already seen (the
+    last known block's key and depth; an application's system prompt would show here), inherited by later
+    turns. Computed online: only earlier requests are looked at."""
+    seen: dict = {}
+    root: list = []
+    for i, r in enumerate(trace.requests):
+        k = 0
+        while k < len(r.keys) and r.keys[k] in seen:
+            k += 1
+        if turn[i] > 1:
+            root.append(root[seen[r.keys[k - 1]]])
+        else:
+            root.append((r.keys[k - 1], k) if k else None)
+        for key in r.keys[k:]:
+            seen[key] = i
+    return root
 
 
 def main(argv: list[str] | None = None) -> int:
