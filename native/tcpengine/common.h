@@ -28,8 +28,8 @@
 #define OUT_ARENA 128
 #define SEND_IOV 64
 #define RECV_IOV 64
-#define SMALL_READ (64 * 1024)
-#define BLOCKING_RECV_MIN (64 * 1024) /* payloads this large are awaited with MSG_WAITALL, not poll() */
+#define SMALL_READ (512 * 1024) /* READ responses smaller than this are gathered into one writev */
+#define BLOCKING_RECV_MIN (256 * 1024) /* payloads this large are awaited with MSG_WAITALL, not poll() */
 
 enum { OP_READ = 1, OP_WRITE = 2, OP_CAS = 3, OP_FAA = 4 };
 enum { ACC_LOCAL_WRITE = 1, ACC_REMOTE_WRITE = 2, ACC_REMOTE_READ = 4, ACC_REMOTE_ATOMIC = 8 };
