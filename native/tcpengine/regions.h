@@ -132,12 +132,40 @@ static void tune_socket(int fd) {
     }
 }
 
+/* Bytes one send or receive system call moves at most (0: no limit); see IO_CHUNK in common.h. */
+static size_t io_chunk = IO_CHUNK;
+
+/* Cut iov[0..n) so that it covers at most `max` bytes: returns the entries used; *saved keeps the length
+ * of the last one, to be restored with iov_restore. */
+static int iov_cap(struct iovec *iov, int n, size_t max, size_t *saved, int *last) {
+    *last = -1;
+    if (!max) return n;
+    size_t total = 0;
+    for (int i = 0; i < n; i++) {
+        if (total + iov[i].iov_len >= max) {
+            *saved = iov[i].iov_len;
+            *last = i;
+            iov[i].iov_len = max - total;
+            return i + 1;
+        }
+        total += iov[i].iov_len;
+    }
+    return n;
+}
+
+static void iov_restore(struct iovec *iov, size_t saved, int last) {
+    if (last >= 0) iov[last].iov_len = saved;
+}
+
 static int send_all_iov(int fd, struct iovec *iov, int n) {
     while (n > 0) {
         struct msghdr m = {0};
+        size_t saved = 0;
+        int last;
         m.msg_iov = iov;
-        m.msg_iovlen = n > 1024 ? 1024 : n;
+        m.msg_iovlen = iov_cap(iov, n > 1024 ? 1024 : n, io_chunk, &saved, &last);
         ssize_t w = sendmsg(fd, &m, MSG_NOSIGNAL);
+        iov_restore(iov, saved, last);
         if (w < 0) {
             if (errno == EINTR) continue;
             return -1;
@@ -151,7 +179,7 @@ static int send_all_iov(int fd, struct iovec *iov, int n) {
 static int recv_exact(int fd, void *buf, size_t len) {
     char *p = buf;
     while (len) {
-        ssize_t r = recv(fd, p, len, MSG_WAITALL);
+        ssize_t r = recv(fd, p, io_chunk && len > io_chunk ? io_chunk : len, MSG_WAITALL);
         if (r == 0) return -1;
         if (r < 0) {
             if (errno == EINTR) continue;
