@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import enum
 import heapq
+import operator
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import NamedTuple
 
 from rdmapool.config import ServerConfig, TenantConfig
@@ -39,6 +41,9 @@ from rdmapool.transport.base import RegionDescriptor
 
 #: how many leased victims the policy may name before an allocate gives up on a full class
 EVICT_TRIES = 16
+_MISS = bytes(HIT.size)  # a miss on the wire (generation 0)
+_wire = operator.attrgetter("wire")
+_generation = operator.attrgetter("generation")
 
 
 class AllocStatus(enum.IntEnum):
@@ -125,12 +130,12 @@ class PoolCore:
                 for s in self._lookup_slots(pool, keys, now, prefix)]
 
     def lookup_wire(self, tenant: str, keys: Sequence[bytes], now: float, prefix: bool = True) -> bytes:
-        """`lookup` packed as the protocol sends it (`wire.HIT` records, generation 0 for a miss), without
-        building a SlotRef per hit: this is the server's hottest path."""
-        pool = self._pool(tenant)
-        base, rkey, pack, miss = pool.region.addr, pool.region.rkey, HIT.pack, bytes(HIT.size)
-        return b"".join(miss if s is None else pack(base + s.offset, rkey, s.generation, s.length)
-                        for s in self._lookup_slots(pool, keys, now, prefix))
+        """`lookup` packed as the protocol sends it (`wire.HIT` records, generation 0 for a miss), from each
+        slot's record packed at commit: this is the server's hottest path."""
+        slots = self._lookup_slots(self._pool(tenant), keys, now, prefix)
+        if prefix:  # a prefix has no misses
+            return b"".join(map(_wire, slots))
+        return b"".join([_MISS if s is None else s.wire for s in slots])
 
     @property
     def access_backlog(self) -> int:
@@ -155,42 +160,44 @@ class PoolCore:
 
     def _lookup_slots(self, pool: TenantPool, keys: Sequence[bytes], now: float, prefix: bool) -> list[Slot | None]:
         self.sweep(now)
-        deferred = self._deferred if self.defer_access else None
-        deferred_gen, deferred_when = self._deferred_gen, self._deferred_when
-        out: list[Slot | None] = []
-        index = pool.index
+        slots: list[Slot | None] = list(map(pool.index.get, keys))
         lease_until = now + self.config.lease_s
         check_ttl = self.config.ttl_s is not None or self.config.idle_ttl_s is not None
         resident = SlotState.RESIDENT
+        reported: list[Slot] = []
+        report = reported.append
         misses = 0
-        for key in keys:
-            slot = index.get(key)
+        for i, slot in enumerate(slots):
             if slot is not None and slot.state is resident and check_ttl and self._expired(slot, now):
                 self._retire(pool, slot, now, "expired_ttl")
                 slot = None
             if slot is None or slot.state is not resident:
                 misses += 1
                 if prefix:
+                    del slots[i:]
                     break
-                out.append(None)
+                slots[i] = None
                 continue
             if slot.lease_until < lease_until:
                 slot.lease_until = lease_until
             if slot.last_access != now:
                 # one access report per key and call: a request naming a key 4096 times is one access
                 slot.last_access = now
-                if deferred is None:
-                    slot.cls.policy.on_access(key, now)
-                else:
-                    deferred.append(slot)
-                    deferred_gen.append(slot.generation)
-                    deferred_when.append(now)
-            out.append(slot)
-        hits = len(out) - (0 if prefix else misses)
+                report(slot)
+        if self.defer_access:
+            # Parallel deques of existing objects (the frozen slot, its generation, this call's `now`), not a
+            # tuple per report: see __init__
+            self._deferred.extend(reported)
+            self._deferred_gen.extend(map(_generation, reported))
+            self._deferred_when.extend(repeat(now, len(reported)))
+        else:
+            for slot in reported:
+                slot.cls.policy.on_access(slot.key, now)
+        hits = len(slots) - misses if not prefix else len(slots)
         self.counters["lookup_hits"] += hits
         self.counters["leases_granted"] += hits
         self.counters["lookup_misses"] += misses
-        return out
+        return slots
 
     def allocate(self, tenant: str, keys: Sequence[bytes], lengths: Sequence[int], now: float,
                  hints: Sequence[BlockHint] | None = None) -> list[Grant]:
@@ -218,6 +225,7 @@ class PoolCore:
                   and now < slot.deadline)
             if ok:
                 slot.move(SlotState.RESIDENT)
+                slot.wire = HIT.pack(pool.region.addr + slot.offset, pool.region.rkey, generation, slot.length)
                 slot.committed_at = slot.last_access = now
                 slot.cls.policy.on_insert(_info(key, slot.length, slot.hint, tenant), now)
                 self._push_ttl(pool, slot, now)
