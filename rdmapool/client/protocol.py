@@ -5,11 +5,9 @@ Replies are untrusted too: a server that sends a malformed reply is treated like
 
 from __future__ import annotations
 
-import array
 import functools
 import itertools
 import operator
-import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -29,7 +27,7 @@ class Hit(NamedTuple):
 
 _new_hit = functools.partial(tuple.__new__, Hit)
 _generation = operator.itemgetter(2)
-_SWAP = sys.byteorder != "little"  # the wire's records are little-endian
+_ZERO_GENERATION = bytes(8)
 _HIT_FIELDS = wire.HIT.size // 8  # u64 fields per record; the generation is the third
 
 
@@ -89,11 +87,11 @@ def check_hits(reply: dict, asked: int) -> bytes:
 
 def leading_hits(raw: bytes) -> int:
     """How many records of `raw` (checked hits) come before the first miss: C loops, no object per hit."""
-    fields = array.array("Q", raw)
-    if _SWAP:
-        fields.byteswap()
-    generations = fields[2::_HIT_FIELDS]
-    return generations.index(0) if 0 in generations else len(generations)
+    generations = memoryview(raw).cast("Q")[2::_HIT_FIELDS].tobytes()  # zero or not: byte order does not matter
+    at = generations.find(_ZERO_GENERATION)
+    while at > 0 and at % 8:  # a run of zero bytes across two generations, not a zero generation: look further
+        at = generations.find(_ZERO_GENERATION, at + 1)
+    return len(generations) // 8 if at < 0 else at // 8
 
 
 def unpack_hits(raw: bytes) -> list[Hit]:

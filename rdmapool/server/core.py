@@ -27,7 +27,6 @@ import operator
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import repeat
 from typing import NamedTuple
 
 from rdmapool.config import ServerConfig, TenantConfig
@@ -43,7 +42,6 @@ from rdmapool.transport.base import RegionDescriptor
 EVICT_TRIES = 16
 _MISS = bytes(HIT.size)  # a miss on the wire (generation 0)
 _wire = operator.attrgetter("wire")
-_generation = operator.attrgetter("generation")
 
 
 class AllocStatus(enum.IntEnum):
@@ -109,17 +107,16 @@ class PoolCore:
         #: when set (the server driver sets it), lookups queue their access reports to the eviction policy and
         #: `flush_access` applies them once the reply is sent (the driver: in idle moments, a chunk at a time).
         #: Every operation but lookup flushes all first; a report whose slot has since left RESIDENT (or been
-        #: reused) is dropped, so the policy never hears of a key it does not track (see docs/decisions.md)
+        #: reused) is dropped, so the policy never hears of a key it does not track. A slot has at most one
+        #: report queued (`Slot.report_gen` = the generation it is queued for): a later lookup of it only moves
+        #: its `last_access`, and the report, when applied, carries that latest time. So while lookups outpace
+        #: the policy, repeated accesses of a key merge into one and the backlog stays below the resident slot
+        #: count; a server that keeps up sees every access on its own (see docs/decisions.md)
         self.defer_access = False
-        # Three parallel deques (slot, its generation then, when), not a tuple per report: a lookup of 512 hits
-        # would otherwise leave 512 new GC-tracked tuples behind, and the backlog (up to the driver's cap) made
-        # the server's cyclic GC pause the loop for several ms in front of a lookup. Deques, not lists: a chunked
-        # flush pops from the left in O(chunk), where `del lst[:64]` moved MBs of a large backlog per chunk
-        # (see docs/decisions.md). Slots are frozen by the driver; the ints and floats appended are the slot's
-        # generation and the lookup's `now`, existing objects: a report allocates nothing.
+        # A deque of the (frozen) slots themselves, not a tuple per report: a report allocates nothing, where 512
+        # GC-tracked tuples per lookup made the server's cyclic GC pause the loop for ms; and a chunked flush pops
+        # from the left in O(chunk) (see docs/decisions.md).
         self._deferred: deque[Slot] = deque()
-        self._deferred_gen: deque[int] = deque()
-        self._deferred_when: deque[float] = deque()
 
     # ---- operations -------------------------------------------------------------------------------------
     def lookup(self, tenant: str, keys: Sequence[bytes], now: float, prefix: bool = True) -> list[SlotRef | None]:
@@ -144,19 +141,17 @@ class PoolCore:
 
     def flush_access(self, limit: int | None = None) -> None:
         """Apply the queued access reports in order: all of them, or the oldest `limit`."""
-        slots, gens, whens = self._deferred, self._deferred_gen, self._deferred_when
+        queue = self._deferred
+        if limit is None or limit >= len(queue):
+            self._deferred = deque()
+        else:
+            queue = [queue.popleft() for _ in range(limit)]
         resident = SlotState.RESIDENT
-        if limit is None or limit >= len(slots):
-            self._deferred, self._deferred_gen, self._deferred_when = deque(), deque(), deque()
-            for slot, generation, when in zip(slots, gens, whens, strict=True):
-                if slot.state is resident and slot.generation == generation:
-                    slot.cls.policy.on_access(slot.key, when)
-            return
-        pop_slot, pop_gen, pop_when = slots.popleft, gens.popleft, whens.popleft
-        for _ in range(limit):
-            slot, generation, when = pop_slot(), pop_gen(), pop_when()
-            if slot.state is resident and slot.generation == generation:
-                slot.cls.policy.on_access(slot.key, when)
+        for slot in queue:
+            # a slot retired and reused since keeps a report_gen of its old use: its old report is dropped
+            if slot.report_gen == slot.generation and slot.state is resident:
+                slot.report_gen = 0
+                slot.cls.policy.on_access(slot.key, slot.last_access)
 
     def _lookup_slots(self, pool: TenantPool, keys: Sequence[bytes], now: float, prefix: bool) -> list[Slot | None]:
         self.sweep(now)
@@ -164,6 +159,7 @@ class PoolCore:
         lease_until = now + self.config.lease_s
         check_ttl = self.config.ttl_s is not None or self.config.idle_ttl_s is not None
         resident = SlotState.RESIDENT
+        defer = self.defer_access
         reported: list[Slot] = []
         report = reported.append
         misses = 0
@@ -181,15 +177,15 @@ class PoolCore:
             if slot.lease_until < lease_until:
                 slot.lease_until = lease_until
             if slot.last_access != now:
-                # one access report per key and call: a request naming a key 4096 times is one access
+                # one access report per key and call (a request naming a key 4096 times is one access), and
+                # none while one is queued: that one will carry this newer last_access
                 slot.last_access = now
-                report(slot)
-        if self.defer_access:
-            # Parallel deques of existing objects (the frozen slot, its generation, this call's `now`), not a
-            # tuple per report: see __init__
+                if slot.report_gen != slot.generation:
+                    report(slot)
+                    if defer:
+                        slot.report_gen = slot.generation
+        if defer:
             self._deferred.extend(reported)
-            self._deferred_gen.extend(map(_generation, reported))
-            self._deferred_when.extend(repeat(now, len(reported)))
         else:
             for slot in reported:
                 slot.cls.policy.on_access(slot.key, now)

@@ -33,9 +33,11 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 << 10
 MAX_CONNECTIONS = 1024
-#: access reports applied per idle moment, and the backlog beyond which they are applied at once
+#: access reports applied per idle moment (a request arriving meanwhile waits for at most one chunk), and the
+#: backlog beyond which they are applied at once (the core queues at most one report per resident slot, so only
+#: a pool of more resident slots than this reaches it)
 ACCESS_CHUNK = 64
-ACCESS_BACKLOG_MAX = 1 << 18  # about 20 MB
+ACCESS_BACKLOG_MAX = 1 << 18
 
 
 def prefault(region: MemoryRegion) -> None:
@@ -50,12 +52,13 @@ def prefault(region: MemoryRegion) -> None:
 
 
 class _Conn:
-    __slots__ = ("sock", "session", "out", "last_active", "peer", "transport_sessions")
+    __slots__ = ("sock", "session", "out", "last_active", "peer", "transport_sessions", "events")
 
     def __init__(self, sock: socket.socket, session: ServerSession, now: float, peer: str) -> None:
         self.sock = sock
         self.session = session
         self.out = bytearray()
+        self.events = selectors.EVENT_READ  # what the selector waits for on this socket
         self.last_active = now
         self.peer = peer
         #: handshakes this client's `accept` ops opened in the transport (verbs queue pairs), released on close
@@ -295,8 +298,10 @@ class MemoryServer:
             return
         # while replies are pending, wait for writability and stop reading (backpressure on a slow reader)
         events = selectors.EVENT_WRITE if conn.out else selectors.EVENT_READ
-        with contextlib.suppress(KeyError, ValueError):
-            self._sel.modify(conn.sock, events, conn)
+        if events != conn.events:  # a system call: only when it changes (a reply sent whole does not)
+            conn.events = events
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.modify(conn.sock, events, conn)
 
     def _close(self, conn: _Conn) -> None:
         self._conns.pop(conn.sock.fileno(), None)
