@@ -51,7 +51,7 @@ class ClientSession:
         rid = next(self._ids) & 0xFFFFFFFF
         return rid, wire.encode({"v": wire.VERSION, "id": rid, "op": op, **fields})
 
-    def receive(self, data: bytes) -> list[dict]:
+    def receive(self, data: bytes | memoryview) -> list[dict]:
         self._decoder.feed(data)
         return list(self._decoder.messages())
 

@@ -172,7 +172,7 @@ class ServerSession:
     def closed(self) -> bool:
         return self.state is SessionState.CLOSED
 
-    def receive(self, data: bytes, now: float) -> bytes:
+    def receive(self, data: bytes | memoryview, now: float) -> bytes:
         """Process `data`; return the reply bytes (possibly several frames). After an error the session is
         CLOSED and the returned bytes end with the error reply."""
         if self.closed:
