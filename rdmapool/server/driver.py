@@ -285,10 +285,20 @@ class MemoryServer:
                 with self.lock:
                     self._servicing = conn
                     try:
-                        conn.out += conn.session.receive(self._rview[:n], now)
+                        reply = conn.session.receive(self._rview[:n], now)
                     finally:
                         self._servicing = None
-        if conn.out:
+                if reply:
+                    # sent from the reply itself; only what the socket does not take now is buffered
+                    try:
+                        sent = conn.sock.send(reply)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+                    except OSError:
+                        self._close(conn)
+                        return
+                    conn.out += memoryview(reply)[sent:]
+        elif conn.out:
             try:
                 sent = conn.sock.send(conn.out)
                 del conn.out[:sent]

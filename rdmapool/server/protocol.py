@@ -177,16 +177,16 @@ class ServerSession:
         CLOSED and the returned bytes end with the error reply."""
         if self.closed:
             return b""
-        out = bytearray()
+        out: list[bytes] = []
         self._decoder.feed(data)
         try:
             for msg in self._decoder.messages():
-                out += self._handle(msg, now)
+                out.append(self._handle(msg, now))
                 if self.closed:
                     break
         except ProtocolError as exc:
-            out += self._fail(0, exc)
-        return bytes(out)
+            out.append(self._fail(0, exc))
+        return b"".join(out)  # one reply: itself, no copy
 
     def eof(self) -> None:
         """The peer closed its side; a partial frame left over is a truncated frame."""

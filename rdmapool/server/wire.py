@@ -63,12 +63,13 @@ class FrameDecoder:
                 raise ProtocolError(f"frame of {n} bytes (allowed 1..{self.max_frame})")
             if len(self._buf) < _LEN.size + n:
                 return
-            body = bytes(self._buf[_LEN.size : _LEN.size + n])
+            with memoryview(self._buf) as view, view[_LEN.size : _LEN.size + n] as body:
+                msg = decode_body(body, self.max_frame)  # decoded in place (msgpack copies what it keeps)
             del self._buf[: _LEN.size + n]
-            yield decode_body(body, self.max_frame)
+            yield msg
 
 
-def decode_body(body: bytes, max_frame: int) -> dict:
+def decode_body(body: bytes | memoryview, max_frame: int) -> dict:
     try:
         msg = msgpack.unpackb(
             body, raw=False, strict_map_key=True, ext_hook=_refuse_ext, use_list=True,
