@@ -6,9 +6,10 @@ A frame is a 4-byte big-endian length N (1 <= N <= max_frame) followed by N byte
 Requests carry `v` (protocol version), `id` (echoed in the reply) and `op`; replies carry `v`, `id`, `ok` and
 either the op's fields or `error` + `kind`. A list of keys travels as one binary string of 16 bytes per key
 (version 2; version 1 sent a list of binaries): no msgpack object per key, and checking it is one length test.
-A peer speaking another version gets an error naming both versions, and its connection is closed. msgpack is decoded with extension types refused and container sizes
-bounded by the frame; nothing is ever unpickled. Every field is checked by the `get_*` helpers below, which raise
-`ProtocolError` naming the field: a peer's malformed frame can only ever close that peer's connection.
+A peer speaking another version gets an error naming both versions, and its connection is closed. msgpack is
+decoded with extension types refused and container sizes bounded by the frame; nothing is ever unpickled.
+Every field is checked by the `get_*` helpers below, which raise `ProtocolError` naming the field: a peer's
+malformed frame can only ever close that peer's connection.
 
 `FrameDecoder` is sans-IO: feed it bytes as they arrive, take whole messages out.
 """
