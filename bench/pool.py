@@ -65,7 +65,7 @@ def bench_size(transport: str, size: int, batch_bytes: int, repeat: int, hash_th
             conn = c._conn(c.router.servers[0])
             conn.ensure()
             raw_keys = [_key(10**9 + i) for i in range(n)]
-            grants = parse_grants(conn.call("allocate", keys=raw_keys, lengths=[size] * n), n)
+            grants = parse_grants(conn.call("allocate", keys=b"".join(raw_keys), lengths=[size] * n), n)
             wire = block.block_size(size)
             stage = c.transport.allocate(n * wire)
             writes = [WorkRequest(i, Opcode.WRITE, (stage.sge(i * wire, wire),), g.addr, g.rkey)
@@ -140,7 +140,7 @@ def _warm_every_slot(conn, ep, stage, size: int, wire: int) -> None:
     faults in this client's mapping of the server's memory (shm maps it; see docs/decisions.md), just as the
     raw baseline, which reuses its warm slots, does not."""
     warm_keys = [_key(2 * 10**9 + i) for i in range(4096)]
-    grants = [g for g in parse_grants(conn.call("allocate", keys=warm_keys, lengths=[size] * 4096), 4096)
+    grants = [g for g in parse_grants(conn.call("allocate", keys=b"".join(warm_keys), lengths=[size] * 4096), 4096)
               if g.status == 0]
     for i in range(0, len(grants), 8):
         part = grants[i : i + 8]

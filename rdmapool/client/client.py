@@ -35,7 +35,15 @@ from rdmapool.client.buffers import Arena, RegionSlice, Registry
 from rdmapool.client.connection import ServerConnection
 from rdmapool.client.datapath import read_blocks, write_blocks
 from rdmapool.client.hashing import Hasher
-from rdmapool.client.protocol import Hit, parse_grants, parse_hits, parse_results
+from rdmapool.client.protocol import (
+    Hit,
+    all_hits,
+    check_hits,
+    leading_hits,
+    parse_grants,
+    parse_results,
+    unpack_hits,
+)
 from rdmapool.client.routing import RendezvousRouter, Router
 from rdmapool.client.stats import ClientCounters
 from rdmapool.config import ClientConfig, ServerAddress
@@ -46,8 +54,10 @@ from rdmapool.errors import (
     TransportError,
     UsageError,
 )
+from rdmapool.server import wire
 from rdmapool.server.core import AllocStatus
 from rdmapool.server.slots import BlockHint
+from rdmapool.server.wire import HIT
 from rdmapool.transport.base import Access, MemoryRegion, Transport
 
 #: errors that make a server's keys misses instead of failing the caller
@@ -88,9 +98,65 @@ class BlockRef(NamedTuple):
 _new_ref = functools.partial(tuple.__new__, BlockRef)
 
 
+class PackedRefs(Sequence):
+    """One server's lookup reply for `keys`, kept packed as it arrived (`wire.HIT` records): a read-only
+    sequence of `BlockRef` (None for a miss, or past the hits a prefix lookup returned) whose refs are built
+    on first use, all at once in C loops, and kept. A lookup that only counts its hits builds none (512 Hits and
+    BlockRefs cost ~0.15 ms of client CPU; see docs/decisions.md)."""
+
+    __slots__ = ("_keys", "_server", "_epoch", "_raw", "_until", "_n", "_refs")
+
+    def __init__(self, keys: Sequence[bytes], server: ServerAddress, epoch: int, raw: bytes, until: float,
+                 n: int) -> None:
+        self._keys, self._server, self._epoch, self._raw, self._until = keys, server, epoch, raw, until
+        self._n = n  # entries: len(keys), or fewer for a prefix
+        self._refs: list[BlockRef | None] | None = None
+
+    def leading_hits(self) -> int:
+        """Entries before the first miss, without building any ref."""
+        return min(self._n, leading_hits(self._raw))
+
+    def _built(self) -> list[BlockRef | None]:
+        refs = self._refs
+        if refs is None:
+            hits = unpack_hits(self._raw)[: self._n]
+            refs = list(map(_new_ref, zip(self._keys, repeat(self._server), repeat(self._epoch), hits,
+                                          repeat(self._until))))
+            if not all_hits(hits):
+                refs = [r if r[3][2] else None for r in refs]
+            refs += [None] * (self._n - len(refs))
+            self._refs = refs
+        return refs
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            start, stop, step = i.indices(self._n)
+            if start == 0 and step == 1 and self._refs is None:
+                return PackedRefs(self._keys, self._server, self._epoch, self._raw, self._until, stop)
+            return tuple(self._built()[i])
+        return self._built()[i]
+
+    def __iter__(self) -> Iterator[BlockRef | None]:
+        return iter(self._built())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PackedRefs | tuple):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"PackedRefs({list(self)!r})"
+
+
 @dataclass(frozen=True, slots=True)
 class LookupResult:
-    refs: tuple[BlockRef, ...]
+    refs: Sequence[BlockRef]  # a tuple or a PackedRefs (refs built on first use)
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -211,7 +277,7 @@ class PoolClient:
 
     def _put_one_server(self, conn: ServerConnection, keys: list[bytes], sources: list, idx: list[int],
                         out: list[PutStatus], hints: list | None) -> None:
-        fields = {"keys": keys, "lengths": [_length(s) for s in sources]}
+        fields = {"keys": wire.pack_keys(keys), "lengths": [_length(s) for s in sources]}
         if hints is not None:
             fields["hints"] = hints
         reply = conn.call("allocate", **fields)
@@ -246,13 +312,20 @@ class PoolClient:
         keys = block.check_keys(keys)
         with self._lock:
             refs = self._lookup(keys, prefix=True)
-            end = next((i for i, r in enumerate(refs) if r is None), len(keys))
+            if isinstance(refs, PackedRefs):
+                end = refs.leading_hits()
+                found: Sequence[BlockRef] = refs[:end]
+            else:
+                end = next((i for i, r in enumerate(refs) if r is None), len(keys))
+                found = tuple(refs[:end])
             self.counters.add("lookup_keys", len(keys))
             self.counters.add("lookup_hits", end)
-            return LookupResult(tuple(refs[:end]))
+            return LookupResult(found)
 
-    def _lookup(self, keys: list[bytes], prefix: bool) -> list[BlockRef | None]:
-        refs: list[BlockRef | None] = [None] * len(keys)
+    def _lookup(self, keys: list[bytes], prefix: bool) -> Sequence[BlockRef | None]:
+        """One entry per key: its leased ref or None. One server's reply for all keys comes back as it arrived
+        (`PackedRefs`); keys spread over servers or batches are gathered into a list."""
+        parts: list[tuple[list[int], PackedRefs]] = []
         missed: set[ServerAddress] = set()
         for conn, idx in self._batches(keys):
             addr = conn.address
@@ -260,22 +333,22 @@ class PoolClient:
                 continue  # this server's part of the chain already ended: the prefix cannot reach further
             try:
                 start = self.clock()
-                reply = conn.call("lookup", keys=[keys[i] for i in idx], prefix=prefix)
-                hits = parse_hits(reply, len(idx))
+                part = keys if len(idx) == len(keys) else [keys[i] for i in idx]
+                raw = check_hits(conn.call("lookup", keys=wire.pack_keys(part), prefix=prefix), len(idx))
                 lease = float(conn.hello.get("lease_s", 0)) * LEASE_MARGIN
-                epoch = int(conn.hello.get("epoch", 0))
-                until = start + lease
-                if len(idx) == len(keys) and None not in hits:  # the common case, built in one C loop
-                    refs[: len(hits)] = map(_new_ref, zip(keys, repeat(addr), repeat(epoch), hits, repeat(until)))
-                else:
-                    for i, hit in zip(idx, hits, strict=False):
-                        if hit is not None:
-                            refs[i] = BlockRef(keys[i], addr, epoch, hit, until)
-                if prefix and len(hits) < len(idx):
+                refs = PackedRefs(part, addr, int(conn.hello.get("epoch", 0)), raw, start + lease, len(idx))
+                if prefix and len(raw) < len(idx) * HIT.size:
                     missed.add(addr)
+                parts.append((idx, refs))
             except _DEGRADE as exc:
                 self._degraded(conn, exc)
-        return refs
+        if len(parts) == 1 and len(parts[0][0]) == len(keys):
+            return parts[0][1]  # the common case: one server, one batch
+        out: list[BlockRef | None] = [None] * len(keys)
+        for idx, refs in parts:
+            for i, ref in zip(idx, refs, strict=True):
+                out[i] = ref
+        return out
 
     # ---- get --------------------------------------------------------------------------------------------
     def get(self, keys: Sequence[bytes], into: Sequence[Buffer]) -> list[int | None]:
@@ -328,7 +401,8 @@ class PoolClient:
         with self._lock:
             for conn, idx in self._batches(keys):
                 try:
-                    results = parse_results(conn.call("delete", keys=[keys[i] for i in idx]), len(idx))
+                    results = parse_results(conn.call("delete", keys=wire.pack_keys([keys[i] for i in idx])),
+                                            len(idx))
                     for i, ok in zip(idx, results, strict=True):
                         out[i] = ok
                 except _DEGRADE as exc:
@@ -341,7 +415,7 @@ class PoolClient:
         with self._lock:
             for conn, idx in self._batches(keys):
                 try:
-                    conn.call("touch", keys=[keys[i] for i in idx])
+                    conn.call("touch", keys=wire.pack_keys([keys[i] for i in idx]))
                 except _DEGRADE as exc:
                     self._degraded(conn, exc)
 

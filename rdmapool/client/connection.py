@@ -26,6 +26,11 @@ from rdmapool.config import ClientConfig, ServerAddress
 from rdmapool.errors import AuthError, ProtocolError, ServerUnavailable, UsageError
 from rdmapool.transport.base import Endpoint, Transport
 
+RECV_CHUNK = 256 << 10
+#: a wait for the reply may use the socket's timeout while it ends at most this long after the call's deadline
+#: (saves a settimeout system call per call)
+TIMEOUT_SLACK_S = 0.001
+
 
 class ServerConnection:
     def __init__(self, address: ServerAddress, config: ClientConfig,
@@ -40,6 +45,10 @@ class ServerConnection:
         self.hello: dict = {}
         self._down_until = 0.0
         self.connects = 0
+        self._sock_timeout: float | None = None
+        # replies are received into one reused buffer: `recv(n)` allocated (and for 1 MiB, mapped) n bytes a call
+        self._rbuf = bytearray(RECV_CHUNK)
+        self._rview = memoryview(self._rbuf)
 
     @property
     def endpoint(self) -> Endpoint | None:
@@ -68,6 +77,7 @@ class ServerConnection:
     def _connect(self) -> None:
         cfg = self.config
         self._sock = socket.create_connection((self.address.host, self.address.port), timeout=cfg.connect_timeout_s)
+        self._sock_timeout = cfg.connect_timeout_s
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._session = ClientSession(cfg.max_frame)
         self.hello = self._call_raw([("hello", {"token": cfg.token})])[0]
@@ -124,20 +134,28 @@ class ServerConnection:
             rid, data = self._session.request(op, **fields)
             ids.append(rid)
             out += data
-        deadline = self._clock() + self.config.request_timeout_s
-        self._sock.settimeout(self.config.request_timeout_s)
-        self._sock.sendall(out)
+        sock, limit = self._sock, self.config.request_timeout_s
+        deadline = self._clock() + limit
+        self._timeout(limit)
+        sock.sendall(out)
         replies: list[dict] = []
         while len(replies) < len(ids):
             remaining = deadline - self._clock()
             if remaining <= 0:
-                raise TimeoutError(f"no reply within {self.config.request_timeout_s}s")
-            self._sock.settimeout(remaining)
-            data = self._sock.recv(1 << 20)
-            if not data:
+                raise TimeoutError(f"no reply within {limit}s")
+            if remaining < self._sock_timeout - TIMEOUT_SLACK_S:
+                self._timeout(remaining)
+            n = sock.recv_into(self._rbuf)
+            if not n:
                 raise ConnectionResetError("server closed the connection")
-            replies.extend(self._session.receive(data))
+            replies.extend(self._session.receive(self._rview[:n]))
         return [check_reply(r, rid) for r, rid in zip(replies, ids, strict=True)]
+
+    def _timeout(self, seconds: float) -> None:
+        """settimeout is a system call each time: only when the value changes."""
+        if seconds != self._sock_timeout:
+            self._sock.settimeout(seconds)
+            self._sock_timeout = seconds
 
     def close(self, mark_down: bool = False) -> None:
         endpoints, self.endpoints = self.endpoints, []

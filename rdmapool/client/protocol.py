@@ -27,6 +27,8 @@ class Hit(NamedTuple):
 
 _new_hit = functools.partial(tuple.__new__, Hit)
 _generation = operator.itemgetter(2)
+_ZERO_GENERATION = bytes(8)
+_HIT_FIELDS = wire.HIT.size // 8  # u64 fields per record; the generation is the third
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +51,7 @@ class ClientSession:
         rid = next(self._ids) & 0xFFFFFFFF
         return rid, wire.encode({"v": wire.VERSION, "id": rid, "op": op, **fields})
 
-    def receive(self, data: bytes) -> list[dict]:
+    def receive(self, data: bytes | memoryview) -> list[dict]:
         self._decoder.feed(data)
         return list(self._decoder.messages())
 
@@ -73,15 +75,39 @@ def _ints(item: object, n: int, where: str) -> list[int]:
     return item
 
 
-def parse_hits(reply: dict, asked: int) -> list[Hit | None]:
-    """Hits are packed fixed-size records (see `wire.HIT`): decoding is one C loop, and every value is an
-    unsigned 64-bit integer by construction. Generation 0 (never issued by a server) marks a miss."""
+def check_hits(reply: dict, asked: int) -> bytes:
+    """The reply's packed hit records (`wire.HIT`), checked for shape only: every value is an unsigned 64-bit
+    integer by construction, and generation 0 (never issued by a server) marks a miss."""
     raw = reply.get("hits")
     size = wire.HIT.size
     if type(raw) is not bytes or len(raw) % size or len(raw) // size > asked:
         raise ProtocolError(f"hits must be bytes of at most {asked} records of {size} bytes")
-    hits = list(map(_new_hit, wire.HIT.iter_unpack(raw)))  # one C loop: no Python frame per hit
-    if not all(map(_generation, hits)):  # a zero generation is a miss (prefix lookups stop before one)
+    return raw
+
+
+def leading_hits(raw: bytes) -> int:
+    """How many records of `raw` (checked hits) come before the first miss: C loops, no object per hit."""
+    generations = memoryview(raw).cast("Q")[2::_HIT_FIELDS].tobytes()  # zero or not: byte order does not matter
+    at = generations.find(_ZERO_GENERATION)
+    while at > 0 and at % 8:  # a run of zero bytes across two generations, not a zero generation: look further
+        at = generations.find(_ZERO_GENERATION, at + 1)
+    return len(generations) // 8 if at < 0 else at // 8
+
+
+def unpack_hits(raw: bytes) -> list[Hit]:
+    """Every record of `raw` (checked hits) as a Hit, misses included: one C loop, no Python frame per hit."""
+    return list(map(_new_hit, wire.HIT.iter_unpack(raw)))
+
+
+def all_hits(hits: list[Hit]) -> bool:
+    """No miss (generation 0) among `hits`."""
+    return all(map(_generation, hits))
+
+
+def parse_hits(reply: dict, asked: int) -> list[Hit | None]:
+    """Hits as objects, misses None."""
+    hits = unpack_hits(check_hits(reply, asked))
+    if not all_hits(hits):  # a zero generation is a miss (prefix lookups stop before one)
         return [h if h[2] else None for h in hits]
     return hits
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+import operator
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from rdmapool.transport.base import RegionDescriptor
 
 #: how many leased victims the policy may name before an allocate gives up on a full class
 EVICT_TRIES = 16
+_MISS = bytes(HIT.size)  # a miss on the wire (generation 0)
+_wire = operator.attrgetter("wire")
 
 
 class AllocStatus(enum.IntEnum):
@@ -104,17 +107,16 @@ class PoolCore:
         #: when set (the server driver sets it), lookups queue their access reports to the eviction policy and
         #: `flush_access` applies them once the reply is sent (the driver: in idle moments, a chunk at a time).
         #: Every operation but lookup flushes all first; a report whose slot has since left RESIDENT (or been
-        #: reused) is dropped, so the policy never hears of a key it does not track (see docs/decisions.md)
+        #: reused) is dropped, so the policy never hears of a key it does not track. A slot has at most one
+        #: report queued (`Slot.report_gen` = the generation it is queued for): a later lookup of it only moves
+        #: its `last_access`, and the report, when applied, carries that latest time. So while lookups outpace
+        #: the policy, repeated accesses of a key merge into one and the backlog stays below the resident slot
+        #: count; a server that keeps up sees every access on its own (see docs/decisions.md)
         self.defer_access = False
-        # Three parallel deques (slot, its generation then, when), not a tuple per report: a lookup of 512 hits
-        # would otherwise leave 512 new GC-tracked tuples behind, and the backlog (up to the driver's cap) made
-        # the server's cyclic GC pause the loop for several ms in front of a lookup. Deques, not lists: a chunked
-        # flush pops from the left in O(chunk), where `del lst[:64]` moved MBs of a large backlog per chunk
-        # (see docs/decisions.md). Slots are frozen by the driver; the ints and floats appended are the slot's
-        # generation and the lookup's `now`, existing objects: a report allocates nothing.
+        # A deque of the (frozen) slots themselves, not a tuple per report: a report allocates nothing, where 512
+        # GC-tracked tuples per lookup made the server's cyclic GC pause the loop for ms; and a chunked flush pops
+        # from the left in O(chunk) (see docs/decisions.md).
         self._deferred: deque[Slot] = deque()
-        self._deferred_gen: deque[int] = deque()
-        self._deferred_when: deque[float] = deque()
 
     # ---- operations -------------------------------------------------------------------------------------
     def lookup(self, tenant: str, keys: Sequence[bytes], now: float, prefix: bool = True) -> list[SlotRef | None]:
@@ -125,12 +127,12 @@ class PoolCore:
                 for s in self._lookup_slots(pool, keys, now, prefix)]
 
     def lookup_wire(self, tenant: str, keys: Sequence[bytes], now: float, prefix: bool = True) -> bytes:
-        """`lookup` packed as the protocol sends it (`wire.HIT` records, generation 0 for a miss), without
-        building a SlotRef per hit: this is the server's hottest path."""
-        pool = self._pool(tenant)
-        base, rkey, pack, miss = pool.region.addr, pool.region.rkey, HIT.pack, bytes(HIT.size)
-        return b"".join(miss if s is None else pack(base + s.offset, rkey, s.generation, s.length)
-                        for s in self._lookup_slots(pool, keys, now, prefix))
+        """`lookup` packed as the protocol sends it (`wire.HIT` records, generation 0 for a miss), from each
+        slot's record packed at commit: this is the server's hottest path."""
+        slots = self._lookup_slots(self._pool(tenant), keys, now, prefix)
+        if prefix:  # a prefix has no misses
+            return b"".join(map(_wire, slots))
+        return b"".join([_MISS if s is None else s.wire for s in slots])
 
     @property
     def access_backlog(self) -> int:
@@ -139,58 +141,59 @@ class PoolCore:
 
     def flush_access(self, limit: int | None = None) -> None:
         """Apply the queued access reports in order: all of them, or the oldest `limit`."""
-        slots, gens, whens = self._deferred, self._deferred_gen, self._deferred_when
+        queue = self._deferred
+        if limit is None or limit >= len(queue):
+            self._deferred = deque()
+        else:
+            queue = [queue.popleft() for _ in range(limit)]
         resident = SlotState.RESIDENT
-        if limit is None or limit >= len(slots):
-            self._deferred, self._deferred_gen, self._deferred_when = deque(), deque(), deque()
-            for slot, generation, when in zip(slots, gens, whens, strict=True):
-                if slot.state is resident and slot.generation == generation:
-                    slot.cls.policy.on_access(slot.key, when)
-            return
-        pop_slot, pop_gen, pop_when = slots.popleft, gens.popleft, whens.popleft
-        for _ in range(limit):
-            slot, generation, when = pop_slot(), pop_gen(), pop_when()
-            if slot.state is resident and slot.generation == generation:
-                slot.cls.policy.on_access(slot.key, when)
+        for slot in queue:
+            # a slot retired and reused since keeps a report_gen of its old use: its old report is dropped
+            if slot.report_gen == slot.generation and slot.state is resident:
+                slot.report_gen = 0
+                slot.cls.policy.on_access(slot.key, slot.last_access)
 
     def _lookup_slots(self, pool: TenantPool, keys: Sequence[bytes], now: float, prefix: bool) -> list[Slot | None]:
         self.sweep(now)
-        deferred = self._deferred if self.defer_access else None
-        deferred_gen, deferred_when = self._deferred_gen, self._deferred_when
-        out: list[Slot | None] = []
-        index = pool.index
+        slots: list[Slot | None] = list(map(pool.index.get, keys))
         lease_until = now + self.config.lease_s
         check_ttl = self.config.ttl_s is not None or self.config.idle_ttl_s is not None
         resident = SlotState.RESIDENT
+        defer = self.defer_access
+        reported: list[Slot] = []
+        report = reported.append
         misses = 0
-        for key in keys:
-            slot = index.get(key)
+        for i, slot in enumerate(slots):
             if slot is not None and slot.state is resident and check_ttl and self._expired(slot, now):
                 self._retire(pool, slot, now, "expired_ttl")
                 slot = None
             if slot is None or slot.state is not resident:
                 misses += 1
                 if prefix:
+                    del slots[i:]
                     break
-                out.append(None)
+                slots[i] = None
                 continue
             if slot.lease_until < lease_until:
                 slot.lease_until = lease_until
             if slot.last_access != now:
-                # one access report per key and call: a request naming a key 4096 times is one access
+                # one access report per key and call (a request naming a key 4096 times is one access), and
+                # none while one is queued: that one will carry this newer last_access
                 slot.last_access = now
-                if deferred is None:
-                    slot.cls.policy.on_access(key, now)
-                else:
-                    deferred.append(slot)
-                    deferred_gen.append(slot.generation)
-                    deferred_when.append(now)
-            out.append(slot)
-        hits = len(out) - (0 if prefix else misses)
+                if slot.report_gen != slot.generation:
+                    report(slot)
+                    if defer:
+                        slot.report_gen = slot.generation
+        if defer:
+            self._deferred.extend(reported)
+        else:
+            for slot in reported:
+                slot.cls.policy.on_access(slot.key, now)
+        hits = len(slots) - misses if not prefix else len(slots)
         self.counters["lookup_hits"] += hits
         self.counters["leases_granted"] += hits
         self.counters["lookup_misses"] += misses
-        return out
+        return slots
 
     def allocate(self, tenant: str, keys: Sequence[bytes], lengths: Sequence[int], now: float,
                  hints: Sequence[BlockHint] | None = None) -> list[Grant]:
@@ -218,6 +221,7 @@ class PoolCore:
                   and now < slot.deadline)
             if ok:
                 slot.move(SlotState.RESIDENT)
+                slot.wire = HIT.pack(pool.region.addr + slot.offset, pool.region.rkey, generation, slot.length)
                 slot.committed_at = slot.last_access = now
                 slot.cls.policy.on_insert(_info(key, slot.length, slot.hint, tenant), now)
                 self._push_ttl(pool, slot, now)

@@ -8,7 +8,8 @@ validated field by field and handed to the `PoolCore` with the tenant of this se
 Any protocol violation (bad frame, bad field, unknown op, wrong version, bad token) produces an error reply and
 moves the session to CLOSED; the driver then closes that socket. Nothing here touches a socket or a clock.
 
-Requests and replies (every request also has `v`, `id`, `op`; every reply `v`, `id`, `ok`):
+Requests and replies (every request also has `v`, `id`, `op`; every reply `v`, `id`, `ok`). `keys` is always
+one binary string of 16 bytes per key (`wire.pack_keys`):
     hello     {token}                 -> {tenant, server_id, epoch, transport, peer_info, lease_s, max_keys,
                                           max_frame, size_classes}
     lookup    {keys, prefix=true}     -> {hits: bytes, 32 per hit: addr, rkey, generation, length as u64 LE;
@@ -94,7 +95,7 @@ class Handler:
                 "max_keys": self.config.max_keys, "max_frame": self.config.max_frame,
                 "size_classes": [c.capacity for c in self.core.tenants[tenant].classes]}
 
-    def _keys(self, msg: dict) -> list[bytes]:
+    def _keys(self, msg: dict) -> tuple[bytes, ...]:
         return wire.get_keys(msg, "keys", self.config.max_keys)
 
     def _lookup(self, tenant: str, msg: dict, now: float) -> dict:
@@ -171,21 +172,21 @@ class ServerSession:
     def closed(self) -> bool:
         return self.state is SessionState.CLOSED
 
-    def receive(self, data: bytes, now: float) -> bytes:
+    def receive(self, data: bytes | memoryview, now: float) -> bytes:
         """Process `data`; return the reply bytes (possibly several frames). After an error the session is
         CLOSED and the returned bytes end with the error reply."""
         if self.closed:
             return b""
-        out = bytearray()
+        out: list[bytes] = []
         self._decoder.feed(data)
         try:
             for msg in self._decoder.messages():
-                out += self._handle(msg, now)
+                out.append(self._handle(msg, now))
                 if self.closed:
                     break
         except ProtocolError as exc:
-            out += self._fail(0, exc)
-        return bytes(out)
+            out.append(self._fail(0, exc))
+        return b"".join(out)  # one reply: itself, no copy
 
     def eof(self) -> None:
         """The peer closed its side; a partial frame left over is a truncated frame."""

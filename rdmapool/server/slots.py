@@ -43,7 +43,7 @@ class Slot:
     """One slot's metadata (the server never reads or writes the slot's bytes)."""
 
     __slots__ = ("cls", "index", "offset", "state", "generation", "key", "length", "lease_until",
-                 "deadline", "committed_at", "last_access", "free_at", "hint")
+                 "deadline", "committed_at", "last_access", "free_at", "hint", "wire", "report_gen")
 
     def __init__(self, cls: SlotClass, index: int, offset: int) -> None:
         self.cls = cls
@@ -59,6 +59,10 @@ class Slot:
         self.last_access = 0.0
         self.free_at = 0.0  # RETIRED: when it may become FREE
         self.hint: BlockHint = NO_HINT  # chain position the writer reported, for the eviction policy
+        #: RESIDENT: this slot's lookup hit as the protocol sends it (`wire.HIT`), packed once at commit
+        self.wire = b""
+        #: the generation for which an access report (PoolCore.defer_access) is queued; 0: none
+        self.report_gen = 0
 
     def move(self, dst: SlotState) -> None:
         check_move(self.state, dst)

@@ -4,17 +4,21 @@ Theory of operation
 -------------------
 A frame is a 4-byte big-endian length N (1 <= N <= max_frame) followed by N bytes of msgpack holding one map.
 Requests carry `v` (protocol version), `id` (echoed in the reply) and `op`; replies carry `v`, `id`, `ok` and
-either the op's fields or `error` + `kind`. msgpack is decoded with extension types refused and container sizes
-bounded by the frame; nothing is ever unpickled. Every field is checked by the `get_*` helpers below, which raise
-`ProtocolError` naming the field: a peer's malformed frame can only ever close that peer's connection.
+either the op's fields or `error` + `kind`. A list of keys travels as one binary string of 16 bytes per key
+(version 2; version 1 sent a list of binaries): no msgpack object per key, and checking it is one length test.
+A peer speaking another version gets an error naming both versions, and its connection is closed. msgpack is
+decoded with extension types refused and container sizes bounded by the frame; nothing is ever unpickled.
+Every field is checked by the `get_*` helpers below, which raise `ProtocolError` naming the field: a peer's
+malformed frame can only ever close that peer's connection.
 
 `FrameDecoder` is sans-IO: feed it bytes as they arrive, take whole messages out.
 """
 
 from __future__ import annotations
 
+import functools
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgpack
@@ -22,7 +26,7 @@ import msgpack
 from rdmapool.block import KEY_SIZE
 from rdmapool.errors import ProtocolError
 
-VERSION = 1
+VERSION = 2
 _LEN = struct.Struct(">I")
 #: one lookup hit on the wire: addr, rkey, generation, length (u64 little-endian each); generation 0 = miss
 HIT = struct.Struct("<QQQQ")
@@ -45,7 +49,7 @@ class FrameDecoder:
         self.max_frame = max_frame
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         self._buf += data
 
     @property
@@ -60,12 +64,13 @@ class FrameDecoder:
                 raise ProtocolError(f"frame of {n} bytes (allowed 1..{self.max_frame})")
             if len(self._buf) < _LEN.size + n:
                 return
-            body = bytes(self._buf[_LEN.size : _LEN.size + n])
+            with memoryview(self._buf) as view, view[_LEN.size : _LEN.size + n] as body:
+                msg = decode_body(body, self.max_frame)  # decoded in place (msgpack copies what it keeps)
             del self._buf[: _LEN.size + n]
-            yield decode_body(body, self.max_frame)
+            yield msg
 
 
-def decode_body(body: bytes, max_frame: int) -> dict:
+def decode_body(body: bytes | memoryview, max_frame: int) -> dict:
     try:
         msg = msgpack.unpackb(
             body, raw=False, strict_map_key=True, ext_hook=_refuse_ext, use_list=True,
@@ -119,12 +124,28 @@ def check_key(value: object, where: str) -> bytes:
     return value
 
 
-def get_keys(msg: dict, name: str, max_items: int) -> list[bytes]:
-    keys = get_list(msg, name, max_items)
-    for i, k in enumerate(keys):
-        if type(k) is not bytes or len(k) != KEY_SIZE:
-            check_key(k, f"{name}[{i}]")  # raises, naming the field
-    return keys
+def pack_keys(keys: Sequence[bytes]) -> bytes:
+    """Keys (already checked: 16-byte `bytes` each) as the wire's one binary string."""
+    return b"".join(keys)
+
+
+@functools.lru_cache(maxsize=32)
+def _keys_struct(n: int) -> struct.Struct:
+    return struct.Struct(f"{KEY_SIZE}s" * n)
+
+
+def unpack_keys(blob: bytes) -> tuple[bytes, ...]:
+    """The keys of a (length-checked) blob, split in one C call."""
+    return _keys_struct(len(blob) // KEY_SIZE).unpack(blob)
+
+
+def get_keys(msg: dict, name: str, max_items: int) -> tuple[bytes, ...]:
+    blob = msg.get(name)
+    if type(blob) is not bytes or len(blob) % KEY_SIZE:
+        raise ProtocolError(f"field {name!r} must be binary of {KEY_SIZE} bytes per key")
+    if len(blob) > max_items * KEY_SIZE:
+        raise ProtocolError(f"field {name!r} has {len(blob) // KEY_SIZE} keys (at most {max_items})")
+    return unpack_keys(blob)
 
 
 def get_key_generations(msg: dict, name: str, max_items: int) -> list[tuple[bytes, int]]:

@@ -296,3 +296,25 @@ def test_transport_handshake_goes_through_the_control_connection() -> None:
             assert c.put([key(1)], [b"x"]) == [PutStatus.STORED]
         assert server_side.accepted == [{"qpn": 7}]
         assert client_side.replies == [{"qpn": 42, "echo": 7}]
+
+
+def test_server_applies_queued_access_reports_once_idle(server) -> None:
+    with make_client(server) as c:
+        keys = [key(i) for i in range(64)]
+        assert c.put(keys, [b"v"] * 64) == [PutStatus.STORED] * 64
+        seen: list[bytes] = []
+        for cls in server.core.tenants["a"].classes:
+            real = cls.policy.on_access
+
+            def spy(k: bytes, now: float, real=real) -> None:
+                seen.append(k)
+                real(k, now)
+
+            cls.policy.on_access = spy  # type: ignore[method-assign]
+        for _ in range(5):
+            assert len(c.lookup_prefix(keys)) == 64
+        deadline = time.monotonic() + 5.0
+        while server.core.access_backlog and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.core.access_backlog == 0  # drained once no request came for a moment
+        assert set(seen) == set(keys) and len(seen) <= 5 * 64  # each key reported, repeats possibly merged

@@ -344,32 +344,64 @@ def test_deferred_access_reports_leave_no_gc_tracked_objects_behind() -> None:
     for k in keys:
         put(core, "a", k, 0.0)
     core.defer_access = True
-    core.lookup_wire("a", keys, 1.0)  # lists grow to their size once
+    core.lookup_wire("a", keys, 1.0)  # the queue grows to its size once
     core.flush_access()
     gc.collect()
     before = len(gc.get_objects())
     for t in range(2, 6):
         core.lookup_wire("a", keys, float(t))
-    assert core.access_backlog == 4 * 256
+        assert core.access_backlog == 256  # re-queued: the keys flushed meanwhile
+        core.flush_access(limit=100)
     assert len(gc.get_objects()) - before < 64
     core.flush_access()
     check_invariants(core)
 
 
-def test_chunked_flush_interleaved_with_lookups_applies_every_report_once_in_order() -> None:
+def test_a_server_that_keeps_up_reports_every_access() -> None:
     core = make_core(slots=16)
     keys = [key(i) for i in range(16)]
     for k in keys:
         put(core, "a", k, 0.0)
     seen = _record_accesses(core)
     core.defer_access = True
-    expected = []
-    for t in range(1, 41):  # lookups keep arriving while the backlog drains 5 at a time (head index + compaction)
+    for t in range(1, 6):
         core.lookup("a", keys, float(t))
-        expected += [(k, float(t)) for k in keys]
+        core.flush_access()
+    assert seen == [(k, float(t)) for t in range(1, 6) for k in keys]
+
+
+def test_chunked_flush_interleaved_with_lookups_merges_repeats_into_the_latest_access() -> None:
+    core = make_core(slots=16)
+    keys = [key(i) for i in range(16)]
+    for k in keys:
+        put(core, "a", k, 0.0)
+    seen = _record_accesses(core)
+    core.defer_access = True
+    for t in range(1, 41):  # lookups keep arriving while the backlog drains 5 at a time
+        core.lookup("a", keys, float(t))
+        assert core.access_backlog <= len(keys)  # at most one queued report per key
         core.flush_access(limit=5)
-        assert core.access_backlog == len(expected) - len(seen)
     while core.access_backlog:
         core.flush_access(limit=7)
-    assert seen == expected
+    assert len(seen) < 40 * len(keys)  # repeats merged while reports waited
+    for k in keys:
+        times = [w for kk, w in seen if kk == k]
+        assert times == sorted(set(times)) and times[-1] == 40.0  # in order, each once, the latest included
+    check_invariants(core)
+
+
+def test_a_queued_report_of_a_reused_slot_is_dropped_and_the_new_use_is_reported() -> None:
+    core = make_core(slots=1)
+    put(core, "a", key(1), 0.0)
+    seen = _record_accesses(core)
+    core.defer_access = True
+    core.lookup("a", [key(1)], 1.0)  # queued for key(1)'s use of the slot
+    pool = core.tenants["a"]
+    core._retire(pool, pool.index[key(1)], 1.0, "deletes")
+    core.sweep(20.0)  # lease + grace passed: the slot is FREE
+    put(core, "a", key(2), 20.0)  # flushes the stale report (dropped), reuses the slot
+    core.lookup("a", [key(2)], 21.0)
+    assert core.access_backlog == 1
+    core.flush_access()
+    assert seen == [(key(2), 21.0)]
     check_invariants(core)

@@ -28,9 +28,10 @@ msgpack_values = st.recursive(
 )
 OPS = ["hello", "lookup", "allocate", "commit", "abort", "delete", "touch", "stats", "accept", "nope"]
 requests = st.fixed_dictionaries(
-    {"v": st.sampled_from([1, 1, 1, 2, "1"]), "id": st.integers(min_value=-5, max_value=2**33),
+    {"v": st.sampled_from([wire.VERSION] * 3 + [1, str(wire.VERSION)]), "id": st.integers(min_value=-5, max_value=2**33),
      "op": st.sampled_from(OPS)},
-    optional={"keys": st.lists(st.binary(min_size=15, max_size=17), max_size=4) | msgpack_values,
+    optional={"keys": st.lists(st.binary(min_size=15, max_size=17), max_size=4).map(b"".join)
+                      | st.lists(st.binary(min_size=16, max_size=16), max_size=4) | msgpack_values,
               "lengths": st.lists(st.integers(min_value=-1, max_value=2**64 - 1), max_size=4) | msgpack_values,
               "items": msgpack_values, "prefix": msgpack_values, "token": msgpack_values,
               "request": msgpack_values,
@@ -62,7 +63,7 @@ def server():
 
 
 def hello_frame() -> bytes:
-    return wire.encode({"v": 1, "id": 1, "op": "hello", "token": procs.TOKENS["a"]})
+    return wire.encode({"v": wire.VERSION, "id": 1, "op": "hello", "token": procs.TOKENS["a"]})
 
 
 def send_and_drain(address: str, data: bytes) -> None:

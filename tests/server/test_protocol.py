@@ -48,7 +48,7 @@ def test_bad_token_closes(handler: Handler) -> None:
 
 def test_request_before_hello_is_refused(handler: Handler) -> None:
     s = ServerSession(handler)
-    (r,) = replies(s.receive(frame(id=5, op="lookup", keys=[key(1)]), 0.0))
+    (r,) = replies(s.receive(frame(id=5, op="lookup", keys=key(1)), 0.0))
     assert not r["ok"] and r["id"] == 5 and s.closed
 
 
@@ -57,18 +57,18 @@ def test_tenant_field_in_request_is_ignored(handler: Handler) -> None:
     sa, sb = ServerSession(handler), ServerSession(handler)
     hello(sa)
     hello(sb, "token-b-secret")
-    (r,) = replies(sa.receive(frame(id=2, op="allocate", keys=[key(1)], lengths=[10]), 0.0))
+    (r,) = replies(sa.receive(frame(id=2, op="allocate", keys=key(1), lengths=[10]), 0.0))
     gen = r["grants"][0][3]
     replies(sa.receive(frame(id=3, op="commit", items=[[key(1), gen]]), 0.0))
-    (ra,) = replies(sa.receive(frame(id=4, op="lookup", keys=[key(1)], tenant="b"), 0.0))
-    (rb,) = replies(sb.receive(frame(id=4, op="lookup", keys=[key(1)], tenant="a"), 0.0))
+    (ra,) = replies(sa.receive(frame(id=4, op="lookup", keys=key(1), tenant="b"), 0.0))
+    (rb,) = replies(sb.receive(frame(id=4, op="lookup", keys=key(1), tenant="a"), 0.0))
     assert len(ra["hits"]) == wire.HIT.size and rb["hits"] == b""
 
 
 def test_pipelined_requests_in_one_chunk_and_split_frames(handler: Handler) -> None:
     s = ServerSession(handler)
     hello(s)
-    data = frame(id=10, op="lookup", keys=[key(1)]) + frame(id=11, op="stats")
+    data = frame(id=10, op="lookup", keys=key(1)) + frame(id=11, op="stats")
     out = b""
     for i in range(len(data)):  # byte by byte: a truncated frame simply waits
         out += s.receive(data[i : i + 1], 0.0)
@@ -83,18 +83,20 @@ def test_pipelined_requests_in_one_chunk_and_split_frames(handler: Handler) -> N
         struct.pack(">I", 3) + b"\xc1\xc1\xc1",
         wire._LEN.pack(2) + msgpack.packb([1]),
         frame(id=2, op="nope"),
-        frame(id=2, op="lookup", keys=[b"short"]),
-        frame(id=2, op="lookup", keys="notalist"),
-        frame(id=2, op="allocate", keys=[key(1)], lengths=[-1]),
-        frame(id=2, op="allocate", keys=[key(1)], lengths=[1, 2]),
+        frame(id=2, op="lookup", keys=b"short"),
+        frame(id=2, op="lookup", keys="notbinary"),
+        frame(id=2, op="lookup", keys=[key(1)]),  # version 1's list of keys
+        frame(id=2, op="lookup", keys=key(1) + b"x"),
+        frame(id=2, op="allocate", keys=key(1), lengths=[-1]),
+        frame(id=2, op="allocate", keys=key(1), lengths=[1, 2]),
         frame(id=2, op="commit", items=[[key(1)]]),
-        frame(id=2, op="allocate", keys=[key(1)], lengths=[1], hints=[[b"short", 0, 0]]),
-        frame(id=2, op="allocate", keys=[key(1)], lengths=[1], hints=[[None, -2, 0]]),
-        frame(id=2, op="allocate", keys=[key(1)], lengths=[1], hints=[]),
+        frame(id=2, op="allocate", keys=key(1), lengths=[1], hints=[[b"short", 0, 0]]),
+        frame(id=2, op="allocate", keys=key(1), lengths=[1], hints=[[None, -2, 0]]),
+        frame(id=2, op="allocate", keys=key(1), lengths=[1], hints=[]),
         frame(id=-1, op="stats"),
         wire.encode({"v": 99, "id": 1}),
-        wire._LEN.pack(len(msgpack.packb({"v": 1, "id": msgpack.ExtType(5, b"x")})))
-        + msgpack.packb({"v": 1, "id": msgpack.ExtType(5, b"x")}),
+        wire._LEN.pack(len(msgpack.packb({"v": wire.VERSION, "id": msgpack.ExtType(5, b"x")})))
+        + msgpack.packb({"v": wire.VERSION, "id": msgpack.ExtType(5, b"x")}),
     ],
 )
 def test_malformed_frames_close_the_session_with_an_error(handler: Handler, bad: bytes) -> None:
@@ -109,13 +111,37 @@ def test_malformed_frames_close_the_session_with_an_error(handler: Handler, bad:
 def test_too_many_keys_refused(handler: Handler) -> None:
     s = ServerSession(handler)
     hello(s)
-    (r,) = replies(s.receive(frame(id=2, op="lookup", keys=[key(1)] * 5000), 0.0))
+    (r,) = replies(s.receive(frame(id=2, op="lookup", keys=key(1) * 5000), 0.0))
     assert not r["ok"] and "at most" in r["error"]
 
 
 def test_allocate_with_hints(handler: Handler) -> None:
     s = ServerSession(handler)
     hello(s)
-    (r,) = replies(s.receive(frame(id=2, op="allocate", keys=[key(2)], lengths=[5], hints=[[key(1), 1, 16]]), 0.0))
+    (r,) = replies(s.receive(frame(id=2, op="allocate", keys=key(2), lengths=[5], hints=[[key(1), 1, 16]]), 0.0))
     assert r["ok"] and r["grants"][0][0] == 0
     assert handler.core.tenants["a"].index[key(2)].hint.parent == key(1)
+
+
+def test_other_protocol_version_gets_an_error_naming_both(handler: Handler) -> None:
+    s = ServerSession(handler)
+    (r,) = replies(s.receive(wire.encode({"v": 1, "id": 1, "op": "hello", "token": "token-a-secret"}), 0.0))
+    assert not r["ok"] and r["v"] == wire.VERSION and s.closed
+    assert f"version 1 not supported (this side speaks {wire.VERSION})" in r["error"]
+
+
+def test_keys_travel_as_one_blob(handler: Handler) -> None:
+    s = ServerSession(handler)
+    hello(s)
+    keys = [key(i) for i in range(3)]
+    (r,) = replies(s.receive(frame(id=2, op="allocate", keys=wire.pack_keys(keys), lengths=[1, 2, 3]), 0.0))
+    items = [[k, g[3]] for k, g in zip(keys, r["grants"], strict=True)]
+    (r,) = replies(s.receive(frame(id=3, op="commit", items=items), 0.0))
+    assert r["results"] == [True] * 3
+    (r,) = replies(s.receive(frame(id=4, op="lookup", keys=wire.pack_keys([keys[0], key(9), keys[2]]),
+                                   prefix=False), 0.0))
+    recs = list(wire.HIT.iter_unpack(r["hits"]))
+    assert [rec[3] for rec in recs] == [1, 0, 3] and recs[1] == (0, 0, 0, 0)
+    assert [rec[2] for rec in recs] == [items[0][1], 0, items[2][1]]
+    (r,) = replies(s.receive(frame(id=5, op="lookup", keys=b""), 0.0))
+    assert r["ok"] and r["hits"] == b""
