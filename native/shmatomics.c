@@ -21,6 +21,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <poll.h>
+#include <pthread.h>
+#include <time.h>
+#include <unistd.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -307,6 +310,250 @@ out:
     return result;
 }
 
+
+/* ---- Mover: an asynchronous executor of record batches, one per endpoint (like a NIC's send queue) ----
+ *
+ * submit(records, nops) queues a batch; a thread of the Mover (started on first use) runs the queued batches
+ * in submission order with run_ops, without the GIL, so the posting Python thread builds the next requests
+ * while the bytes move. reap() returns (done, status) of the batches finished since the last reap, in order.
+ * The first batch that does not finish with ST_OK puts the Mover in error: every later batch is not run and
+ * finishes with ST_FLUSH (RC: after the first error, everything flushes). Batches with hand-off records
+ * (GPU copies) must not be submitted: the caller runs those inline once the Mover is idle. Each batch holds
+ * a writable buffer export of its records (digests are written back) until it is reaped. */
+enum { ST_FLUSH = 5 };
+
+struct job {
+    struct job *next;
+    Py_buffer buf;
+    Py_ssize_t nops, done;
+    int status, finished;
+};
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t mu;
+    pthread_cond_t work, fin;
+    struct job *head, *tail, *next_run; /* head..tail: unreaped; next_run: first not yet started */
+    int running, stop, error, started;
+    pid_t owner; /* the process that started the thread: a forked child never joins or signals it */
+    pthread_t thread;
+    const uint64_t *state_ptr;
+    uint64_t state_expect;
+    int pidfd;
+} Mover;
+
+static void *mover_main(void *arg) {
+    Mover *m = arg;
+    pthread_mutex_lock(&m->mu);
+    for (;;) {
+        while (!m->next_run && !m->stop) pthread_cond_wait(&m->work, &m->mu);
+        struct job *j = m->next_run;
+        if (!j) break; /* stop, nothing left */
+        m->next_run = j->next;
+        if (m->error || m->stop) {
+            j->done = 0;
+            j->status = ST_FLUSH;
+        } else {
+            m->running = 1;
+            pthread_mutex_unlock(&m->mu);
+            run_ops((struct op *)j->buf.buf, j->nops, m->state_ptr, m->state_expect, m->pidfd, &j->done,
+                    &j->status);
+            pthread_mutex_lock(&m->mu);
+            m->running = 0;
+            if (j->status != ST_OK) m->error = 1;
+        }
+        j->finished = 1;
+        pthread_cond_broadcast(&m->fin);
+    }
+    pthread_mutex_unlock(&m->mu);
+    return NULL;
+}
+
+static int deadline_after(double timeout, struct timespec *ts) {
+    clock_gettime(CLOCK_REALTIME, ts);
+    if (timeout < 0) timeout = 0;
+    if (timeout > 1e6) timeout = 1e6;
+    time_t sec = (time_t)timeout;
+    long ns = (long)((timeout - (double)sec) * 1e9);
+    ts->tv_sec += sec;
+    ts->tv_nsec += ns;
+    if (ts->tv_nsec >= 1000000000L) { ts->tv_sec++; ts->tv_nsec -= 1000000000L; }
+    return 0;
+}
+
+static void mover_stop(Mover *m) {
+    if (!m->started) return;
+    if (m->owner != getpid()) { m->started = 0; return; } /* a fork's copy: the thread is not ours */
+    pthread_mutex_lock(&m->mu);
+    m->stop = 1;
+    pthread_cond_broadcast(&m->work);
+    pthread_mutex_unlock(&m->mu);
+    Py_BEGIN_ALLOW_THREADS
+    pthread_join(m->thread, NULL);
+    Py_END_ALLOW_THREADS
+    m->started = 0;
+}
+
+static PyObject *Mover_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    unsigned long long state_addr, state_expect;
+    int pidfd;
+    if (!PyArg_ParseTuple(args, "KKi", &state_addr, &state_expect, &pidfd)) return NULL;
+    Mover *m = (Mover *)type->tp_alloc(type, 0);
+    if (!m) return NULL;
+    pthread_mutex_init(&m->mu, NULL);
+    pthread_cond_init(&m->work, NULL);
+    pthread_cond_init(&m->fin, NULL);
+    m->state_ptr = (const uint64_t *)(uintptr_t)state_addr;
+    m->state_expect = state_expect;
+    m->pidfd = pidfd;
+    return (PyObject *)m;
+}
+
+static void Mover_dealloc(Mover *m) {
+    mover_stop(m);
+    struct job *j = m->head;
+    while (j) {
+        struct job *n = j->next;
+        PyBuffer_Release(&j->buf);
+        PyMem_RawFree(j);
+        j = n;
+    }
+    pthread_mutex_destroy(&m->mu);
+    pthread_cond_destroy(&m->work);
+    pthread_cond_destroy(&m->fin);
+    Py_TYPE(m)->tp_free((PyObject *)m);
+}
+
+static PyObject *Mover_submit(Mover *m, PyObject *args) {
+    PyObject *obj;
+    Py_ssize_t nops;
+    if (!PyArg_ParseTuple(args, "On", &obj, &nops)) return NULL;
+    if (m->stop) { PyErr_SetString(PyExc_RuntimeError, "submit on a closed Mover"); return NULL; }
+    if (m->started && m->owner != getpid()) {
+        PyErr_SetString(PyExc_RuntimeError, "submit on a Mover inherited through fork");
+        return NULL;
+    }
+    struct job *j = PyMem_RawCalloc(1, sizeof(*j));
+    if (!j) return PyErr_NoMemory();
+    if (PyObject_GetBuffer(obj, &j->buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) { PyMem_RawFree(j); return NULL; }
+    if (nops < 0 || (size_t)j->buf.len < (size_t)nops * sizeof(struct op)) {
+        PyBuffer_Release(&j->buf);
+        PyMem_RawFree(j);
+        PyErr_SetString(PyExc_ValueError, "submit: record buffer shorter than nops records");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nops; i++) {
+        if (((struct op *)j->buf.buf)[i].opcode & OP_HANDOFF) {
+            PyBuffer_Release(&j->buf);
+            PyMem_RawFree(j);
+            PyErr_SetString(PyExc_ValueError, "submit: hand-off records run inline, not on the Mover");
+            return NULL;
+        }
+    }
+    j->nops = nops;
+    if (!m->started) {
+        if (pthread_create(&m->thread, NULL, mover_main, m) != 0) {
+            PyBuffer_Release(&j->buf);
+            PyMem_RawFree(j);
+            PyErr_SetString(PyExc_OSError, "cannot start the mover thread");
+            return NULL;
+        }
+        m->started = 1;
+        m->owner = getpid();
+    }
+    pthread_mutex_lock(&m->mu);
+    if (m->tail) m->tail->next = j; else m->head = j;
+    m->tail = j;
+    if (!m->next_run) m->next_run = j;
+    pthread_cond_signal(&m->work);
+    pthread_mutex_unlock(&m->mu);
+    Py_RETURN_NONE;
+}
+
+/* reap() -> [(done, status), ...] of the batches finished since the last reap, in submission order. */
+static PyObject *Mover_reap(Mover *m, PyObject *unused) {
+    PyObject *out = PyList_New(0);
+    if (!out) return NULL;
+    for (;;) {
+        pthread_mutex_lock(&m->mu);
+        struct job *j = m->head;
+        if (j && j->finished) {
+            m->head = j->next;
+            if (!m->head) m->tail = NULL;
+        } else {
+            j = NULL;
+        }
+        pthread_mutex_unlock(&m->mu);
+        if (!j) break;
+        PyObject *t = Py_BuildValue("(ni)", j->done, j->status);
+        PyBuffer_Release(&j->buf);
+        PyMem_RawFree(j);
+        if (!t || PyList_Append(out, t) < 0) { Py_XDECREF(t); Py_DECREF(out); return NULL; }
+        Py_DECREF(t);
+    }
+    return out;
+}
+
+/* wait(timeout, idle=False) -> bool: block (GIL released) until a batch is ready to reap (idle: until no
+ * batch is queued or running), or `timeout` seconds pass (False). */
+static PyObject *Mover_wait(Mover *m, PyObject *args) {
+    double timeout;
+    int idle = 0;
+    if (!PyArg_ParseTuple(args, "d|p", &timeout, &idle)) return NULL;
+    struct timespec ts;
+    deadline_after(timeout, &ts);
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&m->mu);
+    for (;;) {
+        ok = idle ? (!m->next_run && !m->running) : (m->head && m->head->finished);
+        if (ok) break;
+        if (pthread_cond_timedwait(&m->fin, &m->mu, &ts) != 0) {
+            ok = idle ? (!m->next_run && !m->running) : (m->head && m->head->finished);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&m->mu);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(ok);
+}
+
+/* pending() -> number of batches submitted and not yet reaped. */
+static PyObject *Mover_pending(Mover *m, PyObject *unused) {
+    Py_ssize_t n = 0;
+    pthread_mutex_lock(&m->mu);
+    for (struct job *j = m->head; j; j = j->next) n++;
+    pthread_mutex_unlock(&m->mu);
+    return PyLong_FromSsize_t(n);
+}
+
+/* close(): batches not yet started finish with ST_FLUSH; returns once the thread has exited. */
+static PyObject *Mover_close(Mover *m, PyObject *unused) {
+    mover_stop(m);
+    m->stop = 1;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef mover_methods[] = {
+    {"submit", (PyCFunction)Mover_submit, METH_VARARGS, "submit(records, nops): queue a batch"},
+    {"reap", (PyCFunction)Mover_reap, METH_NOARGS, "reap() -> [(done, status)] of finished batches, in order"},
+    {"wait", (PyCFunction)Mover_wait, METH_VARARGS, "wait(timeout, idle=False) -> bool"},
+    {"pending", (PyCFunction)Mover_pending, METH_NOARGS, "pending() -> batches not yet reaped"},
+    {"close", (PyCFunction)Mover_close, METH_NOARGS, "close(): flush what has not started, join the thread"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject MoverType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "rdmapool._shmatomics.Mover",
+    .tp_basicsize = sizeof(Mover),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Mover(state_addr, state_expect, pidfd): runs record batches in order on its own thread",
+    .tp_new = Mover_new,
+    .tp_dealloc = (destructor)Mover_dealloc,
+    .tp_methods = mover_methods,
+};
+
 /* peer_alive(state_addr, state_expect, pidfd) -> bool: the same check `run` makes around a batch. */
 static PyObject *py_peer_alive(PyObject *self, PyObject *args) {
     unsigned long long state_addr, state_expect;
@@ -350,8 +597,11 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__shmatomics(void) {
+    if (PyType_Ready(&MoverType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
+    if (PyModule_AddObjectRef(m, "Mover", (PyObject *)&MoverType) < 0) return NULL;
+    PyModule_AddIntConstant(m, "ST_FLUSH", ST_FLUSH);
     PyModule_AddIntConstant(m, "OP_SIZE", (long)sizeof(struct op));
     PyModule_AddIntConstant(m, "OP_HANDOFF", OP_HANDOFF);
     have_digest = digest_available();

@@ -38,6 +38,11 @@ from rdmapool.transport.base import EndpointState, Opcode, WorkRequest
 if TYPE_CHECKING:
     from rdmapool.client.client import BlockRef, PoolClient
 
+#: requests that need no per-block work between them are posted in groups of about this many payload bytes:
+#: a transport that moves bytes asynchronously (shm's mover thread, the tcp engine) moves one group while
+#: the next is built and the completed ones are validated
+STREAM_BYTES = 1 << 20
+
 
 class _Batch:
     """One-sided requests on one server's data endpoints: posted one by one (or a list at a time), spread
@@ -87,19 +92,29 @@ class _Batch:
             self.flying[i] += len(part)
         self._poll_all()
 
+    def poll(self) -> None:
+        """Take the completions that are ready, without blocking."""
+        self._poll_all()
+
+    def wait_one(self) -> None:
+        """Block until one more request completes (of the first endpoint with any in flight)."""
+        if not self.in_flight:
+            return
+        i = next(j for j, f in enumerate(self.flying) if f)
+        remaining = self.remaining()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            got = self.endpoints[i].wait(1, remaining)
+        except TimeoutError as exc:
+            self.conn.close(mark_down=True)
+            raise ServerUnavailable(f"{self.conn.address}: one-sided operations timed out") from exc
+        self._reap(i, got)
+        self._poll_all()
+
     def drain(self) -> None:
         while self.in_flight:
-            i = next(j for j, f in enumerate(self.flying) if f)
-            remaining = self.remaining()
-            try:
-                if remaining <= 0:
-                    raise TimeoutError
-                got = self.endpoints[i].wait(1, remaining)
-            except TimeoutError as exc:
-                self.conn.close(mark_down=True)
-                raise ServerUnavailable(f"{self.conn.address}: one-sided operations timed out") from exc
-            self._reap(i, got)
-            self._poll_all()
+            self.wait_one()
         if any(ep.state is not EndpointState.READY for ep in self.endpoints):
             self.conn.close()  # a broken endpoint is never repaired: reconnect on the next call
 
@@ -120,86 +135,155 @@ class _Batch:
             self.done(c.wr_id, c.ok, c.digest)
 
 
-def write_blocks(client: PoolClient, conn: ServerConnection, items: list) -> list[bool]:
-    """items: (key, reservation, source); returns which blocks were written completely.
+class BlockWriter:
+    """WRITEs of reserved blocks to one server, added a chunk at a time (`add`), so the caller can reserve or
+    commit one chunk in a control round trip while the transport moves the others. `take_written` hands out
+    the blocks written completely since its last call; `finish` waits for the rest.
 
-    When the endpoint digests WRITEs (see `Endpoint.digests`), payload and trailer go first (the trailer holds
-    no checksum) and the transport hashes the payload as it copies; its completion's digest then goes into the
-    header, written by a second request (the slot is reserved and invisible until commit, so the order in which
-    the pieces land does not matter). Otherwise the checksum is computed first (`Hasher`) and one WRITE
-    carries header, payload and trailer."""
-    arena = client.arena()
-    hasher: Hasher = client.hasher
-    fused = conn.endpoint is not None and Opcode.WRITE in conn.endpoint.digests  # the same on every endpoint
-    ok: list[bool] = [False] * len(items)
-    good = [0] * len(items)  # requests of block n completed successfully
-    need = [1] * len(items)  # requests block n takes
-    ready: list[tuple[int, bytes | None]] = []  # payloads landed: (n, digest) whose header and trailer are due
-    late: dict[int, tuple] = {}  # n -> (head, payload view) for the second request
+    When the endpoint digests WRITEs (see `Endpoint.digests`) and the client uses them
+    (`ClientConfig.transport_digests`), payload and trailer go first (the trailer holds no checksum) and the
+    transport hashes the payload as it copies; its completion's digest then goes into the header, written by a
+    second request (the slot is reserved and invisible until commit, so the order in which the pieces land does
+    not matter). Otherwise the checksum is computed first (`Hasher`, whose workers hash ahead of the posts) and
+    one WRITE carries header, payload and trailer."""
 
-    def done(wr_id: int, success: bool, digest: bytes | None) -> None:
+    def __init__(self, client: PoolClient, conn: ServerConnection) -> None:
+        self.client = client
+        self.arena = client.arena()
+        self.arena.reset()
+        self.hasher: Hasher = client.hasher
+        ep = conn.endpoint
+        self.fused = client.config.transport_digests and ep is not None and Opcode.WRITE in ep.digests
+        self.items: list[tuple] = []  # (key, grant, source)
+        self.ok: list[bool] = []
+        self.good: list[int] = []  # requests of block n completed successfully
+        self.need: list[int] = []  # requests block n takes
+        self.ready: list[tuple[int, bytes | None]] = []  # payloads landed: (n, digest) whose header is due
+        self.late: dict[int, tuple] = {}  # n -> (head, payload view) for the second request
+        self.written: list[int] = []  # blocks complete since the last take_written
+        self.pending: list[WorkRequest] = []  # payload+trailer WRITEs not yet posted
+        self.pending_bytes = 0
+        self.flying_bytes = 0  # payload bytes of blocks posted and not complete
+        self._sizes: list[int] = []
+        self.batch = _Batch(client, conn, self._done)
+
+    def _done(self, wr_id: int, success: bool, digest: bytes | None) -> None:
         n, part = divmod(wr_id, 4)
         if success:
-            good[n] += 1
-            ok[n] = good[n] == need[n]
+            self.good[n] += 1
             if part == 1:
-                ready.append((n, digest))
+                self.ready.append((n, digest))
+            if self.good[n] == self.need[n]:
+                self.ok[n] = True
+                self.written.append(n)
+                self.flying_bytes -= self._sizes[n]
+        elif self.need[n]:  # failed: no longer in flight, never written
+            self.need[n] = 0
+            self.flying_bytes -= self._sizes[n]
 
-    batch = _Batch(client, conn, done)
-
-    pending: list[WorkRequest] = []  # payload+trailer WRITEs, posted together
-
-    def post_ready() -> None:
-        """The headers of the blocks whose payload and trailer landed, in one post."""
-        wrs = []
-        for n, digest in ready:
-            key, grant, _src = items[n]
-            head, view = late.pop(n)
-            checksum = digest if digest is not None else block.payload_checksum(view)
-            head[1][:] = block.encode_header(key, grant.generation, len(view), checksum)
-            wrs.append(WorkRequest(4 * n + 2, Opcode.WRITE, (head[0],), grant.addr, grant.rkey))
-        ready.clear()
-        batch.post_many(wrs)
-
-    def finish() -> None:
-        while True:
-            batch.post_many(pending)
-            pending.clear()
-            post_ready()
-            batch.drain()
-            if not ready:
-                return
-
-    hosts = [_host_view(src) for _, _, src in items]
-    split = [fused and h is not None and len(h) > 0 for h in hosts]
-    # start every large checksum the transport will not compute: workers hash ahead while blocks are posted
-    sums = [None if (h is None or split[n]) else hasher.submit(h) for n, h in enumerate(hosts)]
-    arena.reset()
-    for n, (key, grant, src) in enumerate(items):
-        if split[n]:
-            need[n] = 2
-            wr = _payload_request(client, n, arena, key, grant, src, late)
-            if wr is None:
-                finish()
-                arena.reset()
-                wr = _payload_request(client, n, arena, key, grant, src, late)
-        else:
+    def add(self, items: list) -> None:
+        """Post the WRITEs of more blocks: items are (key, reservation, source); block numbers continue from the
+        blocks added before (the n-th item added overall is block n)."""
+        base = len(self.items)
+        self.items.extend(items)
+        hosts = [_host_view(src) for _, _, src in items]
+        split = [self.fused and h is not None and len(h) > 0 for h in hosts]
+        # start every large checksum the transport will not compute: workers hash ahead while blocks are posted
+        sums = [None if (h is None or split[k]) else self.hasher.submit(h) for k, h in enumerate(hosts)]
+        self.ok.extend([False] * len(items))
+        self.good.extend([0] * len(items))
+        self.need.extend([2 if sp else 1 for sp in split])
+        self._sizes.extend(_length(src) for _, _, src in items)
+        client, arena, batch = self.client, self.arena, self.batch
+        for k, (key, grant, src) in enumerate(items):
+            n = base + k
+            self.flying_bytes += self._sizes[n]
+            if split[k]:
+                wr = _payload_request(client, n, arena, key, grant, src, self.late)
+                if wr is None:  # arena full: let what is staged land, then start over
+                    self._drain_all()
+                    arena.reset()
+                    wr = _payload_request(client, n, arena, key, grant, src, self.late)
+                self.pending.append(wr)
+                self.pending_bytes += len(hosts[k])
+                if self.pending_bytes >= STREAM_BYTES:  # post in groups: they move while we build more
+                    self._post_pending()
+                    if self.ready:
+                        self._post_ready()
+                continue
             try:
-                checksum = None if sums[n] is None else hasher.result(sums[n], batch.remaining())
+                checksum = None if sums[k] is None else self.hasher.result(sums[k], batch.remaining())
             except TimeoutError:
                 raise batch.timed_out() from None
             wr = _write_request(client, 4 * n, arena, key, grant, src, checksum)
-            if wr is None:  # arena full: let what is staged land, then start over
-                finish()
+            if wr is None:
+                self._drain_all()
                 arena.reset()
                 wr = _write_request(client, 4 * n, arena, key, grant, src, checksum)
-        if split[n]:
-            pending.append(wr)
-        else:
             batch.post(wr)  # right away: its transfer overlaps the next checksum
-    finish()
-    arena.reset()
-    return ok
+        self._post_pending()
+        if self.ready:
+            self._post_ready()
+
+    def _post_pending(self) -> None:
+        self.batch.post_many(self.pending)
+        self.pending.clear()
+        self.pending_bytes = 0
+
+    def _post_ready(self) -> None:
+        """The headers of the blocks whose payload and trailer landed, in one post."""
+        wrs = []
+        for n, digest in self.ready:
+            key, grant, _src = self.items[n]
+            head, view = self.late.pop(n)
+            checksum = digest if digest is not None else block.payload_checksum(view)
+            head[1][:] = block.encode_header(key, grant.generation, len(view), checksum)
+            wrs.append(WorkRequest(4 * n + 2, Opcode.WRITE, (head[0],), grant.addr, grant.rkey))
+        self.ready.clear()
+        self.batch.post_many(wrs)
+
+    def _drain_all(self) -> None:
+        while True:
+            self._post_pending()
+            self._post_ready()
+            self.batch.drain()
+            if not self.ready:
+                return
+
+    def take_written(self) -> list[int]:
+        """Blocks written completely since the last call (their commit may go out now)."""
+        self.batch.poll()
+        if self.ready:
+            self._post_ready()
+        out, self.written = self.written, []
+        return out
+
+    def wait_some(self) -> None:
+        """Block until at least one more request completes (within the batch's deadline)."""
+        self.batch.wait_one()
+        if self.ready:
+            self._post_ready()
+
+    @property
+    def busy(self) -> bool:
+        return self.batch.in_flight > 0
+
+    def finish(self) -> list[bool]:
+        """Wait for every block; returns which were written completely (all blocks added)."""
+        self._drain_all()
+        self.arena.reset()
+        return self.ok
+
+
+def write_blocks(client: PoolClient, conn: ServerConnection, items: list) -> list[bool]:
+    """items: (key, reservation, source); returns which blocks were written completely (see `BlockWriter`)."""
+    writer = BlockWriter(client, conn)
+    writer.add(items)
+    return writer.finish()
+
+
+def _length(src) -> int:
+    return src.length if isinstance(src, RegionSlice) else len(src)
 
 
 def _payload_request(client: PoolClient, n: int, arena: Arena, key: bytes, grant, src,
@@ -304,8 +388,9 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
 
     batch = _Batch(client, conn, done)
     # an endpoint that digests READs needs no hashing to overlap: its requests go in one post
-    together = Opcode.READ in batch.endpoint.digests
+    together = client.config.transport_digests and Opcode.READ in batch.endpoint.digests
     pending: list[WorkRequest] = []
+    pending_bytes = 0
     epoch = int(conn.hello.get("epoch", -1))
     for n, (ref, target) in enumerate(zip(refs, targets, strict=True)):
         if ref.epoch != epoch:
@@ -322,10 +407,15 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         head, payload_sge, payload_view, tail, copy = pieces
         sgl = (head[0], payload_sge, tail[0]) if ref.length else (head[0], tail[0])
         staged[n] = (head[1], payload_view, tail[1], target, copy)
-        digest = 1 if verify and ref.length and payload_view is not None else None  # the payload SGE
+        digest = 1 if together and verify and ref.length and payload_view is not None else None  # the payload SGE
         wr = WorkRequest(n, Opcode.READ, sgl, ref.hit.addr, ref.hit.rkey, digest=digest)
         if together:
             pending.append(wr)
+            pending_bytes += ref.length
+            if pending_bytes >= STREAM_BYTES:
+                batch.post_many(pending)
+                pending.clear()
+                pending_bytes = 0
         else:
             batch.post(wr)
     batch.post_many(pending)
