@@ -146,8 +146,12 @@ static int peer_gone(const uint64_t *state_ptr, uint64_t state_expect, int pidfd
 /* Returns (done, status): records [0, done) completed; status is ST_OK, or the reason record `done` failed
  * (ST_REM_ACCESS), or ST_HANDOFF when record `done` is one the caller executes, or ST_RETRY_EXC when the owner
  * is gone (then nothing of this batch may be trusted). */
+/* A Mover passes itself: its digest records may be hashed by a waiting thread (mover_digest) instead of fused. */
+struct Mover_s;
+static int mover_digest(struct Mover_s *m, void *dst, const void *src, size_t n, int hash_dst, unsigned char *out);
+
 static void run_ops(struct op *ops, Py_ssize_t n, const uint64_t *state_ptr, uint64_t state_expect,
-                    int pidfd, Py_ssize_t *done, int *status) {
+                    int pidfd, Py_ssize_t *done, int *status, struct Mover_s *mover) {
     *done = 0;
     *status = ST_OK;
     /* Before: only the cheap state word (a clean close). The pidfd poll is a syscall (~1 us here), so it runs
@@ -171,9 +175,11 @@ static void run_ops(struct op *ops, Py_ssize_t n, const uint64_t *state_ptr, uin
         if ((o->opcode & OP_DIGEST) && have_digest) {
             /* compare/swap receive the digest: 16 bytes, canonical order */
             unsigned char *out = (unsigned char *)o + offsetof(struct op, compare);
-            if ((o->opcode & ~OP_DIGEST) == OP_READ) copy_digest(local, remote, o->len, 1, out);
-            else if ((o->opcode & ~OP_DIGEST) == OP_WRITE) copy_digest(remote, local, o->len, 0, out);
-            else { *done = i; *status = ST_REM_ACCESS; return; }
+            if ((o->opcode & ~OP_DIGEST) == OP_READ) {
+                if (!mover || !mover_digest(mover, local, remote, o->len, 1, out)) copy_digest(local, remote, o->len, 1, out);
+            } else if ((o->opcode & ~OP_DIGEST) == OP_WRITE) {
+                if (!mover || !mover_digest(mover, remote, local, o->len, 0, out)) copy_digest(remote, local, o->len, 0, out);
+            } else { *done = i; *status = ST_REM_ACCESS; return; }
             *done = i + 1;
             continue;
         }
@@ -219,10 +225,10 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
     const uint64_t *state_ptr = (const uint64_t *)(uintptr_t)state_addr;
     if (total >= GIL_RELEASE_BYTES) {
         Py_BEGIN_ALLOW_THREADS
-        run_ops(ops, nops, state_ptr, state_expect, pidfd, &done, &status);
+        run_ops(ops, nops, state_ptr, state_expect, pidfd, &done, &status, NULL);
         Py_END_ALLOW_THREADS
     } else {
-        run_ops(ops, nops, state_ptr, state_expect, pidfd, &done, &status);
+        run_ops(ops, nops, state_ptr, state_expect, pidfd, &done, &status, NULL);
     }
     PyBuffer_Release(&buf);
     return Py_BuildValue("(ni)", done, status);
@@ -329,12 +335,30 @@ struct job {
     int status, finished;
 };
 
-typedef struct {
+/* A digest record the Mover copies while a waiting thread hashes it (see mover_digest). */
+enum { T_FREE = 0, T_READY, T_CLAIMED, T_DONE };
+#define NTASKS 256
+#define TASK_STRIDE (64u * 1024u)
+struct htask {
+    const unsigned char *p; /* the local bytes to hash */
+    size_t len;
+    unsigned char *out;     /* 16 digest bytes (the record's compare/swap words) */
+    size_t progress;        /* bytes of p already in place (the Mover copies in strides): atomic */
+    int state;              /* T_*: atomic */
+};
+
+typedef struct Mover_s {
     PyObject_HEAD
     pthread_mutex_t mu;
     pthread_cond_t work, fin;
     struct job *head, *tail, *next_run; /* head..tail: unreaped; next_run: first not yet started */
     int running, stop, error, started;
+    /* counters read without the lock by spinning waiters (atomic), written under it */
+    uint64_t submitted, taken, finished, reaped;
+    long spin_ns; /* how long the thread and waiters busy-poll before they block */
+    int helpers;  /* threads inside wait(), which hash digest records while they wait: atomic */
+    int ntasks;   /* tasks of the running batch (reset per batch): atomic */
+    struct htask tasks[NTASKS];
     pid_t owner; /* the process that started the thread: a forked child never joins or signals it */
     pthread_t thread;
     const uint64_t *state_ptr;
@@ -342,14 +366,99 @@ typedef struct {
     int pidfd;
 } Mover;
 
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long)t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Busy-poll until cond() holds or spin_ns pass: waking a blocked thread costs tens of microseconds (far more
+ * on a virtual CPU that went idle), as much as a 256 KiB copy, so short gaps between batches are spun over. */
+#define SPIN_UNTIL(m, cond)                                                        \
+    do {                                                                           \
+        long _end = now_ns() + (m)->spin_ns;                                       \
+        for (int _i = 0; !(cond); _i++) {                                          \
+            cpu_relax();                                                           \
+            if ((_i & 63) == 63 && now_ns() > _end) break;                         \
+        }                                                                          \
+    } while (0)
+
+/* Hash a task trailing the Mover's copy: only bytes it published as in place (READ: landed) are read. */
+static void hash_task(struct htask *t) {
+    digest_trailing(t->p, t->len, &t->progress, t->out);
+    __atomic_store_n(&t->state, T_DONE, __ATOMIC_RELEASE);
+}
+
+/* A waiting thread: claim and hash one ready task of the running batch; 1 if it did. */
+static int help_one(Mover *m) {
+    int n = __atomic_load_n(&m->ntasks, __ATOMIC_ACQUIRE);
+    for (int i = 0; i < n; i++) {
+        int want = T_READY;
+        if (__atomic_load_n(&m->tasks[i].state, __ATOMIC_ACQUIRE) == T_READY &&
+            __atomic_compare_exchange_n(&m->tasks[i].state, &want, T_CLAIMED, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE)) {
+            hash_task(&m->tasks[i]);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Called by run_ops on the Mover thread for a digest record: when a thread is waiting (and so free to hash),
+ * copy in strides, publishing progress, and leave the hash to it as a task; 0 means "not taken: fuse". The
+ * batch completes only after every task is done (mover_batch_end). */
+static int mover_digest(Mover *m, void *dst, const void *src, size_t n, int hash_dst, unsigned char *out) {
+    int i = m->ntasks;
+    if (i >= NTASKS || !__atomic_load_n(&m->helpers, __ATOMIC_ACQUIRE)) return 0;
+    struct htask *t = &m->tasks[i];
+    t->p = hash_dst ? dst : src;
+    t->len = n;
+    t->out = out;
+    __atomic_store_n(&t->progress, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&t->state, T_READY, __ATOMIC_RELEASE);
+    __atomic_store_n(&m->ntasks, i + 1, __ATOMIC_RELEASE);
+    for (size_t off = 0; off < n; off += TASK_STRIDE) {
+        size_t k = n - off < TASK_STRIDE ? n - off : TASK_STRIDE;
+        memcpy((char *)dst + off, (const char *)src + off, k);
+        __atomic_store_n(&t->progress, off + k, __ATOMIC_RELEASE);
+    }
+    return 1;
+}
+
+/* The batch's digests: hash the tasks nobody claimed here, wait for the claimed ones; then reset. */
+static void mover_batch_end(Mover *m) {
+    int n = m->ntasks;
+    for (int i = 0; i < n; i++) {
+        int want = T_READY;
+        if (__atomic_compare_exchange_n(&m->tasks[i].state, &want, T_CLAIMED, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            hash_task(&m->tasks[i]);
+        while (__atomic_load_n(&m->tasks[i].state, __ATOMIC_ACQUIRE) != T_DONE) cpu_relax();
+    }
+    for (int i = 0; i < n; i++) __atomic_store_n(&m->tasks[i].state, T_FREE, __ATOMIC_RELAXED);
+    __atomic_store_n(&m->ntasks, 0, __ATOMIC_RELEASE);
+}
+
 static void *mover_main(void *arg) {
     Mover *m = arg;
     pthread_mutex_lock(&m->mu);
     for (;;) {
+        if (!m->next_run && !m->stop && m->spin_ns > 0) {
+            pthread_mutex_unlock(&m->mu);
+            SPIN_UNTIL(m, __atomic_load_n(&m->submitted, __ATOMIC_ACQUIRE) != m->taken ||
+                              __atomic_load_n(&m->stop, __ATOMIC_ACQUIRE));
+            pthread_mutex_lock(&m->mu);
+        }
         while (!m->next_run && !m->stop) pthread_cond_wait(&m->work, &m->mu);
         struct job *j = m->next_run;
         if (!j) break; /* stop, nothing left */
         m->next_run = j->next;
+        m->taken++;
         if (m->error || m->stop) {
             j->done = 0;
             j->status = ST_FLUSH;
@@ -357,12 +466,14 @@ static void *mover_main(void *arg) {
             m->running = 1;
             pthread_mutex_unlock(&m->mu);
             run_ops((struct op *)j->buf.buf, j->nops, m->state_ptr, m->state_expect, m->pidfd, &j->done,
-                    &j->status);
+                    &j->status, m);
+            mover_batch_end(m);
             pthread_mutex_lock(&m->mu);
             m->running = 0;
             if (j->status != ST_OK) m->error = 1;
         }
         j->finished = 1;
+        __atomic_store_n(&m->finished, m->finished + 1, __ATOMIC_RELEASE);
         pthread_cond_broadcast(&m->fin);
     }
     pthread_mutex_unlock(&m->mu);
@@ -385,7 +496,7 @@ static void mover_stop(Mover *m) {
     if (!m->started) return;
     if (m->owner != getpid()) { m->started = 0; return; } /* a fork's copy: the thread is not ours */
     pthread_mutex_lock(&m->mu);
-    m->stop = 1;
+    __atomic_store_n(&m->stop, 1, __ATOMIC_RELEASE);
     pthread_cond_broadcast(&m->work);
     pthread_mutex_unlock(&m->mu);
     Py_BEGIN_ALLOW_THREADS
@@ -397,7 +508,12 @@ static void mover_stop(Mover *m) {
 static PyObject *Mover_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     unsigned long long state_addr, state_expect;
     int pidfd;
-    if (!PyArg_ParseTuple(args, "KKi", &state_addr, &state_expect, &pidfd)) return NULL;
+    long spin_us = 0;
+    if (!PyArg_ParseTuple(args, "KKi|l", &state_addr, &state_expect, &pidfd, &spin_us)) return NULL;
+    if (spin_us < 0 || spin_us > 1000000) {
+        PyErr_SetString(PyExc_ValueError, "Mover: spin_us must be between 0 and 1000000");
+        return NULL;
+    }
     Mover *m = (Mover *)type->tp_alloc(type, 0);
     if (!m) return NULL;
     pthread_mutex_init(&m->mu, NULL);
@@ -406,6 +522,7 @@ static PyObject *Mover_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     m->state_ptr = (const uint64_t *)(uintptr_t)state_addr;
     m->state_expect = state_expect;
     m->pidfd = pidfd;
+    m->spin_ns = spin_us * 1000L;
     return (PyObject *)m;
 }
 
@@ -465,6 +582,7 @@ static PyObject *Mover_submit(Mover *m, PyObject *args) {
     if (m->tail) m->tail->next = j; else m->head = j;
     m->tail = j;
     if (!m->next_run) m->next_run = j;
+    __atomic_store_n(&m->submitted, m->submitted + 1, __ATOMIC_RELEASE);
     pthread_cond_signal(&m->work);
     pthread_mutex_unlock(&m->mu);
     Py_RETURN_NONE;
@@ -483,6 +601,7 @@ static PyObject *Mover_reap(Mover *m, PyObject *unused) {
         } else {
             j = NULL;
         }
+        if (j) __atomic_store_n(&m->reaped, m->reaped + 1, __ATOMIC_RELEASE);
         pthread_mutex_unlock(&m->mu);
         if (!j) break;
         PyObject *t = Py_BuildValue("(ni)", j->done, j->status);
@@ -504,6 +623,23 @@ static PyObject *Mover_wait(Mover *m, PyObject *args) {
     deadline_after(timeout, &ts);
     int ok;
     Py_BEGIN_ALLOW_THREADS
+    __atomic_add_fetch(&m->helpers, 1, __ATOMIC_ACQ_REL);
+#define WAIT_DONE() (idle ? __atomic_load_n(&m->finished, __ATOMIC_ACQUIRE) == __atomic_load_n(&m->submitted, __ATOMIC_ACQUIRE) \
+                          : __atomic_load_n(&m->finished, __ATOMIC_ACQUIRE) != __atomic_load_n(&m->reaped, __ATOMIC_ACQUIRE))
+    /* while waiting, hash the running batch's digest records (the Mover copies, this thread hashes) */
+    for (;;) {
+        if (WAIT_DONE() || !help_one(m)) break;
+    }
+    if (m->spin_ns > 0) {
+        long end = now_ns() + m->spin_ns;
+        for (int i = 0; !WAIT_DONE(); i++) {
+            if (help_one(m)) { end = now_ns() + m->spin_ns; continue; }
+            cpu_relax();
+            if ((i & 63) == 63 && now_ns() > end) break;
+        }
+    }
+    __atomic_sub_fetch(&m->helpers, 1, __ATOMIC_ACQ_REL);
+#undef WAIT_DONE
     pthread_mutex_lock(&m->mu);
     for (;;) {
         ok = idle ? (!m->next_run && !m->running) : (m->head && m->head->finished);
@@ -548,7 +684,7 @@ static PyTypeObject MoverType = {
     .tp_name = "rdmapool._shmatomics.Mover",
     .tp_basicsize = sizeof(Mover),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Mover(state_addr, state_expect, pidfd): runs record batches in order on its own thread",
+    .tp_doc = "Mover(state_addr, state_expect, pidfd, spin_us=0): runs record batches in order on its own thread",
     .tp_new = Mover_new,
     .tp_dealloc = (destructor)Mover_dealloc,
     .tp_methods = mover_methods,

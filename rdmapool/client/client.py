@@ -58,6 +58,8 @@ DEFAULT_MAX_KEYS = 4096
 #: a put of at least twice this many bytes (to one server) is pipelined: the first blocks up to this size are
 #: reserved alone, and blocks are committed early while at least this many bytes are still moving
 PIPELINE_BYTES = 4 << 20
+#: while a large put still moves, written blocks are committed in round trips of at least this many bytes
+COMMIT_BYTES = 16 << 20
 
 
 class PutStatus(enum.Enum):
@@ -222,6 +224,17 @@ class PoolClient:
         writer = BlockWriter(self, conn)
         todo: list[int] = []  # key positions with a reservation, in the order the writer numbers them
         grants: dict[int, Reservation] = {}
+        early: list[int] = []  # written, not yet committed
+
+        def commit_early() -> None:
+            """While blocks still move: commit the written ones once there are enough for a round trip."""
+            early.extend(todo[n] for n in writer.take_written())
+            if sum(lengths[j] for j in early) >= COMMIT_BYTES:
+                self._commit(conn, early, keys, grants, lengths, idx, out)
+                early.clear()
+
+        if sum(lengths) >= 2 * PIPELINE_BYTES:
+            writer.idle = commit_early
         for a, b in _allocation_chunks(lengths):
             fields = {"keys": keys[a:b], "lengths": lengths[a:b]}
             if hints is not None:
@@ -241,13 +254,14 @@ class PoolClient:
             writer.add([(keys[j], grants[j], sources[j]) for j in chunk])
         # commit early blocks while enough bytes are still moving to cover the round trip
         while writer.busy and writer.flying_bytes >= PIPELINE_BYTES:
-            done = writer.take_written()
-            if done:
-                self._commit(conn, [todo[n] for n in done], keys, grants, lengths, idx, out)
+            early.extend(todo[n] for n in writer.take_written())
+            if sum(lengths[j] for j in early) >= PIPELINE_BYTES:
+                self._commit(conn, early, keys, grants, lengths, idx, out)
+                early.clear()
             else:
                 writer.wait_some()
         written = writer.finish()
-        last = [todo[n] for n in writer.take_written()]
+        last = early + [todo[n] for n in writer.take_written()]
         failed = [j for j, ok in zip(todo, written, strict=True) if not ok]
         self._commit(conn, last, keys, grants, lengths, idx, out, aborts=failed)
 

@@ -41,7 +41,9 @@ if TYPE_CHECKING:
 #: requests that need no per-block work between them are posted in groups of about this many payload bytes:
 #: a transport that moves bytes asynchronously (shm's mover thread, the tcp engine) moves one group while
 #: the next is built and the completed ones are validated
-STREAM_BYTES = 1 << 20
+STREAM_BYTES = 4 << 20
+#: payload bytes of two-part blocks (see `BlockWriter`) queued on the transport at most (plus one group)
+WINDOW_BYTES = 4 << 20
 
 
 class _Batch:
@@ -153,7 +155,11 @@ class BlockWriter:
         self.arena.reset()
         self.hasher: Hasher = client.hasher
         ep = conn.endpoint
-        self.fused = client.config.transport_digests and ep is not None and Opcode.WRITE in ep.digests
+        #: the endpoint moves bytes without this thread: post each payload (with its trailer) first, hash it here
+        #: while it moves (no thread hand-off), then post its header right behind it
+        self.inline = ep is not None and ep.asynchronous
+        self.fused = (client.config.transport_digests and ep is not None and Opcode.WRITE in ep.digests
+                      and not self.inline)
         self.items: list[tuple] = []  # (key, grant, source)
         self.ok: list[bool] = []
         self.good: list[int] = []  # requests of block n completed successfully
@@ -164,11 +170,16 @@ class BlockWriter:
         self.pending: list[WorkRequest] = []  # payload+trailer WRITEs not yet posted
         self.pending_bytes = 0
         self.flying_bytes = 0  # payload bytes of blocks posted and not complete
+        self.unlanded = 0  # payload bytes of two-part blocks posted whose payload has not landed yet
+        #: called while `add` waits for room (see `_room`): the caller commits what is written meanwhile
+        self.idle: Callable[[], None] | None = None
         self._sizes: list[int] = []
         self.batch = _Batch(client, conn, self._done)
 
     def _done(self, wr_id: int, success: bool, digest: bytes | None) -> None:
         n, part = divmod(wr_id, 4)
+        if part & 1:  # the payload (1: its header follows its digest; 3: its header is already posted)
+            self.unlanded -= self._sizes[n]
         if success:
             self.good[n] += 1
             if part == 1:
@@ -187,7 +198,7 @@ class BlockWriter:
         base = len(self.items)
         self.items.extend(items)
         hosts = [_host_view(src) for _, _, src in items]
-        split = [self.fused and h is not None and len(h) > 0 for h in hosts]
+        split = [(self.fused or self.inline) and h is not None and len(h) > 0 for h in hosts]
         # start every large checksum the transport will not compute: workers hash ahead while blocks are posted
         sums = [None if (h is None or split[k]) else self.hasher.submit(h) for k, h in enumerate(hosts)]
         self.ok.extend([False] * len(items))
@@ -199,14 +210,16 @@ class BlockWriter:
             n = base + k
             self.flying_bytes += self._sizes[n]
             if split[k]:
-                wr = _payload_request(client, n, arena, key, grant, src, self.late)
+                wr = _payload_request(client, n, arena, key, grant, src, self.late, self.inline)
                 if wr is None:  # arena full: let what is staged land, then start over
                     self._drain_all()
                     arena.reset()
-                    wr = _payload_request(client, n, arena, key, grant, src, self.late)
+                    wr = _payload_request(client, n, arena, key, grant, src, self.late, self.inline)
                 self.pending.append(wr)
                 self.pending_bytes += len(hosts[k])
                 if self.pending_bytes >= STREAM_BYTES:  # post in groups: they move while we build more
+                    if not self.inline:
+                        self._room()
                     self._post_pending()
                     if self.ready:
                         self._post_ready()
@@ -225,10 +238,33 @@ class BlockWriter:
         if self.ready:
             self._post_ready()
 
+    def _room(self) -> None:
+        """Two-part blocks: keep at most `WINDOW_BYTES` of payloads queued on the transport. Each header is
+        posted when its payload lands and queues behind what is already posted; a short queue lets blocks
+        complete (and be committed, by `idle`) while later ones move, instead of all at the end."""
+        while self.unlanded >= WINDOW_BYTES:
+            if self.idle is not None:
+                self.idle()
+                if self.unlanded < WINDOW_BYTES:
+                    return
+            self.wait_some()
+
     def _post_pending(self) -> None:
+        """Post the payload WRITEs built so far; with `inline`, then hash each payload (here, while the transport
+        moves it) and post the headers right behind them."""
+        self.unlanded += sum(self._sizes[wr.wr_id // 4] for wr in self.pending)
         self.batch.post_many(self.pending)
+        eager = [wr.wr_id // 4 for wr in self.pending if wr.wr_id % 4 == 3]
         self.pending.clear()
         self.pending_bytes = 0
+        if eager:
+            wrs = []
+            for n in eager:
+                key, grant, _src = self.items[n]
+                head, view = self.late.pop(n)
+                head[1][:] = block.encode_header(key, grant.generation, len(view), block.payload_checksum(view))
+                wrs.append(WorkRequest(4 * n + 2, Opcode.WRITE, (head[0],), grant.addr, grant.rkey))
+            self.batch.post_many(wrs)
 
     def _post_ready(self) -> None:
         """The headers of the blocks whose payload and trailer landed, in one post."""
@@ -287,9 +323,10 @@ def _length(src) -> int:
 
 
 def _payload_request(client: PoolClient, n: int, arena: Arena, key: bytes, grant, src,
-                     late: dict) -> WorkRequest | None:
-    """Block n's WRITE of payload and trailer (no checksum in it), digest of the payload requested; the
-    header's arena slot is kept in `late` for the second request."""
+                     late: dict, eager: bool = False) -> WorkRequest | None:
+    """Block n's WRITE of payload and trailer (no checksum in it); the header's arena slot is kept in `late`
+    for the second request. The digest of the payload is requested, unless `eager` (the caller hashes it
+    while it moves and posts the header right behind it: wr_id part 3 instead of 1)."""
     head, tail = arena.take(block.HEADER_SIZE), arena.take(block.TRAILER_SIZE)
     if head is None or tail is None:
         return None
@@ -306,6 +343,8 @@ def _payload_request(client: PoolClient, n: int, arena: Arena, key: bytes, grant
         staged_view[:] = view
     tail[1][:] = block.encode_trailer(key, grant.generation, len(view), False)
     late[n] = (head, view)
+    if eager:
+        return WorkRequest(4 * n + 3, Opcode.WRITE, (sge, tail[0]), grant.addr + block.HEADER_SIZE, grant.rkey)
     return WorkRequest(4 * n + 1, Opcode.WRITE, (sge, tail[0]), grant.addr + block.HEADER_SIZE, grant.rkey,
                        digest=0)
 

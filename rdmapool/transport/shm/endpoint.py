@@ -67,8 +67,14 @@ _NEED = {  # plain ints: enum flag arithmetic costs microseconds per request
 _WRITES_REMOTE = Access.REMOTE_WRITE | Access.REMOTE_ATOMIC
 _ST_OK, _ST_HANDOFF, _ST_REM_ACCESS, _ST_RETRY_EXC = 0, native.ST_HANDOFF, 10, 12
 _ST_FLUSH = native.ST_FLUSH
+_READ, _WRITE = Opcode.READ, Opcode.WRITE
+_OP_DIGEST, _OP_HANDOFF = native.OP_DIGEST, native.OP_HANDOFF
+_pack = _REC.pack
 #: batches moving at least this many bytes run on the endpoint's Mover thread (posting returns at once)
 ASYNC_BYTES = 256 << 10
+#: how long the Mover thread (between batches) and waiters (for a batch) busy-poll before they block: waking a
+#: blocked thread costs tens of microseconds, more on an idle virtual CPU (see docs/decisions.md)
+SPIN_US = int(os.environ.get("RDMAPOOL_SHM_SPIN_US", "100"))
 #: how long quiesce/close/ordering points wait for the Mover to go idle (a copy of any sane batch is far less)
 SETTLE_TIMEOUT_S = 60.0
 
@@ -128,7 +134,7 @@ class ShmEndpoint(Endpoint):
         self._state = EndpointState.READY
         self._lock = threading.Lock()
         self._handoff_error = ""
-        self._mover = native.Mover(table.state_ptr, STATE_OPEN, pidfd)
+        self._mover = native.Mover(table.state_ptr, STATE_OPEN, pidfd, SPIN_US)
         self._queued: collections.deque[_Queued] = collections.deque()  # batches on the Mover, in order
         self._queued_signalled = 0
         self._handoffs = 0  # hand-off records encoded so far (a batch with any runs inline)
@@ -142,6 +148,11 @@ class ShmEndpoint(Endpoint):
     def digests(self) -> frozenset[Opcode]:
         """The native mover hashes digest SGEs as it copies them (native/xxhash/digest.h)."""
         return _DIGESTS
+
+    @property
+    def asynchronous(self) -> bool:
+        """Batches of at least `ASYNC_BYTES` run on the Mover thread."""
+        return True
 
     @property
     def outstanding(self) -> int:
@@ -422,41 +433,49 @@ class ShmEndpoint(Endpoint):
         return _ST_OK
 
     def _encode(self, wr: WorkRequest, recs: bytearray, rec_wr: list[int], index: int) -> int:
-        """Check one request and append its records; returns its byte length, raises _Failure."""
+        """Check one request and append its records; returns its byte length, raises _Failure. (Runs once per
+        request on the hot path: module-level constants instead of enum and module attribute lookups.)"""
         op = wr.opcode
         sgl = wr.sgl
-        handoff = 0
+        local = self._local
+        moves = op is _READ or op is _WRITE
+        on_gpu = False
         for sge in sgl:
-            loc = self._local.get(sge.lkey)
+            loc = local.get(sge.lkey)
             if loc is None or sge.addr < loc.addr or sge.addr + sge.length > loc.end or sge.length < 0:
                 raise _Failure(WcStatus.LOC_PROT_ERR, f"local SGE {sge} is not inside a region with lkey {sge.lkey}")
-            if op is not Opcode.WRITE and not loc.writable:
+            if op is not _WRITE and not loc.writable:
                 raise _Failure(WcStatus.LOC_PROT_ERR, f"local SGE {sge} is in a region without LOCAL_WRITE")
             if loc.cuda:
-                if op is not Opcode.READ and op is not Opcode.WRITE:
+                if not moves:
                     raise _Failure(WcStatus.LOC_PROT_ERR, "shm atomics need a host SGE, not GPU memory")
-                handoff = native.OP_HANDOFF
-                self._handoffs += 1
-        rem = self._remotes.get(wr.rkey) or self._map(wr.rkey)
+                on_gpu = True
+        rkey = wr.rkey
+        rem = self._remotes.get(rkey) or self._map(rkey)
         if not rem.access & _NEED[op]:
-            raise _Failure(WcStatus.REM_ACCESS_ERR, f"rkey {wr.rkey:#x} does not allow {op.name}")
+            raise _Failure(WcStatus.REM_ACCESS_ERR, f"rkey {rkey:#x} does not allow {op.name}")
         length = sgl[0].length if len(sgl) == 1 else sum(sge.length for sge in sgl)
         if wr.remote_addr < rem.addr or wr.remote_addr + length > rem.end:
             raise _Failure(WcStatus.REM_ACCESS_ERR,
-                           f"[{wr.remote_addr:#x}, +{length}) is outside region {wr.rkey:#x}")
+                           f"[{wr.remote_addr:#x}, +{length}) is outside region {rkey:#x}")
         ptr = rem.base + (wr.remote_addr - rem.addr)
-        if op is Opcode.READ or op is Opcode.WRITE:
-            want = wr.digest if _DIGESTS else None
-            for k, sge in enumerate(sgl):
-                cuda_sge = self._local[sge.lkey].cuda
-                # GPU memory is not hashed here: no digest for it (the caller hashes, or skips as the issue allows)
-                code = op | (handoff if cuda_sge else 0) | (native.OP_DIGEST if k == want and not cuda_sge else 0)
-                recs += _REC.pack(code, 0, sge.addr, ptr, sge.length, 0, 0, rem.valid_ptr, wr.rkey)
-                rec_wr.append(index)
-                ptr += sge.length
-        else:
-            recs += _REC.pack(op, 0, sgl[0].addr, ptr, 8, wr.compare, wr.swap, rem.valid_ptr, wr.rkey)
+        valid = rem.valid_ptr
+        if not moves:
+            recs += _pack(op, 0, sgl[0].addr, ptr, 8, wr.compare, wr.swap, valid, rkey)
             rec_wr.append(index)
+            return length
+        want = wr.digest if _DIGESTS else None
+        if on_gpu:
+            self._handoffs += 1
+        for k, sge in enumerate(sgl):
+            if on_gpu and local[sge.lkey].cuda:
+                # GPU memory is not hashed here: no digest for it (the caller hashes, or skips as the issue allows)
+                code = op | _OP_HANDOFF
+            else:
+                code = op | _OP_DIGEST if k == want else op
+            recs += _pack(code, 0, sge.addr, ptr, sge.length, 0, 0, valid, rkey)
+            ptr += sge.length
+        rec_wr.extend([index] * len(sgl))
         return length
 
     def _map(self, rkey: int) -> _Remote:
