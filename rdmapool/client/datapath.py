@@ -382,7 +382,6 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
     arena = client.arena()
     arena.reset()
     staged: dict[int, tuple] = {}
-    hashing: list[tuple] = []  # (future, wanted checksum, n, payload, target, copy)
     verify = client.config.verify_checksum
 
     def accept(n: int, payload, target, copy: bool) -> None:
@@ -405,25 +404,12 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         except CorruptBlock:
             client.counters.add("corrupt_blocks")
             return
-        if check and digest is None:  # the transport did not hash what landed: hash it here
-            hashing.append((client.hasher.submit(payload), want, n, payload, target, copy))
-        elif check and digest != want:
+        if check and digest is None:  # the transport did not hash what landed: hash it here, now, while the
+            digest = block.payload_checksum(payload)  # bytes are in this thread's cache (see docs/decisions.md)
+        if check and digest != want:
             client.counters.add("corrupt_blocks")
         else:
             accept(n, payload, target, copy)
-
-    def settle() -> None:
-        """Collect the checksums started so far (before the arena is reused, and at the end)."""
-        for fut, want, n, payload, target, copy in hashing:
-            try:
-                got = client.hasher.result(fut, batch.remaining())
-            except TimeoutError:
-                raise batch.timed_out() from None
-            if got == want:
-                accept(n, payload, target, copy)
-            else:
-                client.counters.add("corrupt_blocks")
-        hashing.clear()
 
     batch = _Batch(client, conn, done)
     # an endpoint that digests READs needs no hashing to overlap: its requests go in one post
@@ -440,7 +426,6 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
             batch.post_many(pending)
             pending.clear()
             batch.drain()
-            settle()
             arena.reset()
             pieces = _read_pieces(client, arena, ref, target)
         head, payload_sge, payload_view, tail, copy = pieces
@@ -459,7 +444,6 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
             batch.post(wr)
     batch.post_many(pending)
     batch.drain()
-    settle()
 
 
 def _read_pieces(client: PoolClient, arena: Arena, ref: BlockRef, target):
