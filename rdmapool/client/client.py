@@ -233,9 +233,12 @@ class PoolClient:
                 self._commit(conn, early, keys, grants, lengths, idx, out)
                 early.clear()
 
-        if sum(lengths) >= 2 * PIPELINE_BYTES:
+        # pipelining needs an endpoint that moves bytes while this thread waits on a round trip (not tcp, whose
+        # progress runs in the posting thread: there an extra round trip only adds its latency)
+        pipelined = writer.asynchronous and sum(lengths) >= 2 * PIPELINE_BYTES
+        if pipelined:
             writer.idle = commit_early
-        for a, b in _allocation_chunks(lengths):
+        for a, b in _allocation_chunks(lengths) if pipelined else [(0, len(keys))]:
             fields = {"keys": keys[a:b], "lengths": lengths[a:b]}
             if hints is not None:
                 fields["hints"] = hints[a:b]
@@ -253,7 +256,7 @@ class PoolClient:
             todo.extend(chunk)
             writer.add([(keys[j], grants[j], sources[j]) for j in chunk])
         # commit early blocks while enough bytes are still moving to cover the round trip
-        while writer.busy and writer.flying_bytes >= PIPELINE_BYTES:
+        while pipelined and writer.busy and writer.flying_bytes >= PIPELINE_BYTES:
             early.extend(todo[n] for n in writer.take_written())
             if sum(lengths[j] for j in early) >= PIPELINE_BYTES:
                 self._commit(conn, early, keys, grants, lengths, idx, out)
@@ -420,9 +423,9 @@ class PoolClient:
 
 
 def _allocation_chunks(lengths: list[int]) -> list[tuple[int, int]]:
-    """[start, end) key ranges reserved in one round trip each: one for a small put; for a large one the first
-    blocks up to `PIPELINE_BYTES` (at least one), then the rest."""
-    if len(lengths) < 2 or sum(lengths) < 2 * PIPELINE_BYTES:
+    """[start, end) key ranges reserved in one round trip each, for a pipelined put: the first blocks up to
+    `PIPELINE_BYTES` (at least one), then the rest."""
+    if len(lengths) < 2:
         return [(0, len(lengths))]
     total, first = 0, 0
     while first < len(lengths) - 1 and total < PIPELINE_BYTES:
