@@ -157,7 +157,7 @@ class BlockWriter:
         ep = conn.endpoint
         #: the endpoint moves bytes without this thread: post each payload (with its trailer) first, hash it here
         #: while it moves (no thread hand-off), then post its header right behind it
-        self.inline = ep is not None and ep.asynchronous
+        self.inline = self.asynchronous = ep is not None and ep.asynchronous
         self.fused = (client.config.transport_digests and ep is not None and Opcode.WRITE in ep.digests
                       and not self.inline)
         self.items: list[tuple] = []  # (key, grant, source)
