@@ -613,8 +613,9 @@ static PyObject *Mover_reap(Mover *m, PyObject *unused) {
     return out;
 }
 
-/* wait(timeout, idle=False) -> bool: block (GIL released) until a batch is ready to reap (idle: until no
- * batch is queued or running), or `timeout` seconds pass (False). */
+/* wait(timeout, idle=False) -> bool: block (GIL released) until a batch is ready to reap or none is left to
+ * reap (idle: until no batch is queued or running), or `timeout` seconds pass (False). While it waits, the
+ * calling thread hashes the running batch's digest records (help_one). */
 static PyObject *Mover_wait(Mover *m, PyObject *args) {
     double timeout;
     int idle = 0;
@@ -625,7 +626,8 @@ static PyObject *Mover_wait(Mover *m, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     __atomic_add_fetch(&m->helpers, 1, __ATOMIC_ACQ_REL);
 #define WAIT_DONE() (idle ? __atomic_load_n(&m->finished, __ATOMIC_ACQUIRE) == __atomic_load_n(&m->submitted, __ATOMIC_ACQUIRE) \
-                          : __atomic_load_n(&m->finished, __ATOMIC_ACQUIRE) != __atomic_load_n(&m->reaped, __ATOMIC_ACQUIRE))
+                          : __atomic_load_n(&m->finished, __ATOMIC_ACQUIRE) != __atomic_load_n(&m->reaped, __ATOMIC_ACQUIRE) || \
+                            __atomic_load_n(&m->submitted, __ATOMIC_ACQUIRE) == __atomic_load_n(&m->reaped, __ATOMIC_ACQUIRE))
     /* while waiting, hash the running batch's digest records (the Mover copies, this thread hashes) */
     for (;;) {
         if (WAIT_DONE() || !help_one(m)) break;
@@ -642,10 +644,11 @@ static PyObject *Mover_wait(Mover *m, PyObject *args) {
 #undef WAIT_DONE
     pthread_mutex_lock(&m->mu);
     for (;;) {
-        ok = idle ? (!m->next_run && !m->running) : (m->head && m->head->finished);
+        /* not idle: a batch to reap, or none left at all (another thread reaped them meanwhile) */
+        ok = idle ? (!m->next_run && !m->running) : (!m->head || m->head->finished);
         if (ok) break;
         if (pthread_cond_timedwait(&m->fin, &m->mu, &ts) != 0) {
-            ok = idle ? (!m->next_run && !m->running) : (m->head && m->head->finished);
+            ok = idle ? (!m->next_run && !m->running) : (!m->head || m->head->finished);
             break;
         }
     }

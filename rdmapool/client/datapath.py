@@ -7,13 +7,19 @@ pieces, so a registered payload is never copied and the remote bytes are contigu
 in the client's registered staging arena (as do payloads of unregistered buffers); when the arena fills, the
 batch drains (every request in flight completes) before the arena is reused.
 
-Requests are posted as soon as each is built and completions are taken as they arrive (`_Batch`), so building
-or validating one block overlaps the transfer of others. Payload checksums come from the transport when its
-endpoint digests (`Endpoint.digests`: the shm mover hashes each stride right after copying it, while it is in
-cache, so the payload is not read from DRAM a second time); reads ask for the digest of the payload SGE and
-writes send payload and trailer first, then the header with its digest. Otherwise checksums of large blocks
-run on the `Hasher`'s worker threads (GIL released), overlapping the transfer; results are collected before
-the arena is reused and before the call returns, all within the call's data deadline.
+Requests are posted as they are built, in groups of `STREAM_BYTES`, and completions are taken as they arrive
+(`_Batch`), so building or validating one block overlaps the transfer of others; on an asynchronous endpoint
+(`Endpoint.asynchronous`: shm's Mover thread) the bytes move while this thread works. Checksums:
+- reads: the transport's digest of the payload SGE where the endpoint offers one (`Endpoint.digests`; shm's
+  waiting caller hashes trailing the Mover's copy); otherwise this thread hashes each payload as its completion
+  arrives, while the bytes are still in its cache (no hand-off to another thread);
+- writes, asynchronous endpoint (`BlockWriter.inline`): payload and trailer go first, this thread hashes the
+  payload while it moves, and the header follows right behind it: nothing waits for a checksum;
+- writes, endpoint that digests WRITEs but moves them in the posting thread: payload and trailer first with the
+  digest requested, the header once it landed;
+- writes, otherwise (tcp): checksums run ahead on the `Hasher`'s workers and one WRITE carries header, payload and
+  trailer. The slot is reserved and invisible until commit, so the order in which the pieces land does not
+  matter. Everything completes within the call's data deadline.
 
 A read counts only after `block.validate` against the lookup reply and, for host destinations, the payload
 checksum: anything else is a miss and a `corrupt_blocks` count. Timeouts and broken endpoints close the
@@ -140,14 +146,10 @@ class _Batch:
 class BlockWriter:
     """WRITEs of reserved blocks to one server, added a chunk at a time (`add`), so the caller can reserve or
     commit one chunk in a control round trip while the transport moves the others. `take_written` hands out
-    the blocks written completely since its last call; `finish` waits for the rest.
-
-    When the endpoint digests WRITEs (see `Endpoint.digests`) and the client uses them
-    (`ClientConfig.transport_digests`), payload and trailer go first (the trailer holds no checksum) and the
-    transport hashes the payload as it copies; its completion's digest then goes into the header, written by a
-    second request (the slot is reserved and invisible until commit, so the order in which the pieces land does
-    not matter). Otherwise the checksum is computed first (`Hasher`, whose workers hash ahead of the posts) and
-    one WRITE carries header, payload and trailer."""
+    the blocks written completely since its last call; `finish` waits for the rest. How each block's checksum
+    reaches its header (payload first, or one WRITE after the checksum) is in the module docstring; wr_ids are
+    4n + part (0: the whole block, 1: payload+trailer whose header waits for its digest, 2: header, 3:
+    payload+trailer whose header is posted right behind it)."""
 
     def __init__(self, client: PoolClient, conn: ServerConnection) -> None:
         self.client = client
