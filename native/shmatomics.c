@@ -444,40 +444,67 @@ static void mover_batch_end(Mover *m) {
     __atomic_store_n(&m->ntasks, 0, __ATOMIC_RELEASE);
 }
 
+/* Run the next queued batch on this thread (the mutex held on entry and on return, released while it runs).
+ * One batch runs at a time (`running`), whichever thread runs it, so batches still run in submission order.
+ * The Mover thread hands digest records to waiting threads (mover_digest); a waiter running a batch itself
+ * fuses hash and copy. */
+static void run_next_locked(Mover *m, int on_mover) {
+    struct job *j = m->next_run;
+    m->next_run = j->next;
+    __atomic_store_n(&m->taken, m->taken + 1, __ATOMIC_RELEASE);
+    if (m->error || m->stop) {
+        j->done = 0;
+        j->status = ST_FLUSH;
+    } else {
+        m->running = 1;
+        pthread_mutex_unlock(&m->mu);
+        run_ops((struct op *)j->buf.buf, j->nops, m->state_ptr, m->state_expect, m->pidfd, &j->done, &j->status,
+                on_mover ? m : NULL);
+        if (on_mover) mover_batch_end(m);
+        pthread_mutex_lock(&m->mu);
+        m->running = 0;
+        if (j->status != ST_OK) m->error = 1;
+    }
+    j->finished = 1;
+    __atomic_store_n(&m->finished, m->finished + 1, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&m->fin);
+    pthread_cond_signal(&m->work); /* the Mover thread may be waiting for `running` to clear */
+}
+
 static void *mover_main(void *arg) {
     Mover *m = arg;
     pthread_mutex_lock(&m->mu);
     for (;;) {
-        if (!m->next_run && !m->stop && m->spin_ns > 0) {
+        if ((!m->next_run || m->running) && !m->stop && m->spin_ns > 0) {
             pthread_mutex_unlock(&m->mu);
-            SPIN_UNTIL(m, __atomic_load_n(&m->submitted, __ATOMIC_ACQUIRE) != m->taken ||
+            SPIN_UNTIL(m, __atomic_load_n(&m->submitted, __ATOMIC_ACQUIRE) != __atomic_load_n(&m->taken, __ATOMIC_ACQUIRE) ||
                               __atomic_load_n(&m->stop, __ATOMIC_ACQUIRE));
             pthread_mutex_lock(&m->mu);
         }
-        while (!m->next_run && !m->stop) pthread_cond_wait(&m->work, &m->mu);
-        struct job *j = m->next_run;
-        if (!j) break; /* stop, nothing left */
-        m->next_run = j->next;
-        m->taken++;
-        if (m->error || m->stop) {
-            j->done = 0;
-            j->status = ST_FLUSH;
-        } else {
-            m->running = 1;
-            pthread_mutex_unlock(&m->mu);
-            run_ops((struct op *)j->buf.buf, j->nops, m->state_ptr, m->state_expect, m->pidfd, &j->done,
-                    &j->status, m);
-            mover_batch_end(m);
-            pthread_mutex_lock(&m->mu);
-            m->running = 0;
-            if (j->status != ST_OK) m->error = 1;
+        while ((!m->next_run || m->running) && !m->stop) pthread_cond_wait(&m->work, &m->mu);
+        if (m->running) { /* stopping while a waiter runs a batch: let it finish */
+            pthread_cond_wait(&m->work, &m->mu);
+            continue;
         }
-        j->finished = 1;
-        __atomic_store_n(&m->finished, m->finished + 1, __ATOMIC_RELEASE);
-        pthread_cond_broadcast(&m->fin);
+        if (!m->next_run) break; /* stop, nothing left */
+        run_next_locked(m, 1);
     }
     pthread_mutex_unlock(&m->mu);
     return NULL;
+}
+
+/* A waiting thread: when the next batch has not started and nobody runs one (the Mover thread is descheduled,
+ * say, because another process holds the other CPU), run it here instead of waiting for a context switch. */
+static int try_run(Mover *m) {
+    if (__atomic_load_n(&m->submitted, __ATOMIC_ACQUIRE) == __atomic_load_n(&m->taken, __ATOMIC_ACQUIRE)) return 0;
+    int did = 0;
+    pthread_mutex_lock(&m->mu);
+    if (m->next_run && !m->running && !m->stop) {
+        run_next_locked(m, 0);
+        did = 1;
+    }
+    pthread_mutex_unlock(&m->mu);
+    return did;
 }
 
 static int deadline_after(double timeout, struct timespec *ts) {
@@ -628,14 +655,15 @@ static PyObject *Mover_wait(Mover *m, PyObject *args) {
 #define WAIT_DONE() (idle ? __atomic_load_n(&m->finished, __ATOMIC_ACQUIRE) == __atomic_load_n(&m->submitted, __ATOMIC_ACQUIRE) \
                           : __atomic_load_n(&m->finished, __ATOMIC_ACQUIRE) != __atomic_load_n(&m->reaped, __ATOMIC_ACQUIRE) || \
                             __atomic_load_n(&m->submitted, __ATOMIC_ACQUIRE) == __atomic_load_n(&m->reaped, __ATOMIC_ACQUIRE))
-    /* while waiting, hash the running batch's digest records (the Mover copies, this thread hashes) */
+    /* while waiting, hash the running batch's digest records (the Mover copies, this thread hashes), or run
+     * the next batch here if nobody runs one */
     for (;;) {
-        if (WAIT_DONE() || !help_one(m)) break;
+        if (WAIT_DONE() || !(help_one(m) || try_run(m))) break;
     }
     if (m->spin_ns > 0) {
         long end = now_ns() + m->spin_ns;
         for (int i = 0; !WAIT_DONE(); i++) {
-            if (help_one(m)) { end = now_ns() + m->spin_ns; continue; }
+            if (help_one(m) || try_run(m)) { end = now_ns() + m->spin_ns; continue; }
             cpu_relax();
             if ((i & 63) == 63 && now_ns() > end) break;
         }

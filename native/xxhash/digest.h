@@ -16,6 +16,7 @@
 #define XXH_VECTOR 2 /* XXH_AVX2 */
 #define RDMAPOOL_DIGEST_NEEDS_AVX2 1
 #endif
+#include <sched.h>
 #define XXH_INLINE_ALL
 #include "xxhash.h" /* native/xxhash/xxhash.h */
 
@@ -41,11 +42,15 @@ static void digest_trailing(const unsigned char *p, size_t n, const size_t *prog
     XXH_ALIGN(64) XXH3_state_t st;
     XXH3_128bits_reset(&st);
     size_t done = 0;
+    unsigned idle = 0;
     while (done < n) {
         size_t avail = __atomic_load_n(progress, __ATOMIC_ACQUIRE);
         if (avail > done) {
             XXH3_128bits_update(&st, p + done, avail - done);
             done = avail;
+            idle = 0;
+        } else if (++idle % 256 == 0) {
+            sched_yield(); /* the writer may share this CPU (a busy machine): let it run */
         } else {
 #if defined(__x86_64__) || defined(__i386__)
             __builtin_ia32_pause();

@@ -7,7 +7,8 @@ pieces, so a registered payload is never copied and the remote bytes are contigu
 in the client's registered staging arena (as do payloads of unregistered buffers); when the arena fills, the
 batch drains (every request in flight completes) before the arena is reused.
 
-Requests are posted as they are built, in groups of `STREAM_BYTES`, and completions are taken as they arrive
+Requests are posted as they are built (to an asynchronous endpoint in groups of `STREAM_BYTES`; an endpoint
+that moves bytes inside `post` gets a batch's digest requests in one post), and completions are taken as they arrive
 (`_Batch`), so building or validating one block overlaps the transfer of others; on an asynchronous endpoint
 (`Endpoint.asynchronous`: shm's Mover thread) the bytes move while this thread works. Checksums:
 - reads: the transport's digest of the payload SGE where the endpoint offers one (`Endpoint.digests`; shm's
@@ -219,7 +220,7 @@ class BlockWriter:
                     wr = _payload_request(client, n, arena, key, grant, src, self.late, self.inline)
                 self.pending.append(wr)
                 self.pending_bytes += len(hosts[k])
-                if self.pending_bytes >= STREAM_BYTES:  # post in groups: they move while we build more
+                if self.asynchronous and self.pending_bytes >= STREAM_BYTES:  # groups move while we build more
                     if not self.inline:
                         self._room()
                     self._post_pending()
@@ -438,7 +439,7 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         if together:
             pending.append(wr)
             pending_bytes += ref.length
-            if pending_bytes >= STREAM_BYTES:
+            if batch.endpoint.asynchronous and pending_bytes >= STREAM_BYTES:
                 batch.post_many(pending)
                 pending.clear()
                 pending_bytes = 0

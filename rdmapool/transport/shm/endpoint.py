@@ -70,8 +70,9 @@ _ST_FLUSH = native.ST_FLUSH
 _READ, _WRITE = Opcode.READ, Opcode.WRITE
 _OP_DIGEST, _OP_HANDOFF = native.OP_DIGEST, native.OP_HANDOFF
 _pack = _REC.pack
-#: batches moving at least this many bytes run on the endpoint's Mover thread (posting returns at once)
-ASYNC_BYTES = 256 << 10
+#: batches moving at least this many bytes run on the endpoint's Mover thread (posting returns at once); 0 runs
+#: every batch inline, as before the Mover (for hosts without a spare core: see docs/decisions.md)
+ASYNC_BYTES = int(os.environ.get("RDMAPOOL_SHM_ASYNC_BYTES", str(256 << 10)))
 #: how long the Mover thread (between batches) and waiters (for a batch) busy-poll before they block: waking a
 #: blocked thread costs tens of microseconds, more on an idle virtual CPU (see docs/decisions.md)
 SPIN_US = int(os.environ.get("RDMAPOOL_SHM_SPIN_US", "100"))
@@ -151,8 +152,8 @@ class ShmEndpoint(Endpoint):
 
     @property
     def asynchronous(self) -> bool:
-        """Batches of at least `ASYNC_BYTES` run on the Mover thread."""
-        return True
+        """Batches of at least `ASYNC_BYTES` run on the Mover thread (unless it is 0)."""
+        return ASYNC_BYTES > 0
 
     @property
     def outstanding(self) -> int:
@@ -339,7 +340,8 @@ class ShmEndpoint(Endpoint):
                 rec = len(rec_wr) - len(wr.sgl) + wr.digest
                 if recs[rec * _REC.size + 1] & (native.OP_DIGEST >> 8):  # _encode flagged it (host memory)
                     digest_rec[i] = rec
-        if failure is None and self._handoffs == handoffs and (self._queued or sum(lengths) >= ASYNC_BYTES):
+        if (failure is None and self._handoffs == handoffs and ASYNC_BYTES > 0
+                and (self._queued or sum(lengths) >= ASYNC_BYTES)):
             self._mover.submit(recs, len(rec_wr))
             signalled = sum(1 for wr in wrs if wr.signaled)
             self._queued.append(_Queued(tuple(wrs), recs, rec_wr, lengths, digest_rec, signalled))
