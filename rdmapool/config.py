@@ -152,6 +152,9 @@ class ClientConfig:
     staging_bytes: int = 64 << 20  # registered staging memory for unregistered user buffers
     max_frame: int = 16 << 20
     hash_threads: int = 2  # workers hashing large payloads while transfers run (0: hash inline)
+    #: use the checksums a transport computes as it moves bytes (`Endpoint.digests`); False: the client hashes
+    #: payloads itself (`hash_threads`), in parallel with the transfer
+    transport_digests: bool = True
     #: data endpoints per server where the transport offers several (`connect_many`: verbs queue pairs);
     #: None takes the transport's default (verbs `qps_per_peer`, 2). Transports without it use one.
     endpoints_per_server: int | None = None

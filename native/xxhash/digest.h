@@ -16,6 +16,7 @@
 #define XXH_VECTOR 2 /* XXH_AVX2 */
 #define RDMAPOOL_DIGEST_NEEDS_AVX2 1
 #endif
+#include <sched.h>
 #define XXH_INLINE_ALL
 #include "xxhash.h" /* native/xxhash/xxhash.h */
 
@@ -28,6 +29,33 @@ static void copy_digest(void *dst, const void *src, size_t n, int hash_dst, unsi
         size_t k = n - off < DIGEST_STRIDE ? n - off : DIGEST_STRIDE;
         memcpy((char *)dst + off, (const char *)src + off, k);
         XXH3_128bits_update(&st, (const char *)(hash_dst ? dst : src) + off, k);
+    }
+    XXH128_canonical_t c;
+    XXH128_canonicalFromHash(&c, XXH3_128bits_digest(&st));
+    memcpy(out, c.digest, 16);
+}
+
+/* Hash n bytes at p that another thread is still writing in order: only the first *progress bytes (an atomic
+ * the writer publishes with release stores) are read, so a READ's digest covers exactly the bytes that landed.
+ * Used by the shm Mover, whose waiting caller hashes while the Mover thread copies. */
+static void digest_trailing(const unsigned char *p, size_t n, const size_t *progress, unsigned char out[16]) {
+    XXH_ALIGN(64) XXH3_state_t st;
+    XXH3_128bits_reset(&st);
+    size_t done = 0;
+    unsigned idle = 0;
+    while (done < n) {
+        size_t avail = __atomic_load_n(progress, __ATOMIC_ACQUIRE);
+        if (avail > done) {
+            XXH3_128bits_update(&st, p + done, avail - done);
+            done = avail;
+            idle = 0;
+        } else if (++idle % 256 == 0) {
+            sched_yield(); /* the writer may share this CPU (a busy machine): let it run */
+        } else {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        }
     }
     XXH128_canonical_t c;
     XXH128_canonicalFromHash(&c, XXH3_128bits_digest(&st));

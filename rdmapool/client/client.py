@@ -33,10 +33,11 @@ from typing import Any, NamedTuple
 from rdmapool import block
 from rdmapool.client.buffers import Arena, RegionSlice, Registry
 from rdmapool.client.connection import ServerConnection
-from rdmapool.client.datapath import read_blocks, write_blocks
+from rdmapool.client.datapath import BlockWriter, read_blocks
 from rdmapool.client.hashing import Hasher
 from rdmapool.client.protocol import (
     Hit,
+    Reservation,
     all_hits,
     check_hits,
     leading_hits,
@@ -65,6 +66,11 @@ _DEGRADE = (ServerUnavailable, TransportError, ProtocolError, AuthError)
 #: a lease is trusted until this fraction of it has passed on the client's clock
 LEASE_MARGIN = 0.8
 DEFAULT_MAX_KEYS = 4096
+#: a put of at least twice this many bytes (to one server) is pipelined: the first blocks up to this size are
+#: reserved alone, and blocks are committed early while at least this many bytes are still moving
+PIPELINE_BYTES = 4 << 20
+#: while a large put still moves, written blocks are committed in round trips of at least this many bytes
+COMMIT_BYTES = 16 << 20
 
 
 class PutStatus(enum.Enum):
@@ -277,34 +283,74 @@ class PoolClient:
 
     def _put_one_server(self, conn: ServerConnection, keys: list[bytes], sources: list, idx: list[int],
                         out: list[PutStatus], hints: list | None) -> None:
-        fields = {"keys": wire.pack_keys(keys), "lengths": [_length(s) for s in sources]}
-        if hints is not None:
-            fields["hints"] = hints
-        reply = conn.call("allocate", **fields)
-        grants = parse_grants(reply, len(keys))
-        todo = []
-        for j, grant in enumerate(grants):
-            status = AllocStatus(grant.status) if grant.status in AllocStatus._value2member_map_ else None
-            if status is AllocStatus.OK:
-                if grant.capacity < _length(sources[j]):
-                    raise ProtocolError("server reserved a slot smaller than asked")
-                todo.append(j)
+        """allocate -> WRITE -> commit for one server's keys, pipelined for large batches: the first blocks are
+        reserved alone so their WRITEs start early, the rest are reserved while those move, and blocks written
+        early are committed while later ones move (`PIPELINE_BYTES`). Only the first reservation and the last
+        commit wait on a round trip with nothing moving."""
+        lengths = [_length(s) for s in sources]
+        writer = BlockWriter(self, conn)
+        todo: list[int] = []  # key positions with a reservation, in the order the writer numbers them
+        grants: dict[int, Reservation] = {}
+        early: list[int] = []  # written, not yet committed
+
+        def commit_early() -> None:
+            """While blocks still move: commit the written ones once there are enough for a round trip."""
+            early.extend(todo[n] for n in writer.take_written())
+            if sum(lengths[j] for j in early) >= COMMIT_BYTES:
+                self._commit(conn, early, keys, grants, lengths, idx, out)
+                early.clear()
+
+        # pipelining needs an endpoint that moves bytes while this thread waits on a round trip (not tcp, whose
+        # progress runs in the posting thread: there an extra round trip only adds its latency)
+        pipelined = writer.asynchronous and sum(lengths) >= 2 * PIPELINE_BYTES
+        if pipelined:
+            writer.idle = commit_early
+        for a, b in _allocation_chunks(lengths) if pipelined else [(0, len(keys))]:
+            fields = {"keys": wire.pack_keys(keys[a:b]), "lengths": lengths[a:b]}
+            if hints is not None:
+                fields["hints"] = hints[a:b]
+            part = parse_grants(conn.call("allocate", **fields), b - a)
+            chunk = []
+            for j, grant in enumerate(part, a):
+                status = AllocStatus(grant.status) if grant.status in AllocStatus._value2member_map_ else None
+                if status is AllocStatus.OK:
+                    if grant.capacity < lengths[j]:
+                        raise ProtocolError("server reserved a slot smaller than asked")
+                    grants[j] = grant
+                    chunk.append(j)
+                else:
+                    out[idx[j]] = _FROM_ALLOC.get(status, PutStatus.FAILED)
+            todo.extend(chunk)
+            writer.add([(keys[j], grants[j], sources[j]) for j in chunk])
+        # commit early blocks while enough bytes are still moving to cover the round trip
+        while pipelined and writer.busy and writer.flying_bytes >= PIPELINE_BYTES:
+            early.extend(todo[n] for n in writer.take_written())
+            if sum(lengths[j] for j in early) >= PIPELINE_BYTES:
+                self._commit(conn, early, keys, grants, lengths, idx, out)
+                early.clear()
             else:
-                out[idx[j]] = _FROM_ALLOC.get(status, PutStatus.FAILED)
-        written = write_blocks(self, conn, [(keys[j], grants[j], sources[j]) for j in todo])
-        commits = [[keys[j], grants[j].generation] for j, ok in zip(todo, written, strict=True) if ok]
-        aborts = [[keys[j], grants[j].generation] for j, ok in zip(todo, written, strict=True) if not ok]
-        requests = ([("commit", {"items": commits})] if commits else []) + (
-            [("abort", {"items": aborts})] if aborts else [])
+                writer.wait_some()
+        written = writer.finish()
+        last = early + [todo[n] for n in writer.take_written()]
+        failed = [j for j, ok in zip(todo, written, strict=True) if not ok]
+        self._commit(conn, last, keys, grants, lengths, idx, out, aborts=failed)
+
+    def _commit(self, conn: ServerConnection, commits: list[int], keys: list[bytes], grants: dict, lengths: list[int],
+                idx: list[int], out: list[PutStatus], aborts: Sequence[int] = ()) -> None:
+        """Commit written blocks (and abort failed ones) in one round trip; sets their put status."""
+        for j in aborts:
+            out[idx[j]] = PutStatus.FAILED
+        requests = ([("commit", {"items": [[keys[j], grants[j].generation] for j in commits]})] if commits else []) + (
+            [("abort", {"items": [[keys[j], grants[j].generation] for j in aborts]})] if aborts else [])
         if not requests:
             return
         replies = conn.call_many(requests)
-        committed = parse_results(replies[0], len(commits)) if commits else []
-        it = iter(committed)
-        for j, ok in zip(todo, written, strict=True):
-            out[idx[j]] = PutStatus.STORED if ok and next(it) else PutStatus.FAILED
-            if out[idx[j]] is PutStatus.STORED:
-                self.counters.add("bytes_written", _length(sources[j]))
+        if not commits:
+            return
+        for j, ok in zip(commits, parse_results(replies[0], len(commits)), strict=True):
+            out[idx[j]] = PutStatus.STORED if ok else PutStatus.FAILED
+            if ok:
+                self.counters.add("bytes_written", lengths[j])
 
     # ---- lookup -----------------------------------------------------------------------------------------
     def lookup_prefix(self, keys: Sequence[bytes]) -> LookupResult:
@@ -449,6 +495,18 @@ class PoolClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _allocation_chunks(lengths: list[int]) -> list[tuple[int, int]]:
+    """[start, end) key ranges reserved in one round trip each, for a pipelined put: the first blocks up to
+    `PIPELINE_BYTES` (at least one), then the rest."""
+    if len(lengths) < 2:
+        return [(0, len(lengths))]
+    total, first = 0, 0
+    while first < len(lengths) - 1 and total < PIPELINE_BYTES:
+        total += lengths[first]
+        first += 1
+    return [(0, first), (first, len(lengths))]
 
 
 def _hint_to_wire(h: BlockHint) -> list:

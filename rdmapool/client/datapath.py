@@ -7,13 +7,20 @@ pieces, so a registered payload is never copied and the remote bytes are contigu
 in the client's registered staging arena (as do payloads of unregistered buffers); when the arena fills, the
 batch drains (every request in flight completes) before the arena is reused.
 
-Requests are posted as soon as each is built and completions are taken as they arrive (`_Batch`), so building
-or validating one block overlaps the transfer of others. Payload checksums come from the transport when its
-endpoint digests (`Endpoint.digests`: the shm mover hashes each stride right after copying it, while it is in
-cache, so the payload is not read from DRAM a second time); reads ask for the digest of the payload SGE and
-writes send payload and trailer first, then the header with its digest. Otherwise checksums of large blocks
-run on the `Hasher`'s worker threads (GIL released), overlapping the transfer; results are collected before
-the arena is reused and before the call returns, all within the call's data deadline.
+Requests are posted as they are built (to an asynchronous endpoint in groups of `STREAM_BYTES`; an endpoint
+that moves bytes inside `post` gets a batch's digest requests in one post), and completions are taken as they arrive
+(`_Batch`), so building or validating one block overlaps the transfer of others; on an asynchronous endpoint
+(`Endpoint.asynchronous`: shm's Mover thread) the bytes move while this thread works. Checksums:
+- reads: the transport's digest of the payload SGE where the endpoint offers one (`Endpoint.digests`; shm's
+  waiting caller hashes trailing the Mover's copy); otherwise this thread hashes each payload as its completion
+  arrives, while the bytes are still in its cache (no hand-off to another thread);
+- writes, asynchronous endpoint (`BlockWriter.inline`): payload and trailer go first, this thread hashes the
+  payload while it moves, and the header follows right behind it: nothing waits for a checksum;
+- writes, endpoint that digests WRITEs but moves them in the posting thread: payload and trailer first with the
+  digest requested, the header once it landed;
+- writes, otherwise (tcp): checksums run ahead on the `Hasher`'s workers and one WRITE carries header, payload and
+  trailer. The slot is reserved and invisible until commit, so the order in which the pieces land does not
+  matter. Everything completes within the call's data deadline.
 
 A read counts only after `block.validate` against the lookup reply and, for host destinations, the payload
 checksum: anything else is a miss and a `corrupt_blocks` count. Timeouts and broken endpoints close the
@@ -37,6 +44,13 @@ from rdmapool.transport.base import EndpointState, Opcode, WorkRequest
 
 if TYPE_CHECKING:
     from rdmapool.client.client import BlockRef, PoolClient
+
+#: requests that need no per-block work between them are posted in groups of about this many payload bytes:
+#: a transport that moves bytes asynchronously (shm's mover thread, the tcp engine) moves one group while
+#: the next is built and the completed ones are validated
+STREAM_BYTES = 4 << 20
+#: payload bytes of two-part blocks (see `BlockWriter`) queued on the transport at most (plus one group)
+WINDOW_BYTES = 4 << 20
 
 
 class _Batch:
@@ -87,19 +101,29 @@ class _Batch:
             self.flying[i] += len(part)
         self._poll_all()
 
+    def poll(self) -> None:
+        """Take the completions that are ready, without blocking."""
+        self._poll_all()
+
+    def wait_one(self) -> None:
+        """Block until one more request completes (of the first endpoint with any in flight)."""
+        if not self.in_flight:
+            return
+        i = next(j for j, f in enumerate(self.flying) if f)
+        remaining = self.remaining()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            got = self.endpoints[i].wait(1, remaining)
+        except TimeoutError as exc:
+            self.conn.close(mark_down=True)
+            raise ServerUnavailable(f"{self.conn.address}: one-sided operations timed out") from exc
+        self._reap(i, got)
+        self._poll_all()
+
     def drain(self) -> None:
         while self.in_flight:
-            i = next(j for j, f in enumerate(self.flying) if f)
-            remaining = self.remaining()
-            try:
-                if remaining <= 0:
-                    raise TimeoutError
-                got = self.endpoints[i].wait(1, remaining)
-            except TimeoutError as exc:
-                self.conn.close(mark_down=True)
-                raise ServerUnavailable(f"{self.conn.address}: one-sided operations timed out") from exc
-            self._reap(i, got)
-            self._poll_all()
+            self.wait_one()
         if any(ep.state is not EndpointState.READY for ep in self.endpoints):
             self.conn.close()  # a broken endpoint is never repaired: reconnect on the next call
 
@@ -120,92 +144,192 @@ class _Batch:
             self.done(c.wr_id, c.ok, c.digest)
 
 
-def write_blocks(client: PoolClient, conn: ServerConnection, items: list) -> list[bool]:
-    """items: (key, reservation, source); returns which blocks were written completely.
+class BlockWriter:
+    """WRITEs of reserved blocks to one server, added a chunk at a time (`add`), so the caller can reserve or
+    commit one chunk in a control round trip while the transport moves the others. `take_written` hands out
+    the blocks written completely since its last call; `finish` waits for the rest. How each block's checksum
+    reaches its header (payload first, or one WRITE after the checksum) is in the module docstring; wr_ids are
+    4n + part (0: the whole block, 1: payload+trailer whose header waits for its digest, 2: header, 3:
+    payload+trailer whose header is posted right behind it)."""
 
-    When the endpoint digests WRITEs (see `Endpoint.digests`), payload and trailer go first (the trailer holds
-    no checksum) and the transport hashes the payload as it copies; its completion's digest then goes into the
-    header, written by a second request (the slot is reserved and invisible until commit, so the order in which
-    the pieces land does not matter). Otherwise the checksum is computed first (`Hasher`) and one WRITE
-    carries header, payload and trailer."""
-    arena = client.arena()
-    hasher: Hasher = client.hasher
-    fused = conn.endpoint is not None and Opcode.WRITE in conn.endpoint.digests  # the same on every endpoint
-    ok: list[bool] = [False] * len(items)
-    good = [0] * len(items)  # requests of block n completed successfully
-    need = [1] * len(items)  # requests block n takes
-    ready: list[tuple[int, bytes | None]] = []  # payloads landed: (n, digest) whose header and trailer are due
-    late: dict[int, tuple] = {}  # n -> (head, payload view) for the second request
+    def __init__(self, client: PoolClient, conn: ServerConnection) -> None:
+        self.client = client
+        self.arena = client.arena()
+        self.arena.reset()
+        self.hasher: Hasher = client.hasher
+        ep = conn.endpoint
+        #: the endpoint moves bytes without this thread: post each payload (with its trailer) first, hash it here
+        #: while it moves (no thread hand-off), then post its header right behind it
+        self.inline = self.asynchronous = ep is not None and ep.asynchronous
+        self.fused = (client.config.transport_digests and ep is not None and Opcode.WRITE in ep.digests
+                      and not self.inline)
+        self.items: list[tuple] = []  # (key, grant, source)
+        self.ok: list[bool] = []
+        self.good: list[int] = []  # requests of block n completed successfully
+        self.need: list[int] = []  # requests block n takes
+        self.ready: list[tuple[int, bytes | None]] = []  # payloads landed: (n, digest) whose header is due
+        self.late: dict[int, tuple] = {}  # n -> (head, payload view) for the second request
+        self.written: list[int] = []  # blocks complete since the last take_written
+        self.pending: list[WorkRequest] = []  # payload+trailer WRITEs not yet posted
+        self.pending_bytes = 0
+        self.flying_bytes = 0  # payload bytes of blocks posted and not complete
+        self.unlanded = 0  # payload bytes of two-part blocks posted whose payload has not landed yet
+        #: called while `add` waits for room (see `_room`): the caller commits what is written meanwhile
+        self.idle: Callable[[], None] | None = None
+        self._sizes: list[int] = []
+        self.batch = _Batch(client, conn, self._done)
 
-    def done(wr_id: int, success: bool, digest: bytes | None) -> None:
+    def _done(self, wr_id: int, success: bool, digest: bytes | None) -> None:
         n, part = divmod(wr_id, 4)
+        if part & 1:  # the payload (1: its header follows its digest; 3: its header is already posted)
+            self.unlanded -= self._sizes[n]
         if success:
-            good[n] += 1
-            ok[n] = good[n] == need[n]
+            self.good[n] += 1
             if part == 1:
-                ready.append((n, digest))
+                self.ready.append((n, digest))
+            if self.good[n] == self.need[n]:
+                self.ok[n] = True
+                self.written.append(n)
+                self.flying_bytes -= self._sizes[n]
+        elif self.need[n]:  # failed: no longer in flight, never written
+            self.need[n] = 0
+            self.flying_bytes -= self._sizes[n]
 
-    batch = _Batch(client, conn, done)
-
-    pending: list[WorkRequest] = []  # payload+trailer WRITEs, posted together
-
-    def post_ready() -> None:
-        """The headers of the blocks whose payload and trailer landed, in one post."""
-        wrs = []
-        for n, digest in ready:
-            key, grant, _src = items[n]
-            head, view = late.pop(n)
-            checksum = digest if digest is not None else block.payload_checksum(view)
-            head[1][:] = block.encode_header(key, grant.generation, len(view), checksum)
-            wrs.append(WorkRequest(4 * n + 2, Opcode.WRITE, (head[0],), grant.addr, grant.rkey))
-        ready.clear()
-        batch.post_many(wrs)
-
-    def finish() -> None:
-        while True:
-            batch.post_many(pending)
-            pending.clear()
-            post_ready()
-            batch.drain()
-            if not ready:
-                return
-
-    hosts = [_host_view(src) for _, _, src in items]
-    split = [fused and h is not None and len(h) > 0 for h in hosts]
-    # start every large checksum the transport will not compute: workers hash ahead while blocks are posted
-    sums = [None if (h is None or split[n]) else hasher.submit(h) for n, h in enumerate(hosts)]
-    arena.reset()
-    for n, (key, grant, src) in enumerate(items):
-        if split[n]:
-            need[n] = 2
-            wr = _payload_request(client, n, arena, key, grant, src, late)
-            if wr is None:
-                finish()
-                arena.reset()
-                wr = _payload_request(client, n, arena, key, grant, src, late)
-        else:
+    def add(self, items: list) -> None:
+        """Post the WRITEs of more blocks: items are (key, reservation, source); block numbers continue from the
+        blocks added before (the n-th item added overall is block n)."""
+        base = len(self.items)
+        self.items.extend(items)
+        hosts = [_host_view(src) for _, _, src in items]
+        split = [(self.fused or self.inline) and h is not None and len(h) > 0 for h in hosts]
+        # start every large checksum the transport will not compute: workers hash ahead while blocks are posted
+        sums = [None if (h is None or split[k]) else self.hasher.submit(h) for k, h in enumerate(hosts)]
+        self.ok.extend([False] * len(items))
+        self.good.extend([0] * len(items))
+        self.need.extend([2 if sp else 1 for sp in split])
+        self._sizes.extend(_length(src) for _, _, src in items)
+        client, arena, batch = self.client, self.arena, self.batch
+        for k, (key, grant, src) in enumerate(items):
+            n = base + k
+            self.flying_bytes += self._sizes[n]
+            if split[k]:
+                wr = _payload_request(client, n, arena, key, grant, src, self.late, self.inline)
+                if wr is None:  # arena full: let what is staged land, then start over
+                    self._drain_all()
+                    arena.reset()
+                    wr = _payload_request(client, n, arena, key, grant, src, self.late, self.inline)
+                self.pending.append(wr)
+                self.pending_bytes += len(hosts[k])
+                if self.asynchronous and self.pending_bytes >= STREAM_BYTES:  # groups move while we build more
+                    if not self.inline:
+                        self._room()
+                    self._post_pending()
+                    if self.ready:
+                        self._post_ready()
+                continue
             try:
-                checksum = None if sums[n] is None else hasher.result(sums[n], batch.remaining())
+                checksum = None if sums[k] is None else self.hasher.result(sums[k], batch.remaining())
             except TimeoutError:
                 raise batch.timed_out() from None
             wr = _write_request(client, 4 * n, arena, key, grant, src, checksum)
-            if wr is None:  # arena full: let what is staged land, then start over
-                finish()
+            if wr is None:
+                self._drain_all()
                 arena.reset()
                 wr = _write_request(client, 4 * n, arena, key, grant, src, checksum)
-        if split[n]:
-            pending.append(wr)
-        else:
             batch.post(wr)  # right away: its transfer overlaps the next checksum
-    finish()
-    arena.reset()
-    return ok
+        self._post_pending()
+        if self.ready:
+            self._post_ready()
+
+    def _room(self) -> None:
+        """Two-part blocks: keep at most `WINDOW_BYTES` of payloads queued on the transport. Each header is
+        posted when its payload lands and queues behind what is already posted; a short queue lets blocks
+        complete (and be committed, by `idle`) while later ones move, instead of all at the end."""
+        while self.unlanded >= WINDOW_BYTES:
+            if self.idle is not None:
+                self.idle()
+                if self.unlanded < WINDOW_BYTES:
+                    return
+            self.wait_some()
+
+    def _post_pending(self) -> None:
+        """Post the payload WRITEs built so far; with `inline`, then hash each payload (here, while the transport
+        moves it) and post the headers right behind them."""
+        self.unlanded += sum(self._sizes[wr.wr_id // 4] for wr in self.pending)
+        self.batch.post_many(self.pending)
+        eager = [wr.wr_id // 4 for wr in self.pending if wr.wr_id % 4 == 3]
+        self.pending.clear()
+        self.pending_bytes = 0
+        if eager:
+            wrs = []
+            for n in eager:
+                key, grant, _src = self.items[n]
+                head, view = self.late.pop(n)
+                head[1][:] = block.encode_header(key, grant.generation, len(view), block.payload_checksum(view))
+                wrs.append(WorkRequest(4 * n + 2, Opcode.WRITE, (head[0],), grant.addr, grant.rkey))
+            self.batch.post_many(wrs)
+
+    def _post_ready(self) -> None:
+        """The headers of the blocks whose payload and trailer landed, in one post."""
+        wrs = []
+        for n, digest in self.ready:
+            key, grant, _src = self.items[n]
+            head, view = self.late.pop(n)
+            checksum = digest if digest is not None else block.payload_checksum(view)
+            head[1][:] = block.encode_header(key, grant.generation, len(view), checksum)
+            wrs.append(WorkRequest(4 * n + 2, Opcode.WRITE, (head[0],), grant.addr, grant.rkey))
+        self.ready.clear()
+        self.batch.post_many(wrs)
+
+    def _drain_all(self) -> None:
+        while True:
+            self._post_pending()
+            self._post_ready()
+            self.batch.drain()
+            if not self.ready:
+                return
+
+    def take_written(self) -> list[int]:
+        """Blocks written completely since the last call (their commit may go out now)."""
+        self.batch.poll()
+        if self.ready:
+            self._post_ready()
+        out, self.written = self.written, []
+        return out
+
+    def wait_some(self) -> None:
+        """Block until at least one more request completes (within the batch's deadline)."""
+        self.batch.wait_one()
+        if self.ready:
+            self._post_ready()
+
+    @property
+    def busy(self) -> bool:
+        return self.batch.in_flight > 0
+
+    def finish(self) -> list[bool]:
+        """Wait for every block; returns which were written completely (all blocks added)."""
+        self._drain_all()
+        self.arena.reset()
+        return self.ok
+
+
+def write_blocks(client: PoolClient, conn: ServerConnection, items: list) -> list[bool]:
+    """items: (key, reservation, source); returns which blocks were written completely (see `BlockWriter`)."""
+    writer = BlockWriter(client, conn)
+    writer.add(items)
+    return writer.finish()
+
+
+def _length(src) -> int:
+    return src.length if isinstance(src, RegionSlice) else len(src)
 
 
 def _payload_request(client: PoolClient, n: int, arena: Arena, key: bytes, grant, src,
-                     late: dict) -> WorkRequest | None:
-    """Block n's WRITE of payload and trailer (no checksum in it), digest of the payload requested; the
-    header's arena slot is kept in `late` for the second request."""
+                     late: dict, eager: bool = False) -> WorkRequest | None:
+    """Block n's WRITE of payload and trailer (no checksum in it); the header's arena slot is kept in `late`
+    for the second request. The digest of the payload is requested, unless `eager` (the caller hashes it
+    while it moves and posts the header right behind it: wr_id part 3 instead of 1)."""
     head, tail = arena.take(block.HEADER_SIZE), arena.take(block.TRAILER_SIZE)
     if head is None or tail is None:
         return None
@@ -222,6 +346,8 @@ def _payload_request(client: PoolClient, n: int, arena: Arena, key: bytes, grant
         staged_view[:] = view
     tail[1][:] = block.encode_trailer(key, grant.generation, len(view), False)
     late[n] = (head, view)
+    if eager:
+        return WorkRequest(4 * n + 3, Opcode.WRITE, (sge, tail[0]), grant.addr + block.HEADER_SIZE, grant.rkey)
     return WorkRequest(4 * n + 1, Opcode.WRITE, (sge, tail[0]), grant.addr + block.HEADER_SIZE, grant.rkey,
                        digest=0)
 
@@ -259,7 +385,6 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
     arena = client.arena()
     arena.reset()
     staged: dict[int, tuple] = {}
-    hashing: list[tuple] = []  # (future, wanted checksum, n, payload, target, copy)
     verify = client.config.verify_checksum
 
     def accept(n: int, payload, target, copy: bool) -> None:
@@ -282,30 +407,18 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         except CorruptBlock:
             client.counters.add("corrupt_blocks")
             return
-        if check and digest is None:  # the transport did not hash what landed: hash it here
-            hashing.append((client.hasher.submit(payload), want, n, payload, target, copy))
-        elif check and digest != want:
+        if check and digest is None:  # the transport did not hash what landed: hash it here, now, while the
+            digest = block.payload_checksum(payload)  # bytes are in this thread's cache (see docs/decisions.md)
+        if check and digest != want:
             client.counters.add("corrupt_blocks")
         else:
             accept(n, payload, target, copy)
 
-    def settle() -> None:
-        """Collect the checksums started so far (before the arena is reused, and at the end)."""
-        for fut, want, n, payload, target, copy in hashing:
-            try:
-                got = client.hasher.result(fut, batch.remaining())
-            except TimeoutError:
-                raise batch.timed_out() from None
-            if got == want:
-                accept(n, payload, target, copy)
-            else:
-                client.counters.add("corrupt_blocks")
-        hashing.clear()
-
     batch = _Batch(client, conn, done)
     # an endpoint that digests READs needs no hashing to overlap: its requests go in one post
-    together = Opcode.READ in batch.endpoint.digests
+    together = client.config.transport_digests and Opcode.READ in batch.endpoint.digests
     pending: list[WorkRequest] = []
+    pending_bytes = 0
     epoch = int(conn.hello.get("epoch", -1))
     for n, (ref, target) in enumerate(zip(refs, targets, strict=True)):
         if ref.epoch != epoch:
@@ -316,21 +429,24 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
             batch.post_many(pending)
             pending.clear()
             batch.drain()
-            settle()
             arena.reset()
             pieces = _read_pieces(client, arena, ref, target)
         head, payload_sge, payload_view, tail, copy = pieces
         sgl = (head[0], payload_sge, tail[0]) if ref.length else (head[0], tail[0])
         staged[n] = (head[1], payload_view, tail[1], target, copy)
-        digest = 1 if verify and ref.length and payload_view is not None else None  # the payload SGE
+        digest = 1 if together and verify and ref.length and payload_view is not None else None  # the payload SGE
         wr = WorkRequest(n, Opcode.READ, sgl, ref.hit.addr, ref.hit.rkey, digest=digest)
         if together:
             pending.append(wr)
+            pending_bytes += ref.length
+            if batch.endpoint.asynchronous and pending_bytes >= STREAM_BYTES:
+                batch.post_many(pending)
+                pending.clear()
+                pending_bytes = 0
         else:
             batch.post(wr)
     batch.post_many(pending)
     batch.drain()
-    settle()
 
 
 def _read_pieces(client: PoolClient, arena: Arena, ref: BlockRef, target):

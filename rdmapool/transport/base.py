@@ -252,6 +252,13 @@ class Endpoint(ABC):
         return frozenset()
 
     @property
+    def asynchronous(self) -> bool:
+        """True when large posted requests move without the posting thread (a NIC, the shm Mover thread), so
+        the caller can do other work (hash the next block) while they move. False (the default): progress needs
+        the caller's thread (in `post`/`poll`/`wait`) or runs inline."""
+        return False
+
+    @property
     @abstractmethod
     def state(self) -> EndpointState: ...
 

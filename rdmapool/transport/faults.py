@@ -153,6 +153,11 @@ class FaultyEndpoint(Endpoint):
     def outstanding(self) -> int:
         return self._outstanding
 
+    @property
+    def asynchronous(self) -> bool:
+        """As the wrapped endpoint (torn READs run synchronously inside `post`, everything else moves as there)."""
+        return self._inner.asynchronous
+
     def post(self, wrs: Sequence[WorkRequest]) -> None:
         if self._closed:
             raise UsageError("endpoint is closed")

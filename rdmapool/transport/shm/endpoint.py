@@ -2,10 +2,14 @@
 
 There is no engine on the owner's side: `post` resolves each work request (local SGEs against this process's
 registered regions, the remote address against the owner's region table, mapping the region's segment
-lazily on first use), packs the batch into 64-byte records and hands it to the native mover, which runs it in
-order with the GIL released for large batches. Completions are therefore ready when `post` returns, in
-posting order. An endpoint is a queue pair: use it from one thread at a time (a lock makes misuse safe, not
-fast).
+lazily on first use), packs the batch into 64-byte records and hands it to the native mover. A batch that
+moves at least `ASYNC_BYTES`, and every batch posted while earlier ones are still queued, goes to the
+endpoint's `Mover` thread (native, no GIL), as a NIC takes a send queue: `post` returns at once, so the
+caller builds its next requests while these bytes move, and completions arrive later, in posting order
+(`poll`/`wait` collect them). Smaller batches posted while nothing is queued run inline in `post` (a thread
+hand-off costs more than they do) and complete before it returns. Either way requests of one endpoint run
+in posting order. An endpoint is a queue pair: use it from one thread at a time (a lock makes misuse safe,
+not fast).
 
 Failure semantics follow base.py: the first failing request gets its status (LOC_PROT_ERR, REM_ACCESS_ERR,
 RETRY_EXC_ERR), every later one of the batch and of later batches WR_FLUSH_ERR, and the endpoint is in ERROR.
@@ -15,7 +19,9 @@ and flushes the rest, never success on orphaned memory.
 
 GPU memory as a local SGE (`register_pointer(kind=CUDA)`): its records carry a hand-off flag; the mover stops
 before each one, and `_run` copies it with the CUDA runtime (after checking the region's valid word) and
-resumes the mover, so order and checks are those of every other record.
+resumes the mover, so order and checks are those of every other record. Such batches, plans (`post_plan`),
+error flushes, `quiesce` and `close` first wait (bounded) until the Mover thread is idle, so nothing runs out
+of order and no queued copy touches memory that is about to be unmapped.
 """
 
 from __future__ import annotations
@@ -24,15 +30,17 @@ import collections
 import os
 import struct
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from rdmapool import _shmatomics as native
-from rdmapool.errors import UsageError
+from rdmapool.errors import TransportError, UsageError
 from rdmapool.transport.base import (
     Access,
     Completion,
+    CompletionTimeout,
     Endpoint,
     EndpointState,
     Opcode,
@@ -58,6 +66,30 @@ _NEED = {  # plain ints: enum flag arithmetic costs microseconds per request
 }
 _WRITES_REMOTE = Access.REMOTE_WRITE | Access.REMOTE_ATOMIC
 _ST_OK, _ST_HANDOFF, _ST_REM_ACCESS, _ST_RETRY_EXC = 0, native.ST_HANDOFF, 10, 12
+_ST_FLUSH = native.ST_FLUSH
+_READ, _WRITE = Opcode.READ, Opcode.WRITE
+_OP_DIGEST, _OP_HANDOFF = native.OP_DIGEST, native.OP_HANDOFF
+_pack = _REC.pack
+#: batches moving at least this many bytes run on the endpoint's Mover thread (posting returns at once); 0 runs
+#: every batch inline, as before the Mover (for hosts without a spare core: see docs/decisions.md)
+ASYNC_BYTES = int(os.environ.get("RDMAPOOL_SHM_ASYNC_BYTES", str(256 << 10)))
+#: how long the Mover thread (between batches) and waiters (for a batch) busy-poll before they block: waking a
+#: blocked thread costs tens of microseconds, more on an idle virtual CPU (see docs/decisions.md)
+SPIN_US = int(os.environ.get("RDMAPOOL_SHM_SPIN_US", "100"))
+#: how long quiesce/close/ordering points wait for the Mover to go idle (a copy of any sane batch is far less)
+SETTLE_TIMEOUT_S = 60.0
+
+
+@dataclass(slots=True)
+class _Queued:
+    """A batch on the Mover: what its completions need once it finishes."""
+
+    wrs: Sequence[WorkRequest]
+    recs: bytearray
+    rec_wr: list[int]
+    lengths: list[int]
+    digest_rec: dict[int, int]
+    signalled: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +135,10 @@ class ShmEndpoint(Endpoint):
         self._state = EndpointState.READY
         self._lock = threading.Lock()
         self._handoff_error = ""
+        self._mover = native.Mover(table.state_ptr, STATE_OPEN, pidfd, SPIN_US)
+        self._queued: collections.deque[_Queued] = collections.deque()  # batches on the Mover, in order
+        self._queued_signalled = 0
+        self._handoffs = 0  # hand-off records encoded so far (a batch with any runs inline)
 
     # --- Endpoint interface -------------------------------------------------------------------------
     @property
@@ -115,8 +151,13 @@ class ShmEndpoint(Endpoint):
         return _DIGESTS
 
     @property
+    def asynchronous(self) -> bool:
+        """Batches of at least `ASYNC_BYTES` run on the Mover thread (unless it is 0)."""
+        return ASYNC_BYTES > 0
+
+    @property
     def outstanding(self) -> int:
-        return len(self._cq)
+        return len(self._cq) + self._queued_signalled
 
     def post(self, wrs: Sequence[WorkRequest]) -> None:
         for wr in wrs:
@@ -124,7 +165,10 @@ class ShmEndpoint(Endpoint):
         with self._lock:
             if self._state is EndpointState.CLOSED:
                 raise UsageError("post on a closed endpoint")
+            if self._queued:
+                self._reap()
             if self._state is EndpointState.ERROR:
+                self._settle()
                 self._flush(wrs, 0)
                 return
             self._execute(wrs)
@@ -142,6 +186,7 @@ class ShmEndpoint(Endpoint):
         with self._lock:
             if self._state is EndpointState.CLOSED:
                 raise UsageError("post on a closed endpoint")
+            self._settle()  # plans run inline: after everything queued before them
             if self._state is EndpointState.ERROR:
                 self._flush_plan(opcode, wr_id_base, 0, n)
                 return signalled
@@ -222,29 +267,53 @@ class ShmEndpoint(Endpoint):
         if max_entries < 1:
             raise UsageError("poll needs max_entries >= 1")
         with self._lock:
+            if self._queued:
+                self._reap()
             n = min(max_entries, len(self._cq))
             return [self._cq.popleft() for _ in range(n)]
 
     def wait(self, count: int, timeout: float) -> list[Completion]:
-        """Completions are ready when `post` returns, so the common case needs no waiting loop."""
+        """Inline batches complete when `post` returns; queued ones are waited for on the Mover (GIL released)."""
         if timeout is None or timeout <= 0:
             raise UsageError("wait needs a positive timeout: every wait in rdmapool is bounded")
+        cq = self._cq
         with self._lock:
-            if len(self._cq) >= count:
-                cq = self._cq
+            if self._queued:
+                self._reap()
+            if len(cq) >= count:
                 return [cq.popleft() for _ in range(count)]
-        return super().wait(count, timeout)
+        deadline = time.monotonic() + timeout
+        got: list[Completion] = []
+        while True:
+            with self._lock:
+                if self._queued:
+                    self._reap()
+                take = min(count - len(got), len(cq))
+                got.extend(cq.popleft() for _ in range(take))
+                if len(got) >= count:
+                    return got
+                queued = bool(self._queued)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CompletionTimeout(f"{len(got)} of {count} completions after {timeout:.3f}s")
+            if queued:
+                self._mover.wait(remaining)
+            else:  # nothing queued: nothing more will complete; wait out the timeout as the base class does
+                time.sleep(min(remaining, 1e-3))
 
     def quiesce(self) -> None:
-        """Return once no batch of this endpoint is running (batches run under the lock). The transport calls
-        it after retracting a local region and before unmapping it, so no copy can touch unmapped memory."""
+        """Return once no batch of this endpoint is running or queued (inline batches run under the lock; queued
+        ones are waited for). The transport calls it after retracting a local region and before unmapping it,
+        so no copy can touch unmapped memory."""
         with self._lock:
-            pass
+            self._settle()
 
     def close(self) -> None:
         with self._lock:
             if self._state is EndpointState.CLOSED:
                 return
+            self._settle()
+            self._mover.close()
             self._state = EndpointState.CLOSED
             self._unmap_all()
             self._table.seg.close()
@@ -260,6 +329,7 @@ class ShmEndpoint(Endpoint):
         lengths: list[int] = []
         digest_rec: dict[int, int] = {}  # request index -> its digest record
         fail_at, failure = len(wrs), None
+        handoffs = self._handoffs
         for i, wr in enumerate(wrs):
             try:
                 lengths.append(self._encode(wr, recs, rec_wr, i))
@@ -270,7 +340,43 @@ class ShmEndpoint(Endpoint):
                 rec = len(rec_wr) - len(wr.sgl) + wr.digest
                 if recs[rec * _REC.size + 1] & (native.OP_DIGEST >> 8):  # _encode flagged it (host memory)
                     digest_rec[i] = rec
+        if (failure is None and self._handoffs == handoffs and ASYNC_BYTES > 0
+                and (self._queued or sum(lengths) >= ASYNC_BYTES)):
+            self._mover.submit(recs, len(rec_wr))
+            signalled = sum(1 for wr in wrs if wr.signaled)
+            self._queued.append(_Queued(tuple(wrs), recs, rec_wr, lengths, digest_rec, signalled))
+            self._queued_signalled += signalled
+            return
+        self._settle()  # inline from here: after everything queued before
+        if self._state is not EndpointState.READY:  # a queued batch failed meanwhile: RC flushes this one
+            self._flush(wrs, 0)
+            return
         done, status = self._run(recs, len(rec_wr))
+        self._complete(wrs, recs, rec_wr, lengths, digest_rec, fail_at, failure, done, status)
+
+    def _reap(self) -> None:
+        """Completions of the queued batches the Mover finished (under the lock)."""
+        for done, status in self._mover.reap():
+            q = self._queued.popleft()
+            self._queued_signalled -= q.signalled
+            if status == _ST_FLUSH:
+                self._state = EndpointState.ERROR if self._state is EndpointState.READY else self._state
+                self._flush(q.wrs, 0)
+                continue
+            self._complete(q.wrs, q.recs, q.rec_wr, q.lengths, q.digest_rec, len(q.wrs), None, done, status)
+
+    def _settle(self) -> None:
+        """Wait until the Mover is idle and take its completions (under the lock): an ordering point."""
+        if not self._queued:
+            return
+        if not self._mover.wait(SETTLE_TIMEOUT_S, True):
+            raise TransportError(f"shm mover still busy after {SETTLE_TIMEOUT_S}s")
+        self._reap()
+
+    def _complete(self, wrs: Sequence[WorkRequest], recs: bytearray, rec_wr: list[int], lengths: list[int],
+                  digest_rec: dict[int, int], fail_at: int, failure: _Failure | None, done: int,
+                  status: int) -> None:
+        """Completions of one batch the mover ran, given its (done, status)."""
         if status == _ST_RETRY_EXC:
             self._peer_lost(wrs)
             return
@@ -329,40 +435,49 @@ class ShmEndpoint(Endpoint):
         return _ST_OK
 
     def _encode(self, wr: WorkRequest, recs: bytearray, rec_wr: list[int], index: int) -> int:
-        """Check one request and append its records; returns its byte length, raises _Failure."""
+        """Check one request and append its records; returns its byte length, raises _Failure. (Runs once per
+        request on the hot path: module-level constants instead of enum and module attribute lookups.)"""
         op = wr.opcode
         sgl = wr.sgl
-        handoff = 0
+        local = self._local
+        moves = op is _READ or op is _WRITE
+        on_gpu = False
         for sge in sgl:
-            loc = self._local.get(sge.lkey)
+            loc = local.get(sge.lkey)
             if loc is None or sge.addr < loc.addr or sge.addr + sge.length > loc.end or sge.length < 0:
                 raise _Failure(WcStatus.LOC_PROT_ERR, f"local SGE {sge} is not inside a region with lkey {sge.lkey}")
-            if op is not Opcode.WRITE and not loc.writable:
+            if op is not _WRITE and not loc.writable:
                 raise _Failure(WcStatus.LOC_PROT_ERR, f"local SGE {sge} is in a region without LOCAL_WRITE")
             if loc.cuda:
-                if op is not Opcode.READ and op is not Opcode.WRITE:
+                if not moves:
                     raise _Failure(WcStatus.LOC_PROT_ERR, "shm atomics need a host SGE, not GPU memory")
-                handoff = native.OP_HANDOFF
-        rem = self._remotes.get(wr.rkey) or self._map(wr.rkey)
+                on_gpu = True
+        rkey = wr.rkey
+        rem = self._remotes.get(rkey) or self._map(rkey)
         if not rem.access & _NEED[op]:
-            raise _Failure(WcStatus.REM_ACCESS_ERR, f"rkey {wr.rkey:#x} does not allow {op.name}")
+            raise _Failure(WcStatus.REM_ACCESS_ERR, f"rkey {rkey:#x} does not allow {op.name}")
         length = sgl[0].length if len(sgl) == 1 else sum(sge.length for sge in sgl)
         if wr.remote_addr < rem.addr or wr.remote_addr + length > rem.end:
             raise _Failure(WcStatus.REM_ACCESS_ERR,
-                           f"[{wr.remote_addr:#x}, +{length}) is outside region {wr.rkey:#x}")
+                           f"[{wr.remote_addr:#x}, +{length}) is outside region {rkey:#x}")
         ptr = rem.base + (wr.remote_addr - rem.addr)
-        if op is Opcode.READ or op is Opcode.WRITE:
-            want = wr.digest if _DIGESTS else None
-            for k, sge in enumerate(sgl):
-                cuda_sge = self._local[sge.lkey].cuda
-                # GPU memory is not hashed here: no digest for it (the caller hashes, or skips as the issue allows)
-                code = op | (handoff if cuda_sge else 0) | (native.OP_DIGEST if k == want and not cuda_sge else 0)
-                recs += _REC.pack(code, 0, sge.addr, ptr, sge.length, 0, 0, rem.valid_ptr, wr.rkey)
-                rec_wr.append(index)
-                ptr += sge.length
-        else:
-            recs += _REC.pack(op, 0, sgl[0].addr, ptr, 8, wr.compare, wr.swap, rem.valid_ptr, wr.rkey)
+        valid = rem.valid_ptr
+        if not moves:
+            recs += _pack(op, 0, sgl[0].addr, ptr, 8, wr.compare, wr.swap, valid, rkey)
             rec_wr.append(index)
+            return length
+        want = wr.digest if _DIGESTS else None
+        if on_gpu:
+            self._handoffs += 1
+        for k, sge in enumerate(sgl):
+            if on_gpu and local[sge.lkey].cuda:
+                # GPU memory is not hashed here: no digest for it (the caller hashes, or skips as the issue allows)
+                code = op | _OP_HANDOFF
+            else:
+                code = op | _OP_DIGEST if k == want else op
+            recs += _pack(code, 0, sge.addr, ptr, sge.length, 0, 0, valid, rkey)
+            ptr += sge.length
+        rec_wr.extend([index] * len(sgl))
         return length
 
     def _map(self, rkey: int) -> _Remote:
