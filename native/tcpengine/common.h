@@ -29,7 +29,10 @@
 #define SEND_IOV 64
 #define RECV_IOV 64
 #define SMALL_READ (512 * 1024) /* READ responses smaller than this are gathered into one writev */
-#define IO_CHUNK (1024 * 1024) /* the most one send/recv system call moves: see io_chunk */
+/* The most one send or blocking receive system call moves (see io_chunk in regions.h), measured on loopback */
+#define IO_CHUNK (512 * 1024)             /* engine: READ responses sent */
+#define IO_CHUNK_ENGINE_RECV (256 * 1024) /* engine: WRITE payloads received */
+#define IO_CHUNK_INITIATOR_RECV (512 * 1024) /* initiator: large READ payloads received */
 #define BLOCKING_RECV_MIN (256 * 1024) /* payloads this large are awaited with MSG_WAITALL, not poll() */
 
 enum { OP_READ = 1, OP_WRITE = 2, OP_CAS = 3, OP_FAA = 4 };

@@ -203,7 +203,7 @@ static long ep_progress_recv_mode(EndpointObject *s, int block_one) {
     m.msg_iovlen = n;
     size_t saved = 0;
     int last = -1;
-    if (block_one) m.msg_iovlen = iov_cap(iov, n, io_chunk, &saved, &last);
+    if (block_one) m.msg_iovlen = iov_cap(iov, n, io_chunk_cli_recv, &saved, &last);
     ssize_t r = recvmsg(s->fd, &m, block_one ? MSG_WAITALL : MSG_DONTWAIT);
     iov_restore(iov, saved, last);
     if (r == 0) { ep_fail(s, s->head, ST_RETRY_EXC); return -1; }

@@ -133,7 +133,9 @@ static void tune_socket(int fd) {
 }
 
 /* Bytes one send or receive system call moves at most (0: no limit); see IO_CHUNK in common.h. */
-static size_t io_chunk = IO_CHUNK;
+static size_t io_chunk = IO_CHUNK;      /* engine: READ responses sent */
+static size_t io_chunk_srv_recv = IO_CHUNK_ENGINE_RECV;
+static size_t io_chunk_cli_recv = IO_CHUNK_INITIATOR_RECV;
 
 /* Cut iov[0..n) so that it covers at most `max` bytes: returns the entries used; *saved keeps the length
  * of the last one, to be restored with iov_restore. */
@@ -179,7 +181,7 @@ static int send_all_iov(int fd, struct iovec *iov, int n) {
 static int recv_exact(int fd, void *buf, size_t len) {
     char *p = buf;
     while (len) {
-        ssize_t r = recv(fd, p, io_chunk && len > io_chunk ? io_chunk : len, MSG_WAITALL);
+        ssize_t r = recv(fd, p, io_chunk_srv_recv && len > io_chunk_srv_recv ? io_chunk_srv_recv : len, MSG_WAITALL);
         if (r == 0) return -1;
         if (r < 0) {
             if (errno == EINTR) continue;
