@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:
 
 SIZES = [4096, 65536, 1 << 20, 32 << 20]
 IN_FLIGHT = 2 << 20  # bytes outstanding per endpoint; deeper queues were slower on loopback (docs/decisions.md)
+IN_FLIGHT_CHOICES = (2 << 20, 8 << 20)  # calibrated per block size and operation (BackendRun.calibrate)
 REGION = 64 << 20
 MOONCAKE_THREADS = 1
 
@@ -92,14 +93,14 @@ class Server:
 
 # -- our transports ------------------------------------------------------------------------------------------
 
-def bandwidth(ep, local, desc, block: int, opcode, seconds: float) -> float:
+def bandwidth(ep, local, desc, block: int, opcode, seconds: float, in_flight: int = IN_FLIGHT) -> float:
     from rdmapool.transport import TransferPlan
 
     nslots = max(1, min(REGION // block, local.length // block))
     addr, _, rkey = desc
     plan = TransferPlan.build([local.sge(i * block, block) for i in range(nslots)],
                               [(addr + i * block, rkey) for i in range(nslots)])
-    depth = max(2, min(4096, IN_FLIGHT // block))
+    depth = max(2, min(4096, in_flight // block))
     half = max(1, depth // 2)
     batches = [[(j % nslots, j % nslots) for j in range(k * half, (k + 1) * half)] for k in range(8)]
     inflight = 0
@@ -159,13 +160,29 @@ class BackendRun:
             self.close()
             raise
 
-    def bandwidth(self, size: int, seconds: float) -> tuple[float, float]:
+    def bandwidth(self, size: int, seconds: float, depth: dict | None = None) -> tuple[float, float]:
         from rdmapool.transport import Opcode
 
-        r = bandwidth(self.ep, self.local, self.server.region, size, Opcode.READ, seconds)
-        w = bandwidth(self.ep, self.local, self.server.region, size, Opcode.WRITE, seconds)
+        depth = depth or {}
+        r = bandwidth(self.ep, self.local, self.server.region, size, Opcode.READ, seconds,
+                      depth.get("read", IN_FLIGHT))
+        w = bandwidth(self.ep, self.local, self.server.region, size, Opcode.WRITE, seconds,
+                      depth.get("write", IN_FLIGHT))
         log(f"{self.name} {size:>9}: read {r:.2f} GB/s, write {w:.2f} GB/s")
         return r, w
+
+    def calibrate(self, size: int, seconds: float) -> dict:
+        """Bytes in flight per operation for this block size: the faster of IN_FLIGHT_CHOICES, each measured
+        once before the rounds (like perftest's tx-depth, chosen per test); these samples are not reported."""
+        from rdmapool.transport import Opcode
+
+        best = {}
+        for name, op in (("read", Opcode.READ), ("write", Opcode.WRITE)):
+            got = {d: bandwidth(self.ep, self.local, self.server.region, size, op, seconds, d)
+                   for d in IN_FLIGHT_CHOICES}
+            best[name] = max(got, key=got.__getitem__)
+        log(f"{self.name} {size:>9}: bytes in flight {best}")
+        return best
 
     def latency(self, size: int) -> tuple[float, float]:
         p50, p99 = latency(self.ep, self.local, self.server.region, size, 0.5)
@@ -310,6 +327,8 @@ def run(sizes: list[int], seconds: float, mooncake: bool, repeat: int) -> dict:
     try:
         for s in sizes:
             row, samples = results[str(s)], results[str(s)]["samples"]
+            depths = {name: br.calibrate(s, seconds) for name, (br, _) in runs.items() if br is not None}
+            row["in_flight_bytes"] = depths
             for _ in range(repeat):
                 raw, raw_region, mem = limits(s, region)
                 log(f"limits {s:>9}: raw socket {raw:.2f} GB/s (region-sized buffers {raw_region:.2f}), "
@@ -319,7 +338,7 @@ def run(sizes: list[int], seconds: float, mooncake: bool, repeat: int) -> dict:
                 samples.setdefault("memcpy_gbps", []).append(round(mem, 3))
                 for name, (br, _) in runs.items():
                     if br is not None:
-                        r, w = br.bandwidth(s, seconds)
+                        r, w = br.bandwidth(s, seconds, depths[name])
                         samples.setdefault(f"{name}_read_gbps", []).append(round(r, 3))
                         samples.setdefault(f"{name}_write_gbps", []).append(round(w, 3))
                 if mc is not None:
