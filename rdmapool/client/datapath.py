@@ -33,6 +33,7 @@ requests round-robin over them (`_Batch`), so one queue pair's outstanding-read 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 from rdmapool import block
@@ -40,7 +41,7 @@ from rdmapool.client.buffers import Arena, RegionSlice
 from rdmapool.client.connection import ServerConnection
 from rdmapool.client.hashing import Hasher
 from rdmapool.errors import CorruptBlock, ServerUnavailable
-from rdmapool.transport.base import EndpointState, Opcode, WorkRequest
+from rdmapool.transport.base import CompletionTimeout, EndpointState, Opcode, WorkRequest
 
 if TYPE_CHECKING:
     from rdmapool.client.client import BlockRef, PoolClient
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 STREAM_BYTES = 4 << 20
 #: payload bytes of two-part blocks (see `BlockWriter`) queued on the transport at most (plus one group)
 WINDOW_BYTES = 4 << 20
+#: while a block's checksum is still being computed, the transport is driven in slices this long (`_Batch.drive`)
+DRIVE_S = 0.0002
 
 
 class _Batch:
@@ -118,6 +121,22 @@ class _Batch:
         except TimeoutError as exc:
             self.conn.close(mark_down=True)
             raise ServerUnavailable(f"{self.conn.address}: one-sided operations timed out") from exc
+        self._reap(i, got)
+        self._poll_all()
+
+    def drive(self, seconds: float) -> None:
+        """Let the transport move bytes for up to `seconds`, reaping what completes: a transport whose progress
+        runs in the caller's calls (tcp) keeps its socket full while this thread waits for something else."""
+        if not self.in_flight:
+            return
+        i = next(j for j, f in enumerate(self.flying) if f)
+        remaining = self.remaining()
+        if remaining <= 0:
+            raise self.timed_out()
+        try:
+            got = self.endpoints[i].wait(1, min(seconds, remaining))
+        except CompletionTimeout as exc:  # the short slice ran out: not a failure (count 1: nothing is lost)
+            got = getattr(exc, "completions", [])
         self._reap(i, got)
         self._poll_all()
 
@@ -227,6 +246,9 @@ class BlockWriter:
                     if self.ready:
                         self._post_ready()
                 continue
+            pending_sum = sums[k]
+            while isinstance(pending_sum, Future) and not pending_sum.done() and batch.in_flight:
+                batch.drive(DRIVE_S)  # earlier blocks keep moving while this one's checksum finishes
             try:
                 checksum = None if sums[k] is None else self.hasher.result(sums[k], batch.remaining())
             except TimeoutError:
