@@ -32,6 +32,7 @@ requests round-robin over them (`_Batch`), so one queue pair's outstanding-read 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
@@ -429,6 +430,9 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         except CorruptBlock:
             client.counters.add("corrupt_blocks")
             return
+        if check and digest is None and threaded:  # spare cores: a worker hashes while this thread receives
+            hashing.append((client.hasher.submit(payload), want, n, payload, target, copy))
+            return
         if check and digest is None:  # the transport did not hash what landed: hash it here, now, while the
             digest = block.payload_checksum(payload)  # bytes are in this thread's cache (see docs/decisions.md)
         if check and digest != want:
@@ -436,6 +440,21 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         else:
             accept(n, payload, target, copy)
 
+    def settle() -> None:
+        """Collect the checksums the workers computed (before the arena is reused, and at the end)."""
+        for fut, want, n, payload, target, copy in hashing:
+            try:
+                got = client.hasher.result(fut, batch.remaining())
+            except TimeoutError:
+                raise batch.timed_out() from None
+            if got == want:
+                accept(n, payload, target, copy)
+            else:
+                client.counters.add("corrupt_blocks")
+        hashing.clear()
+
+    hashing: list[tuple] = []  # (future, wanted checksum, n, payload, target, copy)
+    threaded = client.hasher.threads > 0 and spare_cores()
     batch = _Batch(client, conn, done)
     # an endpoint that digests READs needs no hashing to overlap: its requests go in one post
     together = client.config.transport_digests and Opcode.READ in batch.endpoint.digests
@@ -451,6 +470,7 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
             batch.post_many(pending)
             pending.clear()
             batch.drain()
+            settle()
             arena.reset()
             pieces = _read_pieces(client, arena, ref, target)
         head, payload_sge, payload_view, tail, copy = pieces
@@ -469,6 +489,17 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
             batch.post(wr)
     batch.post_many(pending)
     batch.drain()
+    settle()
+
+
+def spare_cores() -> bool:
+    """Whether this process may run on more than two CPUs. With two, a tcp read's receiving thread and the
+    peer's engine use both, and hashing each block inline right after it lands (in cache) was faster than
+    worker threads; with more, workers hash while the caller keeps receiving (docs/decisions.md)."""
+    try:
+        return len(os.sched_getaffinity(0)) > 2
+    except (AttributeError, OSError):
+        return (os.cpu_count() or 1) > 2
 
 
 def _read_pieces(client: PoolClient, arena: Arena, ref: BlockRef, target):

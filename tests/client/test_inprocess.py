@@ -127,7 +127,12 @@ def test_torn_read_is_a_miss_never_data(server) -> None:
 
 
 @pytest.mark.parametrize("size", [1000, 256 << 10])  # hashed inline / on a worker thread
-def test_corrupted_slot_detected(server, size: int) -> None:
+@pytest.mark.parametrize("spare", [False, True], ids=["two-cores", "spare-cores"])
+def test_corrupted_slot_detected(server, size: int, spare: bool, monkeypatch) -> None:
+    """Reads hash inline on two CPUs and on worker threads with more (`datapath.spare_cores`): both reject."""
+    from rdmapool.client import datapath
+
+    monkeypatch.setattr(datapath, "spare_cores", lambda: spare)
     with make_client(server) as c:
         c.put([key(1)], [b"x" * size])
         (ref,) = c.lookup_prefix([key(1)]).refs
