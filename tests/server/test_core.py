@@ -357,13 +357,20 @@ def test_deferred_access_reports_leave_no_gc_tracked_objects_behind() -> None:
     check_invariants(core)
 
 
-def test_a_server_that_keeps_up_reports_every_access() -> None:
+def _deferring_core_with_16_blocks():
+    """A core holding 16 blocks of tenant a, its access reports queued (as the server driver sets it) and
+    recorded."""
     core = make_core(slots=16)
     keys = [key(i) for i in range(16)]
     for k in keys:
         put(core, "a", k, 0.0)
     seen = _record_accesses(core)
     core.defer_access = True
+    return core, keys, seen
+
+
+def test_a_server_that_keeps_up_reports_every_access() -> None:
+    core, keys, seen = _deferring_core_with_16_blocks()
     for t in range(1, 6):
         core.lookup("a", keys, float(t))
         core.flush_access()
@@ -371,12 +378,7 @@ def test_a_server_that_keeps_up_reports_every_access() -> None:
 
 
 def test_chunked_flush_interleaved_with_lookups_merges_repeats_into_the_latest_access() -> None:
-    core = make_core(slots=16)
-    keys = [key(i) for i in range(16)]
-    for k in keys:
-        put(core, "a", k, 0.0)
-    seen = _record_accesses(core)
-    core.defer_access = True
+    core, keys, seen = _deferring_core_with_16_blocks()
     for t in range(1, 41):  # lookups keep arriving while the backlog drains 5 at a time
         core.lookup("a", keys, float(t))
         assert core.access_backlog <= len(keys)  # at most one queued report per key
