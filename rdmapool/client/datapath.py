@@ -337,13 +337,6 @@ class BlockWriter:
         return self.ok
 
 
-def write_blocks(client: PoolClient, conn: ServerConnection, items: list) -> list[bool]:
-    """items: (key, reservation, source); returns which blocks were written completely (see `BlockWriter`)."""
-    writer = BlockWriter(client, conn)
-    writer.add(items)
-    return writer.finish()
-
-
 def _length(src) -> int:
     return src.length if isinstance(src, RegionSlice) else len(src)
 

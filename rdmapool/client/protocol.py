@@ -104,14 +104,6 @@ def all_hits(hits: list[Hit]) -> bool:
     return all(map(_generation, hits))
 
 
-def parse_hits(reply: dict, asked: int) -> list[Hit | None]:
-    """Hits as objects, misses None."""
-    hits = unpack_hits(check_hits(reply, asked))
-    if not all_hits(hits):  # a zero generation is a miss (prefix lookups stop before one)
-        return [h if h[2] else None for h in hits]
-    return hits
-
-
 def parse_grants(reply: dict, asked: int) -> list[Reservation]:
     raw = wire.get_list(reply, "grants", asked)
     if len(raw) != asked:

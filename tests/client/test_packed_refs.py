@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rdmapool.client.client import BlockRef, PackedRefs
-from rdmapool.client.protocol import Hit, check_hits, leading_hits, parse_hits
+from rdmapool.client.protocol import Hit, check_hits, leading_hits
 from rdmapool.config import ServerAddress
 from rdmapool.errors import ProtocolError
 from rdmapool.server.wire import HIT
@@ -39,11 +39,11 @@ def test_leading_hits_stops_at_the_first_zero_generation(generations, expected) 
     assert leading_hits(records(*generations)) == expected
 
 
-def test_packed_refs_build_the_same_refs_as_parse_hits() -> None:
+def test_packed_refs_build_the_refs_the_records_describe() -> None:
     keys = [key(i) for i in range(4)]
     raw = records(11, 0, 13)  # a prefix=False reply for 3 of 4 keys would not be short; this checks the padding
     refs = PackedRefs(keys, SERVER, 3, raw, 50.0, 4)
-    hits = parse_hits({"hits": raw}, 4)
+    hits = [Hit(*rec) if rec[2] else None for rec in HIT.iter_unpack(raw)]  # generation 0: a miss
     assert len(refs) == 4 and refs.leading_hits() == 1
     expected = [None if h is None else BlockRef(k, SERVER, 3, h, 50.0) for k, h in zip(keys, hits + [None],
                                                                                       strict=True)]
