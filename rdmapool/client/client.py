@@ -293,18 +293,20 @@ class PoolClient:
         grants: dict[int, Reservation] = {}
         early: list[int] = []  # written, not yet committed
 
-        def commit_early() -> None:
-            """While blocks still move: commit the written ones once there are enough for a round trip."""
+        def commit_written(at_least: int) -> bool:
+            """While blocks still move: commit the written ones once they hold `at_least` bytes."""
             early.extend(todo[n] for n in writer.take_written())
-            if sum(lengths[j] for j in early) >= COMMIT_BYTES:
-                self._commit(conn, early, keys, grants, lengths, idx, out)
-                early.clear()
+            if sum(lengths[j] for j in early) < at_least:
+                return False
+            self._commit(conn, early, keys, grants, lengths, idx, out)
+            early.clear()
+            return True
 
         # pipelining needs an endpoint that moves bytes while this thread waits on a round trip (not tcp, whose
         # progress runs in the posting thread: there an extra round trip only adds its latency)
         pipelined = writer.asynchronous and sum(lengths) >= 2 * PIPELINE_BYTES
         if pipelined:
-            writer.idle = commit_early
+            writer.idle = lambda: commit_written(COMMIT_BYTES)
         for a, b in _allocation_chunks(lengths) if pipelined else [(0, len(keys))]:
             fields = {"keys": wire.pack_keys(keys[a:b]), "lengths": lengths[a:b]}
             if hints is not None:
@@ -324,11 +326,7 @@ class PoolClient:
             writer.add([(keys[j], grants[j], sources[j]) for j in chunk])
         # commit early blocks while enough bytes are still moving to cover the round trip
         while pipelined and writer.busy and writer.flying_bytes >= PIPELINE_BYTES:
-            early.extend(todo[n] for n in writer.take_written())
-            if sum(lengths[j] for j in early) >= PIPELINE_BYTES:
-                self._commit(conn, early, keys, grants, lengths, idx, out)
-                early.clear()
-            else:
+            if not commit_written(PIPELINE_BYTES):
                 writer.wait_some()
         written = writer.finish()
         last = early + [todo[n] for n in writer.take_written()]
