@@ -165,7 +165,9 @@ def test_three_members_one_killed_and_compaction_while_away(keys) -> None:
     comes back after history was compacted: a watch on it re-lists instead of silently stopping."""
     with LocalEtcd(3) as cluster:
         c = GatewayEtcd(cluster.endpoints, timeout=1.0, retry_s=6.0)  # an election under load can take seconds
-        keeper = LeaseKeeper(c, ttl=2)
+        # the servers' default TTL: killing the leader costs an election (1-2 s, longer on a loaded 2-core CI
+        # machine) during which no keep-alive succeeds; a 2 s TTL made that a coin toss there
+        keeper = LeaseKeeper(c, ttl=5)
         lease = keeper.grant()
         c.put(keys.prefix + b"lease", b"v", lease=lease)
         m = PrefixMirror(c, keys.prefix, idle_timeout=2.0).start()
@@ -177,7 +179,7 @@ def test_three_members_one_killed_and_compaction_while_away(keys) -> None:
                 c.put(keys.prefix + b"k", str(i).encode())
             assert wait_for(lambda: m.snapshot()[0].get(keys.prefix + b"k") is not None
                             and m.snapshot()[0][keys.prefix + b"k"].value == b"19", 8.0)
-            time.sleep(2.5)  # longer than the TTL
+            time.sleep(5.5)  # longer than the TTL
             assert keeper.alive() and c.get(keys.prefix + b"lease")[0] is not None
             # m0 is stuck at its old revision; compact past it while member 0 is down, then bring it back
             assert keys.prefix + b"k" not in m0.snapshot()[0] and not m0.connected
