@@ -77,7 +77,7 @@ PyMODINIT_FUNC PyInit__tcpengine(void) {
     if (!m) return NULL;
     UsageError = PyExc_ValueError;
     const char *chunk = getenv("RDMAPOOL_TCP_IO_CHUNK"); /* bytes per send/recv call, 0 = no limit (tuning) */
-    if (chunk && *chunk) io_chunk = io_chunk_srv_recv = io_chunk_cli_recv = (size_t)strtoull(chunk, NULL, 10);
+    if (chunk && *chunk) io_chunk = io_chunk_srv_recv = io_chunk_cli_recv = io_chunk_cli_send = (size_t)strtoull(chunk, NULL, 10);
     Py_INCREF(UsageError);
     Py_INCREF(&EngineType);
     PyModule_AddObject(m, "Engine", (PyObject *)&EngineType);

@@ -32,7 +32,8 @@
 /* The most one send or blocking receive system call moves (see io_chunk in regions.h), measured on loopback */
 #define IO_CHUNK (512 * 1024)             /* engine: READ responses sent */
 #define IO_CHUNK_ENGINE_RECV (256 * 1024) /* engine: WRITE payloads received */
-#define IO_CHUNK_INITIATOR_RECV (512 * 1024) /* initiator: large READ payloads received */
+#define IO_CHUNK_INITIATOR_RECV (256 * 1024) /* initiator: large READ payloads received */
+#define IO_CHUNK_INITIATOR_SEND (1024 * 1024) /* initiator: requests and WRITE payloads sent (non-blocking) */
 #define BLOCKING_RECV_MIN (256 * 1024) /* payloads this large are awaited with MSG_WAITALL, not poll() */
 
 enum { OP_READ = 1, OP_WRITE = 2, OP_CAS = 3, OP_FAA = 4 };

@@ -125,9 +125,12 @@ static int ep_progress_send(EndpointObject *s) {
             off = 0;
         }
         struct msghdr m = {0};
+        size_t saved = 0;
+        int last = -1;
         m.msg_iov = iov;
-        m.msg_iovlen = n;
+        m.msg_iovlen = iov_cap(iov, n, io_chunk_cli_send, &saved, &last);
         ssize_t w = sendmsg(s->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
+        iov_restore(iov, saved, last);
         if (w < 0) {
             if (errno == EINTR) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;

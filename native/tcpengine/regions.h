@@ -136,6 +136,7 @@ static void tune_socket(int fd) {
 static size_t io_chunk = IO_CHUNK;      /* engine: READ responses sent */
 static size_t io_chunk_srv_recv = IO_CHUNK_ENGINE_RECV;
 static size_t io_chunk_cli_recv = IO_CHUNK_INITIATOR_RECV;
+static size_t io_chunk_cli_send = IO_CHUNK_INITIATOR_SEND;
 
 /* Cut iov[0..n) so that it covers at most `max` bytes: returns the entries used; *saved keeps the length
  * of the last one, to be restored with iov_restore. */
