@@ -51,6 +51,8 @@
 #include "tcpengine/regions.h"
 #include "tcpengine/server.h"
 #include "tcpengine/engine_type.h"
+#include "xxhash/digest.h" /* READ digests: hashed per received chunk, in cache */
+static int have_digest;
 #include "tcpengine/endpoint.h"
 #include "tcpengine/endpoint_type.h"
 #include "tcpengine/baselines.h"
@@ -78,6 +80,8 @@ PyMODINIT_FUNC PyInit__tcpengine(void) {
     UsageError = PyExc_ValueError;
     const char *chunk = getenv("RDMAPOOL_TCP_IO_CHUNK"); /* bytes per send/recv call, 0 = no limit (tuning) */
     if (chunk && *chunk) io_chunk = io_chunk_srv_recv = io_chunk_cli_recv = io_chunk_cli_send = (size_t)strtoull(chunk, NULL, 10);
+    have_digest = digest_available() != 0;
+    PyModule_AddIntConstant(m, "DIGEST", have_digest);
     Py_INCREF(UsageError);
     Py_INCREF(&EngineType);
     PyModule_AddObject(m, "Engine", (PyObject *)&EngineType);

@@ -61,7 +61,7 @@ static int Endpoint_init(EndpointObject *self, PyObject *args, PyObject *kw) {
 typedef struct {
     uint64_t wr_id, remote, cmp, swp;
     uint32_t rkey;
-    int opcode, signaled, nsge;
+    int opcode, signaled, nsge, dsge; /* dsge: SGE to digest (READ), -1 none */
     uint64_t sge[MAX_SGE][2];
     uint32_t lkey[MAX_SGE];
 } pending_t;
@@ -113,6 +113,22 @@ static int parse_wr(PyObject *wr, pending_t *p) {
         p->lkey[i] = (uint32_t)lk;
     }
     Py_DECREF(seq);
+    p->dsge = -1;
+    PyObject *dg = PyObject_GetAttrString(wr, "digest");
+    if (!dg) PyErr_Clear(); /* a request type without digests */
+    else {
+        if (dg != Py_None && p->opcode == OP_READ && have_digest) {
+            long i = PyLong_AsLong(dg);
+            if (i == -1 && PyErr_Occurred()) { Py_DECREF(dg); return -1; }
+            if (i < 0 || i >= p->nsge) {
+                Py_DECREF(dg);
+                PyErr_Format(UsageError, "wr %llu: digest must index an SGE", (unsigned long long)p->wr_id);
+                return -1;
+            }
+            p->dsge = (int)i;
+        }
+        Py_DECREF(dg);
+    }
     if (p->opcode < OP_READ || p->opcode > OP_FAA) {
         PyErr_Format(UsageError, "wr %llu: unknown opcode %d", (unsigned long long)p->wr_id, p->opcode);
         return -1;
@@ -147,6 +163,8 @@ static void ep_enqueue(EndpointObject *s, const pending_t *p) {
     o->nsge = p->nsge;
     o->npins = 0;
     o->len = 0;
+    o->digest = NULL;
+    o->dsge = p->dsge;
     int need = p->opcode == OP_WRITE ? 0 : ACC_LOCAL_WRITE;
     int bad = 0;
     pthread_mutex_lock(&s->e->lock);
@@ -166,6 +184,15 @@ static void ep_enqueue(EndpointObject *s, const pending_t *p) {
         s->tail++; /* make it part of the queue so ep_fail reports it, then fail there */
         ep_fail_ex(s, o->seq, ST_LOC_PROT, 1); /* requests still in flight before it are flushed too */
         return;
+    }
+    if (o->dsge >= 0 && p->signaled) {
+        o->digest = aligned_alloc(64, sizeof(XXH3_state_t));
+        if (o->digest) {
+            XXH3_128bits_reset(o->digest);
+            o->dstart = 0;
+            for (int i = 0; i < o->dsge; i++) o->dstart += o->sge[i].len;
+            o->dend = o->dstart + o->sge[o->dsge].len;
+        } /* out of memory: no digest, the caller hashes (Completion.digest is None) */
     }
     uint8_t *h = o->req;
     memset(h, 0, REQ_HDR);
@@ -255,6 +282,7 @@ static PyObject *Endpoint_post_plan(EndpointObject *self, PyObject *args) {
         p->signaled = ((i + 1) % signal_every == 0) || i == n - 1;
         signalled += p->signaled;
         p->nsge = 1;
+        p->dsge = -1;
         p->sge[0][0] = la[li];
         p->sge[0][1] = ll[li];
         p->lkey[0] = (uint32_t)lk[li];
@@ -276,8 +304,11 @@ static PyObject *drain_cq(EndpointObject *s, Py_ssize_t max) {
     if (!list) return NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
         cqe_t *c = &s->cq[s->cq_head & (s->cq_cap - 1)];
-        PyObject *t = Py_BuildValue("KiiK", (unsigned long long)c->wr_id, c->status, c->opcode,
-                                    (unsigned long long)c->byte_len);
+        PyObject *t = c->has_digest
+            ? Py_BuildValue("KiiKy#", (unsigned long long)c->wr_id, c->status, c->opcode,
+                            (unsigned long long)c->byte_len, (const char *)c->digest, (Py_ssize_t)16)
+            : Py_BuildValue("KiiK", (unsigned long long)c->wr_id, c->status, c->opcode,
+                            (unsigned long long)c->byte_len);
         if (!t) { Py_DECREF(list); return NULL; }
         PyList_SET_ITEM(list, i, t);
         if (c->counted) s->outstanding--;
@@ -364,7 +395,7 @@ static void ep_shutdown(EndpointObject *s) {
     ep_unregister(s); /* first: the background thread never touches it again */
     pthread_mutex_lock(&s->lock);
     if (s->state != EP_CLOSED && s->e) {
-        for (uint64_t q = s->head; q < s->tail; q++) unpin_all(s->e, OP(s, q)->pins, &OP(s, q)->npins);
+        for (uint64_t q = s->head; q < s->tail; q++) op_release(s, OP(s, q));
         s->head = s->recv_seq = s->send_seq = s->tail;
         ep_close_fd(s);
         s->state = EP_CLOSED;

@@ -12,8 +12,9 @@ that moves bytes inside `post` gets a batch's digest requests in one post), and 
 (`_Batch`), so building or validating one block overlaps the transfer of others; on an asynchronous endpoint
 (`Endpoint.asynchronous`: shm's Mover thread) the bytes move while this thread works. Checksums:
 - reads: the transport's digest of the payload SGE where the endpoint offers one (`Endpoint.digests`; shm's
-  waiting caller hashes trailing the Mover's copy); otherwise this thread hashes each payload as its completion
-  arrives, while the bytes are still in its cache (no hand-off to another thread);
+  waiting caller hashes trailing the Mover's copy, the tcp engine hashes each received chunk as it lands), and the
+  batch then waits in one call per endpoint; otherwise this thread hashes each payload as its completion arrives,
+  while the bytes are still in its cache (or a worker does, where the process has spare cores);
 - writes, asynchronous endpoint (`BlockWriter.inline`): payload and trailer go first, this thread hashes the
   payload while it moves, and the header follows right behind it: nothing waits for a checksum;
 - writes, endpoint that digests WRITEs but moves them in the posting thread: payload and trailer first with the
@@ -141,7 +142,21 @@ class _Batch:
         self._reap(i, got)
         self._poll_all()
 
-    def drain(self) -> None:
+    def drain(self, bulk: bool = False) -> None:
+        """Wait for everything in flight. `bulk`: in one wait per endpoint, completions handled after it (for a
+        caller with nothing to do per block: one pass of the transport's wait loop instead of one per request)."""
+        if bulk:
+            for i, ep in enumerate(self.endpoints):
+                while self.flying[i]:
+                    remaining = self.remaining()
+                    try:
+                        if remaining <= 0:
+                            raise TimeoutError
+                        got = ep.wait(self.flying[i], remaining)
+                    except TimeoutError as exc:
+                        self.conn.close(mark_down=True)
+                        raise ServerUnavailable(f"{self.conn.address}: one-sided operations timed out") from exc
+                    self._reap(i, got)
         while self.in_flight:
             self.wait_one()
         if any(ep.state is not EndpointState.READY for ep in self.endpoints):
@@ -481,7 +496,7 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         else:
             batch.post(wr)
     batch.post_many(pending)
-    batch.drain()
+    batch.drain(bulk=together)  # the transport digests: nothing to do per block while the rest lands
     settle()
 
 

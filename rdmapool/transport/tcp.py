@@ -73,7 +73,16 @@ DEFAULT_SPIN_US = 50
 DEREGISTER_TIMEOUT_S = 5.0
 
 
-def _completion(raw: tuple[int, int, int, int]) -> Completion:
+#: READs that name a `digest` SGE complete with its xxh3-128, hashed by the engine as each received chunk lands
+#: (in cache); WRITE digests are not offered: the sending core is the bottleneck, and a hash there adds its full
+#: cost wherever it runs (docs/decisions.md)
+_DIGESTS = frozenset({Opcode.READ}) if _native.DIGEST else frozenset()
+
+
+def _completion(raw: tuple) -> Completion:
+    if len(raw) == 5:
+        wr_id, status, opcode, byte_len, digest = raw
+        return Completion(wr_id, WcStatus(status), Opcode(opcode), byte_len, digest=digest)
     wr_id, status, opcode, byte_len = raw
     return Completion(wr_id, WcStatus(status), Opcode(opcode), byte_len)
 
@@ -99,9 +108,13 @@ class TcpEndpoint(Endpoint):
         if self._generation != _fork_generation[0]:
             _check_fork(self._generation, "endpoint")
         for wr in wrs:
-            if wr.digest is not None:  # the engine checks everything else; it computes no digests (see
-                check_work_request(wr)  # docs/decisions.md): the request is valid, the completion says None
+            if wr.digest is not None:  # the engine checks everything else
+                check_work_request(wr)
         self._ep.post(wrs)
+
+    @property
+    def digests(self) -> frozenset[Opcode]:
+        return _DIGESTS
 
     def poll(self, max_entries: int = 64) -> list[Completion]:
         if self._generation != _fork_generation[0]:

@@ -483,3 +483,30 @@ def test_digest_is_the_hash_of_the_local_sge_or_none(pair, size):
         assert plain.digest is None
         with pytest.raises(UsageError):
             ep.post([WorkRequest(4, Opcode.READ, (buf.sge(0, 8),), remote.remote(0), remote.rkey, digest=1)])
+
+
+def test_digests_of_a_batch_of_reads_of_mixed_sizes(pair):
+    """One post of many READs (small ones share a receive on tcp, large ones span many): each completion's digest
+    is that of its own landed payload SGE."""
+    import xxhash
+
+    server, client = pair
+    sizes = [1, 63, 4096, 70000, 1 << 20, 9, 300000, 2 << 20] * 4
+    remote = server.allocate(sum(sizes) + 64 * len(sizes))
+    remote.view[:] = pattern(remote.length, 11)
+    buf = client.allocate(sum(sizes) + 64 * len(sizes))
+    with client.connect(server.peer_info()) as ep:
+        if Opcode.READ not in ep.digests:
+            pytest.skip(f"{type(ep).__name__} does not digest READs")
+        wrs, off = [], 0
+        for i, n in enumerate(sizes):
+            sgl = (buf.sge(off, 16), buf.sge(off + 16, n), buf.sge(off + 16 + n, 16))
+            wrs.append(WorkRequest(i, Opcode.READ, sgl, remote.remote(off), remote.rkey, digest=1))
+            off += n + 32
+        done = ep.execute(wrs, T)
+        ok(done)
+        off = 0
+        by_id = {c.wr_id: c for c in done}
+        for i, n in enumerate(sizes):
+            assert by_id[i].digest == xxhash.xxh3_128_digest(bytes(buf.view[off + 16 : off + 16 + n])), (i, n)
+            off += n + 32
