@@ -12,8 +12,8 @@ that moves bytes inside `post` gets a batch's digest requests in one post), and 
 (`_Batch`), so building or validating one block overlaps the transfer of others; on an asynchronous endpoint
 (`Endpoint.asynchronous`: shm's Mover thread) the bytes move while this thread works. Checksums:
 - reads: the transport's digest of the payload SGE where the endpoint offers one (`Endpoint.digests`; shm's
-  waiting caller hashes trailing the Mover's copy, the tcp engine hashes each received chunk as it lands), and the
-  batch then waits in one call per endpoint; otherwise this thread hashes each payload as its completion arrives,
+  waiting caller hashes trailing the Mover's copy, the tcp engine hashes each received chunk as it lands, and a
+  tcp batch then waits in one call per endpoint); otherwise this thread hashes each payload as its completion arrives,
   while the bytes are still in its cache (or a worker does, where the process has spare cores);
 - writes, asynchronous endpoint (`BlockWriter.inline`): payload and trailer go first, this thread hashes the
   payload while it moves, and the header follows right behind it: nothing waits for a checksum;
@@ -496,7 +496,9 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         else:
             batch.post(wr)
     batch.post_many(pending)
-    batch.drain(bulk=together)  # the transport digests: nothing to do per block while the rest lands
+    # the transport digests and moves bytes only inside wait (tcp): one wait for the whole batch. shm's waiters
+    # hash trailing its Mover per completion; a bulk wait there measured slower (1 MiB get 10-11% vs 1%)
+    batch.drain(bulk=together and not batch.endpoint.asynchronous)
     settle()
 
 
