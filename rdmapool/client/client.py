@@ -405,8 +405,11 @@ class PoolClient:
             refs = self._lookup(keys, prefix=False)
             return self._read(refs, into)
 
-    def read(self, refs: Sequence[BlockRef], into: Sequence[Buffer]) -> list[int | None]:
-        """Read blocks found by `lookup_prefix` (no further round trip to the servers)."""
+    def read(self, refs: LookupResult | Sequence[BlockRef], into: Sequence[Buffer]) -> list[int | None]:
+        """Read blocks found by `lookup_prefix` (its result or any of its refs; no further round trip to the
+        servers)."""
+        if isinstance(refs, LookupResult):
+            refs = refs.refs
         if len(refs) != len(into):
             raise UsageError(f"read got {len(refs)} refs and {len(into)} buffers")
         with self._lock:

@@ -115,16 +115,19 @@ class _Batch:
         if not self.in_flight:
             return
         i = next(j for j, f in enumerate(self.flying) if f)
+        self._reap(i, self._wait(i, 1))
+        self._poll_all()
+
+    def _wait(self, i: int, count: int) -> list:
+        """`count` completions of endpoint i within the batch's deadline; a timeout closes the connection."""
         remaining = self.remaining()
         try:
             if remaining <= 0:
                 raise TimeoutError
-            got = self.endpoints[i].wait(1, remaining)
+            return self.endpoints[i].wait(count, remaining)
         except TimeoutError as exc:
             self.conn.close(mark_down=True)
             raise ServerUnavailable(f"{self.conn.address}: one-sided operations timed out") from exc
-        self._reap(i, got)
-        self._poll_all()
 
     def drive(self, seconds: float) -> None:
         """Let the transport move bytes for up to `seconds`, reaping what completes: a transport whose progress
@@ -146,17 +149,9 @@ class _Batch:
         """Wait for everything in flight. `bulk`: in one wait per endpoint, completions handled after it (for a
         caller with nothing to do per block: one pass of the transport's wait loop instead of one per request)."""
         if bulk:
-            for i, ep in enumerate(self.endpoints):
+            for i in range(len(self.endpoints)):
                 while self.flying[i]:
-                    remaining = self.remaining()
-                    try:
-                        if remaining <= 0:
-                            raise TimeoutError
-                        got = ep.wait(self.flying[i], remaining)
-                    except TimeoutError as exc:
-                        self.conn.close(mark_down=True)
-                        raise ServerUnavailable(f"{self.conn.address}: one-sided operations timed out") from exc
-                    self._reap(i, got)
+                    self._reap(i, self._wait(i, self.flying[i]))
         while self.in_flight:
             self.wait_one()
         if any(ep.state is not EndpointState.READY for ep in self.endpoints):

@@ -141,6 +141,39 @@ def test_server_restart_gives_misses_then_reconnects(transport: str) -> None:
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
+def test_server_frozen_between_lookup_and_read(transport: str) -> None:
+    """SIGSTOP the server after a lookup. tcp: its engine serves the READs, so they cost misses within the data
+    timeout (no hang), and after SIGCONT the client reconnects. shm: the reads are one-sided memory copies that
+    need no server CPU, so they return the data."""
+    srv = procs.start(transport, "64MiB")
+    c = client(srv, transport, data_timeout_s=1.0, request_timeout_s=1.0, retry_after_s=0.2)
+    try:
+        keys = [key(i) for i in range(8)]
+        blocks = [os.urandom(1 << 20) for _ in keys]
+        assert c.put(keys, blocks) == [PutStatus.STORED] * len(keys)
+        refs = c.lookup_prefix(keys)
+        assert len(refs) == len(keys)
+        bufs = [bytearray(1 << 20) for _ in keys]
+        os.kill(srv.pid, signal.SIGSTOP)
+        try:
+            t = time.monotonic()
+            got = c.read(refs, bufs)
+            elapsed = time.monotonic() - t
+        finally:
+            os.kill(srv.pid, signal.SIGCONT)
+        if transport == "tcp":
+            assert got == [None] * len(keys) and elapsed < 3.0
+        else:
+            assert got == [1 << 20] * len(keys) and bufs == blocks
+        time.sleep(0.3)
+        bufs = [bytearray(1 << 20) for _ in keys]
+        assert c.get(keys, bufs) == [1 << 20] * len(keys) and bufs == blocks
+    finally:
+        c.close()
+        procs.stop(srv)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_put_flood_stays_bounded(transport: str) -> None:
     with procs.running(transport, "8MiB", "--size-classes", "64KiB") as srv, client(srv, transport) as c:
         payload = os.urandom(64 << 10)
