@@ -433,7 +433,7 @@ static PyObject *Endpoint_outstanding(EndpointObject *self, void *c) { return Py
 static PyMethodDef Endpoint_methods[] = {
     {"post", (PyCFunction)Endpoint_post, METH_O, "post(work_requests)"},
     {"post_plan", (PyCFunction)Endpoint_post_plan, METH_VARARGS, "post a prepared plan with index pairs"},
-    {"poll", (PyCFunction)Endpoint_poll, METH_VARARGS, "poll(max) -> [(wr_id, status, opcode, byte_len)]"},
+    {"poll", (PyCFunction)Endpoint_poll, METH_VARARGS, "poll(max) -> [(wr_id, status, opcode, byte_len[, digest])]"},
     {"wait", (PyCFunction)Endpoint_wait, METH_VARARGS, "wait(count, timeout) -> completions"},
     {"close", (PyCFunction)Endpoint_close, METH_NOARGS, "close; outstanding requests are dropped"},
     {NULL}};
