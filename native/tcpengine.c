@@ -31,7 +31,9 @@
  * the local SGEs themselves). Progress (send the rest, receive responses) is driven by poll()/wait() in the
  * caller's thread with the GIL released: responses are received with recvmsg() whose iovecs chain
  * [header, payload SGEs, next header, ...] so READ payloads land straight in the local buffers. wait()
- * busy-polls for spin_us before blocking in poll(2). Responses come back in request order (one connection,
+ * busy-polls for spin_us before blocking in poll(2). A READ that names a digest SGE keeps a streaming xxh3-128
+ * state; each recvmsg() (at most 256 KiB) feeds it the bytes that just landed in that SGE, while they are in
+ * cache, and the completion carries the 16 canonical bytes (native/xxhash/digest.h; AVX2 CPUs only). Responses come back in request order (one connection,
  * executed in order), so completions are delivered in posting order.
  *
  * Wire format (little-endian, see docs/transport.md): hello "RDMPTCP1" both ways; request = 48-byte header
@@ -52,7 +54,7 @@
 #include "tcpengine/server.h"
 #include "tcpengine/engine_type.h"
 #include "xxhash/digest.h" /* READ digests: hashed per received chunk, in cache */
-static int have_digest;
+static int have_digest;           /* the CPU runs digest.h's AVX2 kernel: set at import, DIGEST in Python */
 #include "tcpengine/endpoint.h"
 #include "tcpengine/endpoint_type.h"
 #include "tcpengine/baselines.h"
