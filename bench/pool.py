@@ -14,12 +14,16 @@ lookup bench does `gc.collect(); gc.freeze()` in this process, as a latency-sens
 after its set-up (the server does the same after building its pool): otherwise a full collection of this
 process's heap (7-18 ms here, more in an application holding a model) lands in about 1 lookup in 130 and sets
 the p99 (`--no-gc-freeze` measures that; see docs/decisions.md).
+`--client-cpus` / `--server-cpus` (e.g. 4-11 / 0-3) pin this process and every server process to disjoint CPU
+sets, so one many-core host stands in for a client host and a server host: each side gets its own cores, as
+over a network, while the raw baseline runs under the same pinning.
 JSON on the last line; --record also writes bench/results/pool-<date>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
 import json
@@ -47,11 +51,33 @@ def _key(i: int) -> bytes:
     return i.to_bytes(16, "big")
 
 
-def bench_size(transport: str, size: int, batch_bytes: int, repeat: int, hash_threads: int = 2) -> dict:
+def parse_cpus(text: str) -> set[int]:
+    """`0-3,8` -> {0, 1, 2, 3, 8}."""
+    cpus: set[int] = set()
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        try:
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise SystemExit(f"bench pool: bad CPU list {text!r} (want e.g. 0-3,8)") from None
+    return cpus
+
+
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` onto `cpus`; threads it starts later inherit the set."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setaffinity(int(tid), cpus)
+
+
+def bench_size(transport: str, size: int, batch_bytes: int, repeat: int, hash_threads: int = 2,
+               server_cpus: set[int] | None = None) -> dict:
     n = max(1, batch_bytes // size)
     # room for the raw slots plus every round's blocks: deleted blocks stay leased by the round's gets
     quota = (n * (repeat + 2) + 1) * (block.block_size(size) + 64) + (1 << 20)
     with procs.running(transport, str(quota), "--size-classes", str(size), "--lease-s", "2", "--grace-s", "0") as srv:
+        if server_cpus:
+            pin_process(srv.pid, server_cpus)
         cfg = ClientConfig(token=procs.TOKENS["a"], staging_bytes=1 << 20, data_timeout_s=60.0,
                            request_timeout_s=10.0, hash_threads=hash_threads)
         with PoolClient([srv.address], cfg, transport_name=transport) as c:
@@ -158,8 +184,11 @@ def _pct(sorted_times: list[float], q: float) -> float:
     return round(sorted_times[min(len(sorted_times) - 1, int(len(sorted_times) * q))] * 1e3, 3)
 
 
-def bench_lookup(transport: str, nkeys: int, samples: int, freeze: bool = True) -> dict:
+def bench_lookup(transport: str, nkeys: int, samples: int, freeze: bool = True,
+                 server_cpus: set[int] | None = None) -> dict:
     with procs.running(transport, "64MiB", "--size-classes", "4KiB") as srv:
+        if server_cpus:
+            pin_process(srv.pid, server_cpus)
         cfg = ClientConfig(token=procs.TOKENS["a"], staging_bytes=4 << 20)
         with PoolClient([srv.address], cfg, transport_name=transport) as c:
             keys = [_key(i) for i in range(nkeys)]
@@ -188,6 +217,16 @@ def bench_lookup(transport: str, nkeys: int, samples: int, freeze: bool = True) 
             "client_cpu_p50_ms": round(statistics.median(cpu) * 1e3, 3)}
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rdmapool bench pool", description=__doc__.splitlines()[0])
     ap.add_argument("--transports", default="tcp,shm")
@@ -198,17 +237,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-gc-freeze", action="store_true",
                     help="sample lookups without gc.freeze() in this process (the tail a full GC adds)")
     ap.add_argument("--hash-threads", type=int, default=2, help="client checksum workers (0: inline)")
-    ap.add_argument("--record", action="store_true", help="also write bench/results/pool-<date>.json")
+    ap.add_argument("--client-cpus", default="", help="pin this process to these CPUs (e.g. 4-11)")
+    ap.add_argument("--server-cpus", default="", help="pin the server processes to these CPUs (e.g. 0-3)")
+    ap.add_argument("--record", action="store_true", help="also write bench/results/pool-<date>[-label].json")
+    ap.add_argument("--label", default="", help="names the recorded file and the run (e.g. the machine)")
     args = ap.parse_args(argv)
     sizes = [parse_size(s) for s in args.sizes.split(",")]
-    result: dict = {"bench": "pool", "hash_threads": args.hash_threads, "transports": {}}
+    client_cpus, server_cpus = parse_cpus(args.client_cpus), parse_cpus(args.server_cpus)
+    if client_cpus:
+        os.sched_setaffinity(0, client_cpus)  # before any transport starts a thread: they all inherit it
+    result: dict = {"bench": "pool", "hash_threads": args.hash_threads, "client_cpus": sorted(client_cpus),
+                    "server_cpus": sorted(server_cpus), "transports": {}}
     for transport in args.transports.split(","):
         per = {}
         for size in sizes:
             per[str(size)] = bench_size(transport, size, parse_size(args.batch_bytes), args.repeat,
-                                       args.hash_threads)
+                                       args.hash_threads, server_cpus)
             print(f"{transport} {size:>9}: {json.dumps(per[str(size)])}", file=sys.stderr, flush=True)
-        lookup = bench_lookup(transport, 512, args.lookup_samples, not args.no_gc_freeze)
+        lookup = bench_lookup(transport, 512, args.lookup_samples, not args.no_gc_freeze, server_cpus)
         print(f"{transport} lookup 512: {json.dumps(lookup)}", file=sys.stderr, flush=True)
         big = [v for k, v in per.items() if int(k) >= 1 << 20]
         result["transports"][transport] = {
@@ -217,10 +263,12 @@ def main(argv: list[str] | None = None) -> int:
             "goal_lookup_p99_le_1ms": lookup["p99_ms"] <= 1.0,
         }
     if args.record:
-        meta = {"machine": platform.node(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        meta = {"machine": platform.node(), "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(),
+                "platform": platform.platform(),
                 "python": platform.python_version(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                "argv": argv or sys.argv[1:]}
-        path = ROOT / "bench" / "results" / f"pool-{dt.date.today().isoformat()}.json"
+                "argv": argv or sys.argv[1:], "label": args.label}
+        suffix = f"-{args.label}" if args.label else ""
+        path = ROOT / "bench" / "results" / f"pool-{dt.date.today().isoformat()}{suffix}.json"
         path.write_text(json.dumps({"meta": meta, "results": result}, indent=1) + "\n")
     print(json.dumps(result))
     return 0
