@@ -71,7 +71,7 @@ def pin_process(pid: int, cpus: set[int]) -> None:
 
 
 def bench_size(transport: str, size: int, batch_bytes: int, repeat: int, hash_threads: int = 2,
-               server_cpus: set[int] | None = None) -> dict:
+               server_cpus: set[int] | None = None, transport_digests: bool = True) -> dict:
     n = max(1, batch_bytes // size)
     # room for the raw slots plus every round's blocks: deleted blocks stay leased by the round's gets
     quota = (n * (repeat + 2) + 1) * (block.block_size(size) + 64) + (1 << 20)
@@ -79,7 +79,7 @@ def bench_size(transport: str, size: int, batch_bytes: int, repeat: int, hash_th
         if server_cpus:
             pin_process(srv.pid, server_cpus)
         cfg = ClientConfig(token=procs.TOKENS["a"], staging_bytes=1 << 20, data_timeout_s=60.0,
-                           request_timeout_s=10.0, hash_threads=hash_threads)
+                           request_timeout_s=10.0, hash_threads=hash_threads, transport_digests=transport_digests)
         with PoolClient([srv.address], cfg, transport_name=transport) as c:
             src = c.transport.allocate(n * size)
             dst = c.transport.allocate(n * size)
@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-gc-freeze", action="store_true",
                     help="sample lookups without gc.freeze() in this process (the tail a full GC adds)")
     ap.add_argument("--hash-threads", type=int, default=2, help="client checksum workers (0: inline)")
+    ap.add_argument("--no-transport-digests", action="store_true",
+                    help="the client hashes every payload on its hash workers (ClientConfig.transport_digests)")
     ap.add_argument("--client-cpus", default="", help="pin this process to these CPUs (e.g. 4-11)")
     ap.add_argument("--server-cpus", default="", help="pin the server processes to these CPUs (e.g. 0-3)")
     ap.add_argument("--record", action="store_true", help="also write bench/results/pool-<date>[-label].json")
@@ -246,13 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     client_cpus, server_cpus = parse_cpus(args.client_cpus), parse_cpus(args.server_cpus)
     if client_cpus:
         os.sched_setaffinity(0, client_cpus)  # before any transport starts a thread: they all inherit it
-    result: dict = {"bench": "pool", "hash_threads": args.hash_threads, "client_cpus": sorted(client_cpus),
+    result: dict = {"bench": "pool", "hash_threads": args.hash_threads,
+                    "transport_digests": not args.no_transport_digests, "client_cpus": sorted(client_cpus),
                     "server_cpus": sorted(server_cpus), "transports": {}}
     for transport in args.transports.split(","):
         per = {}
         for size in sizes:
             per[str(size)] = bench_size(transport, size, parse_size(args.batch_bytes), args.repeat,
-                                       args.hash_threads, server_cpus)
+                                       args.hash_threads, server_cpus, not args.no_transport_digests)
             print(f"{transport} {size:>9}: {json.dumps(per[str(size)])}", file=sys.stderr, flush=True)
         lookup = bench_lookup(transport, 512, args.lookup_samples, not args.no_gc_freeze, server_cpus)
         print(f"{transport} lookup 512: {json.dumps(lookup)}", file=sys.stderr, flush=True)

@@ -14,9 +14,11 @@ that moves bytes inside `post` gets a batch's digest requests in one post), and 
 - reads: the transport's digest of the payload SGE where the endpoint offers one (`Endpoint.digests`; shm's
   waiting caller hashes trailing the Mover's copy, the tcp engine hashes each received chunk as it lands, and a
   tcp batch then waits in one call per endpoint); otherwise this thread hashes each payload as its completion arrives,
-  while the bytes are still in its cache (or a worker does, where the process has spare cores);
-- writes, asynchronous endpoint (`BlockWriter.inline`): payload and trailer go first, this thread hashes the
-  payload while it moves, and the header follows right behind it: nothing waits for a checksum;
+  while the bytes are still in its cache (or a worker does, where the process has spare cores). shm on a process
+  with spare cores takes the workers too (`spare_cores`: measured faster than hashing trailing the Mover);
+- writes, asynchronous endpoint with transport digests on (`BlockWriter.inline`): payload and trailer go first,
+  this thread hashes the payload while it moves, and the header follows right behind it: nothing waits for a
+  checksum;
 - writes, endpoint that digests WRITEs but moves them in the posting thread: payload and trailer first with the
   digest requested, the header once it landed;
 - writes, otherwise (tcp): checksums run ahead on the `Hasher`'s workers and one WRITE carries header, payload and
@@ -190,7 +192,8 @@ class BlockWriter:
         ep = conn.endpoint
         #: the endpoint moves bytes without this thread: post each payload (with its trailer) first, hash it here
         #: while it moves (no thread hand-off), then post its header right behind it
-        self.inline = self.asynchronous = ep is not None and ep.asynchronous
+        self.asynchronous = ep is not None and ep.asynchronous
+        self.inline = self.asynchronous and client.config.transport_digests
         self.fused = (client.config.transport_digests and ep is not None and Opcode.WRITE in ep.digests
                       and not self.inline)
         self.items: list[tuple] = []  # (key, grant, source)
@@ -460,7 +463,11 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
     threaded = client.hasher.threads > 0 and spare_cores()
     batch = _Batch(client, conn, done)
     # an endpoint that digests READs needs no hashing to overlap: its requests go in one post
-    together = client.config.transport_digests and Opcode.READ in batch.endpoint.digests
+    # shm's READ digests come from a waiting thread hashing right behind the Mover's copy: on two CPUs (sibling
+    # threads of one core here) that is nearly free, but with spare cores the client's workers hashing each
+    # landed block measured faster (the trailing reads pull every line across cores; docs/decisions.md)
+    together = (client.config.transport_digests and Opcode.READ in batch.endpoint.digests
+                and not (threaded and batch.endpoint.asynchronous))
     pending: list[WorkRequest] = []
     pending_bytes = 0
     epoch = int(conn.hello.get("epoch", -1))
