@@ -303,12 +303,10 @@ class PoolClient:
             return True
 
         # pipelining needs an endpoint that moves bytes while this thread waits on a round trip (not tcp, whose
-        # progress runs in the posting thread: there an extra round trip only adds its latency; driving tcp
-        # during the round trips measured no faster, see docs/decisions.md)
+        # progress runs in the posting thread: there an extra round trip only adds its latency)
         pipelined = writer.asynchronous and sum(lengths) >= 2 * PIPELINE_BYTES
         if pipelined:
             writer.idle = lambda: commit_written(COMMIT_BYTES)
-        sums = writer.prehash(sources) if pipelined else None
         for a, b in _allocation_chunks(lengths) if pipelined else [(0, len(keys))]:
             fields = {"keys": wire.pack_keys(keys[a:b]), "lengths": lengths[a:b]}
             if hints is not None:
@@ -325,10 +323,7 @@ class PoolClient:
                 else:
                     out[idx[j]] = _FROM_ALLOC.get(status, PutStatus.FAILED)
             todo.extend(chunk)
-            writer.add([(keys[j], grants[j], sources[j]) for j in chunk],
-                       None if sums is None else [sums[j] for j in chunk])
-            if pipelined:  # what earlier chunks wrote is committed while this one moves
-                commit_written(COMMIT_BYTES)
+            writer.add([(keys[j], grants[j], sources[j]) for j in chunk])
         # commit early blocks while enough bytes are still moving to cover the round trip
         while pipelined and writer.busy and writer.flying_bytes >= PIPELINE_BYTES:
             if not commit_written(PIPELINE_BYTES):
@@ -505,21 +500,14 @@ class PoolClient:
 
 def _allocation_chunks(lengths: list[int]) -> list[tuple[int, int]]:
     """[start, end) key ranges reserved in one round trip each, for a pipelined put: the first blocks up to
-    `PIPELINE_BYTES` (at least one), then chunks of twice the bytes of the one before. A reservation costs the
-    server a few microseconds per key, and reading the reply as much again here, while the chunks already
-    reserved move at ~150 us per MiB: each round trip hides behind the bytes of the chunk before it. (One
-    chunk for all the rest left the mover idle ~2 ms of a 256 MiB put of 1 MiB blocks.)"""
+    `PIPELINE_BYTES` (at least one), then the rest."""
     if len(lengths) < 2:
         return [(0, len(lengths))]
-    chunks, start, budget = [], 0, PIPELINE_BYTES
-    while start < len(lengths):
-        end, total = start, 0
-        while end < len(lengths) and (end == start or total < budget):
-            total += lengths[end]
-            end += 1
-        chunks.append((start, end))
-        start, budget = end, 2 * budget
-    return chunks
+    total, first = 0, 0
+    while first < len(lengths) - 1 and total < PIPELINE_BYTES:
+        total += lengths[first]
+        first += 1
+    return [(0, first), (first, len(lengths))]
 
 
 def _hint_to_wire(h: BlockHint) -> list:

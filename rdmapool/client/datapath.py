@@ -228,25 +228,15 @@ class BlockWriter:
             self.need[n] = 0
             self.flying_bytes -= self._sizes[n]
 
-    def _splits(self, hosts: list) -> list[bool]:
-        """Which blocks go as two requests (payload first; its checksum from the transport or this thread)."""
-        return [(self.fused or self.inline) and h is not None and len(h) > 0 for h in hosts]
-
-    def prehash(self, sources: list) -> list:
-        """Start the checksums of a whole put that this writer's path takes from the `Hasher`'s workers (None
-        for the others), before its reservations: workers hash ahead across reservation round trips."""
-        hosts = [_host_view(src) for src in sources]
-        return [None if (h is None or sp) else self.hasher.submit(h) for h, sp in zip(hosts, self._splits(hosts), strict=True)]
-
-    def add(self, items: list, sums: list | None = None) -> None:
+    def add(self, items: list) -> None:
         """Post the WRITEs of more blocks: items are (key, reservation, source); block numbers continue from the
-        blocks added before (the n-th item added overall is block n). `sums`: their `prehash` entries."""
+        blocks added before (the n-th item added overall is block n)."""
         base = len(self.items)
         self.items.extend(items)
         hosts = [_host_view(src) for _, _, src in items]
-        split = self._splits(hosts)
-        if sums is None:  # start every large checksum the transport will not compute: workers hash ahead
-            sums = [None if (h is None or split[k]) else self.hasher.submit(h) for k, h in enumerate(hosts)]
+        split = [(self.fused or self.inline) and h is not None and len(h) > 0 for h in hosts]
+        # start every large checksum the transport will not compute: workers hash ahead while blocks are posted
+        sums = [None if (h is None or split[k]) else self.hasher.submit(h) for k, h in enumerate(hosts)]
         self.ok.extend([False] * len(items))
         self.good.extend([0] * len(items))
         self.need.extend([2 if sp else 1 for sp in split])

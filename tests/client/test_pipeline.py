@@ -1,6 +1,6 @@
 """Large puts and gets on the pipelined data path: reservations and commits in several round trips while blocks
-move (asynchronous endpoints: shm's Mover), payload first and header right behind it, reads validated as they land; a queue pair failing half-way stores exactly the
-blocks that were written, and nothing else."""
+move (asynchronous endpoints: shm's Mover), payload first and header right behind it, reads validated as they
+land; a queue pair failing half-way stores exactly the blocks that were written, and nothing else."""
 
 from __future__ import annotations
 
@@ -78,10 +78,8 @@ def test_large_put_and_get_are_byte_exact_and_pipelined_where_the_endpoint_is_as
         commits = [n for op, n in rpcs if op == "commit"]
         assert sum(allocates) == BLOCKS and sum(commits) == BLOCKS
         if c._conn(c.router.servers[0]).endpoint.asynchronous:
-            # the first blocks reserved alone, then chunks of twice the bytes, each while the ones before move;
-            # commits while later blocks move
-            first = client_mod.PIPELINE_BYTES // SIZE
-            assert allocates == [first, 2 * first, BLOCKS - 3 * first]
+            # the first blocks reserved alone, the rest while they move; commits while later blocks move
+            assert allocates == [client_mod.PIPELINE_BYTES // SIZE, BLOCKS - client_mod.PIPELINE_BYTES // SIZE]
             assert len(commits) >= 2
         else:
             assert allocates == [BLOCKS] and commits == [BLOCKS]
@@ -126,18 +124,3 @@ def test_queue_pair_failing_mid_put_stores_exactly_the_written_blocks(server, fa
         failed = [i for i, s in enumerate(statuses) if s is PutStatus.FAILED]
         assert c.put([keys[i] for i in failed], [sources[i] for i in failed]) == [PutStatus.STORED] * len(failed)
         assert c.counters["corrupt_blocks"] == 0
-
-
-@pytest.mark.parametrize("lengths", [[1 << 20] * 256, [64 << 10] * 1000, [32 << 20] * 8, [5], [3 << 20, 1, 7 << 20, 2]])
-def test_reservation_chunks_cover_every_key_once_and_double(lengths) -> None:
-    """Pipelined reservations: contiguous chunks over all keys, the first up to PIPELINE_BYTES (or one key),
-    each later one at most twice the byte budget of the one before (plus one key), so every round trip hides
-    behind the bytes reserved before it."""
-    chunks = client_mod._allocation_chunks(lengths)
-    assert chunks[0][0] == 0 and chunks[-1][1] == len(lengths)
-    assert all(a == b for (_, a), (b, _) in zip(chunks, chunks[1:], strict=False))
-    budget = client_mod.PIPELINE_BYTES
-    for a, b in chunks:
-        assert b > a
-        assert sum(lengths[a : b - 1]) < budget  # all but its last key fit the budget
-        budget *= 2
