@@ -4,6 +4,7 @@
 # of each core, so neither side shares a core with the other), and both run `rdmapool bench pool` under that
 # pinning, raw baseline included. Needs >= SERVER_CORES + CLIENT_CORES physical cores.
 # Output: the bench JSON (recorded) and a log under ${OUT:-bench/results}; extra arguments go to the bench.
+# Usage: [SERVER_CORES=4 CLIENT_CORES=8] scripts/pool-bench-split.sh [--sizes 1MiB,4MiB,32MiB --label NAME ...]
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$here"
@@ -30,7 +31,9 @@ if len(cpus) < want_server + want_client:
 print(",".join(map(str, cpus[:want_server])), ",".join(map(str, cpus[want_server:want_server + want_client])))
 EOF
 )
+[ -n "${server_cpus:-}" ] && [ -n "${client_cpus:-}" ] || { echo "pool-bench-split: no CPU sets (see above)" >&2; exit 1; }
 echo "pool-bench-split: server CPUs $server_cpus, client CPUs $client_cpus ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2))"
-"$py" -m rdmapool bench pool --server-cpus "$server_cpus" --client-cpus "$client_cpus" --record "$@" \
+# recorded as pool-<date>-split.json unless the arguments name another --label (the last one counts)
+"$py" -m rdmapool bench pool --server-cpus "$server_cpus" --client-cpus "$client_cpus" --record --label split "$@" \
   2>&1 | tee "$out/pool-split.log" | tail -1
 cp bench/results/pool-*.json "$out/" 2>/dev/null || true

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from rdmapool.errors import UsageError
+from rdmapool.transport.base import MemoryKind, MemoryRegion, Sge, Transport
 
 try:
     from rdmapool._shmatomics import address as _native_address
 except ImportError:  # the native extension is not built: numpy finds the address instead
     _native_address = None
-from rdmapool.transport.base import MemoryKind, MemoryRegion, Sge, Transport
 
 
 @dataclass(frozen=True, slots=True)

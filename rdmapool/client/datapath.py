@@ -190,9 +190,10 @@ class BlockWriter:
         self.arena.reset()
         self.hasher: Hasher = client.hasher
         ep = conn.endpoint
-        #: the endpoint moves bytes without this thread: post each payload (with its trailer) first, hash it here
-        #: while it moves (no thread hand-off), then post its header right behind it
+        #: the endpoint moves bytes without this thread (shm's Mover)
         self.asynchronous = ep is not None and ep.asynchronous
+        #: post each payload (with its trailer) first, hash it here while it moves (no thread hand-off), then post
+        #: its header right behind it; with transport digests off, the `Hasher`'s workers hash instead
         self.inline = self.asynchronous and client.config.transport_digests
         self.fused = (client.config.transport_digests and ep is not None and Opcode.WRITE in ep.digests
                       and not self.inline)
