@@ -129,8 +129,10 @@ def test_torn_read_is_a_miss_never_data(server) -> None:
 @pytest.mark.parametrize("size", [1000, 256 << 10])  # hashed inline / on a worker thread
 @pytest.mark.parametrize("spare", [False, True], ids=["two-cores", "spare-cores"])
 def test_corrupted_slot_detected(server, size: int, spare: bool, monkeypatch) -> None:
-    """Reads hash inline on two CPUs and on worker threads with more (`datapath.spare_cores`): both reject."""
+    """Reads hash inline on two CPUs and on worker threads with more (`datapath.spare_cores`): both reject.
+    With spare cores an asynchronous endpoint (shm) takes the workers instead of its own READ digest."""
     from rdmapool.client import datapath
+    from rdmapool.transport import Opcode
 
     monkeypatch.setattr(datapath, "spare_cores", lambda: spare)
     with make_client(server) as c:
@@ -139,7 +141,13 @@ def test_corrupted_slot_detected(server, size: int, spare: bool, monkeypatch) ->
         region = server.regions["a"]
         off = ref.hit.addr - region.descriptor.addr
         region.view[off + 100 + size // 2] ^= 1  # payload byte
+        on_workers = []
+        submit = c.hasher.submit
+        monkeypatch.setattr(c.hasher, "submit", lambda p: on_workers.append(len(p)) or submit(p))
         assert c.get([key(1)], [bytearray(size)]) == [None]
+        endpoint = c._conn(c.router.servers[0]).endpoint
+        transport_digest = Opcode.READ in endpoint.digests and not (spare and endpoint.asynchronous)
+        assert bool(on_workers) == (spare and not transport_digest)
         region.view[off + 100 + size // 2] ^= 1
         region.view[off + 30] ^= 1  # header key byte
         assert c.get([key(1)], [bytearray(size)]) == [None]
