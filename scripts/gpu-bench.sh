@@ -3,12 +3,8 @@
 # runs the gpu-marked tests and bench/kv.py (Llama-3-8B-shaped bf16 model, prefixes 4k/16k/32k, shm and tcp).
 # Output: the test log and bench JSON under ${OUT:-bench/results}. Extra arguments go to bench/kv.py.
 set -uo pipefail
-here="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$here"
-out="${OUT:-$here/bench/results}"
-mkdir -p "$out"
-py="${PYTHON:-python3}"
-export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# shellcheck source=lib/device-run.sh
+source "$(dirname "$0")/lib/device-run.sh"
 absent() { "$py" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('$1') is None else 1)"; }
 missing=""
 for m in msgpack xxhash prometheus_client transformers; do absent "$m" && missing="$missing $m"; done

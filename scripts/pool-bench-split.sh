@@ -6,12 +6,8 @@
 # Output: the bench JSON (recorded) and a log under ${OUT:-bench/results}; extra arguments go to the bench.
 # Usage: [SERVER_CORES=4 CLIENT_CORES=8] scripts/pool-bench-split.sh [--sizes 1MiB,4MiB,32MiB --label NAME ...]
 set -euo pipefail
-here="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$here"
-out="${OUT:-$here/bench/results}"
-mkdir -p "$out"
-py="${PYTHON:-python3}"
-export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# shellcheck source=lib/device-run.sh
+source "$(dirname "$0")/lib/device-run.sh"
 "$py" setup.py -q build_ext --inplace >"$out/build.log" 2>&1 || { tail -5 "$out/build.log"; exit 1; }
 read -r server_cpus client_cpus < <("$py" - "${SERVER_CORES:-4}" "${CLIENT_CORES:-8}" <<'EOF'
 import glob, os, sys

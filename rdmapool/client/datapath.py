@@ -128,8 +128,7 @@ class _Batch:
                 raise TimeoutError
             return self.endpoints[i].wait(count, remaining)
         except TimeoutError as exc:
-            self.conn.close(mark_down=True)
-            raise ServerUnavailable(f"{self.conn.address}: one-sided operations timed out") from exc
+            raise self.timed_out() from exc
 
     def drive(self, seconds: float) -> None:
         """Let the transport move bytes for up to `seconds`, reaping what completes: a transport whose progress
