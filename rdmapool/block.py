@@ -19,6 +19,10 @@ the checksum. The checksum may be skipped (GPU destinations, where hashing would
 lengths, keys and the two self-checks never are.
 
 Every failure is a `CorruptBlock` naming what did not match: the caller turns it into a miss and a metric.
+
+The data path writes and checks headers and trailers in place through `write_header_trailer` and
+`check_header_trailer`, which run in C (`rdmapool._blockformat`) where it is built: the Python code below is the
+reference (tests compare the two byte for byte) and the fallback.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ from dataclasses import dataclass
 import xxhash
 
 from rdmapool.errors import CorruptBlock, UsageError
+
+try:
+    from rdmapool import _blockformat as _native
+except ImportError:  # not built: the Python reference below does the same work, slower
+    _native = None
 
 FORMAT_VERSION = 1
 HEADER_MAGIC = b"RPLB"
@@ -162,6 +171,45 @@ def validate(header: object, payload: object, trailer: object, expected: Expecte
     if payload_checksum(view) != checksum:
         raise CorruptBlock("payload checksum mismatch (torn or corrupted payload)")
     return checksum
+
+
+#: stands for "a checksum will follow" when a trailer is written before its header (the trailer holds only the
+#: flag that says whether the block has a checksum, not the checksum itself)
+PENDING_CHECKSUM = bytes(16)
+
+
+def write_header_trailer(head: object, tail: object, key: bytes, generation: int, length: int,
+                         checksum: bytes | None) -> None:
+    """Write a block's header into `head` and its trailer into `tail` (writable buffers; either may be None to
+    write only the other). `checksum=None` marks the block as written without a payload checksum."""
+    if _native is not None:
+        try:
+            _native.encode(head, tail, key, generation, length, checksum)
+            return
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    for buf, size, what in ((head, HEADER_SIZE, "header"), (tail, TRAILER_SIZE, "trailer")):
+        if buf is not None and len(memoryview(buf).cast("B")) < size:
+            raise UsageError(f"the {what} needs {size} writable bytes")
+    if head is not None:
+        memoryview(head).cast("B")[:HEADER_SIZE] = encode_header(key, generation, length, checksum)
+    if tail is not None:
+        memoryview(tail).cast("B")[:TRAILER_SIZE] = encode_trailer(key, generation, length, checksum is None)
+
+
+def check_header_trailer(header: object, trailer: object, expected: Expected) -> bytes | None:
+    """`validate` without the payload: raise CorruptBlock unless header and trailer name the block `expected`
+    describes; return the payload checksum the header carries (None when written without one)."""
+    if _native is None:
+        return validate(header, None, trailer, expected, verify_checksum=False)
+    try:
+        got = _native.check(header, trailer, expected.key, expected.generation, expected.length)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if type(got) is int:  # a mismatch: the reference checks name it (the bytes are re-read; if they changed
+        validate(header, None, trailer, expected, verify_checksum=False)  # meanwhile, still a corrupt read)
+        raise CorruptBlock(f"header or trailer check failed (code {got})")
+    return got
 
 
 def stored_checksum(header: object) -> bytes:

@@ -73,7 +73,8 @@ class Arena:
             self._temporary.append(region)
             return region.sge(0, n), region.view[:n]
         self._used = start + n
-        return self.region.sge(start, n), self.region.view[start : start + n]
+        region = self.region  # bounds checked above: the Sge is built directly
+        return Sge(region.addr + start, n, region.lkey), region.view[start : start + n]
 
     def reset(self) -> None:
         self._used = 0

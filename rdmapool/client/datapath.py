@@ -25,7 +25,7 @@ that moves bytes inside `post` gets a batch's digest requests in one post), and 
   trailer. The slot is reserved and invisible until commit, so the order in which the pieces land does not
   matter. Everything completes within the call's data deadline.
 
-A read counts only after `block.validate` against the lookup reply and, for host destinations, the payload
+A read counts only after `block.check_header_trailer` against the lookup reply and, for host destinations, the payload
 checksum: anything else is a miss and a `corrupt_blocks` count. Timeouts and broken endpoints close the
 connection (`ServerUnavailable` upwards: misses).
 
@@ -54,6 +54,9 @@ if TYPE_CHECKING:
 #: a transport that moves bytes asynchronously (shm's mover thread, the tcp engine) moves one group while
 #: the next is built and the completed ones are validated
 STREAM_BYTES = 4 << 20
+#: whole-block WRITEs whose checksums are known are posted in groups of about this many payload bytes (one
+#: 1 MiB block alone; 64 KiB blocks sixteen at a time): the tcp initiator sends up to 1 MiB per call
+GROUP_BYTES = 1 << 20
 #: payload bytes of two-part blocks (see `BlockWriter`) queued on the transport at most (plus one group)
 WINDOW_BYTES = 4 << 20
 #: while a block's checksum is still being computed, the transport is driven in slices this long (`_Batch.drive`)
@@ -204,6 +207,8 @@ class BlockWriter:
         self.late: dict[int, tuple] = {}  # n -> (head, payload view) for the second request
         self.written: list[int] = []  # blocks complete since the last take_written
         self.pending: list[WorkRequest] = []  # payload+trailer WRITEs not yet posted
+        self.whole: list[WorkRequest] = []  # whole-block WRITEs (checksum known) not yet posted
+        self.whole_bytes = 0
         self.pending_bytes = 0
         self.flying_bytes = 0  # payload bytes of blocks posted and not complete
         self.unlanded = 0  # payload bytes of two-part blocks posted whose payload has not landed yet
@@ -235,8 +240,9 @@ class BlockWriter:
         self.items.extend(items)
         hosts = [_host_view(src) for _, _, src in items]
         split = [(self.fused or self.inline) and h is not None and len(h) > 0 for h in hosts]
-        # start every large checksum the transport will not compute: workers hash ahead while blocks are posted
-        sums = [None if (h is None or split[k]) else self.hasher.submit(h) for k, h in enumerate(hosts)]
+        # start every large checksum the transport will not compute: workers hash ahead while blocks are posted;
+        # small ones are hashed here just before their block is built (`Hasher.submit_large` gives None for them)
+        sums = [None if (h is None or split[k]) else self.hasher.submit_large(h) for k, h in enumerate(hosts)]
         self.ok.extend([False] * len(items))
         self.good.extend([0] * len(items))
         self.need.extend([2 if sp else 1 for sp in split])
@@ -261,21 +267,37 @@ class BlockWriter:
                         self._post_ready()
                 continue
             pending_sum = sums[k]
-            while isinstance(pending_sum, Future) and not pending_sum.done() and batch.in_flight:
-                batch.drive(DRIVE_S)  # earlier blocks keep moving while this one's checksum finishes
-            try:
-                checksum = None if sums[k] is None else self.hasher.result(sums[k], batch.remaining())
-            except TimeoutError:
-                raise batch.timed_out() from None
+            if pending_sum is None and hosts[k] is not None:
+                checksum = block.payload_checksum(hosts[k])  # small: cheaper here than a hand-off
+            else:
+                if isinstance(pending_sum, Future) and not pending_sum.done():
+                    self._post_whole()  # what is built moves while this checksum finishes
+                    while not pending_sum.done() and batch.in_flight:
+                        batch.drive(DRIVE_S)  # earlier blocks keep moving (tcp moves bytes only in our calls)
+                try:
+                    checksum = None if pending_sum is None else self.hasher.result(pending_sum, batch.remaining())
+                except TimeoutError:
+                    raise batch.timed_out() from None
             wr = _write_request(client, 4 * n, arena, key, grant, src, checksum)
             if wr is None:
                 self._drain_all()
                 arena.reset()
                 wr = _write_request(client, 4 * n, arena, key, grant, src, checksum)
-            batch.post(wr)  # right away: its transfer overlaps the next checksum
+            self.whole.append(wr)
+            self.whole_bytes += self._sizes[n]
+            if self.whole_bytes >= GROUP_BYTES:  # right away: its transfer overlaps the next checksums
+                self._post_whole()
+        self._post_whole()
         self._post_pending()
         if self.ready:
             self._post_ready()
+
+    def _post_whole(self) -> None:
+        """Post the whole-block WRITEs built so far, in one post (one pass of the transport's send loop)."""
+        if self.whole:
+            self.batch.post_many(self.whole)
+            self.whole.clear()
+            self.whole_bytes = 0
 
     def _room(self) -> None:
         """Two-part blocks: keep at most `WINDOW_BYTES` of payloads queued on the transport. Each header is
@@ -301,7 +323,8 @@ class BlockWriter:
             for n in eager:
                 key, grant, _src = self.items[n]
                 head, view = self.late.pop(n)
-                head[1][:] = block.encode_header(key, grant.generation, len(view), block.payload_checksum(view))
+                block.write_header_trailer(head[1], None, key, grant.generation, len(view),
+                                           block.payload_checksum(view))
                 wrs.append(WorkRequest(4 * n + 2, Opcode.WRITE, (head[0],), grant.addr, grant.rkey))
             self.batch.post_many(wrs)
 
@@ -312,12 +335,13 @@ class BlockWriter:
             key, grant, _src = self.items[n]
             head, view = self.late.pop(n)
             checksum = digest if digest is not None else block.payload_checksum(view)
-            head[1][:] = block.encode_header(key, grant.generation, len(view), checksum)
+            block.write_header_trailer(head[1], None, key, grant.generation, len(view), checksum)
             wrs.append(WorkRequest(4 * n + 2, Opcode.WRITE, (head[0],), grant.addr, grant.rkey))
         self.ready.clear()
         self.batch.post_many(wrs)
 
     def _drain_all(self) -> None:
+        self._post_whole()
         while True:
             self._post_pending()
             self._post_ready()
@@ -373,7 +397,7 @@ def _payload_request(client: PoolClient, n: int, arena: Arena, key: bytes, grant
             return None
         sge, staged_view = staged
         staged_view[:] = view
-    tail[1][:] = block.encode_trailer(key, grant.generation, len(view), False)
+    block.write_header_trailer(None, tail[1], key, grant.generation, len(view), block.PENDING_CHECKSUM)
     late[n] = (head, view)
     if eager:
         return WorkRequest(4 * n + 3, Opcode.WRITE, (sge, tail[0]), grant.addr + block.HEADER_SIZE, grant.rkey)
@@ -402,8 +426,7 @@ def _write_request(client: PoolClient, n: int, arena: Arena, key: bytes, grant, 
         payload_sge, view = staged
         view[:] = src
     # a None checksum (device memory) is recorded as such in the flags; readers then need verify off
-    head[1][:] = block.encode_header(key, grant.generation, length, checksum)
-    tail[1][:] = block.encode_trailer(key, grant.generation, length, checksum is None)
+    block.write_header_trailer(head[1], tail[1], key, grant.generation, length, checksum)
     sgl = (head[0], payload_sge, tail[0]) if length else (head[0], tail[0])
     return WorkRequest(n, Opcode.WRITE, sgl, grant.addr, grant.rkey)
 
@@ -429,8 +452,7 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         ref = refs[n]
         check = verify and payload is not None
         try:
-            want = block.validate(head, payload, tail, block.Expected(ref.key, ref.hit.generation, ref.length),
-                                  verify_checksum=False)
+            want = block.check_header_trailer(head, tail, block.Expected(ref.key, ref.hit.generation, ref.length))
             if check and want is None:
                 raise CorruptBlock("block was written without a checksum but the reader requires one")
         except CorruptBlock:

@@ -30,6 +30,12 @@ class Hasher:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="rdmapool-hash")
         return self._pool.submit(payload_checksum, payload)
 
+    def submit_large(self, payload: object) -> Future | bytes | None:
+        """`submit` for payloads that go to a worker; None for small ones (the caller hashes them when due)."""
+        if self.threads <= 0 or len(memoryview(payload)) < THREAD_MIN:
+            return None
+        return self.submit(payload)
+
     @staticmethod
     def result(value: Future | bytes, timeout: float) -> bytes:
         """Raises TimeoutError when the hash did not finish in time."""

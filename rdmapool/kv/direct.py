@@ -101,7 +101,7 @@ class DirectRead:
                 at = start + block.HEADER_SIZE + ref.length
                 tail = bytes(mm[at:at + block.TRAILER_SIZE])
                 try:
-                    block.validate(head, None, tail, block.Expected(ref.key, ref.hit.generation, ref.length), False)
+                    block.check_header_trailer(head, tail, block.Expected(ref.key, ref.hit.generation, ref.length))
                 except CorruptBlock:
                     pool.counters.add("corrupt_blocks")
                     break

@@ -79,12 +79,17 @@ DEREGISTER_TIMEOUT_S = 5.0
 _DIGESTS = frozenset({Opcode.READ}) if _native.DIGEST else frozenset()
 
 
+#: the engine's status and opcode numbers as enum members (a dict lookup, not an enum call, once per completion)
+_STATUS = {int(s): s for s in WcStatus}
+_OPCODE = {int(o): o for o in Opcode}
+
+
 def _completion(raw: tuple) -> Completion:
     if len(raw) == 5:
         wr_id, status, opcode, byte_len, digest = raw
-        return Completion(wr_id, WcStatus(status), Opcode(opcode), byte_len, digest=digest)
+        return Completion(wr_id, _STATUS[status], _OPCODE[opcode], byte_len, digest=digest)
     wr_id, status, opcode, byte_len = raw
-    return Completion(wr_id, WcStatus(status), Opcode(opcode), byte_len)
+    return Completion(wr_id, _STATUS[status], _OPCODE[opcode], byte_len)
 
 
 class TcpEndpoint(Endpoint):

@@ -115,3 +115,59 @@ def test_validate_returns_the_stored_checksum() -> None:
         assert block.validate(head, body, tail, Expected(key, 9, 5000), verify_checksum=False) == want
         if with_checksum:
             assert block.validate(head, body, tail, Expected(key, 9, 5000)) == want == block.stored_checksum(head)
+
+
+needs_native = pytest.mark.skipif(block._native is None, reason="rdmapool._blockformat is not built (setup.py build_ext)")
+
+
+@needs_native
+@given(key=st.binary(min_size=16, max_size=16), gen=st.integers(0, 2**64 - 1), length=st.integers(0, 2**64 - 1),
+       checksum=st.one_of(st.none(), st.binary(min_size=16, max_size=16)))
+def test_native_header_and_trailer_are_the_reference_bytes(key: bytes, gen: int, length: int,
+                                                           checksum: bytes | None) -> None:
+    head, tail = bytearray(HEADER_SIZE), bytearray(TRAILER_SIZE)
+    block.write_header_trailer(head, tail, key, gen, length, checksum)
+    assert bytes(head) == block.encode_header(key, gen, length, checksum)
+    assert bytes(tail) == block.encode_trailer(key, gen, length, checksum is None)
+    assert block.check_header_trailer(head, tail, Expected(key, gen, length)) == checksum
+
+
+@needs_native
+def test_two_part_write_trailer_first_then_header_matches_one_part() -> None:
+    """The split write path sends the trailer before the checksum exists (PENDING_CHECKSUM), the header after."""
+    checksum = os.urandom(16)
+    head, tail = bytearray(HEADER_SIZE), bytearray(TRAILER_SIZE)
+    block.write_header_trailer(None, tail, KEY, 5, 77, block.PENDING_CHECKSUM)
+    block.write_header_trailer(head, None, KEY, 5, 77, checksum)
+    assert bytes(head) + bytes(tail) == block.encode_header(KEY, 5, 77, checksum) + block.encode_trailer(KEY, 5, 77)
+
+
+@given(payload=st.binary(min_size=0, max_size=200), pos=st.integers(min_value=0), bit=st.integers(0, 7),
+       expect=st.sampled_from(["same", "key", "gen", "length"]))
+def test_header_trailer_check_agrees_with_validate(payload: bytes, pos: int, bit: int, expect: str) -> None:
+    """Native (where built) or not, `check_header_trailer` refuses exactly what `validate` refuses without the
+    payload checksum, with the reference's message."""
+    data = bytearray(encode_block(KEY, 42, payload))
+    hdr_and_tail = list(range(HEADER_SIZE)) + list(range(len(data) - TRAILER_SIZE, len(data)))
+    data[hdr_and_tail[pos % len(hdr_and_tail)]] ^= 1 << bit
+    expected = {"same": Expected(KEY, 42, len(payload)), "key": Expected(bytes(16), 42, len(payload)),
+                "gen": Expected(KEY, 43, len(payload)), "length": Expected(KEY, 42, len(payload) + 1)}[expect]
+    head, tail = bytes(data[:HEADER_SIZE]), bytes(data[-TRAILER_SIZE:])
+    try:
+        want = block.validate(head, None, tail, expected, verify_checksum=False)
+    except CorruptBlock as exc:
+        with pytest.raises(CorruptBlock) as got:
+            block.check_header_trailer(head, tail, expected)
+        assert str(got.value) == str(exc)
+    else:
+        assert block.check_header_trailer(head, tail, expected) == want
+
+
+def test_write_header_trailer_refuses_bad_fields() -> None:
+    head, tail = bytearray(HEADER_SIZE), bytearray(TRAILER_SIZE)
+    with pytest.raises(UsageError, match="16 bytes"):
+        block.write_header_trailer(head, tail, b"short", 1, 1, None)
+    with pytest.raises(UsageError, match="64 unsigned bits"):
+        block.write_header_trailer(head, tail, KEY, -1, 1, None)
+    with pytest.raises(UsageError):
+        block.write_header_trailer(bytearray(10), tail, KEY, 1, 1, None)
