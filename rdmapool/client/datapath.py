@@ -57,6 +57,10 @@ STREAM_BYTES = 4 << 20
 #: whole-block WRITEs whose checksums are known are posted in groups of about this many payload bytes (one
 #: 1 MiB block alone; 64 KiB blocks sixteen at a time): the tcp initiator sends up to 1 MiB per call
 GROUP_BYTES = 1 << 20
+#: smaller payloads are hashed by this thread before their block is built and go as one WRITE even where the
+#: transport could hash them in flight or this thread could hash them while they move: a second request per
+#: block (header after payload) costs more than hashing 64 KiB (~3 us)
+SPLIT_MIN = 256 << 10
 #: payload bytes of two-part blocks (see `BlockWriter`) queued on the transport at most (plus one group)
 WINDOW_BYTES = 4 << 20
 #: while a block's checksum is still being computed, the transport is driven in slices this long (`_Batch.drive`)
@@ -239,7 +243,7 @@ class BlockWriter:
         base = len(self.items)
         self.items.extend(items)
         hosts = [_host_view(src) for _, _, src in items]
-        split = [(self.fused or self.inline) and h is not None and len(h) > 0 for h in hosts]
+        split = [(self.fused or self.inline) and h is not None and len(h) >= SPLIT_MIN for h in hosts]
         # start every large checksum the transport will not compute: workers hash ahead while blocks are posted;
         # small ones are hashed here just before their block is built (`Hasher.submit_large` gives None for them)
         sums = [None if (h is None or split[k]) else self.hasher.submit_large(h) for k, h in enumerate(hosts)]
