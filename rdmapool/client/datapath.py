@@ -61,6 +61,8 @@ GROUP_BYTES = 1 << 20
 #: transport could hash them in flight or this thread could hash them while they move: a second request per
 #: block (header after payload) costs more than hashing 64 KiB (~3 us)
 SPLIT_MIN = 256 << 10
+#: checksums submitted to the workers before the first whole-block WRITE is posted (the rest follow it)
+FIRST_HASHES = 4
 #: payload bytes of two-part blocks (see `BlockWriter`) queued on the transport at most (plus one group)
 WINDOW_BYTES = 4 << 20
 #: while a block's checksum is still being computed, the transport is driven in slices this long (`_Batch.drive`)
@@ -198,11 +200,16 @@ class BlockWriter:
         ep = conn.endpoint
         #: the endpoint moves bytes without this thread (shm's Mover)
         self.asynchronous = ep is not None and ep.asynchronous
-        #: post each payload (with its trailer) first, hash it here while it moves (no thread hand-off), then post
-        #: its header right behind it; with transport digests off, the `Hasher`'s workers hash instead
-        self.inline = self.asynchronous and client.config.transport_digests
+        #: post each payload (with its trailer) first, hash it while it moves, then post its header: here, right
+        #: behind it (no thread hand-off; `inline`), or, where the process has spare cores, on the `Hasher`'s
+        #: workers, several blocks at once, the header posted as each checksum lands (`offload`: this thread
+        #: alone could not hash as fast as the transport moves). With transport digests off, workers hash first.
+        two_part = self.asynchronous and client.config.transport_digests
+        self.offload = two_part and self.hasher.threads > 0 and spare_cores()
+        self.inline = two_part and not self.offload
         self.fused = (client.config.transport_digests and ep is not None and Opcode.WRITE in ep.digests
-                      and not self.inline)
+                      and not two_part)
+        self.hashing: dict[int, Future] = {}  # offload: block n's checksum, on a worker; its header not posted
         self.items: list[tuple] = []  # (key, grant, source)
         self.ok: list[bool] = []
         self.good: list[int] = []  # requests of block n completed successfully
@@ -243,10 +250,18 @@ class BlockWriter:
         base = len(self.items)
         self.items.extend(items)
         hosts = [_host_view(src) for _, _, src in items]
-        split = [(self.fused or self.inline) and h is not None and len(h) >= SPLIT_MIN for h in hosts]
-        # start every large checksum the transport will not compute: workers hash ahead while blocks are posted;
-        # small ones are hashed here just before their block is built (`Hasher.submit_large` gives None for them)
-        sums = [None if (h is None or split[k]) else self.hasher.submit_large(h) for k, h in enumerate(hosts)]
+        split = [(self.fused or self.inline or self.offload) and h is not None and len(h) >= SPLIT_MIN
+                 for h in hosts]
+        # large checksums the transport will not compute run on workers, ahead of the blocks being built: the
+        # first few at once, the rest once the first block is posted (submitting a whole call's first delayed
+        # the first post by ~5 ms at 256 blocks; submitting one per block built instead, a window ahead, measured
+        # 41-45% tcp put overhead against 23-36% on two cores: each submission then waits for the GIL). Small
+        # ones are hashed here just before their block is built (`Hasher.submit_large` gives None for them).
+        sums: list = [None] * len(items)
+        whole = [k for k in range(len(items)) if hosts[k] is not None and not split[k]]
+        for k in whole[:FIRST_HASHES]:
+            sums[k] = self.hasher.submit_large(hosts[k])
+        rest = whole[FIRST_HASHES:]
         self.ok.extend([False] * len(items))
         self.good.extend([0] * len(items))
         self.need.extend([2 if sp else 1 for sp in split])
@@ -256,11 +271,12 @@ class BlockWriter:
             n = base + k
             self.flying_bytes += self._sizes[n]
             if split[k]:
-                wr = _payload_request(client, n, arena, key, grant, src, self.late, self.inline)
+                eager = self.inline or self.offload
+                wr = _payload_request(client, n, arena, key, grant, src, self.late, eager)
                 if wr is None:  # arena full: let what is staged land, then start over
                     self._drain_all()
                     arena.reset()
-                    wr = _payload_request(client, n, arena, key, grant, src, self.late, self.inline)
+                    wr = _payload_request(client, n, arena, key, grant, src, self.late, eager)
                 self.pending.append(wr)
                 self.pending_bytes += len(hosts[k])
                 if self.asynchronous and self.pending_bytes >= STREAM_BYTES:  # groups move while we build more
@@ -291,6 +307,10 @@ class BlockWriter:
             self.whole_bytes += self._sizes[n]
             if self.whole_bytes >= GROUP_BYTES:  # right away: its transfer overlaps the next checksums
                 self._post_whole()
+            if rest and not self.whole:  # the first group is on its way: start every other checksum
+                for j in rest:
+                    sums[j] = self.hasher.submit_large(hosts[j])
+                rest = []
         self._post_whole()
         self._post_pending()
         if self.ready:
@@ -322,7 +342,11 @@ class BlockWriter:
         eager = [wr.wr_id // 4 for wr in self.pending if wr.wr_id % 4 == 3]
         self.pending.clear()
         self.pending_bytes = 0
-        if eager:
+        if eager and self.offload:
+            for n in eager:
+                self.hashing[n] = self.hasher.submit(self.late[n][1])
+            self._post_hashed()
+        elif eager:
             wrs = []
             for n in eager:
                 key, grant, _src = self.items[n]
@@ -331,6 +355,25 @@ class BlockWriter:
                                            block.payload_checksum(view))
                 wrs.append(WorkRequest(4 * n + 2, Opcode.WRITE, (head[0],), grant.addr, grant.rkey))
             self.batch.post_many(wrs)
+
+    def _post_hashed(self, wait: bool = False) -> None:
+        """offload: post the headers of the blocks whose checksums the workers finished (all of them, waiting
+        within the batch's deadline, with `wait`), in one post."""
+        wrs = []
+        for n, fut in list(self.hashing.items()):
+            if not fut.done():
+                if not wait:
+                    continue
+                try:
+                    self.hasher.result(fut, self.batch.remaining())
+                except TimeoutError:
+                    raise self.batch.timed_out() from None
+            del self.hashing[n]
+            key, grant, _src = self.items[n]
+            head, view = self.late.pop(n)
+            block.write_header_trailer(head[1], None, key, grant.generation, len(view), fut.result())
+            wrs.append(WorkRequest(4 * n + 2, Opcode.WRITE, (head[0],), grant.addr, grant.rkey))
+        self.batch.post_many(wrs)
 
     def _post_ready(self) -> None:
         """The headers of the blocks whose payload and trailer landed, in one post."""
@@ -348,6 +391,7 @@ class BlockWriter:
         self._post_whole()
         while True:
             self._post_pending()
+            self._post_hashed(wait=True)
             self._post_ready()
             self.batch.drain()
             if not self.ready:
@@ -358,14 +402,20 @@ class BlockWriter:
         self.batch.poll()
         if self.ready:
             self._post_ready()
+        if self.hashing:
+            self._post_hashed()
         out, self.written = self.written, []
         return out
 
     def wait_some(self) -> None:
         """Block until at least one more request completes (within the batch's deadline)."""
+        if self.hashing:
+            self._post_hashed()
         self.batch.wait_one()
         if self.ready:
             self._post_ready()
+        if self.hashing:
+            self._post_hashed()
 
     @property
     def busy(self) -> bool:

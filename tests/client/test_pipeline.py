@@ -9,7 +9,7 @@ import os
 import pytest
 
 from rdmapool import transport as transports
-from rdmapool.client import PoolClient, PutStatus
+from rdmapool.client import PoolClient, PutStatus, datapath
 from rdmapool.client import client as client_mod
 from rdmapool.client.connection import ServerConnection
 from rdmapool.config import ClientConfig, ServerConfig, TenantConfig
@@ -64,10 +64,22 @@ def rpcs(monkeypatch) -> list[tuple[str, int]]:
     return seen
 
 
-def test_large_put_and_get_are_byte_exact_and_pipelined_where_the_endpoint_is_asynchronous(server, rpcs) -> None:
+@pytest.fixture(params=[False, True], ids=["two-cores", "spare-cores"])
+def spare(request, monkeypatch) -> bool:
+    """Whether the client believes it has spare cores: with them, an asynchronous endpoint's two-part writes get
+    their checksums from the `Hasher`'s workers (several blocks at once) instead of the posting thread."""
+    monkeypatch.setattr(datapath, "spare_cores", lambda: request.param)
+    return request.param
+
+
+def test_large_put_and_get_are_byte_exact_and_pipelined_where_the_endpoint_is_asynchronous(server, rpcs,
+                                                                                          spare: bool) -> None:
     data = [os.urandom(SIZE) for _ in range(BLOCKS)]
     keys = [key(i) for i in range(BLOCKS)]
     with client_for(server) as c:
+        on_workers = []
+        submit = c.hasher.submit
+        c.hasher.submit = lambda p: on_workers.append(len(p)) or submit(p)
         src = c.transport.allocate(BLOCKS * SIZE)
         dst = c.transport.allocate(BLOCKS * SIZE)
         c.registry.regions.extend([src, dst])  # zero copy both ways, as the benchmark does
@@ -81,6 +93,8 @@ def test_large_put_and_get_are_byte_exact_and_pipelined_where_the_endpoint_is_as
             # the first blocks reserved alone, the rest while they move; commits while later blocks move
             assert allocates == [client_mod.PIPELINE_BYTES // SIZE, BLOCKS - client_mod.PIPELINE_BYTES // SIZE]
             assert len(commits) >= 2
+            # payload first; its checksum on a worker with spare cores, else on this thread while it moves
+            assert len(on_workers) == (BLOCKS if spare else 0)
         else:
             assert allocates == [BLOCKS] and commits == [BLOCKS]
         got = c.get(keys, [dst.view[i * SIZE : (i + 1) * SIZE] for i in range(BLOCKS)])
@@ -93,7 +107,7 @@ def test_large_put_and_get_are_byte_exact_and_pipelined_where_the_endpoint_is_as
 
 
 @pytest.mark.parametrize("fail_at", [3, 13, 17])
-def test_queue_pair_failing_mid_put_stores_exactly_the_written_blocks(server, fail_at: int) -> None:
+def test_queue_pair_failing_mid_put_stores_exactly_the_written_blocks(server, fail_at: int, spare: bool) -> None:
     if server.transport_name == "local":
         pytest.skip("the fault wrapper runs over the tcp and shm backends")
     ft = FaultyTransport(transports.create(server.transport_name))
