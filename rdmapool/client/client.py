@@ -71,6 +71,8 @@ DEFAULT_MAX_KEYS = 4096
 PIPELINE_BYTES = 4 << 20
 #: while a large put still moves, written blocks are committed in round trips of at least this many bytes
 COMMIT_BYTES = 16 << 20
+#: each reservation round trip of a pipelined put covers this many times the bytes of the one before
+CHUNK_GROWTH = 4
 
 
 class PutStatus(enum.Enum):
@@ -500,14 +502,18 @@ class PoolClient:
 
 def _allocation_chunks(lengths: list[int]) -> list[tuple[int, int]]:
     """[start, end) key ranges reserved in one round trip each, for a pipelined put: the first blocks up to
-    `PIPELINE_BYTES` (at least one), then the rest."""
-    if len(lengths) < 2:
-        return [(0, len(lengths))]
-    total, first = 0, 0
-    while first < len(lengths) - 1 and total < PIPELINE_BYTES:
-        total += lengths[first]
-        first += 1
-    return [(0, first), (first, len(lengths))]
+    `PIPELINE_BYTES` (at least one), then chunks `CHUNK_GROWTH` times larger than the one before. Each round
+    trip runs while the chunk before it moves, and its cost grows with its keys (~5-10 us a key on the server):
+    one round trip for all the rest left the transport idle for most of it (~2 ms at 252 keys, measured)."""
+    chunks, start, want = [], 0, PIPELINE_BYTES
+    while start < len(lengths):
+        end, total = start, 0
+        while end < len(lengths) and (end == start or total < want):
+            total += lengths[end]
+            end += 1
+        chunks.append((start, end))
+        start, want = end, want * CHUNK_GROWTH
+    return chunks
 
 
 def _hint_to_wire(h: BlockHint) -> list:

@@ -72,8 +72,9 @@ def spare(request, monkeypatch) -> bool:
     return request.param
 
 
-def test_large_put_and_get_are_byte_exact_and_pipelined_where_the_endpoint_is_asynchronous(server, rpcs,
-                                                                                          spare: bool) -> None:
+def test_large_put_and_get_are_byte_exact_and_pipelined_where_the_endpoint_is_asynchronous(server, rpcs, spare: bool,
+                                                                                          monkeypatch) -> None:
+    monkeypatch.setattr(datapath, "WINDOW_BYTES", 4 << 20)  # 20 MiB must outgrow the queue to commit early
     data = [os.urandom(SIZE) for _ in range(BLOCKS)]
     keys = [key(i) for i in range(BLOCKS)]
     with client_for(server) as c:
@@ -90,8 +91,10 @@ def test_large_put_and_get_are_byte_exact_and_pipelined_where_the_endpoint_is_as
         commits = [n for op, n in rpcs if op == "commit"]
         assert sum(allocates) == BLOCKS and sum(commits) == BLOCKS
         if c._conn(c.router.servers[0]).endpoint.asynchronous:
-            # the first blocks reserved alone, the rest while they move; commits while later blocks move
-            assert allocates == [client_mod.PIPELINE_BYTES // SIZE, BLOCKS - client_mod.PIPELINE_BYTES // SIZE]
+            # the first blocks reserved alone, the rest while they move (chunks growing: 4, then 16 MiB);
+            # commits while later blocks move
+            first = client_mod.PIPELINE_BYTES // SIZE
+            assert allocates == [first, min(BLOCKS - first, first * client_mod.CHUNK_GROWTH)]
             assert len(commits) >= 2
             # payload first; its checksum on a worker with spare cores, else on this thread while it moves
             assert len(on_workers) == (BLOCKS if spare else 0)
@@ -138,3 +141,12 @@ def test_queue_pair_failing_mid_put_stores_exactly_the_written_blocks(server, fa
         failed = [i for i, s in enumerate(statuses) if s is PutStatus.FAILED]
         assert c.put([keys[i] for i in failed], [sources[i] for i in failed]) == [PutStatus.STORED] * len(failed)
         assert c.counters["corrupt_blocks"] == 0
+
+
+def test_reservation_chunks_grow_so_each_round_trip_overlaps_the_chunk_before() -> None:
+    mib = 1 << 20
+    chunks = client_mod._allocation_chunks([mib] * 256)
+    assert chunks[0] == (0, client_mod.PIPELINE_BYTES // mib)
+    assert [b - a for a, b in chunks] == [4, 16, 64, 172]  # every key once, in order, each chunk 4x the one before
+    assert [a for a, _ in chunks[1:]] == [b for _, b in chunks[:-1]] and chunks[-1][1] == 256
+    assert client_mod._allocation_chunks([32 * mib] * 3) == [(0, 1), (1, 2), (2, 3)]  # at least one block each
