@@ -568,7 +568,7 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         staged[n] = (head[1], payload_view, tail[1], target, copy)
         digest = 1 if together and verify and ref.length and payload_view is not None else None  # the payload SGE
         wr = WorkRequest(n, Opcode.READ, sgl, ref.hit.addr, ref.hit.rkey, digest=digest)
-        if together:
+        if together or batch.endpoint.asynchronous:  # in groups: one Mover job per group, not per block
             pending.append(wr)
             pending_bytes += ref.length
             if batch.endpoint.asynchronous and pending_bytes >= STREAM_BYTES:
