@@ -16,14 +16,16 @@ that moves bytes inside `post` gets a batch's digest requests in one post), and 
   tcp batch then waits in one call per endpoint); otherwise this thread hashes each payload as its completion arrives,
   while the bytes are still in its cache (or a worker does, where the process has spare cores). shm on a process
   with spare cores takes the workers too (`spare_cores`: measured faster than hashing trailing the Mover);
-- writes, asynchronous endpoint with transport digests on (`BlockWriter.inline`): payload and trailer go first,
-  this thread hashes the payload while it moves, and the header follows right behind it: nothing waits for a
-  checksum;
-- writes, endpoint that digests WRITEs but moves them in the posting thread: payload and trailer first with the
-  digest requested, the header once it landed;
-- writes, otherwise (tcp): checksums run ahead on the `Hasher`'s workers and one WRITE carries header, payload and
-  trailer. The slot is reserved and invisible until commit, so the order in which the pieces land does not
-  matter. Everything completes within the call's data deadline.
+- writes of payloads from `SPLIT_MIN` (256 KiB) up, asynchronous endpoint with transport digests on: payload and
+  trailer go first; the payload is hashed while it moves, by this thread (`BlockWriter.inline`, two CPUs) or by
+  the `Hasher`'s workers several blocks at once (`offload`, spare cores), and the header follows as its checksum
+  is known: nothing waits for a checksum before moving;
+- writes of such payloads on an endpoint that digests WRITEs but moves them in the posting thread: payload and
+  trailer first with the digest requested, the header once it landed;
+- writes, otherwise (tcp, and every payload under `SPLIT_MIN`): checksums run ahead on the `Hasher`'s workers
+  (small ones here, when due) and one WRITE carries header, payload and trailer, posted in `GROUP_BYTES` groups.
+  The slot is reserved and invisible until commit, so the order in which the pieces land does not matter.
+  Everything completes within the call's data deadline.
 
 A read counts only after `block.check_header_trailer` against the lookup reply and, for host destinations, the payload
 checksum: anything else is a miss and a `corrupt_blocks` count. Timeouts and broken endpoints close the
