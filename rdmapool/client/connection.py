@@ -3,7 +3,9 @@
 Theory of operation
 -------------------
 `ServerConnection.call` sends one framed request and reads until the reply with its id arrives, within the
-request timeout; `call_many` pipelines several requests (to one server) in one write. Any failure (refused,
+request timeout; `call_many` pipelines several requests (to one server) in one write. `send` / `receive` split
+a call in two, so the caller can work (post WRITEs) while the server answers; replies come back in request order,
+so a `call` made meanwhile first collects the replies still owed (kept for `receive`). Any failure (refused,
 reset, timeout, malformed reply) closes the socket and the endpoint and raises `ServerUnavailable`; the next
 call after `retry_after_s` reconnects, says `hello` again and connects a fresh transport endpoint (a restarted
 server has a new epoch and new regions). Until then calls fail at once: a dead server costs misses, not waits.
@@ -49,6 +51,8 @@ class ServerConnection:
         # replies are received into one reused buffer: `recv(n)` allocated (and for 1 MiB, mapped) n bytes a call
         self._rbuf = bytearray(RECV_CHUNK)
         self._rview = memoryview(self._rbuf)
+        self._owed: list[int] = []  # ids of requests sent by `send` whose replies are not read yet
+        self._kept: dict[int, dict] = {}  # their replies, read by a call made before `receive`
 
     @property
     def endpoint(self) -> Endpoint | None:
@@ -107,7 +111,57 @@ class ServerConnection:
     def call(self, op: str, **fields: object) -> dict:
         return self.call_many([(op, fields)])[0]
 
+    @property
+    def owes(self) -> bool:
+        """Whether replies of a `send` are still to be received."""
+        return bool(self._owed)
+
+    def send(self, requests: list[tuple[str, dict]]) -> list[int]:
+        """Send requests without waiting for their replies; `receive(ids)` collects them (bounded by the request
+        timeout from then). One `send` may be owed at a time."""
+        if self._owed:
+            raise UsageError("receive the replies of the last send first")
+        self.ensure()
+        try:
+            ids = self._send(requests)
+        except OSError as exc:
+            self.close(mark_down=True)
+            raise ServerUnavailable(f"{self.address}: {type(exc).__name__}: {exc}") from None
+        self._owed = ids
+        return ids
+
+    def receive(self, ids: list[int]) -> list[dict]:
+        """The replies of a `send`, in request order (ServerUnavailable if the connection failed meanwhile)."""
+        if ids != self._owed:
+            if self._sock is None or not self._owed:  # closed since: the replies went with the socket
+                raise ServerUnavailable(f"{self.address}: connection closed before the reply arrived")
+            raise UsageError("receive takes the ids of the last send")
+        try:
+            if not self._kept:
+                self._collect_owed()
+            return [self._kept[i] for i in ids]
+        finally:
+            self._owed, self._kept = [], {}
+
+    def abandon(self) -> None:
+        """A caller giving up with replies still owed: they would arrive ahead of the next call's, so the
+        connection goes (reconnected on the next call; not marked down, the server did nothing wrong)."""
+        if self._owed:
+            self.close()
+
+    def _collect_owed(self) -> None:
+        if self._sock is None:
+            raise ServerUnavailable(f"{self.address}: connection closed before the reply arrived")
+        try:
+            replies = self._receive(self._owed)
+        except (OSError, ProtocolError) as exc:
+            self.close(mark_down=True)
+            raise ServerUnavailable(f"{self.address}: {type(exc).__name__}: {exc}") from None
+        self._kept = dict(zip(self._owed, replies, strict=True))
+
     def call_many(self, requests: list[tuple[str, dict]]) -> list[dict]:
+        if self._owed and not self._kept:
+            self._collect_owed()  # replies come in order: the owed ones first (kept for `receive`)
         reused = self._sock is not None
         self.ensure()
         try:
@@ -129,15 +183,21 @@ class ServerConnection:
             raise ServerUnavailable(f"{self.address}: {type(exc).__name__}: {exc}") from None
 
     def _call_raw(self, requests: list[tuple[str, dict]]) -> list[dict]:
+        return self._receive(self._send(requests))
+
+    def _send(self, requests: list[tuple[str, dict]]) -> list[int]:
         ids, out = [], bytearray()
         for op, fields in requests:
             rid, data = self._session.request(op, **fields)
             ids.append(rid)
             out += data
+        self._timeout(self.config.request_timeout_s)
+        self._sock.sendall(out)
+        return ids
+
+    def _receive(self, ids: list[int]) -> list[dict]:
         sock, limit = self._sock, self.config.request_timeout_s
         deadline = self._clock() + limit
-        self._timeout(limit)
-        sock.sendall(out)
         replies: list[dict] = []
         while len(replies) < len(ids):
             remaining = deadline - self._clock()
@@ -158,6 +218,7 @@ class ServerConnection:
             self._sock_timeout = seconds
 
     def close(self, mark_down: bool = False) -> None:
+        self._owed, self._kept = [], {}  # replies still owed are lost with the socket
         endpoints, self.endpoints = self.endpoints, []
         for ep in endpoints:
             with contextlib.suppress(Exception):  # a broken endpoint may fail to close; dropped either way

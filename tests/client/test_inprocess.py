@@ -334,3 +334,31 @@ def test_server_applies_queued_access_reports_once_idle(server) -> None:
             time.sleep(0.01)
         assert server.core.access_backlog == 0  # drained once no request came for a moment
         assert set(seen) == set(keys) and len(seen) <= 5 * 64  # each key reported, repeats possibly merged
+
+
+@pytest.mark.parametrize("server", ["local"], indirect=True)
+def test_sent_requests_get_their_replies_even_with_a_call_in_between(server) -> None:
+    """`send` / `receive` (pipelined reservations and early commits): a call made while a reply is owed gets its
+    own reply, `receive` still gets the owed one; misuse is a UsageError; a closed connection owes nothing."""
+    from rdmapool.client.protocol import parse_grants
+    from rdmapool.errors import ProtocolError, ServerUnavailable
+    from rdmapool.server.core import AllocStatus
+
+    with make_client(server) as c:
+        assert c.put([key(1)], [b"x" * 100]) == [PutStatus.STORED]
+        conn = c._conn(c.router.servers[0])
+        ids = conn.send([("allocate", {"keys": key(2), "lengths": [100]})])
+        assert conn.owes
+        with pytest.raises(UsageError, match="receive"):
+            conn.send([("stats", {})])
+        stats = conn.call("stats")  # a call in between gets its own reply, not the owed allocate's
+        with pytest.raises(ProtocolError):
+            parse_grants(stats, 1)
+        (grant,) = parse_grants(conn.receive(ids)[0], 1)
+        assert grant.status == AllocStatus.OK and not conn.owes
+        ids = conn.send([("allocate", {"keys": key(3), "lengths": [100]})])
+        conn.abandon()  # giving up with a reply owed drops the connection
+        assert not conn.connected and not conn.owes
+        with pytest.raises(ServerUnavailable):
+            conn.receive(ids)
+        assert c.get([key(1)], [bytearray(100)]) == [100]  # and the next call reconnects

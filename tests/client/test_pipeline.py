@@ -53,14 +53,22 @@ def client_for(srv, transport=None) -> PoolClient:
 def rpcs(monkeypatch) -> list[tuple[str, int]]:
     """(op, number of keys or items) of every control request the client sends."""
     seen: list[tuple[str, int]] = []
-    call_many = ServerConnection.call_many
+    call_many, send = ServerConnection.call_many, ServerConnection.send
 
-    def spy(self, requests):
+    def record(requests) -> None:
         # protocol v2 sends keys as one blob of 16 bytes per key; items stay [key, generation] pairs
         seen.extend((op, len(f["keys"]) // 16 if "keys" in f else len(f.get("items", []))) for op, f in requests)
+
+    def spy(self, requests):
+        record(requests)
         return call_many(self, requests)
 
+    def spy_send(self, requests):  # sent ahead of their replies (pipelined reservations and early commits)
+        record(requests)
+        return send(self, requests)
+
     monkeypatch.setattr(ServerConnection, "call_many", spy)
+    monkeypatch.setattr(ServerConnection, "send", spy_send)
     return seen
 
 
