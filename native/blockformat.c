@@ -36,6 +36,18 @@ static void put64le(unsigned char *p, uint64_t v) {
     for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i));
 }
 
+/* the 24 bytes header and trailer begin with: magic, version, flags, reserved, generation, length (the rest
+ * of the n-byte buffer zeroed) */
+static void put_prefix(unsigned char *p, size_t n, const char magic[4], unsigned char flags, uint64_t gen,
+                       uint64_t length) {
+    memset(p, 0, n);
+    memcpy(p, magic, 4);
+    p[4] = FORMAT_VERSION;
+    p[5] = flags;
+    put64le(p + 8, gen);
+    put64le(p + 16, length);
+}
+
 static uint64_t get64le(const unsigned char *p) {
     uint64_t v = 0;
     for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
@@ -95,12 +107,7 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
     unsigned char flags = sum ? 0 : FLAG_NO_CHECKSUM;
     if (head.buf) {
         unsigned char h[HEADER_SIZE];
-        memset(h, 0, sizeof h);
-        memcpy(h, "RPLB", 4);
-        h[4] = FORMAT_VERSION;
-        h[5] = flags;
-        put64le(h + 8, gen);
-        put64le(h + 16, length);
+        put_prefix(h, sizeof h, "RPLB", flags, gen, length);
         memcpy(h + 24, k, KEY_SIZE);
         if (sum) memcpy(h + 40, sum, 16);
         put64le(h + HEADER_BODY, XXH3_64bits(h, HEADER_BODY));
@@ -108,12 +115,7 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
     }
     if (tail.buf) {
         unsigned char t[TRAILER_BODY + KEY_SIZE];
-        memset(t, 0, sizeof t);
-        memcpy(t, "RPLT", 4);
-        t[4] = FORMAT_VERSION;
-        t[5] = flags;
-        put64le(t + 8, gen);
-        put64le(t + 16, length);
+        put_prefix(t, sizeof t, "RPLT", flags, gen, length);
         memcpy(t + TRAILER_BODY, k, KEY_SIZE); /* the self-check covers body + key */
         uint64_t tcheck = XXH3_64bits(t, sizeof t);
         put64le(t + TRAILER_BODY, tcheck);
