@@ -47,7 +47,7 @@ from rdmapool.client.buffers import Arena, RegionSlice
 from rdmapool.client.connection import ServerConnection
 from rdmapool.client.hashing import Hasher
 from rdmapool.errors import CorruptBlock, ServerUnavailable
-from rdmapool.transport.base import CompletionTimeout, EndpointState, Opcode, WorkRequest
+from rdmapool.transport.base import CompletionTimeout, EndpointState, Opcode, WcStatus, WorkRequest
 
 if TYPE_CHECKING:
     from rdmapool.client.client import BlockRef, PoolClient
@@ -141,7 +141,7 @@ class _Batch:
         try:
             if remaining <= 0:
                 raise TimeoutError
-            return self.endpoints[i].wait(count, remaining)
+            return self.endpoints[i].wait_results(count, remaining)
         except TimeoutError as exc:
             raise self.timed_out() from exc
 
@@ -155,7 +155,7 @@ class _Batch:
         if remaining <= 0:
             raise self.timed_out()
         try:
-            got = self.endpoints[i].wait(1, min(seconds, remaining))
+            got = self.endpoints[i].wait_results(1, min(seconds, remaining))
         except CompletionTimeout as exc:  # the short slice ran out: not a failure (count 1: nothing is lost)
             got = getattr(exc, "completions", [])
         self._reap(i, got)
@@ -180,14 +180,16 @@ class _Batch:
     def _poll_all(self) -> None:
         for i, ep in enumerate(self.endpoints):
             if self.flying[i]:
-                self._reap(i, ep.poll(self.flying[i]))
+                self._reap(i, ep.poll_results(self.flying[i]))
 
     def _reap(self, i: int, completions: list) -> None:
+        """Completions as `Endpoint.poll_results` tuples: (wr_id, status, opcode, byte_len[, digest])."""
+        self.flying[i] -= len(completions)
+        done = self.done
         for c in completions:
-            self.flying[i] -= 1
-            if not c.ok:
-                self.client.counters.add(f"wc_{c.status.name.lower()}")
-            self.done(c.wr_id, c.ok, c.digest)
+            if c[1]:
+                self.client.counters.add(f"wc_{WcStatus(c[1]).name.lower()}")
+            done(c[0], not c[1], c[4] if len(c) == 5 else None)
 
 
 class BlockWriter:

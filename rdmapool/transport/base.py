@@ -295,6 +295,22 @@ class Endpoint(ABC):
             self._block(remaining)
         return got
 
+    def poll_results(self, max_entries: int = 64) -> list[tuple]:
+        """`poll` as plain tuples (wr_id, status value, opcode value, byte_len, digest), for callers that handle
+        every completion of a large batch (the pool's data path); backends may return them without building
+        `Completion`s (tcp: the engine's own tuples, the digest only where there is one: check `len`)."""
+        return [(c.wr_id, int(c.status), int(c.opcode), c.byte_len, c.digest) for c in self.poll(max_entries)]
+
+    def wait_results(self, count: int, timeout: float) -> list[tuple]:
+        """`wait` as `poll_results` tuples; a CompletionTimeout carries what did arrive, as tuples."""
+        try:
+            got = self.wait(count, timeout)
+        except CompletionTimeout as exc:
+            exc.completions = [(c.wr_id, int(c.status), int(c.opcode), c.byte_len, c.digest)
+                               for c in getattr(exc, "completions", [])]
+            raise
+        return [(c.wr_id, int(c.status), int(c.opcode), c.byte_len, c.digest) for c in got]
+
     def _block(self, remaining: float) -> None:
         """Sleep until a completion may be ready; backends override with a real event wait."""
         time.sleep(min(remaining, 50e-6))

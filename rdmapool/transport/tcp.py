@@ -127,11 +127,23 @@ class TcpEndpoint(Endpoint):
         return [_completion(c) for c in self._ep.poll(max_entries)]
 
     def wait(self, count: int, timeout: float) -> list[Completion]:
+        try:
+            return [_completion(c) for c in self.wait_results(count, timeout)]
+        except CompletionTimeout as exc:
+            exc.completions = [_completion(c) for c in exc.completions]
+            raise
+
+    def poll_results(self, max_entries: int = 64) -> list[tuple]:
+        if self._generation != _fork_generation[0]:
+            _check_fork(self._generation, "endpoint")
+        return self._ep.poll(max_entries)
+
+    def wait_results(self, count: int, timeout: float) -> list[tuple]:
         if timeout is None or timeout <= 0:
             raise UsageError("wait needs a positive timeout: every wait in rdmapool is bounded")
         if self._generation != _fork_generation[0]:
             _check_fork(self._generation, "endpoint")
-        got = [_completion(c) for c in self._ep.wait(count, timeout)] if count > 0 else []
+        got = self._ep.wait(count, timeout) if count > 0 else []
         if len(got) < count:
             exc = CompletionTimeout(f"{len(got)} of {count} completions after {timeout:.3f}s")
             exc.completions = got  # what did arrive, so the caller can account for it

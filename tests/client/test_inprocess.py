@@ -161,14 +161,13 @@ def test_corrupted_slot_detected(server, size: int, spare: bool, monkeypatch) ->
 def test_fused_digest_detects_corruption_like_the_client_hash(server, fused: bool, monkeypatch) -> None:
     """The transport's digest (shm: hashed while copying; tcp: as the READ lands) and the client's own hash
     accept and reject exactly the same blocks; `fused=False` strips every digest, as a backend without them."""
-    import dataclasses
 
     from rdmapool.client import datapath
 
     if not fused:
         reap = datapath._Batch._reap
         monkeypatch.setattr(datapath._Batch, "_reap",
-                            lambda self, i, cs: reap(self, i, [dataclasses.replace(c, digest=None) for c in cs]))
+                            lambda self, i, cs: reap(self, i, [tuple(c[:4]) for c in cs]))  # digests dropped
     size = 250_000  # the largest size class is 256 KiB
     data = os.urandom(size)
     with make_client(server) as c:

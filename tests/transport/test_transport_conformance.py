@@ -12,6 +12,7 @@ import threading
 
 import numpy as np
 import pytest
+import xxhash
 from transport_harness import PEER, ROOT, TIMEOUT_SCALE, digest, make, pattern, settle
 
 from rdmapool.errors import UsageError
@@ -429,6 +430,28 @@ def test_wait_is_bounded(pair):
         with pytest.raises(CompletionTimeout):
             ep.wait(1, 0.05)
         assert remote.length == 64
+
+
+def test_result_tuples_say_what_completions_say(pair):
+    """`poll_results` / `wait_results` (the pool's hot path) report the same wr_id, status, opcode and length as
+    `Completion`s, a failure included, and the digest where the backend computed one."""
+    server, client = pair
+    remote = server.allocate(8192)
+    local = client.allocate(8192)
+    local.view[:] = pattern(8192, 3)
+    with client.connect(server.peer_info()) as ep:
+        ep.post([WorkRequest.write(1, local.sge(0, 4096), remote.remote(0), remote.rkey),
+                 WorkRequest(2, Opcode.READ, (local.sge(4096, 4096),), remote.remote(0), remote.rkey, digest=0)])
+        got = ep.wait_results(2, T)
+        assert [(c[0], c[1], c[2], c[3]) for c in got] == [
+            (1, int(WcStatus.SUCCESS), int(Opcode.WRITE), 4096), (2, int(WcStatus.SUCCESS), int(Opcode.READ), 4096)]
+        if len(got[1]) == 5 and got[1][4] is not None:  # a backend that digests READs: the bytes that landed
+            assert got[1][4] == xxhash.xxh3_128_digest(pattern(8192, 3)[:4096])
+        with pytest.raises(CompletionTimeout):
+            ep.wait_results(1, 0.05)
+        ep.post([WorkRequest.read(3, local.sge(0, 64), remote.remote(0), remote.rkey ^ 0x5A5A)])
+        (bad,) = ep.wait_results(1, T)
+        assert bad[0] == 3 and bad[1] != int(WcStatus.SUCCESS)
 
 
 def test_initiator_killed_mid_run_leaves_the_server_serving(backend, spawn_peer):
