@@ -30,6 +30,7 @@ Semantics (as for RC queue pairs; every backend implements exactly this, the con
 
 Hot path: descriptor lists are prepared once (`TransferPlan`) and each request posts small index arrays
 (`Endpoint.post_plan`), as NIXL and Mooncake's engine do; backends may override that with native batching.
+Completions of large batches can be taken as plain tuples (`poll_results`/`wait_results`) instead of objects.
 """
 
 from __future__ import annotations
