@@ -30,7 +30,7 @@ class Hasher:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="rdmapool-hash")
         return self._pool.submit(payload_checksum, payload)
 
-    def submit_large(self, payload: object) -> Future | bytes | None:
+    def submit_large(self, payload: object) -> Future | None:
         """`submit` for payloads that go to a worker; None for small ones (the caller hashes them when due)."""
         if self.threads <= 0 or len(memoryview(payload)) < THREAD_MIN:
             return None

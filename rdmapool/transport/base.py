@@ -217,6 +217,11 @@ class Completion:
         return self.status == WcStatus.SUCCESS
 
 
+def _result(c: Completion) -> tuple:
+    """A completion as an `Endpoint.poll_results` tuple."""
+    return (c.wr_id, int(c.status), int(c.opcode), c.byte_len, c.digest)
+
+
 class EndpointState(enum.Enum):
     READY = "ready"  # RTS
     ERROR = "error"  # every request flushes
@@ -300,17 +305,16 @@ class Endpoint(ABC):
         """`poll` as plain tuples (wr_id, status value, opcode value, byte_len, digest), for callers that handle
         every completion of a large batch (the pool's data path); backends may return them without building
         `Completion`s (tcp: the engine's own tuples, the digest only where there is one: check `len`)."""
-        return [(c.wr_id, int(c.status), int(c.opcode), c.byte_len, c.digest) for c in self.poll(max_entries)]
+        return [_result(c) for c in self.poll(max_entries)]
 
     def wait_results(self, count: int, timeout: float) -> list[tuple]:
         """`wait` as `poll_results` tuples; a CompletionTimeout carries what did arrive, as tuples."""
         try:
             got = self.wait(count, timeout)
         except CompletionTimeout as exc:
-            exc.completions = [(c.wr_id, int(c.status), int(c.opcode), c.byte_len, c.digest)
-                               for c in getattr(exc, "completions", [])]
+            exc.completions = [_result(c) for c in getattr(exc, "completions", [])]
             raise
-        return [(c.wr_id, int(c.status), int(c.opcode), c.byte_len, c.digest) for c in got]
+        return [_result(c) for c in got]
 
     def _block(self, remaining: float) -> None:
         """Sleep until a completion may be ready; backends override with a real event wait."""

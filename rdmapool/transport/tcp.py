@@ -122,9 +122,7 @@ class TcpEndpoint(Endpoint):
         return _DIGESTS
 
     def poll(self, max_entries: int = 64) -> list[Completion]:
-        if self._generation != _fork_generation[0]:
-            _check_fork(self._generation, "endpoint")
-        return [_completion(c) for c in self._ep.poll(max_entries)]
+        return [_completion(c) for c in self.poll_results(max_entries)]
 
     def wait(self, count: int, timeout: float) -> list[Completion]:
         try:
