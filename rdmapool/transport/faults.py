@@ -14,7 +14,7 @@ Faults, switched on and off at any time:
   in the hook or concurrently lands in some pieces and not others, so the READ returns a mix of old and new
   bytes, as an RDMA READ overlapping a WRITE may. The sub-reads run synchronously inside `post`.
 - delayed and reordered completions (`delay_completions`): each completion is released after a random delay
-  of up to `max_delay_s`; release times are monotonic within an endpoint (order kept) but independent across
+  between `min_delay_s` and `max_delay_s` (a floor makes a fast backend a slow link, deterministically); release times are monotonic within an endpoint (order kept) but independent across
   endpoints sharing a `Faults`, so completions of different endpoints arrive reordered.
 - QP failure (`fail`): at once (the oldest request not yet completed gets the status, e.g. RETRY_EXC_ERR as
   when the peer vanishes) or at the n-th request posted from now (it gets the status, e.g. REM_ACCESS_ERR).
@@ -106,7 +106,7 @@ class FaultyEndpoint(Endpoint):
         self._by_seq: dict[int, _Slot] = {}
         self._next_seq = 0
         self._torn: TornReads | None = None
-        self._max_delay = 0.0
+        self._min_delay = self._max_delay = 0.0
         self._last_release = 0.0
         self._pending_failure: _Failure | None = None
         self._failed = False
@@ -119,10 +119,10 @@ class FaultyEndpoint(Endpoint):
         """Tear every READ posted from now on (None switches it off)."""
         self._torn = how
 
-    def delay_completions(self, max_delay_s: float) -> None:
-        if max_delay_s < 0:
-            raise UsageError("max_delay_s must be >= 0")
-        self._max_delay = max_delay_s
+    def delay_completions(self, max_delay_s: float, min_delay_s: float = 0.0) -> None:
+        if not 0 <= min_delay_s <= max_delay_s:
+            raise UsageError("delays must satisfy 0 <= min_delay_s <= max_delay_s")
+        self._min_delay, self._max_delay = min_delay_s, max_delay_s
 
     def fail(self, status: WcStatus = WcStatus.RETRY_EXC_ERR, after: int | None = None) -> None:
         """Fail as a QP does: now (after=None) or at the `after`-th request posted from now (0 = the next)."""
@@ -224,7 +224,7 @@ class FaultyEndpoint(Endpoint):
         slot.status = status
         release = self._faults.clock()
         if self._max_delay:
-            release += self._faults.rng.uniform(0, self._max_delay)
+            release += self._faults.rng.uniform(self._min_delay, self._max_delay)
         self._last_release = slot.release_at = max(self._last_release, release)
 
     def _flush_inner(self, batch: list[WorkRequest]) -> None:

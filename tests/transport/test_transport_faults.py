@@ -184,3 +184,24 @@ def test_faulty_transport_wraps_every_endpoint(backend, pair):
     (c,) = ep.execute([WorkRequest(1, Opcode.READ, (local.sge(0, 16),), remote.remote(0), remote.rkey)], T)
     assert c.ok and bytes(local.view[:16]) == b"x" * 16
     ep.close()
+
+
+def test_a_delay_floor_holds_every_completion_back_at_least_that_long(pair):
+    server, client = pair
+    remote = server.allocate(4096)
+    local = client.allocate(4096)
+    clock = FakeClock()
+    with client.connect(server.peer_info()) as raw:
+        ep = Faults(seed=3, clock=clock).wrap(raw)
+        with pytest.raises(UsageError, match="min_delay_s"):
+            ep.delay_completions(0.1, min_delay_s=0.2)
+        ep.delay_completions(0.3, min_delay_s=0.2)
+        ep.post([WorkRequest.read(i, local.sge(8 * i, 8), remote.remote(0), remote.rkey) for i in range(10)])
+        for _ in range(2000):  # the inner endpoint finishes; the clock stands still, so nothing is released
+            assert ep.poll() == []
+            if raw.outstanding == 0:
+                break
+        clock.now += 0.199
+        assert ep.poll() == []
+        clock.now += 0.102
+        assert sorted(c.wr_id for c in ep.poll()) == list(range(10))
