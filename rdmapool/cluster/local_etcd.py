@@ -39,9 +39,24 @@ def etcd_binary() -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct free ports: each socket stays bound until all are picked (one at a time, the kernel may
+    hand a just-closed port out again). Another process can still take one before etcd binds it: `start`
+    retries on new ports then."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            s = held.enter_context(socket.socket())
+            s.bind((host, 0))
+            ports.append(s.getsockname()[1])
+        return ports
+
+
+#: how often `start` picks new ports when a member finds one of its ports taken
+START_ATTEMPTS = 3
 
 
 @dataclass
@@ -86,11 +101,12 @@ class LocalEtcd:
         self.compaction_revisions = compaction_revisions
         self.progress_notify_s = progress_notify_s
         self.members: list[Member] = []
+        self._port_host = host if hosts is None else "127.0.0.1"  # members in namespaces: picked here
+        ports = free_ports(2 * members, self._port_host)
         for i in range(members):
             h = hosts[i] if hosts else host
             self.members.append(Member(
-                name=f"m{i}", host=h, client_port=free_port(host if hosts is None else "127.0.0.1"),
-                peer_port=free_port(host if hosts is None else "127.0.0.1"),
+                name=f"m{i}", host=h, client_port=ports[2 * i], peer_port=ports[2 * i + 1],
                 data_dir=self._tmp / f"m{i}.etcd", log_path=self._tmp / f"m{i}.log",
                 prefix=tuple(prefixes[i]) if prefixes else (),
             ))
@@ -117,11 +133,24 @@ class LocalEtcd:
                 "--snapshot-count", "10000", "--logger", "zap", "--log-outputs", "stderr"]
 
     def start(self, timeout: float = 20.0) -> LocalEtcd:
-        for m in self.members:
-            self._spawn(m)
-        self._started = True
-        self.wait_healthy(timeout)
-        return self
+        """Start every member; where a port was taken between picking and binding it, start the whole (new)
+        cluster over on other ports."""
+        for attempt in range(START_ATTEMPTS):
+            for m in self.members:
+                self._spawn(m)
+            self._started = True
+            try:
+                self.wait_healthy(timeout)
+                return self
+            except ServerUnavailable as e:
+                if "address already in use" not in str(e) or attempt + 1 == START_ATTEMPTS:
+                    raise
+            self._kill_all()
+            ports = free_ports(2 * len(self.members), self._port_host)
+            for i, m in enumerate(self.members):
+                shutil.rmtree(m.data_dir, ignore_errors=True)
+                m.client_port, m.peer_port = ports[2 * i], ports[2 * i + 1]
+        raise AssertionError("unreachable")
 
     def _spawn(self, m: Member) -> None:
         log = open(m.log_path, "ab")  # noqa: SIM115 (closed with the process below)
@@ -201,6 +230,10 @@ class LocalEtcd:
         raise ServerUnavailable("no etcd member accepted the compaction")
 
     def stop(self) -> None:
+        self._kill_all()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _kill_all(self) -> None:
         for m in self.members:
             if m.proc is not None:
                 if m.proc.poll() is None:
@@ -208,7 +241,6 @@ class LocalEtcd:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     m.proc.wait(timeout=10)
                 m.proc = None
-        shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> LocalEtcd:
         return self if self._started else self.start()

@@ -56,6 +56,28 @@ def test_unreachable_endpoint_is_etcd_unavailable() -> None:
     assert time.monotonic() - t < 2
 
 
+def test_ports_distinct_and_a_taken_port_moves_the_cluster() -> None:
+    """Ports picked one at a time could repeat (CI once gave a member's client port to another's peer), and
+    another process may take one before etcd binds it: start then moves the new cluster to other ports."""
+    import socket
+
+    cluster = LocalEtcd(3)
+    ports = [p for m in cluster.members for p in (m.client_port, m.peer_port)]
+    assert len(set(ports)) == 6
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", cluster.members[0].client_port))
+        squatter.listen()
+        with cluster:
+            taken = squatter.getsockname()[1]
+            assert taken not in [p for m in cluster.members for p in (m.client_port, m.peer_port)]
+            c = GatewayEtcd(cluster.endpoints, timeout=2.0)
+            try:
+                c.put(b"/ports", b"ok")
+                assert c.get(b"/ports")[0].value == b"ok"
+            finally:
+                c.close()
+
+
 def test_lease_keepalive_and_expiry(client: GatewayEtcd, keys) -> None:
     keeper = LeaseKeeper(client, ttl=2)
     lease = keeper.grant()
