@@ -149,6 +149,19 @@ class ServerConnection:
         if self._owed:
             self.close()
 
+    def drop_broken_data_path(self) -> None:
+        """A data endpoint failed (one in error is never repaired): close the connection, so the next call
+        reconnects with new endpoints. Replies a `send` still owes are read first and kept for `receive`: the
+        control socket is healthy, and an early commit's reply says which blocks are stored (lost with the
+        socket, they would be reported unavailable)."""
+        if self._owed and not self._kept:
+            with contextlib.suppress(ServerUnavailable):
+                self._collect_owed()
+        owed, kept = self._owed, self._kept
+        self.close()
+        if kept:
+            self._owed, self._kept = owed, kept
+
     def _collect_owed(self) -> None:
         if self._sock is None:
             raise ServerUnavailable(f"{self.address}: connection closed before the reply arrived")

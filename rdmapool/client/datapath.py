@@ -171,7 +171,7 @@ class _Batch:
         while self.in_flight:
             self.wait_one()
         if any(ep.state is not EndpointState.READY for ep in self.endpoints):
-            self.conn.close()  # a broken endpoint is never repaired: reconnect on the next call
+            self.conn.drop_broken_data_path()  # never repaired: reconnect on the next call
 
     def timed_out(self) -> ServerUnavailable:
         self.conn.close(mark_down=True)

@@ -124,8 +124,12 @@ def test_large_put_and_get_are_byte_exact_and_pipelined_where_the_endpoint_is_as
         assert c.counters["corrupt_blocks"] == 0
 
 
+@pytest.mark.parametrize("slow", [False, True], ids=["fast", "slow-link"])
 @pytest.mark.parametrize("fail_at", [3, 13, 17])
-def test_queue_pair_failing_mid_put_stores_exactly_the_written_blocks(server, fail_at: int, spare: bool) -> None:
+def test_queue_pair_failing_mid_put_stores_exactly_the_written_blocks(server, fail_at: int, spare: bool,
+                                                                      slow: bool) -> None:
+    """On a slow link (shm's completions held back) the early commits go out before the failure shows: their
+    replies must still say stored (a stress run lost them with the connection, reporting them unavailable)."""
     if server.transport_name == "local":
         pytest.skip("the fault wrapper runs over the tcp and shm backends")
     ft = FaultyTransport(transports.create(server.transport_name))
@@ -139,10 +143,14 @@ def test_queue_pair_failing_mid_put_stores_exactly_the_written_blocks(server, fa
         sources = [src.view[i * SIZE : (i + 1) * SIZE] for i in range(BLOCKS)]
         assert c.put([key(99)], [b"connect"]) == [PutStatus.STORED]
         ft.endpoints[-1].fail(WcStatus.REM_ACCESS_ERR, after=fail_at)
+        if slow:
+            ft.endpoints[-1].delay_completions(0.025, min_delay_s=0.02)
         statuses = c.put(keys, sources)
         assert set(statuses) <= {PutStatus.STORED, PutStatus.FAILED}
         assert PutStatus.FAILED in statuses
-        if fail_at > 8:
+        # the requests before the failure hold whole blocks where headers follow their payloads in order; where
+        # workers hash (spare cores) or the link is slow, every request up to it may be a payload
+        if fail_at > 8 and not (slow or spare):
             assert PutStatus.STORED in statuses
         # what was reported stored is there, byte-exact; what failed is not (aborted, never committed)
         outs = [bytearray(SIZE) for _ in range(BLOCKS)]
