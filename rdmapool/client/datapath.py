@@ -39,13 +39,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 from rdmapool import block
 from rdmapool.client.buffers import Arena, RegionSlice
 from rdmapool.client.connection import ServerConnection
-from rdmapool.client.hashing import Hasher
+from rdmapool.client.hashing import Hasher, PendingChecksum
 from rdmapool.errors import CorruptBlock, ServerUnavailable
 from rdmapool.transport.base import CompletionTimeout, EndpointState, Opcode, WcStatus, WorkRequest
 
@@ -217,7 +216,7 @@ class BlockWriter:
         self.inline = two_part and not self.offload
         self.fused = (client.config.transport_digests and ep is not None and Opcode.WRITE in ep.digests
                       and not two_part)
-        self.hashing: dict[int, Future] = {}  # offload: block n's checksum, on a worker; its header not posted
+        self.hashing: dict[int, PendingChecksum] = {}  # offload: block n's checksum, on a worker; its header not posted
         self.items: list[tuple] = []  # (key, grant, source)
         self.ok: list[bool] = []
         self.good: list[int] = []  # requests of block n completed successfully
@@ -298,7 +297,7 @@ class BlockWriter:
             if pending_sum is None and hosts[k] is not None:
                 checksum = block.payload_checksum(hosts[k])  # small: cheaper here than a hand-off
             else:
-                if isinstance(pending_sum, Future) and not pending_sum.done():
+                if pending_sum is not None and not pending_sum.done():
                     self._post_whole()  # what is built moves while this checksum finishes
                     while not pending_sum.done() and batch.in_flight:
                         batch.drive(DRIVE_S)  # earlier blocks keep moving (tcp moves bytes only in our calls)
@@ -368,18 +367,17 @@ class BlockWriter:
         """offload: post the headers of the blocks whose checksums the workers finished (all of them, waiting
         within the batch's deadline, with `wait`), in one post."""
         wrs = []
-        for n, fut in list(self.hashing.items()):
-            if not fut.done():
-                if not wait:
-                    continue
-                try:
-                    self.hasher.result(fut, self.batch.remaining())
-                except TimeoutError:
-                    raise self.batch.timed_out() from None
+        for n, pending in list(self.hashing.items()):
+            if not wait and not pending.done():
+                continue
+            try:
+                checksum = self.hasher.result(pending, self.batch.remaining())
+            except TimeoutError:
+                raise self.batch.timed_out() from None
             del self.hashing[n]
             key, grant, _src = self.items[n]
             head, view = self.late.pop(n)
-            block.write_header_trailer(head[1], None, key, grant.generation, len(view), fut.result())
+            block.write_header_trailer(head[1], None, key, grant.generation, len(view), checksum)
             wrs.append(WorkRequest(4 * n + 2, Opcode.WRITE, (head[0],), grant.addr, grant.rkey))
         self.batch.post_many(wrs)
 
