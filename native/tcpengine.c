@@ -76,7 +76,7 @@ static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "rdmapool._tcpengi
                                        "Native engine of the rdmapool tcp transport.", -1, module_methods};
 
 PyMODINIT_FUNC PyInit__tcpengine(void) {
-    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&EndpointType) < 0) return NULL;
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&EndpointType) < 0 || intern_fields() < 0) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     UsageError = PyExc_ValueError;

@@ -66,14 +66,28 @@ typedef struct {
     uint32_t lkey[MAX_SGE];
 } pending_t;
 
-static int get_u64(PyObject *o, const char *name, uint64_t *out) {
-    PyObject *v = PyObject_GetAttrString(o, name);
+/* The field names parse_wr reads, interned once (PyObject_GetAttrString decoded and hashed each name on every
+ * request: ~18 times for a three-SGE WRITE). */
+enum { F_WR_ID, F_OPCODE, F_REMOTE_ADDR, F_RKEY, F_COMPARE, F_SWAP, F_SIGNALED, F_SGL, F_DIGEST, F_ADDR, F_LENGTH,
+       F_LKEY, F_COUNT };
+static PyObject *fields[F_COUNT];
+
+static int intern_fields(void) {
+    static const char *const names[F_COUNT] = {"wr_id", "opcode", "remote_addr", "rkey", "compare", "swap",
+                                               "signaled", "sgl", "digest", "addr", "length", "lkey"};
+    for (int i = 0; i < F_COUNT; i++)
+        if (!fields[i] && !(fields[i] = PyUnicode_InternFromString(names[i]))) return -1;
+    return 0;
+}
+
+static int get_u64(PyObject *o, int field, uint64_t *out) {
+    PyObject *v = PyObject_GetAttr(o, fields[field]);
     if (!v) return -1;
     unsigned long long x = PyLong_AsUnsignedLongLong(v);
     Py_DECREF(v);
     if (x == (unsigned long long)-1 && PyErr_Occurred()) {
         PyErr_Clear();
-        PyErr_Format(UsageError, "work request field %s must be a non-negative integer below 2**64", name);
+        PyErr_Format(UsageError, "work request field %U must be a non-negative integer below 2**64", fields[field]);
         return -1;
     }
     *out = x;
@@ -82,17 +96,17 @@ static int get_u64(PyObject *o, const char *name, uint64_t *out) {
 
 static int parse_wr(PyObject *wr, pending_t *p) {
     uint64_t v;
-    if (get_u64(wr, "wr_id", &p->wr_id) < 0 || get_u64(wr, "opcode", &v) < 0) return -1;
+    if (get_u64(wr, F_WR_ID, &p->wr_id) < 0 || get_u64(wr, F_OPCODE, &v) < 0) return -1;
     p->opcode = (int)v;
-    if (get_u64(wr, "remote_addr", &p->remote) < 0 || get_u64(wr, "rkey", &v) < 0) return -1;
+    if (get_u64(wr, F_REMOTE_ADDR, &p->remote) < 0 || get_u64(wr, F_RKEY, &v) < 0) return -1;
     if (v >= (1ULL << 32)) { PyErr_Format(UsageError, "wr %llu: rkey does not fit in 32 bits", (unsigned long long)p->wr_id); return -1; }
     p->rkey = (uint32_t)v;
-    if (get_u64(wr, "compare", &p->cmp) < 0 || get_u64(wr, "swap", &p->swp) < 0) return -1;
-    PyObject *sig = PyObject_GetAttrString(wr, "signaled");
+    if (get_u64(wr, F_COMPARE, &p->cmp) < 0 || get_u64(wr, F_SWAP, &p->swp) < 0) return -1;
+    PyObject *sig = PyObject_GetAttr(wr, fields[F_SIGNALED]);
     if (!sig) return -1;
     p->signaled = PyObject_IsTrue(sig);
     Py_DECREF(sig);
-    PyObject *sgl = PyObject_GetAttrString(wr, "sgl");
+    PyObject *sgl = PyObject_GetAttr(wr, fields[F_SGL]);
     if (!sgl) return -1;
     PyObject *seq = PySequence_Fast(sgl, "sgl must be a sequence of Sge");
     Py_DECREF(sgl);
@@ -108,13 +122,13 @@ static int parse_wr(PyObject *wr, pending_t *p) {
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *g = PySequence_Fast_GET_ITEM(seq, i);
         uint64_t lk;
-        if (get_u64(g, "addr", &p->sge[i][0]) < 0 || get_u64(g, "length", &p->sge[i][1]) < 0 ||
-            get_u64(g, "lkey", &lk) < 0) { Py_DECREF(seq); return -1; }
+        if (get_u64(g, F_ADDR, &p->sge[i][0]) < 0 || get_u64(g, F_LENGTH, &p->sge[i][1]) < 0 ||
+            get_u64(g, F_LKEY, &lk) < 0) { Py_DECREF(seq); return -1; }
         p->lkey[i] = (uint32_t)lk;
     }
     Py_DECREF(seq);
     p->dsge = -1;
-    PyObject *dg = PyObject_GetAttrString(wr, "digest");
+    PyObject *dg = PyObject_GetAttr(wr, fields[F_DIGEST]);
     if (!dg) PyErr_Clear(); /* a request type without digests */
     else {
         if (dg != Py_None && p->opcode == OP_READ && have_digest) {
