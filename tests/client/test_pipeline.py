@@ -173,3 +173,43 @@ def test_reservation_chunks_grow_so_each_round_trip_overlaps_the_chunk_before() 
     assert [b - a for a, b in chunks] == [4, 16, 64, 172]  # every key once, in order, each chunk 4x the one before
     assert [a for a, _ in chunks[1:]] == [b for _, b in chunks[:-1]] and chunks[-1][1] == 256
     assert client_mod._allocation_chunks([32 * mib] * 3) == [(0, 1), (1, 2), (2, 3)]  # at least one block each
+
+
+@pytest.mark.parametrize("fail_at", [None, 0, 1, 2])
+def test_tcp_lead_block_moves_before_its_checksum_and_fails_cleanly(fail_at: int | None, monkeypatch) -> None:
+    """tcp: a put's first block of `LEAD_MIN` or more goes payload first (its checksum on a worker, the header
+    after it), the rest as whole blocks; the stored blocks read back byte-exact, also when the queue pair fails at
+    the lead's payload, at the next block or at the lead's header."""
+    size, blocks = datapath.LEAD_MIN, 3
+    cfg = ServerConfig(tenants=(TenantConfig("a", TOKEN, 2 * blocks * stride_for(size)),), size_classes=(size,),
+                       lease_s=2.0, grace_s=0.2, reservation_s=5.0)
+    server_transport, ft = transports.create("tcp"), FaultyTransport(transports.create("tcp"))
+    with MemoryServer(cfg, transport=server_transport) as srv:
+        srv.transport_name, srv.made = "tcp", [server_transport, ft]
+        parts: list[list[int]] = []
+        post_many = datapath._Batch.post_many
+        monkeypatch.setattr(datapath._Batch, "post_many",
+                            lambda self, wrs: parts.append([w.wr_id for w in wrs]) or post_many(self, wrs))
+        data = [os.urandom(size) for _ in range(blocks)]
+        keys = [key(200 + i) for i in range(blocks)]
+        with client_for(srv, ft) as c:
+            assert c.put([key(99)], [b"connect"]) == [PutStatus.STORED]
+            if fail_at is not None:
+                ft.endpoints[-1].fail(WcStatus.REM_ACCESS_ERR, after=fail_at)
+            parts.clear()
+            statuses = c.put(keys, data)
+            posted = [w for p in parts for w in p]
+            assert posted[0] == 3  # the lead's payload and trailer, before any checksum
+            assert posted.index(2) > 0 and {4, 8} <= set(posted)  # its header later; whole blocks 1 and 2
+            if fail_at is None:
+                assert statuses == [PutStatus.STORED] * blocks
+            else:
+                assert set(statuses) <= {PutStatus.STORED, PutStatus.FAILED} and PutStatus.FAILED in statuses
+            outs = [bytearray(size) for _ in range(blocks)]
+            got = c.get(keys, outs)
+            for i, status in enumerate(statuses):
+                assert (got[i], bytes(outs[i]) if got[i] else None) == (
+                    (size, data[i]) if status is PutStatus.STORED else (None, None))
+            assert c.counters["corrupt_blocks"] == 0
+    for t in (ft, server_transport):
+        t.close()
