@@ -140,7 +140,7 @@ class LocalEtcd:
                 self._spawn(m)
             self._started = True
             try:
-                self.wait_healthy(timeout)
+                self.wait_healthy(timeout, self.members)  # one that already exited (its port taken) counts
                 return self
             except ServerUnavailable as e:
                 if "address already in use" not in str(e) or attempt + 1 == START_ATTEMPTS:
@@ -161,8 +161,9 @@ class LocalEtcd:
             log.close()
 
     def wait_healthy(self, timeout: float = 20.0, members: Sequence[Member] | None = None) -> None:
+        """Until `members` (all of them, a dead one is an error) or else every member still running answer healthy."""
         deadline = time.monotonic() + timeout
-        pending = [m for m in (members or self.members) if m.alive or m.proc is None]
+        pending = list(members) if members is not None else [m for m in self.members if m.alive or m.proc is None]
         while pending:
             pending = [m for m in pending if not self._healthy(m)]
             for m in pending:
