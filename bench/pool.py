@@ -19,7 +19,8 @@ process's heap (7-18 ms here, more in an application holding a model) lands in a
 the p99 (`--no-gc-freeze` measures that; see docs/decisions.md).
 `--client-cpus` / `--server-cpus` (e.g. 4-11 / 0-3) pin this process and every server process to disjoint CPU
 sets, so one many-core host stands in for a client host and a server host: each side gets its own cores, as
-over a network, while the raw baseline runs under the same pinning.
+over a network, while the raw baseline runs under the same pinning. `--python-hash-workers` hashes on Python
+threads instead of the native pool (`rdmapool._hashpool`), to compare the two on the same host.
 JSON on the last line; --record also writes bench/results/pool-<date>.json.
 """
 
@@ -74,7 +75,8 @@ def pin_process(pid: int, cpus: set[int]) -> None:
 
 
 def bench_size(transport: str, size: int, batch_bytes: int, repeat: int, hash_threads: int = 2,
-               server_cpus: set[int] | None = None, transport_digests: bool = True) -> dict:
+               server_cpus: set[int] | None = None, transport_digests: bool = True,
+               native_hash_workers: bool = True) -> dict:
     n = max(1, batch_bytes // size)
     # room for the raw slots plus every round's blocks: deleted blocks stay leased by the round's gets
     quota = (n * (repeat + 3) + 1) * (block.block_size(size) + 64) + (1 << 20)
@@ -84,6 +86,7 @@ def bench_size(transport: str, size: int, batch_bytes: int, repeat: int, hash_th
         cfg = ClientConfig(token=procs.TOKENS["a"], staging_bytes=1 << 20, data_timeout_s=60.0,
                            request_timeout_s=10.0, hash_threads=hash_threads, transport_digests=transport_digests)
         with PoolClient([srv.address], cfg, transport_name=transport) as c:
+            c.hasher.native = c.hasher.native and native_hash_workers
             src = c.transport.allocate(n * size)
             dst = c.transport.allocate(n * size)
             src.view[:] = os.urandom(size) * n
@@ -252,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-gc-freeze", action="store_true",
                     help="sample lookups without gc.freeze() in this process (the tail a full GC adds)")
     ap.add_argument("--hash-threads", type=int, default=2, help="client checksum workers (0: inline)")
+    ap.add_argument("--python-hash-workers", action="store_true",
+                    help="hash on Python threads (futures) instead of the native pool (to compare the two)")
     ap.add_argument("--no-transport-digests", action="store_true",
                     help="the client hashes every payload on its hash workers (ClientConfig.transport_digests)")
     ap.add_argument("--client-cpus", default="", help="pin this process to these CPUs (e.g. 4-11)")
@@ -264,13 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     if client_cpus:
         os.sched_setaffinity(0, client_cpus)  # before any transport starts a thread: they all inherit it
     result: dict = {"bench": "pool", "hash_threads": args.hash_threads,
+                    "hash_workers": "python" if args.python_hash_workers else "native",
                     "transport_digests": not args.no_transport_digests, "client_cpus": sorted(client_cpus),
                     "server_cpus": sorted(server_cpus), "transports": {}}
     for transport in args.transports.split(","):
         per = {}
         for size in sizes:
             per[str(size)] = bench_size(transport, size, parse_size(args.batch_bytes), args.repeat,
-                                       args.hash_threads, server_cpus, not args.no_transport_digests)
+                                       args.hash_threads, server_cpus, not args.no_transport_digests,
+                                       not args.python_hash_workers)
             print(f"{transport} {size:>9}: {json.dumps(per[str(size)])}", file=sys.stderr, flush=True)
         lookup = bench_lookup(transport, 512, args.lookup_samples, not args.no_gc_freeze, server_cpus)
         print(f"{transport} lookup 512: {json.dumps(lookup)}", file=sys.stderr, flush=True)
