@@ -33,7 +33,7 @@ struct batch {
     unsigned char (*digest)[16];
     int *state;       /* S_*: atomic */
     Py_ssize_t next;  /* next index a worker claims: atomic */
-    int active;       /* workers hashing one of its blocks (changed under the pool lock / atomically) */
+    int active;       /* workers hashing one of its blocks (under the pool lock) */
     int queued;       /* still in the pool's queue (under the pool lock) */
     struct batch *qnext;
 };
@@ -45,8 +45,7 @@ static struct {
     struct batch *head, *tail;
     int threads;
     pid_t pid;
-    unsigned long published; /* digests published (under mu): a waiter's wake-up condition */
-} P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, 0, 0, 0};
+} P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, 0, 0};
 
 static void hash_one(struct batch *b, Py_ssize_t i) {
     XXH128_canonical_t c;
@@ -85,7 +84,6 @@ static void *worker(void *arg) {
         if (claim(b, i)) hash_one(b, i);
         pthread_mutex_lock(&P.mu);
         b->active--;
-        P.published++;
         pthread_cond_broadcast(&P.landed);
     }
     return NULL;
@@ -102,7 +100,6 @@ static int ensure_pool(int want) {
         P.landed = c2;
         P.head = P.tail = NULL;
         P.threads = 0;
-        P.published = 0;
         P.pid = me;
     }
     if (want > MAX_THREADS) want = MAX_THREADS;

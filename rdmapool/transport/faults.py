@@ -14,8 +14,9 @@ Faults, switched on and off at any time:
   in the hook or concurrently lands in some pieces and not others, so the READ returns a mix of old and new
   bytes, as an RDMA READ overlapping a WRITE may. The sub-reads run synchronously inside `post`.
 - delayed and reordered completions (`delay_completions`): each completion is released after a random delay
-  between `min_delay_s` and `max_delay_s` (a floor makes a fast backend a slow link, deterministically); release times are monotonic within an endpoint (order kept) but independent across
-  endpoints sharing a `Faults`, so completions of different endpoints arrive reordered.
+  between `min_delay_s` and `max_delay_s` (a floor makes a fast backend a slow link, deterministically);
+  release times are monotonic within an endpoint (order kept) but independent across endpoints sharing a
+  `Faults`, so completions of different endpoints arrive reordered.
 - QP failure (`fail`): at once (the oldest request not yet completed gets the status, e.g. RETRY_EXC_ERR as
   when the peer vanishes) or at the n-th request posted from now (it gets the status, e.g. REM_ACCESS_ERR).
   Either way the endpoint is in ERROR from then on: every later request, and every outstanding one behind the
