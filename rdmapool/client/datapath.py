@@ -84,9 +84,10 @@ class _Batch:
     round-robin over the endpoints, completions handed to `done(wr_id, ok, digest)` as they arrive, all within
     one `data_timeout_s` deadline.
 
-    Requests need no order across endpoints: each block is one READ or one WRITE, and a header WRITE that must
-    follow its payload is built only after the payload's completion came back. Each endpoint keeps its own RC
-    order and its own count in flight; an endpoint left in ERROR closes the whole connection."""
+    Requests need no order across endpoints: each block is one READ or one WRITE, or a payload and a header
+    WRITE whose slot stays invisible until both completed and the block was committed. Each endpoint keeps its
+    own RC order and its own count in flight; an endpoint left in ERROR closes the whole connection, and what
+    the batch posts after that fails at once, as a queue pair in error flushes it (a miss, or a failed put)."""
 
     def __init__(self, client: PoolClient, conn: ServerConnection,
                  done: Callable[[int, bool, bytes | None], None]) -> None:
@@ -98,6 +99,7 @@ class _Batch:
         self.flying = [0] * len(self.endpoints)  # requests in flight, per endpoint
         self._next = 0  # the endpoint the next request goes to
         self.deadline = client.clock() + client.config.data_timeout_s
+        self.broken = False  # an endpoint failed and the connection was dropped: later requests flush
 
     @property
     def in_flight(self) -> int:
@@ -107,6 +109,9 @@ class _Batch:
         return self.deadline - self.client.clock()
 
     def post(self, wr: WorkRequest) -> None:
+        if self.broken:
+            self._flush([wr])
+            return
         i = self._next
         self._next = (i + 1) % len(self.endpoints)
         self.endpoints[i].post([wr])
@@ -116,6 +121,9 @@ class _Batch:
     def post_many(self, wrs: list[WorkRequest]) -> None:
         """One post per endpoint for several requests (shm: one pass of the native mover, GIL released once)."""
         if not wrs:
+            return
+        if self.broken:
+            self._flush(wrs)
             return
         k = len(self.endpoints)
         start = self._next
@@ -174,8 +182,15 @@ class _Batch:
                     self._reap(i, self._wait(i, self.flying[i]))
         while self.in_flight:
             self.wait_one()
-        if any(ep.state is not EndpointState.READY for ep in self.endpoints):
+        if not self.broken and any(ep.state is not EndpointState.READY for ep in self.endpoints):
+            self.broken = True
             self.conn.drop_broken_data_path()  # never repaired: reconnect on the next call
+
+    def _flush(self, wrs: list[WorkRequest]) -> None:
+        """Requests for a dropped data path: failed at once (WR_FLUSH_ERR), as a queue pair in error does."""
+        self.client.counters.add("wc_wr_flush_err", len(wrs))
+        for wr in wrs:
+            self.done(wr.wr_id, False, None)
 
     def timed_out(self) -> ServerUnavailable:
         self.conn.close(mark_down=True)

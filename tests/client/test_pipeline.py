@@ -4,6 +4,7 @@ land; a queue pair failing half-way stores exactly the blocks that were written,
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -213,3 +214,41 @@ def test_tcp_lead_block_moves_before_its_checksum_and_fails_cleanly(fail_at: int
             assert c.counters["corrupt_blocks"] == 0
     for t in (ft, server_transport):
         t.close()
+
+
+@pytest.mark.parametrize("transport_name", ["tcp", "shm"])
+def test_queue_pair_failing_while_the_staging_arena_refills_degrades_to_failed_blocks(transport_name: str) -> None:
+    """Unregistered payloads are staged through the arena, which drains and refills several times in one put;
+    a queue pair failing early makes a later drain drop the data path. The blocks posted after that fail as a
+    QP in error flushes them (they were posted to a closed endpoint: a UsageError escaped the put)."""
+    size, blocks = 300 << 10, 12  # three to a 1 MiB arena
+    cfg = ServerConfig(tenants=(TenantConfig("a", TOKEN, 2 * blocks * stride_for(size)),), size_classes=(size,),
+                       lease_s=2.0, grace_s=0.2, reservation_s=5.0)
+    server_transport, ft = transports.create(transport_name), FaultyTransport(transports.create(transport_name))
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(server_transport.close)
+        cleanup.callback(ft.close)
+        srv = cleanup.enter_context(MemoryServer(cfg, transport=server_transport))
+        srv.transport_name, srv.made = transport_name, [server_transport, ft]
+        data = [os.urandom(size) for _ in range(blocks)]
+        keys = [key(300 + i) for i in range(blocks)]
+        with client_for(srv, ft) as c:
+            assert c.put([key(99)], [b"connect"]) == [PutStatus.STORED]
+            ft.endpoints[-1].fail(WcStatus.REM_ACCESS_ERR, after=2)
+            statuses = c.put(keys, data)
+            assert set(statuses) <= {PutStatus.STORED, PutStatus.FAILED} and PutStatus.FAILED in statuses
+            outs = [bytearray(size) for _ in range(blocks)]
+            got = c.get(keys, outs)
+            for i, status in enumerate(statuses):
+                assert (got[i], bytes(outs[i]) if got[i] else None) == (
+                    (size, data[i]) if status is PutStatus.STORED else (None, None))
+            # the failed keys can be stored now: their reservations were aborted
+            failed = [i for i, s in enumerate(statuses) if s is PutStatus.FAILED]
+            assert c.put([keys[i] for i in failed], [data[i] for i in failed]) == [PutStatus.STORED] * len(failed)
+            # the same on a get staged through the arena: misses after the failure, never an exception
+            ft.endpoints[-1].fail(WcStatus.REM_ACCESS_ERR, after=2)
+            outs = [bytearray(size) for _ in range(blocks)]
+            got = c.get(keys, outs)
+            assert None in got and all(g is None or bytes(o) == d for g, o, d in zip(got, outs, data, strict=True))
+            assert c.get(keys, outs) == [size] * blocks  # reconnected
+            assert c.counters["corrupt_blocks"] == 0
