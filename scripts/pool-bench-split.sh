@@ -30,6 +30,11 @@ EOF
 [ -n "${server_cpus:-}" ] && [ -n "${client_cpus:-}" ] || { echo "pool-bench-split: no CPU sets (see above)" >&2; exit 1; }
 echo "pool-bench-split: server CPUs $server_cpus, client CPUs $client_cpus ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2))"
 # recorded as pool-<date>-split.json unless the arguments name another --label (the last one counts)
+started="$(mktemp)"
 "$py" -m rdmapool bench pool --server-cpus "$server_cpus" --client-cpus "$client_cpus" --record --label split "$@" \
   2>&1 | tee "$out/pool-split.log" | tail -1
-cp bench/results/pool-*.json "$out/" 2>/dev/null || true
+# only this run's record (a device run returns few files; the older records are in the tree already)
+if [ "$out" != "$here/bench/results" ]; then
+  find bench/results -maxdepth 1 -name 'pool-*.json' -newer "$started" -exec cp {} "$out/" \;
+fi
+rm -f "$started"
