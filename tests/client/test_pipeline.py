@@ -50,6 +50,36 @@ def client_for(srv, transport=None) -> PoolClient:
     return PoolClient([srv.address], cfg, transport=transport, transport_name=srv.transport_name)
 
 
+@contextlib.contextmanager
+def faulty_client(transport_name: str, size: int, blocks: int):
+    """A server of one size class with room for 2 x `blocks`, and a connected client whose transport injects
+    faults (its endpoint: `client.faulty`)."""
+    cfg = ServerConfig(tenants=(TenantConfig("a", TOKEN, 2 * blocks * stride_for(size)),), size_classes=(size,),
+                       lease_s=2.0, grace_s=0.2, reservation_s=5.0)
+    server_transport, ft = transports.create(transport_name), FaultyTransport(transports.create(transport_name))
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(server_transport.close)
+        cleanup.callback(ft.close)
+        srv = cleanup.enter_context(MemoryServer(cfg, transport=server_transport))
+        srv.transport_name, srv.made = transport_name, [server_transport, ft]
+        c = cleanup.enter_context(client_for(srv, ft))
+        assert c.put([key(99)], [b"connect"]) == [PutStatus.STORED]
+        c.faulty = ft.endpoints[-1]
+        yield c
+
+
+def assert_stored_exactly(c: PoolClient, keys: list[bytes], data: list[bytes], statuses: list[PutStatus]) -> None:
+    """What a put reported stored reads back byte-exact; what failed is absent (aborted, never committed)."""
+    outs = [bytearray(len(d)) for d in data]
+    got = c.get(keys, outs)
+    for i, status in enumerate(statuses):
+        if status is PutStatus.STORED:
+            assert got[i] == len(data[i]) and bytes(outs[i]) == data[i]
+        else:
+            assert status is PutStatus.FAILED and got[i] is None
+    assert c.counters["corrupt_blocks"] == 0
+
+
 @pytest.fixture
 def rpcs(monkeypatch) -> list[tuple[str, int]]:
     """(op, number of keys or items) of every control request the client sends."""
@@ -153,14 +183,7 @@ def test_queue_pair_failing_mid_put_stores_exactly_the_written_blocks(server, fa
         # workers hash (spare cores) or the link is slow, every request up to it may be a payload
         if fail_at > 8 and not (slow or spare):
             assert PutStatus.STORED in statuses
-        # what was reported stored is there, byte-exact; what failed is not (aborted, never committed)
-        outs = [bytearray(SIZE) for _ in range(BLOCKS)]
-        got = c.get(keys, outs)
-        for i, status in enumerate(statuses):
-            if status is PutStatus.STORED:
-                assert got[i] == SIZE and bytes(outs[i]) == data[i]
-            else:
-                assert got[i] is None
+        assert_stored_exactly(c, keys, data, statuses)
         # the aborted reservations were released: the failed keys can be stored now
         failed = [i for i, s in enumerate(statuses) if s is PutStatus.FAILED]
         assert c.put([keys[i] for i in failed], [sources[i] for i in failed]) == [PutStatus.STORED] * len(failed)
@@ -182,38 +205,22 @@ def test_tcp_lead_block_moves_before_its_checksum_and_fails_cleanly(fail_at: int
     after it), the rest as whole blocks; the stored blocks read back byte-exact, also when the queue pair fails at
     the lead's payload, at the next block or at the lead's header."""
     size, blocks = datapath.LEAD_MIN, 3
-    cfg = ServerConfig(tenants=(TenantConfig("a", TOKEN, 2 * blocks * stride_for(size)),), size_classes=(size,),
-                       lease_s=2.0, grace_s=0.2, reservation_s=5.0)
-    server_transport, ft = transports.create("tcp"), FaultyTransport(transports.create("tcp"))
-    with MemoryServer(cfg, transport=server_transport) as srv:
-        srv.transport_name, srv.made = "tcp", [server_transport, ft]
-        parts: list[list[int]] = []
-        post_many = datapath._Batch.post_many
-        monkeypatch.setattr(datapath._Batch, "post_many",
-                            lambda self, wrs: parts.append([w.wr_id for w in wrs]) or post_many(self, wrs))
-        data = [os.urandom(size) for _ in range(blocks)]
-        keys = [key(200 + i) for i in range(blocks)]
-        with client_for(srv, ft) as c:
-            assert c.put([key(99)], [b"connect"]) == [PutStatus.STORED]
-            if fail_at is not None:
-                ft.endpoints[-1].fail(WcStatus.REM_ACCESS_ERR, after=fail_at)
-            parts.clear()
-            statuses = c.put(keys, data)
-            posted = [w for p in parts for w in p]
-            assert posted[0] == 3  # the lead's payload and trailer, before any checksum
-            assert posted.index(2) > 0 and {4, 8} <= set(posted)  # its header later; whole blocks 1 and 2
-            if fail_at is None:
-                assert statuses == [PutStatus.STORED] * blocks
-            else:
-                assert set(statuses) <= {PutStatus.STORED, PutStatus.FAILED} and PutStatus.FAILED in statuses
-            outs = [bytearray(size) for _ in range(blocks)]
-            got = c.get(keys, outs)
-            for i, status in enumerate(statuses):
-                assert (got[i], bytes(outs[i]) if got[i] else None) == (
-                    (size, data[i]) if status is PutStatus.STORED else (None, None))
-            assert c.counters["corrupt_blocks"] == 0
-    for t in (ft, server_transport):
-        t.close()
+    parts: list[list[int]] = []
+    post_many = datapath._Batch.post_many
+    monkeypatch.setattr(datapath._Batch, "post_many",
+                        lambda self, wrs: parts.append([w.wr_id for w in wrs]) or post_many(self, wrs))
+    data = [os.urandom(size) for _ in range(blocks)]
+    keys = [key(200 + i) for i in range(blocks)]
+    with faulty_client("tcp", size, blocks) as c:
+        if fail_at is not None:
+            c.faulty.fail(WcStatus.REM_ACCESS_ERR, after=fail_at)
+        parts.clear()
+        statuses = c.put(keys, data)
+        posted = [w for p in parts for w in p]
+        assert posted[0] == 3  # the lead's payload and trailer, before any checksum
+        assert posted.index(2) > 0 and {4, 8} <= set(posted)  # its header later; whole blocks 1 and 2
+        assert (statuses == [PutStatus.STORED] * blocks) if fail_at is None else PutStatus.FAILED in statuses
+        assert_stored_exactly(c, keys, data, statuses)
 
 
 @pytest.mark.parametrize("transport_name", ["tcp", "shm"])
@@ -222,33 +229,21 @@ def test_queue_pair_failing_while_the_staging_arena_refills_degrades_to_failed_b
     a queue pair failing early makes a later drain drop the data path. The blocks posted after that fail as a
     QP in error flushes them (they were posted to a closed endpoint: a UsageError escaped the put)."""
     size, blocks = 300 << 10, 12  # three to a 1 MiB arena
-    cfg = ServerConfig(tenants=(TenantConfig("a", TOKEN, 2 * blocks * stride_for(size)),), size_classes=(size,),
-                       lease_s=2.0, grace_s=0.2, reservation_s=5.0)
-    server_transport, ft = transports.create(transport_name), FaultyTransport(transports.create(transport_name))
-    with contextlib.ExitStack() as cleanup:
-        cleanup.callback(server_transport.close)
-        cleanup.callback(ft.close)
-        srv = cleanup.enter_context(MemoryServer(cfg, transport=server_transport))
-        srv.transport_name, srv.made = transport_name, [server_transport, ft]
-        data = [os.urandom(size) for _ in range(blocks)]
-        keys = [key(300 + i) for i in range(blocks)]
-        with client_for(srv, ft) as c:
-            assert c.put([key(99)], [b"connect"]) == [PutStatus.STORED]
-            ft.endpoints[-1].fail(WcStatus.REM_ACCESS_ERR, after=2)
-            statuses = c.put(keys, data)
-            assert set(statuses) <= {PutStatus.STORED, PutStatus.FAILED} and PutStatus.FAILED in statuses
-            outs = [bytearray(size) for _ in range(blocks)]
-            got = c.get(keys, outs)
-            for i, status in enumerate(statuses):
-                assert (got[i], bytes(outs[i]) if got[i] else None) == (
-                    (size, data[i]) if status is PutStatus.STORED else (None, None))
-            # the failed keys can be stored now: their reservations were aborted
-            failed = [i for i, s in enumerate(statuses) if s is PutStatus.FAILED]
-            assert c.put([keys[i] for i in failed], [data[i] for i in failed]) == [PutStatus.STORED] * len(failed)
-            # the same on a get staged through the arena: misses after the failure, never an exception
-            ft.endpoints[-1].fail(WcStatus.REM_ACCESS_ERR, after=2)
-            outs = [bytearray(size) for _ in range(blocks)]
-            got = c.get(keys, outs)
-            assert None in got and all(g is None or bytes(o) == d for g, o, d in zip(got, outs, data, strict=True))
-            assert c.get(keys, outs) == [size] * blocks  # reconnected
-            assert c.counters["corrupt_blocks"] == 0
+    data = [os.urandom(size) for _ in range(blocks)]
+    keys = [key(300 + i) for i in range(blocks)]
+    with faulty_client(transport_name, size, blocks) as c:
+        c.faulty.fail(WcStatus.REM_ACCESS_ERR, after=2)
+        statuses = c.put(keys, data)
+        assert PutStatus.FAILED in statuses
+        assert_stored_exactly(c, keys, data, statuses)
+        # the failed keys can be stored now: their reservations were aborted
+        failed = [i for i, s in enumerate(statuses) if s is PutStatus.FAILED]
+        assert c.put([keys[i] for i in failed], [data[i] for i in failed]) == [PutStatus.STORED] * len(failed)
+        # the same on a get staged through the arena: misses after the failure, never an exception
+        ft = c.transport
+        ft.endpoints[-1].fail(WcStatus.REM_ACCESS_ERR, after=2)
+        outs = [bytearray(size) for _ in range(blocks)]
+        got = c.get(keys, outs)
+        assert None in got and all(g is None or bytes(o) == d for g, o, d in zip(got, outs, data, strict=True))
+        assert c.get(keys, outs) == [size] * blocks  # reconnected
+        assert c.counters["corrupt_blocks"] == 0
