@@ -15,7 +15,8 @@ that moves bytes inside `post` gets a batch's digest requests in one post), and 
   waiting caller hashes trailing the Mover's copy, the tcp engine hashes each received chunk as it lands, and a
   tcp batch then waits in one call per endpoint); otherwise this thread hashes each payload as its completion arrives,
   while the bytes are still in its cache (or a worker does, where the process has spare cores). shm on a process
-  with spare cores takes the workers too (`spare_cores`: measured faster than hashing trailing the Mover);
+  with spare cores takes the workers too (`spare_cores`: measured faster than hashing trailing the Mover),
+  except for a large last block (`TAIL_DIGEST_MIN`), whose hash after landing nothing would overlap;
 - writes of payloads from `SPLIT_MIN` (256 KiB) up, asynchronous endpoint with transport digests on: payload and
   trailer go first; the payload is hashed while it moves, by this thread (`BlockWriter.inline`, two CPUs) or by
   the `Hasher`'s workers several blocks at once (`offload`, spare cores), and the header follows as its checksum
@@ -73,6 +74,9 @@ WINDOW_BYTES = 16 << 20
 WRITE_STREAM_BYTES = 8 << 20
 #: while a block's checksum is still being computed, the transport is driven in slices this long (`_Batch.drive`)
 DRIVE_S = 0.0002
+#: a get whose blocks are hashed by this thread or the workers once they landed asks the transport for the last
+#: block's digest (hashed while it moves) from this size up
+TAIL_DIGEST_MIN = 8 << 20
 #: tcp (bytes move only inside this thread's calls): a put's first block, from this size up, goes payload first with
 #: its checksum on a worker and the header once it is known, so bytes move at once instead of after the first
 #: checksum (a 32 MiB block's took ~2.7 ms here, with nothing moving)
@@ -586,6 +590,10 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
     # landed block measured faster (the trailing reads pull every line across cores; docs/decisions.md)
     together = (client.config.transport_digests and Opcode.READ in batch.endpoint.digests
                 and not (threaded and batch.endpoint.asynchronous))
+    # ... except a large last block: hashed after it landed, it is the one hash nothing overlaps (a 32 MiB block's
+    # took ~4 ms of a ~45 ms get); with the transport's digest it is hashed while it moves
+    last_digest = (not together and client.config.transport_digests and Opcode.READ in batch.endpoint.digests
+                   and bool(refs) and refs[-1].length >= TAIL_DIGEST_MIN)
     pending: list[WorkRequest] = []
     pending_bytes = 0
     epoch = int(conn.hello.get("epoch", -1))
@@ -604,7 +612,8 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         head, payload_sge, payload_view, tail, copy = pieces
         sgl = (head[0], payload_sge, tail[0]) if ref.length else (head[0], tail[0])
         staged[n] = (head[1], payload_view, tail[1], target, copy)
-        digest = 1 if together and verify and ref.length and payload_view is not None else None  # the payload SGE
+        digest = (1 if (together or (last_digest and n == len(refs) - 1)) and verify and ref.length
+                  and payload_view is not None else None)  # the payload SGE
         wr = WorkRequest(n, Opcode.READ, sgl, ref.hit.addr, ref.hit.rkey, digest=digest)
         if together or batch.endpoint.asynchronous:  # in groups: one Mover job per group, not per block
             pending.append(wr)
