@@ -29,7 +29,7 @@
  * Endpoint (client side, one TCP connection = one queue pair): post() frames the requests into a ring and
  * pushes as much as the socket takes without blocking (sendmsg with iovecs: frame headers plus, for WRITE,
  * the local SGEs themselves). Progress (send the rest, receive responses) is driven by poll()/wait() in the
- * caller's thread with the GIL released: responses are received with recvmsg() whose iovecs chain
+ * caller's thread with the GIL released (with a sender thread, tx_mode in endpoint.h, the rest is sent there): responses are received with recvmsg() whose iovecs chain
  * [header, payload SGEs, next header, ...] so READ payloads land straight in the local buffers. wait()
  * busy-polls for spin_us before blocking in poll(2). A READ that names a digest SGE keeps a streaming xxh3-128
  * state; each recvmsg() (at most 256 KiB) feeds it the bytes that just landed in that SGE, while they are in

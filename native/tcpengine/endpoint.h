@@ -45,6 +45,12 @@ typedef struct {
     uint64_t last_progress_ns; /* when anyone last drove this endpoint (under lock) */
     int waiters;               /* callers inside wait(): the background thread keeps off */
     int registered;            /* in engine->eps */
+    /* sender thread (tx_mode, see tx_main): the bytes of a backlog go out on a thread of their own */
+    int tx_mode, tx_started, tx_stop;
+    int tx_busy;               /* the sender is inside sendmsg with iovecs into the ring and the fd, lock released */
+    int tx_hold;               /* threads waiting for tx_busy to drop: the sender starts no new send meanwhile */
+    pthread_t tx_thread;
+    pthread_cond_t tx_cond;    /* broadcast on new work, on stop and when tx_busy drops */
 } EndpointObject;
 
 static inline cop *OP(EndpointObject *s, uint64_t seq) { return &s->ring[seq & (s->cap - 1)]; }
@@ -85,6 +91,15 @@ static void op_digest_landed(cop *o, uint64_t off, uint64_t n) {
         XXH3_128bits_update(o->digest, (const void *)(uintptr_t)(o->sge[o->dsge].addr + (lo - o->dstart)), hi - lo);
 }
 
+/* Under s->lock: wait until the sender thread is outside sendmsg (its iovecs point into the ring and it uses the
+ * fd), before the ring moves, ops are released or the fd closes. It starts no new send while anyone waits here. */
+static void tx_quiesce(EndpointObject *s) {
+    if (!s->tx_busy) return;
+    s->tx_hold++;
+    while (s->tx_busy) pthread_cond_wait(&s->tx_cond, &s->lock);
+    if (!--s->tx_hold) pthread_cond_broadcast(&s->tx_cond); /* the sender resumes once this caller unlocks */
+}
+
 static void ep_close_fd(EndpointObject *s) {
     if (s->fd >= 0) { shutdown(s->fd, SHUT_RDWR); close(s->fd); s->fd = -1; }
 }
@@ -92,6 +107,7 @@ static void ep_close_fd(EndpointObject *s) {
 /* Move to ERROR: `bad` (if in [head, tail)) completes with `status`, ops before it succeeded silently
  * (they are unsignalled WRITEs executed before it), everything after it flushes. */
 static void ep_fail_ex(EndpointObject *s, uint64_t bad, int status, int flush_before) {
+    tx_quiesce(s);
     for (uint64_t q = s->head; q < s->tail; q++) {
         cop *o = OP(s, q);
         if (q == bad) cq_push(s, o->wr_id, status, o->opcode, 0, o->signaled);
@@ -137,45 +153,59 @@ static int add_sgl(struct iovec *iov, int n, int max, const cop *o, uint64_t off
     return n;
 }
 
-/* Send without blocking. Returns -1 if the endpoint failed. */
+/* The unsent bytes of the queue (from send_seq/send_off) as iovecs: frame headers and WRITE payload SGEs. */
+static int send_iov(EndpointObject *s, struct iovec *iov) {
+    int n = 0;
+    uint64_t off = s->send_off;
+    for (uint64_t q = s->send_seq; q < s->tail && n < SEND_IOV - 1; q++) {
+        cop *o = OP(s, q);
+        if (off < REQ_HDR) {
+            iov[n].iov_base = o->req + off;
+            iov[n].iov_len = REQ_HDR - off;
+            n++;
+            off = 0;
+        } else off -= REQ_HDR;
+        if (o->opcode == OP_WRITE) n = add_sgl(iov, n, SEND_IOV, o, off);
+        off = 0;
+    }
+    return n;
+}
+
+/* `w` bytes of the queue went out. */
+static void sent_bytes(EndpointObject *s, uint64_t left) {
+    while (left && s->send_seq < s->tail) {
+        cop *o = OP(s, s->send_seq);
+        uint64_t total = REQ_HDR + (o->opcode == OP_WRITE ? o->len : 0);
+        uint64_t rem = total - s->send_off;
+        if (left >= rem) { left -= rem; s->send_seq++; s->send_off = 0; }
+        else { s->send_off += left; left = 0; }
+    }
+}
+
+static ssize_t send_chunk(int fd, struct iovec *iov, int n) {
+    struct msghdr m = {0};
+    size_t saved = 0;
+    int last = -1;
+    m.msg_iov = iov;
+    m.msg_iovlen = iov_cap(iov, n, io_chunk_cli_send, &saved, &last);
+    ssize_t w = sendmsg(fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
+    iov_restore(iov, saved, last);
+    return w;
+}
+
+/* Send without blocking, in this thread. Returns -1 if the endpoint failed. */
 static int ep_progress_send(EndpointObject *s) {
     while (s->send_seq < s->tail) {
         struct iovec iov[SEND_IOV];
-        int n = 0;
-        uint64_t off = s->send_off;
-        for (uint64_t q = s->send_seq; q < s->tail && n < SEND_IOV - 1; q++) {
-            cop *o = OP(s, q);
-            if (off < REQ_HDR) {
-                iov[n].iov_base = o->req + off;
-                iov[n].iov_len = REQ_HDR - off;
-                n++;
-                off = 0;
-            } else off -= REQ_HDR;
-            if (o->opcode == OP_WRITE) n = add_sgl(iov, n, SEND_IOV, o, off);
-            off = 0;
-        }
-        struct msghdr m = {0};
-        size_t saved = 0;
-        int last = -1;
-        m.msg_iov = iov;
-        m.msg_iovlen = iov_cap(iov, n, io_chunk_cli_send, &saved, &last);
-        ssize_t w = sendmsg(s->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
-        iov_restore(iov, saved, last);
+        int n = send_iov(s, iov);
+        ssize_t w = send_chunk(s->fd, iov, n);
         if (w < 0) {
             if (errno == EINTR) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
             ep_fail(s, s->head, ST_RETRY_EXC);
             return -1;
         }
-        uint64_t left = (uint64_t)w;
-        while (left && s->send_seq < s->tail) {
-            cop *o = OP(s, s->send_seq);
-            uint64_t total = REQ_HDR + (o->opcode == OP_WRITE ? o->len : 0);
-            uint64_t rem = total - s->send_off;
-            if (left >= rem) { left -= rem; s->send_seq++; s->send_off = 0; }
-            else { s->send_off += left; left = 0; }
-        }
-        /* zero-length tails (none: every op has a header) */
+        sent_bytes(s, (uint64_t)w);
     }
     return 0;
 }
@@ -281,7 +311,7 @@ static long ep_progress_recv_mode(EndpointObject *s, int block_one) {
 static int ep_progress(EndpointObject *s) {
     s->last_progress_ns = now_ns();
     if (s->state != EP_READY || s->fd < 0) return 0;
-    if (ep_progress_send(s) < 0) return -1;
+    if (!s->tx_mode && ep_progress_send(s) < 0) return -1;
     long got;
     do {
         got = ep_progress_recv(s);
@@ -292,13 +322,14 @@ static int ep_progress(EndpointObject *s) {
          * raw socket with the loop) */
         if (s->recv_seq < s->tail && resp_payload(OP(s, s->recv_seq)) >= BLOCKING_RECV_MIN && s->recv_off) break;
     } while (got > 0 && s->head < s->tail);
-    if (s->send_seq < s->tail && s->state == EP_READY) ep_progress_send(s);
+    if (!s->tx_mode && s->send_seq < s->tail && s->state == EP_READY) ep_progress_send(s);
     return 0;
 }
 
 static int ep_grow(EndpointObject *s, uint64_t need) {
     uint64_t used = s->tail - s->head;
     if (used + need <= s->cap) return 0;
+    tx_quiesce(s); /* the sender's iovecs point into the ring */
     uint64_t ncap = s->cap ? s->cap : 256;
     while (ncap < used + need) ncap *= 2;
     cop *n = malloc(ncap * sizeof *n);
@@ -308,6 +339,74 @@ static int ep_grow(EndpointObject *s, uint64_t need) {
     s->ring = n;
     s->cap = ncap;
     return 0;
+}
+
+/* Sender thread (tx_mode). On the tcp transport the bytes of a request move inside the caller's calls, so a caller
+ * that works between posts (building and checksumming the next blocks) adds that work to the transfer time, while
+ * a NIC sends on its own. With tx_mode, a backlog of bytes goes out on this thread: post() hands it over and
+ * returns, and the caller's poll()/wait() only receive. post() still sends small requests itself when nothing is
+ * queued (the latency path keeps no thread hop). The sender calls sendmsg with the lock released (tx_busy set):
+ * whoever would move the ring, release ops or close the fd waits for it first (tx_quiesce). On where it is on: one
+ * more busy thread, so only where the process has cores to spare (rdmapool/transport/tcp.py). */
+#define TX_INLINE_MAX (64 * 1024) /* post() sends a request itself up to this many bytes when nothing is queued */
+
+static void *tx_main(void *arg) {
+    EndpointObject *s = arg;
+    pthread_mutex_lock(&s->lock);
+    while (!s->tx_stop) {
+        if (s->tx_hold || s->state != EP_READY || s->fd < 0 || s->send_seq >= s->tail) {
+            pthread_cond_wait(&s->tx_cond, &s->lock);
+            continue;
+        }
+        struct iovec iov[SEND_IOV];
+        int n = send_iov(s, iov), fd = s->fd;
+        s->tx_busy = 1;
+        pthread_mutex_unlock(&s->lock);
+        ssize_t w = send_chunk(fd, iov, n);
+        int err = errno;
+        pthread_mutex_lock(&s->lock);
+        if (w > 0) sent_bytes(s, (uint64_t)w);
+        s->tx_busy = 0;
+        pthread_cond_broadcast(&s->tx_cond);
+        if (w < 0 && err != EINTR && err != EAGAIN && err != EWOULDBLOCK) {
+            if (s->state == EP_READY) ep_fail(s, s->head, ST_RETRY_EXC);
+        } else if (w < 0 && err != EINTR) {
+            pthread_mutex_unlock(&s->lock);
+            struct pollfd p = {.fd = fd, .events = POLLOUT};
+            poll(&p, 1, 10); /* the fd may be closed meanwhile: the state is checked again under the lock */
+            pthread_mutex_lock(&s->lock);
+        }
+    }
+    pthread_mutex_unlock(&s->lock);
+    return NULL;
+}
+
+/* After a post (lock held): send it here when it is small and nothing else is queued, else wake the sender. */
+static void tx_kick(EndpointObject *s, int was_idle, uint64_t new_bytes) {
+    if (s->state != EP_READY || s->send_seq >= s->tail) return;
+    if (was_idle && !s->tx_busy && new_bytes <= TX_INLINE_MAX) {
+        if (ep_progress_send(s) < 0 || s->send_seq >= s->tail) return;
+    }
+    if (!s->tx_started && !s->tx_stop) {
+        if (pthread_create(&s->tx_thread, NULL, tx_main, s) != 0) { /* no thread: this caller keeps sending */
+            s->tx_mode = 0;
+            ep_progress_send(s);
+            return;
+        }
+        s->tx_started = 1;
+    }
+    pthread_cond_broadcast(&s->tx_cond);
+}
+
+/* Stop the sender thread (lock not held). */
+static void tx_stop_thread(EndpointObject *s) {
+    pthread_mutex_lock(&s->lock);
+    s->tx_stop = 1;
+    pthread_cond_broadcast(&s->tx_cond);
+    int started = s->tx_started;
+    s->tx_started = 0;
+    pthread_mutex_unlock(&s->lock);
+    if (started) pthread_join(s->tx_thread, NULL);
 }
 
 /* Background progress. Hardware moves the bytes of posted requests whether or not anyone polls; here the caller's

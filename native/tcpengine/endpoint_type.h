@@ -1,15 +1,18 @@
 /* The Python Endpoint type: connect, post, post_plan, poll, wait, close (part of rdmapool._tcpengine: included by native/tcpengine.c, one translation unit) */
 static int Endpoint_init(EndpointObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"engine", "host", "port", "timeout", "spin_us", NULL};
+    static char *kwlist[] = {"engine", "host", "port", "timeout", "spin_us", "sender", NULL};
     PyObject *eng;
     const char *host;
-    int port, spin_us = 50;
+    int port, spin_us = 50, sender = 0;
     double timeout = 5.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!si|di", kwlist, &EngineType, &eng, &host, &port, &timeout, &spin_us))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!si|dip", kwlist, &EngineType, &eng, &host, &port, &timeout, &spin_us,
+                                     &sender))
         return -1;
     if (!((EngineObject *)eng)->e || ((EngineObject *)eng)->e->closed) { engine_closed(); return -1; }
     self->fd = -1;
     pthread_mutex_init(&self->lock, NULL);
+    pthread_cond_init(&self->tx_cond, NULL);
+    self->tx_mode = sender;
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     if (inet_pton(AF_INET, host, &sa.sin_addr) != 1 || port <= 0 || port > 65535) {
         PyErr_Format(UsageError, "bad tcp peer address %s:%d (need an IPv4 address and a port)", host, port);
@@ -229,10 +232,16 @@ static PyObject *ep_closed_err(void) {
 static void ep_post_pending(EndpointObject *s, pending_t *ps, Py_ssize_t n) {
     pthread_mutex_lock(&s->lock);
     if (ep_grow(s, (uint64_t)n) == 0) {
+        int was_idle = s->send_seq >= s->tail;
+        uint64_t bytes = 0;
         for (Py_ssize_t i = 0; i < n; i++) {
             if (ps[i].signaled) s->outstanding++;
             ep_enqueue(s, &ps[i]);
+            bytes += REQ_HDR;
+            if (ps[i].opcode == OP_WRITE)
+                for (int k = 0; k < ps[i].nsge; k++) bytes += ps[i].sge[k][1];
         }
+        if (s->tx_mode) tx_kick(s, was_idle, bytes);
         ep_progress(s);
     } else {
         for (Py_ssize_t i = 0; i < n; i++) cq_push(s, ps[i].wr_id, ST_GENERAL, ps[i].opcode, 0, ps[i].signaled);
@@ -364,7 +373,7 @@ static PyObject *Endpoint_wait(EndpointObject *self, PyObject *args) {
         ep_progress(self);
         Py_ssize_t have = (Py_ssize_t)(self->cq_tail - self->cq_head);
         int fd = self->fd;
-        short events = POLLIN | (self->send_seq < self->tail ? POLLOUT : 0);
+        short events = POLLIN | (!self->tx_mode && self->send_seq < self->tail ? POLLOUT : 0);
         int idle = self->head >= self->tail;
         skip_silent(self);
         /* a large payload is on its way: wait for it in one MSG_WAITALL recv rather than spinning on chunks */
@@ -407,6 +416,7 @@ static PyObject *Endpoint_wait(EndpointObject *self, PyObject *args) {
 
 static void ep_shutdown(EndpointObject *s) {
     ep_unregister(s); /* first: the background thread never touches it again */
+    tx_stop_thread(s);
     pthread_mutex_lock(&s->lock);
     if (s->state != EP_CLOSED && s->e) {
         for (uint64_t q = s->head; q < s->tail; q++) op_release(s, OP(s, q));
@@ -437,6 +447,7 @@ static void Endpoint_dealloc(EndpointObject *self) {
     free(self->ring);
     free(self->cq);
     pthread_mutex_destroy(&self->lock);
+    pthread_cond_destroy(&self->tx_cond);
     Py_XDECREF(self->engine_obj);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }

@@ -9,7 +9,8 @@ with no intermediate buffer, and no Python code (no GIL) runs on the serving sid
 connection to the peer's engine; that connection is the queue pair: requests on it execute in order and
 complete in order. Progress (sending queued frames, receiving responses straight into the local SGEs) runs in
 the caller's thread inside `post`/`poll`/`wait` with the GIL released; `wait` busy-polls `spin_us` before it
-blocks. See native/tcpengine.c for the wire format and why deregister cannot race into a use-after-free, and
+blocks. Where the process has CPUs to spare, an endpoint's backlog of request bytes goes out on a sender thread
+of its own instead (`sender_thread`), so a caller working between posts does not hold the transfer up. See native/tcpengine.c for the wire format and why deregister cannot race into a use-after-free, and
 docs/transport.md for the semantics.
 
 Region addresses are the owning process's virtual addresses, rkeys and lkeys random 32-bit values, as on verbs.
@@ -185,11 +186,14 @@ class TcpEndpoint(Endpoint):
 
 class TcpTransport(Transport):
     """The tcp backend. `host`/`port`: where this process's engine listens (port 0 = any free port);
-    `spin_us`: how long engine threads and waits busy-poll before they block."""
+    `spin_us`: how long engine threads and waits busy-poll before they block; `sender_thread`: whether each
+    endpoint's backlog of request bytes goes out on a thread of its own, as a NIC sends while the caller works
+    (default: where this process may run on more than two CPUs; `RDMAPOOL_TCP_SENDER=0/1` overrides)."""
 
     name = "tcp"
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, spin_us: int | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, spin_us: int | None = None,
+                 sender_thread: bool | None = None) -> None:
         if spin_us is None:
             spin_us = int(os.environ.get("RDMAPOOL_TCP_SPIN_US", DEFAULT_SPIN_US))
         if not 0 <= spin_us <= 1_000_000:
@@ -197,6 +201,7 @@ class TcpTransport(Transport):
         self._engine = _native.Engine(host, port, spin_us)
         self._host = host
         self._spin_us = spin_us
+        self.sender_thread = _sender_default() if sender_thread is None else bool(sender_thread)
         self._regions: dict[int, MemoryRegion] = {}
         self._endpoints: weakref.WeakSet[TcpEndpoint] = weakref.WeakSet()
         self._lock = threading.Lock()
@@ -282,7 +287,7 @@ class TcpTransport(Transport):
         if timeout is None or timeout <= 0:
             raise UsageError("connect needs a positive timeout")
         try:
-            native = _native.Endpoint(self._engine, host, port, timeout, self._spin_us)
+            native = _native.Endpoint(self._engine, host, port, timeout, self._spin_us, self.sender_thread)
         except ConnectionError as exc:
             raise ServerUnavailable(str(exc)) from exc
         ep = TcpEndpoint(native, self)
@@ -317,6 +322,20 @@ class TcpTransport(Transport):
         for ep in endpoints:
             ep._ep.close()
         self._engine.close()
+
+
+def _sender_default() -> bool:
+    """A sender thread per endpoint is one more busy thread: worth it only with CPUs to spare (on two, the caller
+    sending itself was measured faster: docs/decisions.md)."""
+    forced = os.environ.get("RDMAPOOL_TCP_SENDER")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise UsageError(f"RDMAPOOL_TCP_SENDER must be 0 or 1, got {forced!r}")
+    try:
+        return len(os.sched_getaffinity(0)) > 2
+    except (AttributeError, OSError):
+        return (os.cpu_count() or 1) > 2
 
 
 #: regions whose deregistration timed out: kept alive forever rather than freed under a running thread

@@ -16,12 +16,20 @@ class BackendSpec:
     name: str
     #: module that must import for the backend to be usable (its ImportError becomes the skip reason)
     module: str
-    #: options passed to rdmapool.transport.create(name, **options)
+    #: options passed to rdmapool.transport.create(transport, **options)
     options: tuple[tuple[str, object], ...] = ()
+    #: the transport's name where this entry is a variant of one (default: `name`)
+    transport: str = ""
+
+    @property
+    def transport_name(self) -> str:
+        return self.transport or self.name
 
 
 BACKENDS: list[BackendSpec] = [
-    BackendSpec("tcp", "rdmapool.transport.tcp"),
+    BackendSpec("tcp", "rdmapool.transport.tcp", (("sender_thread", False),)),
+    # the initiator's bytes going out on a sender thread (on by default where a process has more than two CPUs)
+    BackendSpec("tcp-sender", "rdmapool.transport.tcp", (("sender_thread", True),), transport="tcp"),
     BackendSpec("shm", "rdmapool.transport.shm"),
     # skipped with NoDevice as the reason where no RDMA device exists; runs for real in tests/vm (rxe in QEMU)
     BackendSpec("verbs", "rdmapool.transport.verbs_probe"),

@@ -22,13 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from transport_harness import digest, pattern  # noqa: E402  (this script's folder is on sys.path)
+from transport_harness import digest, make, pattern  # noqa: E402  (this script's folder is on sys.path)
 
-from rdmapool.transport import RegionDescriptor, WcStatus, WorkRequest, create  # noqa: E402
+from rdmapool.transport import RegionDescriptor, WcStatus, WorkRequest  # noqa: E402
 
 
 def serve(args: argparse.Namespace) -> int:
-    transport = create(args.backend)
+    transport = make(args.backend)
     regions = [transport.allocate(size) for size in args.region]
     info = {"pid": __import__("os").getpid(), "peer_info": transport.peer_info(),
             "regions": [r.descriptor.to_wire() for r in regions]}
@@ -58,7 +58,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def hammer(args: argparse.Namespace) -> int:
     spec = json.loads(args.client)
-    transport = create(args.backend)
+    transport = make(args.backend)
     local = transport.allocate(4096)
     ep = transport.connect(spec["peer_info"], timeout=5.0)
     desc = RegionDescriptor.from_wire(spec["region"])

@@ -4,6 +4,7 @@ deregistration of regions that a stalled peer is using, and argument checking.""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
 import time
@@ -12,7 +13,7 @@ import pytest
 from transport_harness import settle
 
 from rdmapool.errors import ServerUnavailable, UsageError
-from rdmapool.transport import Opcode, TransferPlan, WcStatus, WorkRequest
+from rdmapool.transport import EndpointState, Opcode, TransferPlan, WcStatus, WorkRequest
 from rdmapool.transport.tcp import TcpTransport
 
 MAGIC = b"RDMPTCP1"
@@ -249,3 +250,77 @@ def test_fork_child_refuses_the_parents_transport_and_can_make_its_own(tcp):
     (c,) = ep.execute([WorkRequest.read(3, local.sge(0, 4), remote.remote(0), remote.rkey)], T)  # parent unaffected
     assert c.ok and bytes(local.view[:4]) == b"fork"
     ep.close()
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.fixture
+def sender():
+    """(serving transport, initiating transport whose endpoints send their backlogs on a thread of their own)."""
+    server, client = TcpTransport(), TcpTransport(sender_thread=True)
+    yield server, client
+    client.close()
+    server.close()
+
+
+def test_sender_thread_moves_a_backlog_and_ends_with_its_endpoint(sender):
+    """A backlog larger than the socket takes goes out on the endpoint's sender thread (started for it, joined
+    when the endpoint closes: no thread leaks); small requests with nothing queued never start it."""
+    server, client = sender
+    size, n = 1 << 20, 24
+    remote, local = server.allocate(n * size), client.allocate(n * size)
+    local.view[:] = os.urandom(n * size)
+    with client.connect(server.peer_info()) as ep:
+        before = _threads()  # with the connection's serving thread and the engine's progress thread
+        ep.execute([WorkRequest.write(0, local.sge(0, 64), remote.remote(0), remote.rkey)], T)
+        assert _threads() == before  # sent by the caller: no thread for a small request
+        wrs = [WorkRequest.write(i, local.sge(i * size, size), remote.remote(i * size), remote.rkey)
+               for i in range(n)]
+        got = ep.execute(wrs, T)
+        assert [c.status for c in got] == [WcStatus.SUCCESS] * n
+        assert _threads() == before + 1
+    assert bytes(remote.view) == bytes(local.view)
+    assert settle(lambda: _threads() == before - 1)  # the sender joined, the serving thread ended
+
+
+def test_sender_thread_while_the_ring_grows(sender):
+    """Requests posted one by one while the sender is inside a large send: the ring they are queued in grows
+    (moves) under it, and every request still lands whole and in order."""
+    server, client = sender
+    big, small, n = 16 << 20, 64, 3000
+    remote, local = server.allocate(big + n * small), client.allocate(big + n * small)
+    local.view[:] = os.urandom(big + n * small)
+    with client.connect(server.peer_info()) as ep:
+        ep.post([WorkRequest.write(0, local.sge(0, big), remote.remote(0), remote.rkey)])
+        for i in range(n):
+            at = big + i * small
+            ep.post([WorkRequest.write(i + 1, local.sge(at, small), remote.remote(at), remote.rkey)])
+        got = ep.wait(n + 1, T)
+        assert [c.wr_id for c in got] == list(range(n + 1)) and all(c.ok for c in got)
+    assert bytes(remote.view) == bytes(local.view)
+
+
+@pytest.mark.parametrize("how", ["peer-closes", "caller-closes"])
+def test_sender_thread_backlog_cut_short(sender, how):
+    """The connection fails (the serving side goes away) or the caller closes the endpoint while the sender
+    still has tens of MiB to send: every request completes or fails (flushed), nothing hangs, the thread ends,
+    and the local region is unpinned (deregisters at once)."""
+    server, client = sender
+    size, n = 1 << 20, 64
+    remote, local = server.allocate(n * size), client.allocate(n * size)
+    ep = client.connect(server.peer_info())
+    assert ep.execute([WorkRequest.write(0, local.sge(0, 64), remote.remote(0), remote.rkey)], T)[0].ok
+    before = _threads()  # with the connection's serving thread and the engine's progress thread
+    ep.post([WorkRequest.write(i, local.sge(i * size, size), remote.remote(i * size), remote.rkey)
+             for i in range(n)])
+    if how == "peer-closes":
+        server.close()
+        got = ep.wait(n, T)
+        assert len(got) == n and not all(c.ok for c in got)
+        assert ep.state == EndpointState.ERROR
+    ep.close()
+    # the sender joined, the serving thread ended (and with the server, its accept thread)
+    assert settle(lambda: _threads() == before - (2 if how == "peer-closes" else 1))
+    client.deregister(local)

@@ -183,7 +183,7 @@ def test_faulty_transport_wraps_every_endpoint(backend, pair):
     remote = server.allocate(4096)
     local = faulty.allocate(4096)
     ep = faulty.connect(server.peer_info())
-    assert faulty.endpoints == [ep] and faulty.name == f"faulty-{backend}"
+    assert faulty.endpoints == [ep] and faulty.name == f"faulty-{client.name}"
     ep.tear_reads(TornReads(pieces=2))
     remote.view[:16] = b"x" * 16
     (c,) = ep.execute([WorkRequest(1, Opcode.READ, (local.sge(0, 16),), remote.remote(0), remote.rkey)], T)

@@ -40,7 +40,7 @@ TIMEOUT_SCALE = max(1.0, float(os.environ.get("RDMAPOOL_TIMEOUT_SCALE", "1")))
 
 def make(backend: str) -> Transport:
     spec = next(s for s in backends.BACKENDS if s.name == backend)
-    return create(backend, **dict(spec.options))
+    return create(spec.transport_name, **dict(spec.options))
 
 
 class Peer:
