@@ -317,9 +317,9 @@ class PoolClient:
             early.clear()
             return True
 
-        # pipelining needs an endpoint that moves bytes while this thread waits on a round trip (not tcp, whose
-        # progress runs in the posting thread: there an extra round trip only adds its latency)
-        pipelined = writer.asynchronous and sum(lengths) >= 2 * PIPELINE_BYTES
+        # pipelining needs an endpoint that moves bytes while this thread waits on a round trip (not tcp without
+        # its sender thread, whose progress then runs in this thread: an extra round trip only adds its latency)
+        pipelined = writer.pipelines and sum(lengths) >= 2 * PIPELINE_BYTES
         if pipelined:
             writer.idle = lambda: commit_written(COMMIT_BYTES)
 

@@ -231,6 +231,9 @@ class BlockWriter:
         ep = conn.endpoint
         #: the endpoint moves bytes without this thread (shm's Mover)
         self.asynchronous = ep is not None and ep.asynchronous
+        #: the bytes of posted WRITEs move while this thread awaits a control reply (shm's Mover, tcp's sender
+        #: thread): a large put may reserve and commit in several round trips while blocks move
+        self.pipelines = ep is not None and ep.sends_in_background
         #: post each payload (with its trailer) first, hash it while it moves, then post its header: here, right
         #: behind it (no thread hand-off; `inline`), or, where the process has spare cores, on the `Hasher`'s
         #: workers, several blocks at once, the header posted as each checksum lands (`offload`: this thread

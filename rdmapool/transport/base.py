@@ -265,6 +265,13 @@ class Endpoint(ABC):
         return False
 
     @property
+    def sends_in_background(self) -> bool:
+        """True when the bytes of posted WRITEs keep moving while the posting thread waits on something else
+        (a control round trip): every asynchronous endpoint, and tcp's with a sender thread, whose READ responses
+        still land only inside the caller's `poll`/`wait`."""
+        return self.asynchronous
+
+    @property
     @abstractmethod
     def state(self) -> EndpointState: ...
 

@@ -159,6 +159,10 @@ class FaultyEndpoint(Endpoint):
         """As the wrapped endpoint (torn READs run synchronously inside `post`, everything else moves as there)."""
         return self._inner.asynchronous
 
+    @property
+    def sends_in_background(self) -> bool:
+        return self._inner.sends_in_background
+
     def post(self, wrs: Sequence[WorkRequest]) -> None:
         if self._closed:
             raise UsageError("endpoint is closed")

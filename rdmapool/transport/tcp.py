@@ -122,6 +122,10 @@ class TcpEndpoint(Endpoint):
     def digests(self) -> frozenset[Opcode]:
         return _DIGESTS
 
+    @property
+    def sends_in_background(self) -> bool:
+        return self._transport.sender_thread
+
     def poll(self, max_entries: int = 64) -> list[Completion]:
         return [_completion(c) for c in self.poll_results(max_entries)]
 

@@ -29,13 +29,21 @@ def key(i: int) -> bytes:
     return (1000 + i).to_bytes(16, "big")
 
 
-@pytest.fixture(params=["local", "tcp", "shm"])
+def client_transport(srv):
+    """A new client-side transport for this server (`tcp-sender`: tcp whose endpoints send on a thread)."""
+    if srv.variant == "local":
+        return LocalTransport()
+    return transports.create(srv.transport_name, **({"sender_thread": True} if srv.variant == "tcp-sender" else {}))
+
+
+@pytest.fixture(params=["local", "tcp", "tcp-sender", "shm"])
 def server(request):
-    made = [LocalTransport() if request.param == "local" else transports.create(request.param)]
+    name = "tcp" if request.param == "tcp-sender" else request.param
+    made = [LocalTransport() if name == "local" else transports.create(name)]
     cfg = ServerConfig(tenants=(TenantConfig("a", TOKEN, 2 * BLOCKS * stride_for(SIZE)),), size_classes=(SIZE,),
                        lease_s=2.0, grace_s=0.2, reservation_s=5.0)
     with MemoryServer(cfg, transport=made[0]) as srv:
-        srv.transport_name = request.param
+        srv.transport_name, srv.variant = name, request.param
         srv.made = made
         yield srv
     for t in made:
@@ -43,8 +51,7 @@ def server(request):
 
 
 def client_for(srv, transport=None) -> PoolClient:
-    transport = transport or (LocalTransport() if srv.transport_name == "local"
-                              else transports.create(srv.transport_name))
+    transport = transport or client_transport(srv)
     srv.made.append(transport)
     cfg = ClientConfig(token=TOKEN, staging_bytes=1 << 20, retry_after_s=0.0)
     return PoolClient([srv.address], cfg, transport=transport, transport_name=srv.transport_name)
@@ -119,7 +126,7 @@ def test_large_put_and_get_are_byte_exact_and_pipelined_where_the_endpoint_is_as
     # shm's Mover copies 20 MiB faster than a loaded machine hashes and posts it, so whether anything is still
     # moving when blocks are written is a race; completions held back 20-25 ms each make it a slow link, where
     # blocks must be committed while later ones move
-    slow = FaultyTransport(transports.create("shm")) if server.transport_name == "shm" else None
+    slow = (FaultyTransport(client_transport(server)) if server.variant in ("shm", "tcp-sender") else None)
     with client_for(server, slow) as c:
         if slow is not None:
             assert c.put([key(99)], [b"connect"]) == [PutStatus.STORED]
@@ -136,15 +143,17 @@ def test_large_put_and_get_are_byte_exact_and_pipelined_where_the_endpoint_is_as
         allocates = [n for op, n in rpcs if op == "allocate"]
         commits = [n for op, n in rpcs if op == "commit"]
         assert sum(allocates) == BLOCKS and sum(commits) == BLOCKS
-        if c._conn(c.router.servers[0]).endpoint.asynchronous:
+        endpoint = c._conn(c.router.servers[0]).endpoint
+        if endpoint.sends_in_background:  # shm's Mover, tcp's sender thread
             # the first blocks reserved alone, the rest while they move (chunks growing: 4, then 16 MiB);
             # commits while later blocks move
             first = client_mod.PIPELINE_BYTES // SIZE
             assert allocates == [first, min(BLOCKS - first, first * client_mod.CHUNK_GROWTH)]
             assert len(commits) >= 2
+        if endpoint.asynchronous:
             # payload first; its checksum on a worker with spare cores, else on this thread while it moves
             assert len(on_workers) == (BLOCKS if spare else 0)
-        else:
+        elif not endpoint.sends_in_background:
             assert allocates == [BLOCKS] and commits == [BLOCKS]
         got = c.get(keys, [dst.view[i * SIZE : (i + 1) * SIZE] for i in range(BLOCKS)])
         assert got == [SIZE] * BLOCKS
@@ -163,7 +172,7 @@ def test_queue_pair_failing_mid_put_stores_exactly_the_written_blocks(server, fa
     replies must still say stored (a stress run lost them with the connection, reporting them unavailable)."""
     if server.transport_name == "local":
         pytest.skip("the fault wrapper runs over the tcp and shm backends")
-    ft = FaultyTransport(transports.create(server.transport_name))
+    ft = FaultyTransport(client_transport(server))
     server.made.append(ft)
     data = [os.urandom(SIZE) for _ in range(BLOCKS)]
     keys = [key(100 + i) for i in range(BLOCKS)]
