@@ -171,7 +171,7 @@ static int send_iov(EndpointObject *s, struct iovec *iov) {
     return n;
 }
 
-/* `w` bytes of the queue went out. */
+/* `left` bytes of the queue went out: advance send_seq/send_off past them. */
 static void sent_bytes(EndpointObject *s, uint64_t left) {
     while (left && s->send_seq < s->tail) {
         cop *o = OP(s, s->send_seq);

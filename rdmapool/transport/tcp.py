@@ -329,8 +329,8 @@ class TcpTransport(Transport):
 
 
 def _sender_default() -> bool:
-    """A sender thread per endpoint is one more busy thread: worth it only with CPUs to spare (on two, the caller
-    sending itself was measured faster: docs/decisions.md)."""
+    """A sender thread per endpoint is one more busy thread: worth it only with CPUs to spare (on two it measured
+    no better: docs/decisions.md)."""
     forced = os.environ.get("RDMAPOOL_TCP_SENDER")
     if forced in ("0", "1"):
         return forced == "1"
