@@ -13,9 +13,10 @@ see the same background load.
 every run's time in order. `cpu_overhead_*` = protocol / raw - 1 in this process's CPU
 time (median per call), which other load on a shared machine disturbs far less. Then the p50/p99 of
 lookup_prefix over 512 keys (p50/p99/p99.9/max, with the p50 of client CPU per lookup), after `LOOKUP_WARMUP`
-uncounted ones (the first one's time is kept as `first_ms`). Before sampling, the lookup bench does `gc.collect(); gc.freeze()` in this process, as a latency-sensitive client application should
-after its set-up (the server does the same after building its pool): otherwise a full collection of this
-process's heap (7-18 ms here, more in an application holding a model) lands in about 1 lookup in 130 and sets
+uncounted ones (the first one's time is kept as `first_ms`). Before sampling, the lookup bench does
+`gc.collect(); gc.freeze()` in this process, as a latency-sensitive client application should after its set-up
+(the server does the same after building its pool): otherwise a full collection of this process's heap
+(7-18 ms here, more in an application holding a model) lands in about 1 lookup in 130 and sets
 the p99 (`--no-gc-freeze` measures that; see docs/decisions.md).
 `--client-cpus` / `--server-cpus` (e.g. 4-11 / 0-3) pin this process and every server process to disjoint CPU
 sets, so one many-core host stands in for a client host and a server host: each side gets its own cores, as

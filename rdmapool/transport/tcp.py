@@ -10,7 +10,8 @@ connection to the peer's engine; that connection is the queue pair: requests on 
 complete in order. Progress (sending queued frames, receiving responses straight into the local SGEs) runs in
 the caller's thread inside `post`/`poll`/`wait` with the GIL released; `wait` busy-polls `spin_us` before it
 blocks. Where the process has CPUs to spare, an endpoint's backlog of request bytes goes out on a sender thread
-of its own instead (`sender_thread`), so a caller working between posts does not hold the transfer up. See native/tcpengine.c for the wire format and why deregister cannot race into a use-after-free, and
+of its own instead (`sender_thread`), so a caller working between posts does not hold the transfer up. See
+native/tcpengine.c for the wire format and why deregister cannot race into a use-after-free, and
 docs/transport.md for the semantics.
 
 Region addresses are the owning process's virtual addresses, rkeys and lkeys random 32-bit values, as on verbs.

@@ -33,7 +33,9 @@ def client_transport(srv):
     """A new client-side transport for this server (`tcp-sender`: tcp whose endpoints send on a thread)."""
     if srv.variant == "local":
         return LocalTransport()
-    return transports.create(srv.transport_name, **({"sender_thread": True} if srv.variant == "tcp-sender" else {}))
+    if srv.transport_name == "tcp":
+        return transports.create("tcp", sender_thread=srv.variant == "tcp-sender")
+    return transports.create(srv.transport_name)
 
 
 @pytest.fixture(params=["local", "tcp", "tcp-sender", "shm"])
