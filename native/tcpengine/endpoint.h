@@ -116,7 +116,7 @@ static void ep_fail_ex(EndpointObject *s, uint64_t bad, int status, int flush_be
     }
     s->head = s->recv_seq = s->send_seq = s->tail;
     s->recv_off = s->send_off = 0;
-    s->state = EP_ERROR;
+    __atomic_store_n(&s->state, EP_ERROR, __ATOMIC_RELEASE); /* read unlocked by the Python-facing checks */
     ep_close_fd(s);
 }
 

@@ -56,7 +56,7 @@ static int Endpoint_init(EndpointObject *self, PyObject *args, PyObject *kw) {
     self->e = ((EngineObject *)eng)->e;
     self->fd = fd;
     self->spin_us = spin_us < 0 ? 0 : spin_us;
-    self->state = EP_READY;
+    __atomic_store_n(&self->state, EP_READY, __ATOMIC_RELEASE);
     ep_register(self);
     return 0;
 }
@@ -224,6 +224,9 @@ static void ep_enqueue(EndpointObject *s, const pending_t *p) {
     s->tail++;
 }
 
+/* The closed check of the Python-facing calls, made without the endpoint lock (state changes under it). */
+static int ep_closed(EndpointObject *s) { return __atomic_load_n(&s->state, __ATOMIC_ACQUIRE) == EP_CLOSED; }
+
 static PyObject *ep_closed_err(void) {
     PyErr_SetString(UsageError, "endpoint is closed");
     return NULL;
@@ -250,7 +253,7 @@ static void ep_post_pending(EndpointObject *s, pending_t *ps, Py_ssize_t n) {
 }
 
 static PyObject *Endpoint_post(EndpointObject *self, PyObject *arg) {
-    if (self->state == EP_CLOSED) return ep_closed_err();
+    if (ep_closed(self)) return ep_closed_err();
     PyObject *seq = PySequence_Fast(arg, "post needs a sequence of WorkRequest");
     if (!seq) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
@@ -278,7 +281,7 @@ static PyObject *Endpoint_post_plan(EndpointObject *self, PyObject *args) {
         return NULL;
     PyObject *result = NULL;
     pending_t *ps = NULL;
-    if (self->state == EP_CLOSED) { ep_closed_err(); goto out; }
+    if (ep_closed(self)) { ep_closed_err(); goto out; }
     const uint64_t *la = b[0].buf, *ll = b[1].buf, *lk = b[2].buf, *ra = b[3].buf, *rk = b[4].buf;
     const int64_t *pairs = b[5].buf;
     Py_ssize_t nl = b[0].len / 8, nr = b[3].len / 8, n = b[5].len / 16;
@@ -343,7 +346,7 @@ static PyObject *drain_cq(EndpointObject *s, Py_ssize_t max) {
 static PyObject *Endpoint_poll(EndpointObject *self, PyObject *args) {
     Py_ssize_t max = 64;
     if (!PyArg_ParseTuple(args, "|n", &max)) return NULL;
-    if (self->state == EP_CLOSED) return ep_closed_err();
+    if (ep_closed(self)) return ep_closed_err();
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->lock);
     ep_progress(self);
@@ -360,7 +363,7 @@ static PyObject *Endpoint_wait(EndpointObject *self, PyObject *args) {
     Py_ssize_t count;
     double timeout;
     if (!PyArg_ParseTuple(args, "nd", &count, &timeout)) return NULL;
-    if (self->state == EP_CLOSED) return ep_closed_err();
+    if (ep_closed(self)) return ep_closed_err();
     if (!(timeout > 0)) { PyErr_SetString(UsageError, "wait needs a positive timeout"); return NULL; }
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->lock);
@@ -422,7 +425,7 @@ static void ep_shutdown(EndpointObject *s) {
         for (uint64_t q = s->head; q < s->tail; q++) op_release(s, OP(s, q));
         s->head = s->recv_seq = s->send_seq = s->tail;
         ep_close_fd(s);
-        s->state = EP_CLOSED;
+        __atomic_store_n(&s->state, EP_CLOSED, __ATOMIC_RELEASE);
     }
     pthread_mutex_unlock(&s->lock);
 }
@@ -452,7 +455,9 @@ static void Endpoint_dealloc(EndpointObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *Endpoint_state(EndpointObject *self, void *c) { return PyLong_FromLong(self->state); }
+static PyObject *Endpoint_state(EndpointObject *self, void *c) {
+    return PyLong_FromLong(__atomic_load_n(&self->state, __ATOMIC_ACQUIRE));
+}
 static PyObject *Endpoint_outstanding(EndpointObject *self, void *c) { return PyLong_FromLong(self->outstanding); }
 
 static PyMethodDef Endpoint_methods[] = {

@@ -72,7 +72,7 @@ static PyObject *Engine_register(EngineObject *self, PyObject *args) {
     int access;
     if (!PyArg_ParseTuple(args, "OKKi", &obj, &addr, &length, &access)) return NULL;
     engine *e = self->e;
-    if (!e || e->closing) return engine_closed();
+    if (!e || __atomic_load_n(&e->closing, __ATOMIC_ACQUIRE)) return engine_closed();
     region *r = calloc(1, sizeof *r);
     if (!r) return PyErr_NoMemory();
     if (obj != Py_None) {
@@ -153,7 +153,7 @@ static PyObject *Engine_deregister(EngineObject *self, PyObject *args) {
 
 static void engine_shutdown(engine *e) {
     pthread_mutex_lock(&e->lock);
-    e->closing = 1;
+    __atomic_store_n(&e->closing, 1, __ATOMIC_RELEASE); /* read unlocked by accept_main and register */
     pthread_mutex_unlock(&e->lock);
     pthread_mutex_lock(&e->eplock);
     e->progress_stop = 1;

@@ -104,13 +104,15 @@ static void unpin_all(engine *e, region **pins, int *npins) {
 #define LOOPBACK_SOCKBUF (1 << 20)
 
 static int sockbuf_override(void) {
-    static int cached = -2;
-    if (cached == -2) {
-        const char *v = getenv("RDMAPOOL_TCP_SOCKBUF");
-        cached = v ? atoi(v) : -1;
-        if (v && cached < 0) cached = 0;
+    static int cached = -2; /* read and set from several threads: each computes the same value */
+    int v = __atomic_load_n(&cached, __ATOMIC_RELAXED);
+    if (v == -2) {
+        const char *env = getenv("RDMAPOOL_TCP_SOCKBUF");
+        v = env ? atoi(env) : -1;
+        if (env && v < 0) v = 0;
+        __atomic_store_n(&cached, v, __ATOMIC_RELAXED);
     }
-    return cached;
+    return v;
 }
 
 static int peer_is_loopback(int fd) {

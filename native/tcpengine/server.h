@@ -149,7 +149,7 @@ static void *accept_main(void *arg) {
         int fd = accept4(e->listen_fd, NULL, NULL, SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED) continue;
-            if (e->closing) return NULL;
+            if (__atomic_load_n(&e->closing, __ATOMIC_ACQUIRE)) return NULL;
             if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) { usleep(10000); continue; }
             return NULL;
         }
