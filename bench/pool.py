@@ -13,7 +13,8 @@ see the same background load.
 every run's time in order. `cpu_overhead_*` = protocol / raw - 1 in this process's CPU
 time (median per call), which other load on a shared machine disturbs far less. Then the p50/p99 of
 lookup_prefix over 512 keys (p50/p99/p99.9/max, with the p50 of client CPU per lookup), after `LOOKUP_WARMUP`
-uncounted ones (the first one's time is kept as `first_ms`). Before sampling, the lookup bench does
+uncounted ones (the first one's time is kept as `first_ms`; `slow` lists when the sampled lookups over
+3x the median started). Before sampling, the lookup bench does
 `gc.collect(); gc.freeze()` in this process, as a latency-sensitive client application should after its set-up
 (the server does the same after building its pool): otherwise a full collection of this process's heap
 (7-18 ms here, more in an application holding a model) lands in about 1 lookup in 130 and sets
@@ -205,6 +206,10 @@ def _pct(sorted_times: list[float], q: float) -> float:
 
 #: lookups run before the sampled ones (the first one's time is reported as `first_ms`)
 LOOKUP_WARMUP = 200
+#: sampled lookups slower than this many times the median are listed with when they started (the first
+#: `SLOW_KEPT`), so a p99 over the goal shows whether its stalls came in one burst or spread out
+SLOW_LOOKUP = 3
+SLOW_KEPT = 40
 
 
 def bench_lookup(transport: str, nkeys: int, samples: int, freeze: bool = True,
@@ -229,6 +234,7 @@ def bench_lookup(transport: str, nkeys: int, samples: int, freeze: bool = True,
             if freeze:
                 gc.collect()
                 gc.freeze()
+            starts = []
             try:
                 for _ in range(samples):
                     u = time.process_time()
@@ -237,16 +243,22 @@ def bench_lookup(transport: str, nkeys: int, samples: int, freeze: bool = True,
                     e = time.perf_counter()
                     cpu.append(time.process_time() - u)
                     times.append(e - t)
+                    starts.append(t)
                     if len(found) != nkeys:
                         raise RuntimeError(f"lookup found {len(found)} of {nkeys}")
             finally:
                 if freeze:
                     gc.unfreeze()
+    p50 = statistics.median(times)
+    # when the tail happened: clustered at the start (set-up or a neighbour's teardown) or spread out
+    slow = [[round((t - starts[0]) * 1e3, 1), round(x * 1e3, 2)] for t, x in zip(starts, times, strict=True)
+            if x > SLOW_LOOKUP * p50]
     times.sort()
     return {"keys": nkeys, "samples": samples, "warmup": warmup, "first_ms": round(first * 1e3, 3),
             "gc_freeze": freeze, "p50_ms": _pct(times, 0.50),
             "p99_ms": _pct(times, 0.99), "p999_ms": _pct(times, 0.999), "max_ms": round(times[-1] * 1e3, 3),
-            "client_cpu_p50_ms": round(statistics.median(cpu) * 1e3, 3)}
+            "client_cpu_p50_ms": round(statistics.median(cpu) * 1e3, 3),
+            "slow": {"over_p50_x": SLOW_LOOKUP, "count": len(slow), "at_ms_and_ms": slow[:SLOW_KEPT]}}
 
 
 def _cpu_model() -> str:
