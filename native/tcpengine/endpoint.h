@@ -394,6 +394,7 @@ static void tx_kick(EndpointObject *s, int was_idle, uint64_t new_bytes) {
             return;
         }
         s->tx_started = 1;
+        pthread_setname_np(s->tx_thread, "rdmapool-tx"); /* as `top -H` and tests see it */
     }
     pthread_cond_broadcast(&s->tx_cond);
 }
