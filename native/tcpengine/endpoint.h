@@ -389,7 +389,7 @@ static void tx_kick(EndpointObject *s, int was_idle, uint64_t new_bytes) {
     }
     if (!s->tx_started && !s->tx_stop) {
         if (pthread_create(&s->tx_thread, NULL, tx_main, s) != 0) { /* no thread: this caller keeps sending */
-            s->tx_mode = 0;
+            __atomic_store_n(&s->tx_mode, 0, __ATOMIC_RELEASE);
             ep_progress_send(s);
             return;
         }

@@ -12,7 +12,7 @@ static int Endpoint_init(EndpointObject *self, PyObject *args, PyObject *kw) {
     self->fd = -1;
     pthread_mutex_init(&self->lock, NULL);
     pthread_cond_init(&self->tx_cond, NULL);
-    self->tx_mode = sender;
+    __atomic_store_n(&self->tx_mode, sender, __ATOMIC_RELEASE);
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     if (inet_pton(AF_INET, host, &sa.sin_addr) != 1 || port <= 0 || port > 65535) {
         PyErr_Format(UsageError, "bad tcp peer address %s:%d (need an IPv4 address and a port)", host, port);
@@ -459,6 +459,9 @@ static PyObject *Endpoint_state(EndpointObject *self, void *c) {
     return PyLong_FromLong(__atomic_load_n(&self->state, __ATOMIC_ACQUIRE));
 }
 static PyObject *Endpoint_outstanding(EndpointObject *self, void *c) { return PyLong_FromLong(self->outstanding); }
+static PyObject *Endpoint_sender(EndpointObject *self, void *c) {
+    return PyBool_FromLong(__atomic_load_n(&self->tx_mode, __ATOMIC_ACQUIRE));
+}
 
 static PyMethodDef Endpoint_methods[] = {
     {"post", (PyCFunction)Endpoint_post, METH_O, "post(work_requests)"},
@@ -470,6 +473,8 @@ static PyMethodDef Endpoint_methods[] = {
 static PyGetSetDef Endpoint_getset[] = {
     {"state", (getter)Endpoint_state, NULL, "0 ready, 1 error, 2 closed", NULL},
     {"outstanding", (getter)Endpoint_outstanding, NULL, "signalled requests not yet returned", NULL},
+    {"sender", (getter)Endpoint_sender, NULL, "whether backlogs go out on a sender thread (off if it could not start)",
+     NULL},
     {NULL}};
 static PyTypeObject EndpointType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "rdmapool._tcpengine.Endpoint",

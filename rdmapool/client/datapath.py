@@ -591,12 +591,11 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
     # shm's READ digests come from a waiting thread hashing right behind the Mover's copy: on two CPUs (sibling
     # threads of one core here) that is nearly free, but with spare cores the client's workers hashing each
     # landed block measured faster (the trailing reads pull every line across cores; docs/decisions.md)
-    together = (client.config.transport_digests and Opcode.READ in batch.endpoint.digests
-                and not (threaded and batch.endpoint.asynchronous))
+    offered = client.config.transport_digests and Opcode.READ in batch.endpoint.digests
+    together = offered and not (threaded and batch.endpoint.asynchronous)
     # ... except a large last block: hashed after it landed, it is the one hash nothing overlaps (a 32 MiB block's
     # took ~4 ms of a ~45 ms get); with the transport's digest it is hashed while it moves
-    last_digest = (not together and client.config.transport_digests and Opcode.READ in batch.endpoint.digests
-                   and bool(refs) and refs[-1].length >= TAIL_DIGEST_MIN)
+    last_digest = offered and not together and bool(refs) and refs[-1].length >= TAIL_DIGEST_MIN
     pending: list[WorkRequest] = []
     pending_bytes = 0
     epoch = int(conn.hello.get("epoch", -1))

@@ -125,7 +125,7 @@ class TcpEndpoint(Endpoint):
 
     @property
     def sends_in_background(self) -> bool:
-        return self._transport.sender_thread
+        return self._ep.sender  # the transport's setting, unless the thread could not be started
 
     def poll(self, max_entries: int = 64) -> list[Completion]:
         return [_completion(c) for c in self.poll_results(max_entries)]

@@ -279,6 +279,7 @@ def test_sender_thread_moves_a_backlog_and_ends_with_its_endpoint(sender):
     remote, local = server.allocate(n * size), client.allocate(n * size)
     local.view[:] = os.urandom(n * size)
     with client.connect(server.peer_info()) as ep:
+        assert ep.sends_in_background  # what a put's pipelining asks (the native endpoint's own setting)
         ep.execute([WorkRequest.write(0, local.sge(0, 64), remote.remote(0), remote.rkey)], T)
         assert _senders() == 0  # sent by the caller: no thread for a small request
         wrs = [WorkRequest.write(i, local.sge(i * size, size), remote.remote(i * size), remote.rkey)
