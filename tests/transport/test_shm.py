@@ -417,3 +417,17 @@ def test_native_digest_matches_the_xxhash_package():
     for n in (0, 1, 17, 240, 241, 16384, 1 << 20, 3 * (1 << 20) + 5):
         data = os.urandom(n)
         assert _shmatomics.digest(data) == xxhash.xxh3_128_digest(data)
+
+
+def test_cuda_mode_defaults_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("RDMAPOOL_SHM_CUDA", "off")
+    with ShmTransport() as t:
+        assert t.cuda_mode == "off"
+    with ShmTransport(cuda="auto") as t:  # an explicit option wins
+        assert t.cuda_mode == "auto"
+    monkeypatch.setenv("RDMAPOOL_SHM_CUDA", "sometimes")
+    with pytest.raises(UsageError, match="RDMAPOOL_SHM_CUDA must be one of auto, off, require, got 'sometimes'"):
+        ShmTransport()
+    monkeypatch.delenv("RDMAPOOL_SHM_CUDA")
+    with ShmTransport() as t:
+        assert t.cuda_mode == "auto"

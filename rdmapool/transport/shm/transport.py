@@ -50,11 +50,12 @@ def boot_id() -> str:
 
 class ShmTransport(Transport):
     """Options: `shm_dir` (a tmpfs; /dev/shm), `mode` (file mode of the segments: the isolation boundary
-    between local users), `cuda` ("auto" | "off" | "require": cudaHostRegister the mappings), `max_regions`."""
+    between local users), `cuda` ("auto" | "off" | "require": cudaHostRegister the mappings; default from
+    RDMAPOOL_SHM_CUDA, else "auto"), `max_regions`."""
 
     name = BACKEND
 
-    def __init__(self, shm_dir: str = naming.DEFAULT_DIR, mode: int = DEFAULT_MODE, cuda: str = "auto",
+    def __init__(self, shm_dir: str = naming.DEFAULT_DIR, mode: int = DEFAULT_MODE, cuda: str | None = None,
                  max_regions: int = MAX_REGIONS) -> None:
         if not os.path.isdir(shm_dir):
             raise UsageError(f"shm_dir {shm_dir!r} is not a directory")
@@ -62,6 +63,8 @@ class ShmTransport(Transport):
             raise UsageError(f"mode must be a file mode like 0o600, got {mode!r}")
         if not 1 <= max_regions <= MAX_REGIONS:
             raise UsageError(f"max_regions must be in [1, {MAX_REGIONS}], got {max_regions}")
+        if cuda is None:
+            cuda = _cuda_from_env()
         _cuda_check(cuda)
         self.shm_dir = shm_dir
         self.mode = mode
@@ -275,6 +278,13 @@ class ShmTransport(Transport):
     def base(self) -> str | None:
         """The name prefix of this transport's segments (None until it serves)."""
         return self._base
+
+
+def _cuda_from_env() -> str:
+    mode = os.environ.get("RDMAPOOL_SHM_CUDA", "auto")
+    if mode not in cuda.MODES:
+        raise UsageError(f"RDMAPOOL_SHM_CUDA must be one of {', '.join(cuda.MODES)}, got {mode!r}")
+    return mode
 
 
 def _cuda_check(mode: str) -> None:
