@@ -16,7 +16,9 @@ no clearing. The core never sees block bytes and never reads a clock: every call
   `touch` report accesses to the policy and refresh the idle TTL.
 - `abort`, `delete`, eviction and TTL retire a slot: it leaves the index at once and becomes FREE when its last
   lease + grace has passed. Deadlines live in lazy heaps (stale entries are skipped by generation), so sweeping
-  costs O(expired), never a scan of all slots.
+  costs O(expired), never a scan of all slots. A heap is rebuilt without its stale entries when it outgrows twice
+  the slot count (a committed block's reservation entry, an evicted block's TTL entry): at most one entry per slot
+  is live, so memory stays bounded by the pool under any put rate, at amortised O(1) a push.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from rdmapool.transport.base import RegionDescriptor
 
 #: how many leased victims the policy may name before an allocate gives up on a full class
 EVICT_TRIES = 16
+#: deadline heaps may hold this many entries beyond twice the slot count before they are rebuilt
+HEAP_SLACK = 1024
 _MISS = bytes(HIT.size)  # a miss on the wire (generation 0)
 _wire = operator.attrgetter("wire")
 
@@ -103,6 +107,8 @@ class PoolCore:
         self._reservations: list[tuple[float, int, str, Slot]] = []
         self._retired: list[tuple[float, int, str, Slot]] = []
         self._ttl: list[tuple[float, int, str, Slot]] = []
+        #: a deadline heap longer than this holds stale entries: it is rebuilt without them (`_push`)
+        self._heap_limit = 2 * sum(len(c.slots) for t in self.tenants.values() for c in t.classes) + HEAP_SLACK
         self.counters: Counter[str] = Counter()
         #: when set (the server driver sets it), lookups queue their access reports to the eviction policy and
         #: `flush_access` applies them once the reply is sent (the driver: in idle moments, a chunk at a time).
@@ -309,7 +315,7 @@ class PoolCore:
         slot.lease_until = NEVER
         slot.deadline = now + self.config.reservation_s
         pool.index[key] = slot
-        heapq.heappush(self._reservations, (slot.deadline, slot.generation, pool.name, slot))
+        self._push(self._reservations, (slot.deadline, slot.generation, pool.name, slot), SlotState.WRITING)
         return Grant(AllocStatus.OK, pool.ref(slot))
 
     def _evict_for(self, pool: TenantPool, ci: int, info: BlockInfo, now: float) -> Slot | None:
@@ -365,7 +371,17 @@ class PoolCore:
     def _push_ttl(self, pool: TenantPool, slot: Slot, now: float) -> None:
         deadline = self._ttl_deadline(slot)
         if deadline != float("inf"):
-            heapq.heappush(self._ttl, (deadline, slot.generation, pool.name, slot))
+            self._push(self._ttl, (deadline, slot.generation, pool.name, slot), SlotState.RESIDENT)
+
+    def _push(self, heap: list[tuple[float, int, str, Slot]], entry: tuple[float, int, str, Slot],
+              live_state: SlotState) -> None:
+        """Push a deadline; past `_heap_limit`, first drop the entries whose slot has left `live_state` or been
+        reused (what `sweep` would skip when they came due)."""
+        if len(heap) >= self._heap_limit:
+            heap[:] = [e for e in heap if e[3].state is live_state and e[3].generation == e[1]]
+            heapq.heapify(heap)
+            self.counters["deadline_heap_rebuilds"] += 1
+        heapq.heappush(heap, entry)
 
     # ---- observability ----------------------------------------------------------------------------------
     def snapshot(self, now: float, count_leases: bool = True) -> dict:

@@ -211,7 +211,33 @@ def test_flood_stays_bounded() -> None:
         assert g.status is AllocStatus.OK
         core.commit("a", [(key(i), g.slot.generation)], i * 0.01)
     pool = core.tenants["a"]
-    assert len(pool.index) <= 8 and len(core._retired) <= 8 and len(core._reservations) <= 2000
+    assert len(pool.index) <= 8 and len(core._retired) <= 8
+    check_invariants(core)
+
+
+def test_deadline_heaps_stay_bounded_under_a_flood_and_keep_their_live_entries() -> None:
+    """Each put leaves a reservation entry (stale once committed) and, with a TTL, a TTL entry (stale once the
+    block is evicted): a flood far faster than those deadlines must not grow the heaps without bound."""
+    from rdmapool.server.core import HEAP_SLACK
+
+    core = make_core(slots=8, ttl_s=3600.0, idle_ttl_s=1800.0)
+    limit = 2 * 16 + HEAP_SLACK  # two tenants of 8 slots
+    n = 3 * limit
+    for i in range(n):  # all within 0.3 s: no reservation (5 s) or TTL comes due
+        (g,) = core.allocate("a", [key(i)], [10], i * 1e-4)
+        assert g.status is AllocStatus.OK
+        assert core.commit("a", [(key(i), g.slot.generation)], i * 1e-4) == [True]
+    assert len(core._reservations) <= limit and len(core._ttl) <= limit
+    assert core.counters["deadline_heap_rebuilds"] >= 2
+    check_invariants(core)
+    # the live entries survived the rebuilds: a pending reservation still expires, resident blocks still age out
+    (pending,) = core.allocate("a", [key(n)], [10], 1.0)
+    resident = [k for k in map(key, range(n)) if k in core.tenants["a"].index]
+    assert len(resident) == 7
+    core.sweep(7.0)
+    assert core.counters["reservations_expired"] == 1 and key(n) not in core.tenants["a"].index
+    core.sweep(1801.0)
+    assert core.counters["expired_ttl"] == 7 and not core.tenants["a"].index
     check_invariants(core)
 
 
