@@ -40,3 +40,7 @@ class AuthError(RdmapoolError, PermissionError):
 
 class NoDevice(UsageError):
     """A requested transport or device is not available on this machine."""
+
+
+class InternalError(RdmapoolError):
+    """A server-side bug hit while serving a request: that request fails and its session ends, nothing else."""

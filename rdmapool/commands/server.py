@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         if agent is not None:  # SIGUSR1: drain (the map moves this server's shards away), then leave
             signal.signal(signal.SIGUSR1, lambda *_: drain.set())
         while not stop.wait(1.0 if agent is None else 0.1):
+            if server.failure is not None:
+                break
             if agent is not None:
                 for kind, detail in agent.session.take_events():
                     print(json.dumps({"cluster_event": kind, "detail": str(detail)}), flush=True)
@@ -89,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
         if agent is not None:
             agent.stop(leave=True)
         server.stop()
+    if server.failure is not None:
+        print(f"rdmapool server: the serving loop failed ({type(server.failure).__name__}: {server.failure}); "
+              "stopped", file=sys.stderr, flush=True)
+        return 1
     print(json.dumps({"stopped": True, "server_id": info.server_id}), file=sys.stderr, flush=True)
     return 0
 

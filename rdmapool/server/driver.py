@@ -87,6 +87,8 @@ class MemoryServer:
         self._conns: dict[int, _Conn] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        #: why the serving loop ended on its own (None while it serves or after a clean stop)
+        self.failure: BaseException | None = None
         self._wake_r, self._wake_w = -1, -1
         self._servicing: _Conn | None = None
         # every connection's bytes are received into this one buffer (the loop is one thread; sessions copy what
@@ -224,6 +226,15 @@ class MemoryServer:
 
     # ---- the selector loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
+        """The serving loop; should it ever fail (a bug of ours outside any one connection), `failure` says why
+        and `rdmapool server` exits non-zero instead of living on without serving."""
+        try:
+            self._serve()
+        except BaseException as exc:
+            self.failure = exc
+            log.critical("server loop failed; the server stops serving", exc_info=True)
+
+    def _serve(self) -> None:
         cfg = self.config
         next_sweep = 0.0
         draining = False  # idle for ACCESS_IDLE_S with reports queued: apply them until a request comes
@@ -238,7 +249,13 @@ class MemoryServer:
                     with contextlib.suppress(OSError):
                         os.read(self._wake_r, 4096)
                 else:
-                    self._service(key.data, mask)
+                    try:
+                        self._service(key.data, mask)
+                    except Exception:  # a bug of ours: that client's connection ends, the loop goes on
+                        log.exception("internal error servicing %s; closing its connection", key.data.peer)
+                        self.core.counters["internal_errors"] += 1
+                        with contextlib.suppress(Exception):
+                            self._close(key.data)
             backlog = self.core.access_backlog
             if backlog and (draining or backlog > ACCESS_BACKLOG_MAX):
                 # the lookups' access reports for the eviction policy, now that their replies are out: a chunk

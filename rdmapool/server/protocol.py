@@ -26,14 +26,17 @@ from __future__ import annotations
 
 import enum
 import hmac
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rdmapool.config import ServerConfig
-from rdmapool.errors import AuthError, ProtocolError, UsageError
+from rdmapool.errors import AuthError, InternalError, ProtocolError, UsageError
 from rdmapool.server import wire
 from rdmapool.server.core import AllocStatus, PoolCore
 from rdmapool.server.slots import BlockHint
+
+log = logging.getLogger(__name__)
 
 #: the `stats` op counts leased slots only up to this pool size (the metrics endpoint always counts them)
 LEASE_SCAN_MAX_SLOTS = 1 << 16
@@ -215,12 +218,17 @@ class ServerSession:
             return self._reply(rid, handler(self.tenant, msg, now))
         except (ProtocolError, AuthError, UsageError) as exc:
             return self._fail(rid, exc)
+        except Exception as exc:  # a bug of ours: this client's session ends, the server and others go on
+            log.exception("internal error serving %r", msg.get("op"))
+            self.handler.core.counters["internal_errors"] += 1
+            return self._fail(rid, InternalError(f"internal server error ({type(exc).__name__})"), count=False)
 
     def _reply(self, rid: int, fields: dict) -> bytes:
         return wire.encode({"v": wire.VERSION, "id": rid, "ok": True, **fields})
 
-    def _fail(self, rid: int, exc: Exception) -> bytes:
+    def _fail(self, rid: int, exc: Exception, count: bool = True) -> bytes:
         self.state = SessionState.CLOSED
         self.close_reason = f"{type(exc).__name__}: {exc}"
-        self.handler.core.counters["auth_failures" if isinstance(exc, AuthError) else "protocol_errors"] += 1
+        if count:
+            self.handler.core.counters["auth_failures" if isinstance(exc, AuthError) else "protocol_errors"] += 1
         return wire.encode({"v": wire.VERSION, "id": rid, "ok": False, "kind": type(exc).__name__, "error": str(exc)})
