@@ -88,6 +88,8 @@ class ServerConfig:
     ttl_s: float | None = None  # absolute lifetime of a block from its commit
     idle_ttl_s: float | None = None  # lifetime since the last lookup or touch
     policy: str = "default"
+    #: keyword options of the policy, e.g. {"ttl": 600.0} for "ttl" (checked at construction)
+    policy_options: dict = field(default_factory=dict)
     max_frame: int = 1 << 20
     max_keys: int = 4096  # per request
     memory: str = "host"  # "host" or "cuda"
@@ -124,6 +126,9 @@ class ServerConfig:
             raise UsageError("max_frame must be >= 1024 and max_keys >= 1")
         if self.memory not in ("host", "cuda"):
             raise UsageError(f"memory must be host or cuda, got {self.memory!r}")
+        from rdmapool.policy import create as create_policy
+
+        create_policy(self.policy, **self.policy_options)  # a bad name or option fails here, naming it
 
 
 @dataclass(frozen=True, slots=True)

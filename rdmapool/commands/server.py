@@ -39,6 +39,27 @@ def _tenants(args: argparse.Namespace) -> tuple[TenantConfig, ...]:
     return tuple(tenants)
 
 
+def _policy_options(specs: list[str]) -> dict:
+    """KEY=VALUE pairs; values read as int, float or true/false where they parse, else kept as text."""
+    options: dict = {}
+    for spec in specs:
+        name, sep, text = spec.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--policy-option needs KEY=VALUE, got {spec!r}")
+        value: object = text
+        if text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            for parse in (int, float):
+                try:
+                    value = parse(text)
+                    break
+                except ValueError:
+                    pass
+        options[name.strip()] = value
+    return options
+
+
 def build_config(args: argparse.Namespace) -> ServerConfig:
     host, port = parse_hostport(args.listen)
     metrics_host, metrics_port = ("127.0.0.1", None)
@@ -51,7 +72,8 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         transport_options={"host": host} if args.transport == "tcp" else {},
         **({"size_classes": classes} if classes else {}),
         lease_s=args.lease_s, grace_s=args.grace_s, reservation_s=args.reservation_s, ttl_s=args.ttl_s,
-        idle_ttl_s=args.idle_ttl_s, policy=args.policy, memory=args.memory, metrics_host=metrics_host,
+        idle_ttl_s=args.idle_ttl_s, policy=args.policy, policy_options=_policy_options(args.policy_option or []),
+        memory=args.memory, metrics_host=metrics_host,
         metrics_port=metrics_port,
     )
 
@@ -112,6 +134,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ttl-s", type=float, default=None, help="absolute block lifetime from commit (s)")
     p.add_argument("--idle-ttl-s", type=float, default=None, help="block lifetime since last access (s)")
     p.add_argument("--policy", default="default", help="eviction policy (rdmapool.policy names)")
+    p.add_argument("--policy-option", action="append", metavar="KEY=VALUE",
+                   help="an option of the policy, e.g. ttl=600 for --policy ttl (repeatable)")
     p.add_argument("--memory", default="host", choices=["host", "cuda"], help="pool memory kind")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve /metrics and /healthz here")
     from rdmapool.cluster.serving import add_arguments

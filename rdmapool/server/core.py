@@ -82,7 +82,7 @@ class TenantPool:
         layouts = plan_classes(region.length, config.size_classes, config.class_weights)
         if not layouts:
             raise UsageError(f"tenant {tenant.name}: quota {region.length} is too small for any size class")
-        self.classes = [SlotClass(layout, create_policy(config.policy)) for layout in layouts]
+        self.classes = [SlotClass(layout, create_policy(config.policy, **config.policy_options)) for layout in layouts]
         self.index: dict[bytes, Slot] = {}
 
     def class_for(self, length: int) -> int | None:

@@ -39,3 +39,31 @@ def test_bad_arguments_name_the_problem(argv: list[str], message: str, monkeypat
     monkeypatch.delenv("RDMAPOOL_TENANTS", raising=False)
     with pytest.raises(UsageError, match=message):
         build_config(parse(*argv))
+
+
+def test_policy_options_reach_the_policy(monkeypatch) -> None:
+    from rdmapool.server.core import PoolCore
+    from rdmapool.transport.base import RegionDescriptor
+
+    monkeypatch.delenv("RDMAPOOL_TENANTS", raising=False)
+    cfg = build_config(parse("--tenant", "a:token-123456:1MiB", "--size-classes", "64KiB", "--policy", "ttl",
+                             "--policy-option", "ttl=600", "--policy-option", "refresh=false"))
+    assert cfg.policy_options == {"ttl": 600, "refresh": False}
+    core = PoolCore(cfg, {"a": RegionDescriptor(0x10000, 1 << 20, 1)})
+    (cls,) = core.tenants["a"].classes
+    assert (cls.policy.name, cls.policy.ttl, cls.policy.refresh) == ("ttl", 600.0, False)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--policy", "ttl", "--policy-option", "horizon=5"], "bad options for policy 'ttl'"),
+        (["--policy", "ttl", "--policy-option", "ttl"], "KEY=VALUE"),
+        (["--policy", "ttl", "--policy-option", "ttl=-1"], "ttl must be > 0"),
+        (["--policy", "nonesuch"], "unknown eviction policy 'nonesuch'"),
+    ],
+)
+def test_bad_policy_options_name_the_problem(argv: list[str], message: str, monkeypatch) -> None:
+    monkeypatch.delenv("RDMAPOOL_TENANTS", raising=False)
+    with pytest.raises(UsageError, match=message):
+        build_config(parse("--tenant", "a:token-123456:1MiB", *argv))
