@@ -1,7 +1,8 @@
 """`rdmapool stats HOST:PORT`: a live table of a memory server's slots, leases and event rates.
 
 The token (any tenant's) comes from --token or RDMAPOOL_TOKEN; the stats op needs an authenticated connection
-but no data path. --once prints one table; --json prints the raw snapshot.
+but no data path, and shows that tenant's slots only (other tenants' usage is the operator's, on /metrics) with
+the server-wide event counters. --once prints one table; --json prints the raw snapshot.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def render(stats: dict, previous: dict | None, interval: float) -> str:
         for c in t.get("classes", []):
             lines.append(f"{tenant:<12}{_size(c['capacity']):>10}{c['slots']:>8}{c['free']:>8}{c['writing']:>8}"
                          f"{c['resident']:>9}{c['retired']:>8}{_opt(c['leased']):>8}{c['resident_bytes'] / 2**20:>14.1f}")
-    lines += ["", f"{'event':<28}{'total':>12}{'per s':>10}"]
+    lines += ["", f"{'event (all tenants)':<28}{'total':>12}{'per s':>10}"]
     prev = (previous or {}).get("counters", {})
     for name, value in sorted(stats.get("counters", {}).items()):
         rate = (value - prev.get(name, 0)) / interval if previous else 0.0

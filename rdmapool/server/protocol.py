@@ -156,9 +156,16 @@ class Handler:
         return {"count": self.core.touch(tenant, self._keys(msg), now)}
 
     def _stats(self, tenant: str, msg: dict, now: float) -> dict:
+        """This tenant's slots and the server-wide counters: any tenant's token may ask, so other tenants'
+        names and usage stay out (the operator's /metrics endpoint shows them)."""
+        snap = self.core.snapshot(now, count_leases=False)
+        mine = snap["tenants"][tenant]
+        classes = self.core.tenants[tenant].classes
         # counting leases scans every slot, which would stall this server's loop on a big pool
-        scan = self.core.total_slots() <= LEASE_SCAN_MAX_SLOTS
-        return {"stats": {"server": self.info.to_dict(), **self.core.snapshot(now, count_leases=scan)}}
+        if sum(len(cls.slots) for cls in classes) <= LEASE_SCAN_MAX_SLOTS:
+            for cls, c in zip(classes, mine["classes"], strict=True):
+                c["leased"] = cls.leased(now)
+        return {"stats": {"server": self.info.to_dict(), "tenants": {tenant: mine}, "counters": snap["counters"]}}
 
 
 class ServerSession:

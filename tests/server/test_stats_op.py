@@ -1,0 +1,54 @@
+"""The control-protocol `stats` op: a tenant sees its own slots and the server-wide totals, never another
+tenant's name or usage (any tenant's token may ask; the operator's /metrics shows every tenant)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rdmapool.commands.stats import render
+from rdmapool.server import wire
+from rdmapool.server.protocol import Handler, ServerInfo, ServerSession
+from tests.server.test_core import key, make_core
+
+
+@pytest.fixture
+def handler() -> Handler:
+    core = make_core(tenants=("alpha", "bravo"))
+    return Handler(core, core.config, ServerInfo("srv", "127.0.0.1", 1, "local", 7))
+
+
+def call(session: ServerSession, rid: int, op: str, **fields) -> tuple[dict, bytes]:
+    raw = session.receive(wire.encode({"v": wire.VERSION, "id": rid, "op": op, **fields}), 0.0)
+    dec = wire.FrameDecoder(1 << 20)
+    dec.feed(raw)
+    (reply,) = dec.messages()
+    assert reply["ok"], reply
+    return reply, raw
+
+
+def session(handler: Handler, tenant: str) -> ServerSession:
+    s = ServerSession(handler)
+    call(s, 1, "hello", token=f"token-{tenant}-secret")
+    return s
+
+
+def test_stats_shows_only_the_asking_tenant(handler: Handler) -> None:
+    a, b = session(handler, "alpha"), session(handler, "bravo")
+    (grant,) = call(b, 2, "allocate", keys=key(1), lengths=[10])[0]["grants"]
+    call(b, 3, "commit", items=[[key(1), grant[3]]])
+    stats, raw = call(a, 4, "stats")
+    assert list(stats["stats"]["tenants"]) == ["alpha"] and b"bravo" not in raw
+    assert stats["stats"]["tenants"]["alpha"]["classes"][0]["resident"] == 0
+    assert stats["stats"]["counters"]["commits"] == 1  # server-wide totals stay, with no tenant in them
+    assert "bravo" not in render(stats["stats"], None, 1.0)
+    mine = call(b, 5, "stats")[0]["stats"]["tenants"]
+    assert list(mine) == ["bravo"] and mine["bravo"]["classes"][0]["resident"] == 1
+
+
+def test_stats_counts_leases_of_the_tenants_own_slots(handler: Handler) -> None:
+    a = session(handler, "alpha")
+    (grant,) = call(a, 2, "allocate", keys=key(1), lengths=[10])[0]["grants"]
+    call(a, 3, "commit", items=[[key(1), grant[3]]])
+    call(a, 4, "lookup", keys=key(1))
+    (cls,) = call(a, 5, "stats")[0]["stats"]["tenants"]["alpha"]["classes"]
+    assert cls["leased"] == 1
