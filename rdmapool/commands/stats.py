@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -61,6 +62,9 @@ def _size(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # rates divide by the interval and time.sleep refuses negatives, nan and inf: say so before any traceback
+    if not (math.isfinite(args.interval) and args.interval > 0):
+        raise UsageError(f"--interval must be a finite number of seconds > 0, got {args.interval}")
     token = args.token or os.environ.get("RDMAPOOL_TOKEN")
     if not token:
         raise UsageError("give a tenant token with --token or RDMAPOOL_TOKEN")
@@ -84,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stats", help="live table of a memory server's state (HOST:PORT of its control port)")
     p.add_argument("address", help="HOST:PORT")
     p.add_argument("--token", help="a tenant token (default: $RDMAPOOL_TOKEN)")
-    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (> 0; default 1)")
     p.add_argument("--once", action="store_true", help="print one table and exit")
     p.add_argument("--json", action="store_true", help="print the raw snapshot as JSON")
     p.set_defaults(func=run)
