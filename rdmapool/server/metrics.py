@@ -17,10 +17,22 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from rdmapool.server.core import AllocStatus
+
 if TYPE_CHECKING:
     from rdmapool.server.driver import MemoryServer
 
 STATES = ("free", "writing", "resident", "retired")
+#: the counters the server core, protocol and driver increment, besides allocate_<status> and op_<op>: exported
+#: at 0 before their first event, since Prometheus' increase() cannot see an event that creates its series
+EVENTS = ("lookup_hits", "lookup_misses", "leases_granted", "commits", "commit_rejected", "aborts", "deletes",
+          "touches", "evictions", "admission_rejected", "expired_ttl", "reservations_expired", "writes_refused",
+          "deadline_heap_rebuilds", "protocol_errors", "auth_failures", "internal_errors")
+
+
+def known_events(server: MemoryServer) -> list[str]:
+    """Every event counter this server can report, whether or not it has happened yet."""
+    return [*EVENTS, *(f"allocate_{s.name.lower()}" for s in AllocStatus), *(f"op_{op}" for op in server.handler.ops)]
 
 
 class PoolCollector:
@@ -50,7 +62,7 @@ class PoolCollector:
         yield conns
         ops = CounterMetricFamily("rdmapool_events", "Server events (operations, hits, evictions, errors...)",
                                   labels=["event"])
-        for name, value in sorted(snap["counters"].items()):
+        for name, value in sorted((dict.fromkeys(known_events(self.server), 0) | snap["counters"]).items()):
             ops.add_metric([name], value)
         yield ops
 
@@ -65,6 +77,12 @@ class MetricsServer:
 
         class _Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                self._answer(send_body=True)
+
+            def do_HEAD(self) -> None:  # noqa: N802 (probes and load balancers ask HEAD: same headers, no body)
+                self._answer(send_body=False)
+
+            def _answer(self, send_body: bool) -> None:
                 if self.path.split("?")[0] == "/metrics":
                     body, ctype = generate_latest(registry), CONTENT_TYPE_LATEST
                 elif self.path.split("?")[0] in ("/healthz", "/health"):
@@ -80,7 +98,8 @@ class MetricsServer:
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if send_body:
+                    self.wfile.write(body)
 
             def log_message(self, *args: object) -> None:
                 pass
