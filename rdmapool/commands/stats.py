@@ -35,7 +35,15 @@ def fetch(address: ServerAddress, token: str, timeout: float = 2.0) -> dict:
 def render(stats: dict, previous: dict | None, interval: float) -> str:
     srv = stats.get("server", {})
     lines = [f"server {srv.get('server_id')} at {srv.get('host')}:{srv.get('port')}  transport {srv.get('transport')}"
-             f"  epoch {srv.get('epoch')}  metrics {srv.get('metrics_port')}", ""]
+             f"  epoch {srv.get('epoch')}  metrics {srv.get('metrics_port')}"]
+    if cfg := stats.get("config"):  # a server older than the config map sends none
+        policy = " ".join([cfg.get("policy", "?"), *(f"{k}={v}" for k, v in cfg.get("policy_options", {}).items())])
+        lines.append(f"config  lease {_secs(cfg.get('lease_s'))}  grace {_secs(cfg.get('grace_s'))}"
+                     f"  reservation {_secs(cfg.get('reservation_s'))}  ttl {_secs(cfg.get('ttl_s'))}"
+                     f"  idle ttl {_secs(cfg.get('idle_ttl_s'))}  idle timeout {_secs(cfg.get('idle_timeout_s'))}")
+        lines.append(f"        policy {policy}  classes {','.join(_size(c) for c in cfg.get('size_classes', []))}"
+                     f"  max keys {cfg.get('max_keys')}")
+    lines.append("")
     lines.append(f"{'tenant':<12}{'class':>10}{'slots':>8}{'free':>8}{'writing':>8}{'resident':>9}{'retired':>8}"
                  f"{'leased':>8}{'resident MiB':>14}")
     for tenant, t in stats.get("tenants", {}).items():
@@ -48,6 +56,10 @@ def render(stats: dict, previous: dict | None, interval: float) -> str:
         rate = (value - prev.get(name, 0)) / interval if previous else 0.0
         lines.append(f"{name:<28}{value:>12}{rate:>10.1f}")
     return "\n".join(lines)
+
+
+def _secs(v: float | None) -> str:
+    return "-" if v is None else f"{v:g}s"
 
 
 def _opt(v: int | None) -> str:

@@ -3,6 +3,7 @@ the first event; HEAD is answered like GET, without a body."""
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.error
 import urllib.request
@@ -62,3 +63,10 @@ def test_head_of_an_unknown_path_is_404(server: MemoryServer) -> None:
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(urllib.request.Request(url(server, "/nope"), method="HEAD"), timeout=5)
     assert err.value.code == 404
+
+
+def test_healthz_shows_the_settings_and_no_token(server: MemoryServer) -> None:
+    raw = urllib.request.urlopen(url(server, "/healthz"), timeout=5).read()
+    config = json.loads(raw)["config"]
+    assert config["size_classes"] == [4096] and config["policy"] == "default" and config["lease_s"] == 10.0
+    assert b"token-a-secret" not in raw
