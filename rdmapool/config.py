@@ -5,6 +5,7 @@ Sizes accept integers or strings with binary suffixes ("64KiB", "1G"); times are
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -39,8 +40,9 @@ def parse_hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, in
 
 
 def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise UsageError(f"{name} must be > 0, got {value}")
+    """A finite positive number of seconds (nan or inf would park slots forever: a grace of nan never ends)."""
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise UsageError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +119,8 @@ class ServerConfig:
             raise UsageError("class_weights needs one non-negative weight per size class")
         for name in ("lease_s", "reservation_s", "tick_s", "idle_timeout_s"):
             _positive(name, getattr(self, name))
-        if self.grace_s < 0:
-            raise UsageError("grace_s must be >= 0")
+        if not (isinstance(self.grace_s, int | float) and math.isfinite(self.grace_s) and self.grace_s >= 0):
+            raise UsageError(f"grace_s must be a finite number >= 0, got {self.grace_s!r}")
         for name in ("ttl_s", "idle_ttl_s"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))

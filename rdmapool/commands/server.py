@@ -32,7 +32,10 @@ def _tenants(args: argparse.Namespace) -> tuple[TenantConfig, ...]:
                 data = tomllib.load(f)
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise UsageError(f"cannot read tenants file {args.tenants_file}: {exc}") from None
-        for name, t in (data.get("tenants") or {}).items():
+        table = data.get("tenants") or {}
+        if not isinstance(table, dict):
+            raise UsageError(f"tenants file {args.tenants_file}: 'tenants' must be a table of [tenants.NAME] entries")
+        for name, t in table.items():
             if not isinstance(t, dict) or "token" not in t or "quota" not in t:
                 raise UsageError(f"tenants file: [tenants.{name}] needs token and quota")
             tenants.append(TenantConfig(name, str(t["token"]), parse_size(t["quota"])))

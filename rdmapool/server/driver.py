@@ -114,15 +114,25 @@ class MemoryServer:
         from rdmapool import transport as transports
 
         cfg = self.config
+        if cfg.memory == "host" and cfg.prefault:
+            check_host_memory(sum(t.quota for t in cfg.tenants))
         if self._transport is None:
-            self._transport = transports.create(cfg.transport, **cfg.transport_options)
+            try:
+                self._transport = transports.create(cfg.transport, **cfg.transport_options)
+            except OSError as exc:
+                where = f" on {cfg.transport_options['host']}" if "host" in cfg.transport_options else ""
+                raise UsageError(f"cannot start the {cfg.transport} transport{where}: {exc.strerror or exc}") from None
         for tenant in cfg.tenants:
             if cfg.memory == "cuda":
                 from rdmapool.server.gpumem import allocate_cuda
 
                 self.regions[tenant.name] = allocate_cuda(self._transport, tenant.quota)
             else:
-                self.regions[tenant.name] = self._transport.allocate(tenant.quota, MemoryKind.HOST)
+                try:
+                    self.regions[tenant.name] = self._transport.allocate(tenant.quota, MemoryKind.HOST)
+                except (OSError, MemoryError) as exc:
+                    raise UsageError(f"cannot allocate tenant {tenant.name}'s pool of {tenant.quota} bytes: "
+                                     f"{getattr(exc, 'strerror', None) or exc or type(exc).__name__}") from None
                 if cfg.prefault:
                     prefault(self.regions[tenant.name])
         epoch = int.from_bytes(os.urandom(4), "little") | 1
@@ -132,7 +142,10 @@ class MemoryServer:
         # which otherwise pause the loop for tens of ms on a pool of a million slots (lookup p99)
         gc.collect()
         gc.freeze()
-        self._listener = socket.create_server((cfg.host, cfg.port), backlog=128)
+        try:
+            self._listener = socket.create_server((cfg.host, cfg.port), backlog=128)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
         self._listener.setblocking(False)
         host, port = self._listener.getsockname()[:2]
         self.info = ServerInfo(self.server_id, host, port, self._transport.name, epoch,
@@ -143,7 +156,11 @@ class MemoryServer:
         if cfg.metrics_port is not None:
             from rdmapool.server.metrics import MetricsServer
 
-            self._metrics = MetricsServer(self, cfg.metrics_host, cfg.metrics_port)
+            try:
+                self._metrics = MetricsServer(self, cfg.metrics_host, cfg.metrics_port)
+            except OSError as exc:
+                raise UsageError(f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port}: "
+                                 f"{exc.strerror or exc}") from None
             self.info = ServerInfo(**{**self.info.to_dict(), "metrics_port": self._metrics.port})
             self.handler.info = self.info
         self._sel = selectors.DefaultSelector()
@@ -352,3 +369,26 @@ class MemoryServer:
                 release(session)
             except Exception as exc:  # a transport failing to free one client's QPs must not stop the server
                 log.warning("releasing transport session %s of %s failed: %s", session, conn.peer, exc)
+
+
+def memory_available() -> int | None:
+    """Bytes of memory the kernel can give without swapping (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_host_memory(total: int) -> None:
+    """Refuse quotas this host cannot hold. The pool is touched page by page at start (`prefault`), so a quota
+    beyond the available memory would not fail cleanly: it would drive the host into swap or its OOM killer,
+    which may kill other processes (a 1 TiB shm quota on a 24 GiB host did)."""
+    available = memory_available()
+    if available is not None and total > available:
+        raise UsageError(f"the tenants' quotas total {total} bytes ({total / 2**30:.1f} GiB), more than the "
+                         f"{available / 2**30:.1f} GiB of memory available on this host (MemAvailable); "
+                         "lower the quotas")

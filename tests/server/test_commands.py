@@ -67,3 +67,48 @@ def test_bad_policy_options_name_the_problem(argv: list[str], message: str, monk
     monkeypatch.delenv("RDMAPOOL_TENANTS", raising=False)
     with pytest.raises(UsageError, match=message):
         build_config(parse("--tenant", "a:token-123456:1MiB", *argv))
+
+
+@pytest.mark.parametrize("body", ['tenants = "x"', "tenants = [1]"])
+def test_a_malformed_tenants_file_names_the_problem(body: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("RDMAPOOL_TENANTS", raising=False)
+    f = tmp_path / "tenants.toml"
+    f.write_text(body + "\n")
+    with pytest.raises(UsageError, match="'tenants' must be a table"):
+        build_config(parse("--tenants-file", str(f)))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+@pytest.mark.parametrize("option", ["--lease-s", "--grace-s", "--reservation-s", "--ttl-s", "--idle-ttl-s"])
+def test_times_must_be_finite(option: str, value: str, monkeypatch) -> None:
+    """A grace of nan never ends: retired slots would never come back (seen: free slots ran out)."""
+    monkeypatch.delenv("RDMAPOOL_TENANTS", raising=False)
+    with pytest.raises(UsageError, match=f"{option[2:].replace('-', '_')} must be a finite number"):
+        build_config(parse("--tenant", "a:token-123456:1MiB", option, value))
+
+
+def _serve(*argv: str) -> int:
+    from rdmapool.cli import main
+
+    return main(["server", "--tenant", "a:token-123456:1MiB", "--size-classes", "64KiB", *argv])
+
+
+def test_start_up_failures_are_one_line_errors(capsys) -> None:
+    """What operators get wrong at start (a port in use, an address not on this host, a quota the host cannot
+    hold) is exit status 2 and one line naming it, not a traceback."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert _serve("--listen", f"127.0.0.1:{port}") == 2
+        assert f"rdmapool server: cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
+        assert _serve("--listen", "127.0.0.1:0", "--metrics", f"127.0.0.1:{port}") == 2
+        assert f"cannot serve metrics on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
+    assert _serve("--listen", "192.0.2.1:0") == 2  # TEST-NET-1: never an address of this host
+    assert "cannot start the tcp transport on 192.0.2.1: Cannot assign requested address" in capsys.readouterr().err
+    from rdmapool.cli import main
+
+    assert main(["server", "--tenant", "a:token-123456:100TiB", "--listen", "127.0.0.1:0"]) == 2
+    err = capsys.readouterr().err
+    assert "the tenants' quotas total 109951162777600 bytes (102400.0 GiB), more than the" in err
+    assert "Traceback" not in err
