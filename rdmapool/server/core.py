@@ -108,7 +108,7 @@ class PoolCore:
         self._retired: list[tuple[float, int, str, Slot]] = []
         self._ttl: list[tuple[float, int, str, Slot]] = []
         #: a deadline heap longer than this holds stale entries: it is rebuilt without them (`_push`)
-        self._heap_limit = 2 * sum(len(c.slots) for t in self.tenants.values() for c in t.classes) + HEAP_SLACK
+        self._heap_limit = 2 * self.total_slots() + HEAP_SLACK
         self.counters: Counter[str] = Counter()
         #: when set (the server driver sets it), lookups queue their access reports to the eviction policy and
         #: `flush_access` applies them once the reply is sent (the driver: in idle moments, a chunk at a time).
