@@ -98,6 +98,7 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None  # None: no HTTP endpoint; 0: any free port
     idle_timeout_s: float = 300.0  # a control connection silent this long is closed
+    hello_timeout_s: float = 10.0  # a connection that has not authenticated (hello) this long after opening is closed
     tick_s: float = 0.05  # how often expiries are swept
     prefault: bool = True  # touch every page of the pool at start (no page faults on first writes)
 
@@ -117,7 +118,7 @@ class ServerConfig:
             or sum(self.class_weights) <= 0
         ):
             raise UsageError("class_weights needs one non-negative weight per size class")
-        for name in ("lease_s", "reservation_s", "tick_s", "idle_timeout_s"):
+        for name in ("lease_s", "reservation_s", "tick_s", "idle_timeout_s", "hello_timeout_s"):
             _positive(name, getattr(self, name))
         if not (isinstance(self.grace_s, int | float) and math.isfinite(self.grace_s) and self.grace_s >= 0):
             raise UsageError(f"grace_s must be a finite number >= 0, got {self.grace_s!r}")

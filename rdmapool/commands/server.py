@@ -75,7 +75,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         transport_options={"host": host} if args.transport == "tcp" else {},
         **({"size_classes": classes} if classes else {}),
         lease_s=args.lease_s, grace_s=args.grace_s, reservation_s=args.reservation_s, ttl_s=args.ttl_s,
-        idle_ttl_s=args.idle_ttl_s, policy=args.policy, policy_options=_policy_options(args.policy_option or []),
+        idle_ttl_s=args.idle_ttl_s, idle_timeout_s=args.idle_timeout_s, hello_timeout_s=args.hello_timeout_s, policy=args.policy, policy_options=_policy_options(args.policy_option or []),
         memory=args.memory, metrics_host=metrics_host,
         metrics_port=metrics_port,
     )
@@ -136,6 +136,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reservation-s", type=float, default=10.0, help="time to commit an allocated slot (s)")
     p.add_argument("--ttl-s", type=float, default=None, help="absolute block lifetime from commit (s)")
     p.add_argument("--idle-ttl-s", type=float, default=None, help="block lifetime since last access (s)")
+    p.add_argument("--idle-timeout-s", type=float, default=300.0, help="close control connections silent this long")
+    p.add_argument("--hello-timeout-s", type=float, default=10.0,
+                   help="close connections that have not authenticated this long after opening")
     p.add_argument("--policy", default="default", help="eviction policy (rdmapool.policy names)")
     p.add_argument("--policy-option", action="append", metavar="KEY=VALUE",
                    help="an option of the policy, e.g. ttl=600 for --policy ttl (repeatable)")

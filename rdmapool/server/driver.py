@@ -26,7 +26,7 @@ from collections.abc import Callable
 from rdmapool.config import ServerConfig
 from rdmapool.errors import UsageError
 from rdmapool.server.core import PoolCore
-from rdmapool.server.protocol import Handler, ServerInfo, ServerSession
+from rdmapool.server.protocol import Handler, ServerInfo, ServerSession, SessionState
 from rdmapool.transport.base import MemoryKind, MemoryRegion, Transport
 
 log = logging.getLogger(__name__)
@@ -55,14 +55,14 @@ def prefault(region: MemoryRegion) -> None:
 
 
 class _Conn:
-    __slots__ = ("sock", "session", "out", "last_active", "peer", "transport_sessions", "events")
+    __slots__ = ("sock", "session", "out", "last_active", "opened", "peer", "transport_sessions", "events")
 
     def __init__(self, sock: socket.socket, session: ServerSession, now: float, peer: str) -> None:
         self.sock = sock
         self.session = session
         self.out = bytearray()
         self.events = selectors.EVENT_READ  # what the selector waits for on this socket
-        self.last_active = now
+        self.last_active = self.opened = now
         self.peer = peer
         #: handshakes this client's `accept` ops opened in the transport (verbs queue pairs), released on close
         self.transport_sessions: list[int] = []
@@ -286,6 +286,9 @@ class MemoryServer:
                 for conn in list(self._conns.values()):
                     if now - conn.last_active > cfg.idle_timeout_s:
                         self._close(conn)
+                    elif conn.session.state is SessionState.AWAIT_HELLO and now - conn.opened > cfg.hello_timeout_s:
+                        self.core.counters["hello_timeouts"] += 1  # connections cost nothing to open: a
+                        self._close(conn)  # client gets hello_timeout_s to authenticate, not idle_timeout_s
                 next_sweep = now + cfg.tick_s
 
     def _accept(self) -> None:
@@ -296,7 +299,8 @@ class MemoryServer:
                 return
             except OSError:
                 return
-            if len(self._conns) >= MAX_CONNECTIONS:
+            if len(self._conns) >= MAX_CONNECTIONS and not self._close_oldest_unauthenticated():
+                self.core.counters["connections_refused"] += 1
                 sock.close()
                 continue
             sock.setblocking(False)
@@ -304,6 +308,16 @@ class MemoryServer:
             conn = _Conn(sock, ServerSession(self.handler), self.clock(), f"{peer[0]}:{peer[1]}")
             self._conns[sock.fileno()] = conn
             self._sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _close_oldest_unauthenticated(self) -> bool:
+        """At the connection limit, room for a newcomer: the oldest connection still waiting for its `hello`
+        goes (so connections opened and left silent cannot lock authenticated clients out). False if none."""
+        waiting = [c for c in self._conns.values() if c.session.state is SessionState.AWAIT_HELLO]
+        if not waiting:
+            return False
+        self.core.counters["hello_timeouts"] += 1
+        self._close(min(waiting, key=lambda c: c.opened))
+        return True
 
     def _service(self, conn: _Conn, mask: int) -> None:
         if mask & selectors.EVENT_READ and not conn.out:

@@ -28,7 +28,8 @@ STATES = ("free", "writing", "resident", "retired")
 #: at 0 before their first event, since Prometheus' increase() cannot see an event that creates its series
 EVENTS = ("lookup_hits", "lookup_misses", "leases_granted", "commits", "commit_rejected", "aborts", "deletes",
           "touches", "evictions", "admission_rejected", "expired_ttl", "reservations_expired", "writes_refused",
-          "deadline_heap_rebuilds", "protocol_errors", "auth_failures", "internal_errors")
+          "deadline_heap_rebuilds", "protocol_errors", "auth_failures", "internal_errors", "hello_timeouts",
+          "connections_refused")
 
 
 def known_events(server: MemoryServer) -> list[str]:
@@ -44,7 +45,7 @@ def config_summary(config: ServerConfig) -> dict:
     return {"lease_s": config.lease_s, "grace_s": config.grace_s, "reservation_s": config.reservation_s,
             "ttl_s": config.ttl_s, "idle_ttl_s": config.idle_ttl_s, "policy": config.policy,
             "policy_options": options, "size_classes": list(config.size_classes), "max_keys": config.max_keys,
-            "idle_timeout_s": config.idle_timeout_s}
+            "idle_timeout_s": config.idle_timeout_s, "hello_timeout_s": config.hello_timeout_s}
 
 
 class PoolCollector:
