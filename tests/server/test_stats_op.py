@@ -58,7 +58,8 @@ def test_stats_carries_the_effective_settings_and_no_token(handler: Handler) -> 
     stats, raw = call(session(handler, "alpha"), 2, "stats")
     assert stats["stats"]["config"] == {
         "lease_s": 10.0, "grace_s": 1.0, "reservation_s": 5.0, "ttl_s": None, "idle_ttl_s": None, "policy": "lru",
-        "policy_options": {}, "size_classes": [1024], "max_keys": 4096, "idle_timeout_s": 300.0}
+        "policy_options": {}, "size_classes": [1024], "max_keys": 4096, "idle_timeout_s": 300.0,
+        "hello_timeout_s": 10.0}
     assert b"secret" not in raw
     table = render(stats["stats"], None, 1.0)
     assert "lease 10s" in table and "policy lru" in table and "classes 1KiB" in table and "ttl -" in table
