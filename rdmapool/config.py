@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import socket
 from dataclasses import dataclass, field
 
 from rdmapool.errors import UsageError
@@ -37,6 +38,31 @@ def parse_hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, in
     if not 0 <= port_n < 65536:
         raise UsageError(f"bad port in {value!r}")
     return host or default_host, port_n
+
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def advertised_host(listen_host: str, advertise: str | None = None) -> str:
+    """The host clients are told to use: `advertise` if given, else the listen host, except that a wildcard
+    (0.0.0.0) is no address to connect to: then this host's address on its default route, else its
+    hostname's address, else loopback."""
+    if advertise:
+        return advertise
+    if listen_host not in WILDCARD_HOSTS:
+        return listen_host
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the route's source address
+            addr = s.getsockname()[0]
+            if addr and not addr.startswith("0."):
+                return addr
+        except OSError:
+            pass
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 def _positive(name: str, value: float) -> None:
@@ -78,6 +104,8 @@ class ServerConfig:
     tenants: tuple[TenantConfig, ...]
     host: str = "127.0.0.1"
     port: int = 0
+    #: the host clients are told to use (ready line, hello, cluster record); None: `host` (see `advertised_host`)
+    advertise: str | None = None
     transport: str = "tcp"
     transport_options: dict = field(default_factory=dict)
     #: payload capacities of the slot classes; each tenant's region is split among them by bytes

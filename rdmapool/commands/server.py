@@ -17,7 +17,7 @@ import sys
 import threading
 import tomllib
 
-from rdmapool.config import ServerConfig, TenantConfig, parse_hostport, parse_size
+from rdmapool.config import ServerConfig, TenantConfig, advertised_host, parse_hostport, parse_size
 from rdmapool.errors import UsageError
 
 
@@ -65,14 +65,15 @@ def _policy_options(specs: list[str]) -> dict:
 
 def build_config(args: argparse.Namespace) -> ServerConfig:
     host, port = parse_hostport(args.listen)
+    advertise = advertised_host(host, args.advertise)
     metrics_host, metrics_port = ("127.0.0.1", None)
     if args.metrics:
         metrics_host, metrics_port = parse_hostport(args.metrics)
     classes = tuple(parse_size(s) for s in args.size_classes.split(",")) if args.size_classes else None
     return ServerConfig(
-        tenants=_tenants(args), host=host, port=port, transport=args.transport,
+        tenants=_tenants(args), host=host, port=port, advertise=advertise, transport=args.transport,
         # the tcp data engine listens where the control port does (else peers on other hosts cannot reach it)
-        transport_options={"host": host} if args.transport == "tcp" else {},
+        transport_options={"host": host, "advertise": advertise} if args.transport == "tcp" else {},
         **({"size_classes": classes} if classes else {}),
         lease_s=args.lease_s, grace_s=args.grace_s, reservation_s=args.reservation_s, ttl_s=args.ttl_s,
         idle_ttl_s=args.idle_ttl_s, idle_timeout_s=args.idle_timeout_s, hello_timeout_s=args.hello_timeout_s, policy=args.policy, policy_options=_policy_options(args.policy_option or []),
@@ -127,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("server", help="start a memory server (serves until SIGINT/SIGTERM)")
     p.add_argument("--listen", default="127.0.0.1:7400", help="control address HOST:PORT (port 0: any free)")
+    p.add_argument("--advertise", metavar="HOST", help="the host clients are told to connect to (default: the "
+                   "--listen host; for 0.0.0.0, this host's address on its default route)")
     p.add_argument("--transport", default="tcp", help="one-sided transport: tcp, shm, verbs")
     p.add_argument("--tenant", action="append", metavar="NAME:TOKEN:QUOTA", help="a tenant (repeatable)")
     p.add_argument("--tenants-file", help="TOML file with [tenants.NAME] token = ..., quota = ...")

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from rdmapool.config import ServerConfig
+from rdmapool.config import ServerConfig, advertised_host
 from rdmapool.errors import UsageError
 from rdmapool.server.core import PoolCore
 from rdmapool.server.protocol import Handler, ServerInfo, ServerSession, SessionState
@@ -148,6 +148,7 @@ class MemoryServer:
             raise UsageError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
         self._listener.setblocking(False)
         host, port = self._listener.getsockname()[:2]
+        host = cfg.advertise or advertised_host(host)
         self.info = ServerInfo(self.server_id, host, port, self._transport.name, epoch,
                                self._transport.peer_info(), None, sum(t.quota for t in cfg.tenants))
         self.handler = Handler(self.core, cfg, self.info)

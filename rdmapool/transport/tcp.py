@@ -198,13 +198,15 @@ class TcpTransport(Transport):
     name = "tcp"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, spin_us: int | None = None,
-                 sender_thread: bool | None = None) -> None:
+                 sender_thread: bool | None = None, advertise: str | None = None) -> None:
         if spin_us is None:
             spin_us = int(os.environ.get("RDMAPOOL_TCP_SPIN_US", DEFAULT_SPIN_US))
         if not 0 <= spin_us <= 1_000_000:
             raise UsageError(f"spin_us must be between 0 and 1000000, got {spin_us}")
         self._engine = _native.Engine(host, port, spin_us)
         self._host = host
+        #: the host peers are told to connect to (`peer_info`): the listen host unless that is a wildcard
+        self._advertise = advertise or host
         self._spin_us = spin_us
         self.sender_thread = _sender_default() if sender_thread is None else bool(sender_thread)
         self._regions: dict[int, MemoryRegion] = {}
@@ -278,7 +280,7 @@ class TcpTransport(Transport):
     # -- connections -------------------------------------------------------------------------------------
 
     def peer_info(self) -> dict:
-        return {"transport": "tcp", "version": _WIRE_VERSION, "host": self._host, "port": self._engine.port}
+        return {"transport": "tcp", "version": _WIRE_VERSION, "host": self._advertise, "port": self._engine.port}
 
     def connect(self, peer_info: dict, exchange: Exchange | None = None, timeout: float = 5.0) -> Endpoint:
         self._check_open()

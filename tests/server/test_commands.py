@@ -112,3 +112,37 @@ def test_start_up_failures_are_one_line_errors(capsys) -> None:
     err = capsys.readouterr().err
     assert "the tenants' quotas total 109951162777600 bytes (102400.0 GiB), more than the" in err
     assert "Traceback" not in err
+
+
+def test_a_wildcard_listen_address_is_never_advertised(monkeypatch) -> None:
+    """0.0.0.0 is where a server listens, not an address a client on another host can connect to."""
+    import ipaddress
+
+    monkeypatch.delenv("RDMAPOOL_TENANTS", raising=False)
+    cfg = build_config(parse("--tenant", "a:token-123456:1MiB", "--listen", "0.0.0.0:7400"))
+    assert cfg.host == "0.0.0.0" and cfg.advertise not in ("0.0.0.0", "")
+    ipaddress.ip_address(cfg.advertise)  # an address, as the default route's source or the hostname's
+    assert cfg.transport_options == {"host": "0.0.0.0", "advertise": cfg.advertise}
+    cfg = build_config(parse("--tenant", "a:token-123456:1MiB", "--listen", "0.0.0.0:7400",
+                             "--advertise", "pool-7.example"))
+    assert cfg.advertise == "pool-7.example" and cfg.transport_options["advertise"] == "pool-7.example"
+    cfg = build_config(parse("--tenant", "a:token-123456:1MiB", "--listen", "127.0.0.1:7400"))
+    assert cfg.advertise == "127.0.0.1"
+
+
+def test_a_server_listening_everywhere_tells_clients_the_advertised_address() -> None:
+    from rdmapool.client import PoolClient, PutStatus
+    from rdmapool.config import ClientConfig
+    from tests.support import procs
+
+    server = procs.start("tcp", "1MiB", "0.0.0.0:0", "--size-classes", "64KiB", "--advertise", "127.0.0.1")
+    try:
+        assert server.info["host"] == "127.0.0.1" and server.address.startswith("127.0.0.1:")
+        assert server.info["peer_info"]["host"] == "127.0.0.1"
+        cfg = ClientConfig(token=procs.TOKENS["a"], staging_bytes=1 << 20, request_timeout_s=5.0)
+        with PoolClient([server.address], cfg, transport_name="tcp") as c:
+            assert c.put([b"k" * 16], [b"v" * 100]) == [PutStatus.STORED]
+            buf = bytearray(100)
+            assert c.get([b"k" * 16], [buf]) == [100] and bytes(buf) == b"v" * 100
+    finally:
+        procs.stop(server)
