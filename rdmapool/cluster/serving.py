@@ -59,6 +59,31 @@ def add_arguments(p) -> None:
     g.add_argument("--shards", type=int, default=65536, help="shards in the map (when this server coordinates)")
     g.add_argument("--replicas", type=int, default=2, help="replicas per shard (when this server coordinates)")
     g.add_argument("--no-coordinator", action="store_true", help="never run for coordinator")
+    p.set_defaults(**CLUSTER_DEFAULTS)
+
+
+#: the cluster flags' defaults (a flag given with another value means the user expects a cluster)
+CLUSTER_DEFAULTS = {"cluster": "default", "member_id": None, "capacity": None, "host_label": "", "rack": "",
+                    "zone": "", "member_ttl": 5, "shards": 65536, "replicas": 2, "no_coordinator": False}
+
+
+def check_args(args) -> None:
+    """The cluster flags mean nothing without --etcd: refuse them there rather than start as if they applied;
+    with --etcd, check their values before the server allocates its pool."""
+    from rdmapool.config import parse_size
+    from rdmapool.errors import UsageError
+
+    if not args.etcd:
+        given = [f"--{f.replace('_', '-')}" for f, d in CLUSTER_DEFAULTS.items() if getattr(args, f) != d]
+        if given:
+            raise UsageError(f"{', '.join(given)} need --etcd (without it the server runs alone)")
+        return
+    if args.capacity:
+        parse_size(args.capacity)
+    if args.member_ttl < 2:
+        raise UsageError(f"--member-ttl must be >= 2 seconds, got {args.member_ttl}")
+    if args.replicas < 1 or args.shards < 1:
+        raise UsageError("--replicas and --shards must be >= 1")
 
 
 def start_from_args(server, args) -> ClusterAgent:

@@ -13,11 +13,19 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import tomllib
 
-from rdmapool.config import ServerConfig, TenantConfig, advertised_host, parse_hostport, parse_size
+from rdmapool.config import (
+    WILDCARD_HOSTS,
+    ServerConfig,
+    TenantConfig,
+    advertised_host,
+    parse_hostport,
+    parse_size,
+)
 from rdmapool.errors import UsageError
 
 
@@ -42,6 +50,21 @@ def _tenants(args: argparse.Namespace) -> tuple[TenantConfig, ...]:
     return tuple(tenants)
 
 
+def _listen_host(host: str, port: int) -> tuple[str, int]:
+    """A host name (localhost) as the IPv4 address it resolves to: the data engine binds addresses only."""
+    try:
+        socket.inet_aton(host)
+        return host, port
+    except OSError:
+        pass
+    if host in WILDCARD_HOSTS:
+        return "0.0.0.0", port
+    try:
+        return socket.gethostbyname(host), port
+    except OSError as exc:
+        raise UsageError(f"--listen host {host!r} does not resolve to an IPv4 address: {exc}") from None
+
+
 def _policy_options(specs: list[str]) -> dict:
     """KEY=VALUE pairs; values read as int, float or true/false where they parse, else kept as text."""
     options: dict = {}
@@ -64,11 +87,16 @@ def _policy_options(specs: list[str]) -> dict:
 
 
 def build_config(args: argparse.Namespace) -> ServerConfig:
-    host, port = parse_hostport(args.listen)
+    from rdmapool.cluster.serving import check_args
+
+    check_args(args)
+    host, port = _listen_host(*parse_hostport(args.listen))
     advertise = advertised_host(host, args.advertise)
     metrics_host, metrics_port = ("127.0.0.1", None)
     if args.metrics:
         metrics_host, metrics_port = parse_hostport(args.metrics)
+    if args.size_classes is not None and not args.size_classes.strip():
+        raise UsageError("--size-classes is empty: give sizes like 64KiB,1MiB,32MiB (or leave it out for defaults)")
     classes = tuple(parse_size(s) for s in args.size_classes.split(",")) if args.size_classes else None
     return ServerConfig(
         tenants=_tenants(args), host=host, port=port, advertise=advertise, transport=args.transport,
@@ -126,7 +154,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("server", help="start a memory server (serves until SIGINT/SIGTERM)")
+    p = sub.add_parser("server", help="start a memory server (serves until SIGINT/SIGTERM)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Start a memory server. Tenants (NAME:TOKEN:QUOTA) come from --tenant, "
+                       "--tenants-file or the RDMAPOOL_TENANTS environment variable (comma-separated; keeps tokens "
+                       "out of ps). Prints one JSON line when ready; serves until SIGINT/SIGTERM.")
     p.add_argument("--listen", default="127.0.0.1:7400", help="control address HOST:PORT (port 0: any free)")
     p.add_argument("--advertise", metavar="HOST", help="the host clients are told to connect to (default: the "
                    "--listen host; for 0.0.0.0, this host's address on its default route)")

@@ -146,3 +146,26 @@ def test_a_server_listening_everywhere_tells_clients_the_advertised_address() ->
             assert c.get([b"k" * 16], [buf]) == [100] and bytes(buf) == b"v" * 100
     finally:
         procs.stop(server)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--capacity", "abc"], "--capacity need --etcd"),
+        (["--replicas", "0", "--member-ttl", "0"], "--member-ttl, --replicas need --etcd"),
+        (["--etcd", "127.0.0.1:2379", "--member-ttl", "0"], "--member-ttl must be >= 2"),
+        (["--etcd", "127.0.0.1:2379", "--capacity", "abc"], "cannot read size"),
+        (["--size-classes", ""], "--size-classes is empty"),
+        (["--listen", "no-such-host.invalid:0"], "does not resolve to an IPv4 address"),
+    ],
+)
+def test_flags_that_cannot_apply_are_refused(argv: list[str], message: str, monkeypatch) -> None:
+    monkeypatch.delenv("RDMAPOOL_TENANTS", raising=False)
+    with pytest.raises(UsageError, match=message):
+        build_config(parse("--tenant", "a:token-123456:1MiB", *argv))
+
+
+def test_a_host_name_listens_on_its_address(monkeypatch) -> None:
+    monkeypatch.delenv("RDMAPOOL_TENANTS", raising=False)
+    cfg = build_config(parse("--tenant", "a:token-123456:1MiB", "--listen", "localhost:0"))
+    assert cfg.host == "127.0.0.1" and cfg.advertise == "127.0.0.1"
