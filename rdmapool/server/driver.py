@@ -137,6 +137,12 @@ class MemoryServer:
                     prefault(self.regions[tenant.name])
         epoch = int.from_bytes(os.urandom(4), "little") | 1
         self.core = PoolCore(cfg, {n: r.descriptor for n, r in self.regions.items()}, epoch=epoch)
+        for name, pool in self.core.tenants.items():
+            dropped = [c for c in cfg.size_classes if c not in {k.layout.capacity for k in pool.classes}]
+            if dropped:
+                log.warning("tenant %s: size classes %s get no slot in its %d-byte quota (split %d ways); blocks of "
+                            "those sizes are refused as too big or go to a larger class", name,
+                            ",".join(map(str, dropped)), pool.region.length, len(cfg.size_classes))
         self.core.defer_access = True  # replies first, eviction-policy bookkeeping after (flushed in _loop)
         # one Slot record per slot lives as long as the server: keep them out of the cyclic GC's full scans,
         # which otherwise pause the loop for tens of ms on a pool of a million slots (lookup p99)

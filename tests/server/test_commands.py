@@ -169,3 +169,16 @@ def test_a_host_name_listens_on_its_address(monkeypatch) -> None:
     monkeypatch.delenv("RDMAPOOL_TENANTS", raising=False)
     cfg = build_config(parse("--tenant", "a:token-123456:1MiB", "--listen", "localhost:0"))
     assert cfg.host == "127.0.0.1" and cfg.advertise == "127.0.0.1"
+
+
+def test_a_size_class_that_gets_no_slot_is_reported(caplog) -> None:
+    import logging
+
+    from rdmapool.config import ServerConfig, TenantConfig
+    from rdmapool.server import MemoryServer
+
+    cfg = ServerConfig(tenants=(TenantConfig("a", "token-123456", 4 << 20),), size_classes=(64 << 10, 32 << 20),
+                       transport="tcp")
+    with caplog.at_level(logging.WARNING, logger="rdmapool.server.driver"), MemoryServer(cfg) as srv:
+        assert [c.layout.capacity for c in srv.core.tenants["a"].classes] == [64 << 10]
+    assert f"tenant a: size classes {32 << 20} get no slot in its {4 << 20}-byte quota" in caplog.text
