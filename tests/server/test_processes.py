@@ -3,13 +3,17 @@ a put flood, and the metrics/health endpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -17,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from rdmapool.client import PoolClient, PutStatus
 from rdmapool.commands.stats import fetch
 from rdmapool.config import ClientConfig, ServerAddress
+from rdmapool.server.slots import stride_for
 from tests.support import procs
 
 TRANSPORTS = ["tcp", "shm"]
@@ -50,6 +55,33 @@ def wait_for(predicate, timeout: float = 10.0, step: float = 0.1) -> bool:
             return True
         time.sleep(step)
     return False
+
+
+def all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of the process is in the stopped state (T) by now."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that just ended
+            states.append((task / "stat").read_text().rpartition(")")[2].split()[0])
+    return bool(states) and all(state == "T" for state in states)
+
+
+@contextlib.contextmanager
+def frozen(server: procs.ServerProc, thaw_after: float = 10.0) -> Iterator[None]:
+    """The server stopped (SIGSTOP: alive, its sockets still accept, nothing answers), then continued, also
+    when the test fails; a call that hangs despite its timeouts ends (failing its time check) after
+    `thaw_after`."""
+    os.kill(server.pid, signal.SIGSTOP)
+    thaw = threading.Timer(thaw_after, os.kill, (server.pid, signal.SIGCONT))
+    thaw.start()
+    try:
+        # the signal is delivered asynchronously: a request sent right after kill() may still be served
+        assert wait_for(lambda: all_threads_stopped(server.pid), 5.0, 0.001), "SIGSTOP did not take"
+        yield
+    finally:
+        thaw.cancel()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server.pid, signal.SIGCONT)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -95,25 +127,74 @@ def test_concurrent_writers_of_one_key(transport: str) -> None:
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_client_killed_mid_write_and_mid_read_is_reclaimed(transport: str) -> None:
-    with procs.running(transport, "16MiB", *FAST) as srv, client(srv, transport) as c:
-        writer = child(srv, transport, "hang-write", key(1))
-        assert "reserved" in json.loads(writer.stdout.readline())
-        writer.send_signal(signal.SIGKILL)
-        writer.wait(10)
-        assert sum(cl["writing"] for cl in classes(srv)) == 1
-        assert c.lookup_prefix([key(1)]).refs == ()  # uncommitted: invisible
-        assert c.put([key(1)], [b"x"]) == [PutStatus.EXISTS]  # the reservation still holds the key
-        assert wait_for(lambda: sum(cl["writing"] + cl["retired"] for cl in classes(srv)) == 0, 5.0)
-        assert c.put([key(1)], [b"y" * 50_000]) == [PutStatus.STORED]
+    """A writer killed after half its WRITE and a reader killed while its READs of a 4 MiB block still move
+    (tcp: the server's engine is mid-send to it; shm: its mover is mid-copy) leak no reservation or lease, and
+    the block stays intact for other clients."""
+    srv = procs.start(transport, "16MiB", "127.0.0.1:0", *FAST)
+    try:
+        with client(srv, transport) as c:
+            _kill_a_writer_and_a_reader(srv, transport, c)
+        procs.stop(srv, timeout=8.0)
+        assert srv.proc.returncode == 0  # its serving threads all ended: none hangs on the killed reader
+    finally:
+        procs.stop(srv)
 
-        reader = child(srv, transport, "hang-read", key(1))
-        assert json.loads(reader.stdout.readline())["hits"] == 1
-        reader.send_signal(signal.SIGKILL)
-        reader.wait(10)
-        assert sum(cl["leased"] for cl in classes(srv)) == 1
-        assert wait_for(lambda: sum(cl["leased"] for cl in classes(srv)) == 0, 5.0)
+
+def _kill_a_writer_and_a_reader(srv: procs.ServerProc, transport: str, c: PoolClient) -> None:
+    writer = child(srv, transport, "hang-write", key(1))
+    assert "reserved" in json.loads(writer.stdout.readline())
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(10)
+    assert sum(cl["writing"] for cl in classes(srv)) == 1
+    assert c.lookup_prefix([key(1)]).refs == ()  # uncommitted: invisible
+    assert c.put([key(1)], [b"x"]) == [PutStatus.EXISTS]  # the reservation still holds the key
+    assert wait_for(lambda: sum(cl["writing"] + cl["retired"] for cl in classes(srv)) == 0, 5.0)
+    assert c.put([key(1)], [b"y" * 50_000]) == [PutStatus.STORED]
+
+    large = os.urandom(4 << 20)  # the 4 MiB class
+    assert c.put([key(2)], [large]) == [PutStatus.STORED]
+    reader = child(srv, transport, "hang-read", key(2), "32")  # 32 READs of 4 MiB, none waited for
+    ready = json.loads(reader.stdout.readline())
+    assert ready["hits"] == 1 and ready["posted"] == 32 and ready["outstanding"] > 0
+    reader.send_signal(signal.SIGKILL)
+    reader.wait(10)
+    reader.stdout.close()
+    assert sum(cl["leased"] for cl in classes(srv)) == 1
+    assert wait_for(lambda: sum(cl["leased"] for cl in classes(srv)) == 0, 5.0)
+    buf = bytearray(4 << 20)
+    assert c.get([key(2)], [buf]) == [4 << 20] and buf == large  # another client reads it byte-exact
+    assert c.delete([key(1), key(2)]) == [True, True]
+    assert wait_for(lambda: sum(cl["retired"] for cl in classes(srv)) == 0, 3.0)
+    assert c.put([key(3)], [large[::-1]]) == [PutStatus.STORED]  # the slot the reader read is reused
+    buf = bytearray(4 << 20)
+    assert c.get([key(3)], [buf]) == [4 << 20] and buf == large[::-1]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_same_key_rewritten_into_its_slot_is_a_miss_for_a_stalled_reader(transport: str) -> None:
+    """A slot forced into reuse under a slow reader, by the SAME key and length: only the generation differs
+    between what the stalled READ finds and what its lookup promised, so the miss proves the client compares
+    the block's generation with the lookup reply's (not with the block's own header)."""
+    one_slot = str(stride_for(64 << 10))  # the tenant's quota holds exactly one 64 KiB slot: reuse is forced
+    with procs.running(transport, one_slot, "--size-classes", "64KiB", "--lease-s", "0.5", "--grace-s", "0.2",
+                       "--reservation-s", "1") as srv, client(srv, transport) as c:
+        old, new = os.urandom(64 << 10), os.urandom(64 << 10)
+        assert c.put([key(1)], [old]) == [PutStatus.STORED]
+        (ref,) = c.lookup_prefix([key(1)]).refs
         assert c.delete([key(1)]) == [True]
-        assert wait_for(lambda: sum(cl["retired"] for cl in classes(srv)) == 0, 3.0)
+        assert c.put([key(1)], [new]) == [PutStatus.FULL]  # not reused while the reader's lease runs
+        # lease + grace later, the same key takes the same slot again, with a new generation
+        assert wait_for(lambda: c.put([key(1)], [new]) == [PutStatus.STORED], 5.0, 0.05)
+        (fresh,) = c.lookup_prefix([key(1)]).refs
+        assert (fresh.hit.addr, fresh.length) == (ref.hit.addr, ref.length)
+        assert fresh.hit.generation != ref.hit.generation
+        # a READ stalled past its lease (the client's lease check would skip it: this one reaches the slot)
+        stalled = ref._replace(lease_until=float("inf"))
+        corrupt = c.counters["corrupt_blocks"]
+        buf = bytearray(64 << 10)
+        assert c.read([stalled], [buf]) == [None]
+        assert c.counters["corrupt_blocks"] == corrupt + 1
+        assert c.get([key(1)], [buf]) == [64 << 10] and buf == new
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -154,13 +235,10 @@ def test_server_frozen_between_lookup_and_read(transport: str) -> None:
         refs = c.lookup_prefix(keys)
         assert len(refs) == len(keys)
         bufs = [bytearray(1 << 20) for _ in keys]
-        os.kill(srv.pid, signal.SIGSTOP)
-        try:
+        with frozen(srv):
             t = time.monotonic()
             got = c.read(refs, bufs)
             elapsed = time.monotonic() - t
-        finally:
-            os.kill(srv.pid, signal.SIGCONT)
         if transport == "tcp":
             assert got == [None] * len(keys) and elapsed < 3.0
         else:
@@ -168,6 +246,50 @@ def test_server_frozen_between_lookup_and_read(transport: str) -> None:
         time.sleep(0.3)
         bufs = [bytearray(1 << 20) for _ in keys]
         assert c.get(keys, bufs) == [1 << 20] * len(keys) and bufs == blocks
+    finally:
+        c.close()
+        procs.stop(srv)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_control_calls_to_a_frozen_server_fail_within_the_request_timeout(transport: str) -> None:
+    """Every control call to a server that is alive but does not answer costs a miss or a failure within the
+    request timeout, never a hang or an exception: first each call on an open connection (frozen right before
+    it), then each on a reconnect whose hello gets no reply. After SIGCONT the same client works again."""
+    timeout = 0.5
+    srv = procs.start(transport, "16MiB")
+    c = client(srv, transport, request_timeout_s=timeout, connect_timeout_s=timeout, data_timeout_s=timeout,
+               retry_after_s=0.0)  # no retry pause: every call tries the frozen server again
+
+    def calls(delete: bytes) -> dict[str, tuple[Callable[[], object], object]]:
+        """name -> (the call, what it must give while the server is frozen)."""
+        return {"lookup_prefix": (lambda: len(c.lookup_prefix([key(1)])), 0),
+                "put": (lambda: c.put([key(2)], [b"x"]), [PutStatus.UNAVAILABLE]),
+                "get": (lambda: c.get([key(1)], [bytearray(16)]), [None]),
+                "delete": (lambda: c.delete([delete]), [False])}
+
+    def timed(call: Callable[[], object]) -> tuple[object, float]:
+        t = time.monotonic()
+        return call(), time.monotonic() - t
+
+    try:
+        assert c.put([key(1), key(4), key(5)], [b"before"] * 3) == [PutStatus.STORED] * 3
+        outcomes: list[tuple[str, object, object, float]] = []  # (call, wanted, got, seconds it took)
+        for name, (call, failed) in calls(key(4)).items():  # (the server runs this delete once it continues)
+            assert len(c.lookup_prefix([key(1)])) == 1  # connected
+            with frozen(srv):
+                outcomes.append((f"{name} (open connection)", failed, *timed(call)))
+        with frozen(srv):
+            for name, (call, failed) in calls(key(5)).items():
+                outcomes.append((f"{name} (reconnect)", failed, *timed(call)))
+        for name, failed, got, elapsed in outcomes:
+            assert got == failed and elapsed < timeout + 1.5, f"{name}: {got!r} after {elapsed:.2f}s"
+        assert c.counters["unavailable"] >= len(outcomes)
+        assert c.put([key(3)], [b"after"]) == [PutStatus.STORED]
+        bufs = [bytearray(16), bytearray(16)]
+        assert c.get([key(3), key(5)], bufs) == [5, 6]  # key 5's delete never reached the server
+        assert bytes(bufs[0][:5]) == b"after" and bytes(bufs[1][:6]) == b"before"
+        assert c.delete([key(5)]) == [True]
     finally:
         c.close()
         procs.stop(srv)

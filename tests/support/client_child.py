@@ -3,7 +3,8 @@
     python -m tests.support.client_child ADDRESS TRANSPORT TOKEN MODE KEYHEX [ARG]
 
 MODE put (ARG: payload byte value; starts at the unix time in $START_AT), hang-write (reserve, write half the
-block, then wait to be killed), hang-read (look up, then wait to be killed). Prints one JSON line.
+block, then wait to be killed), hang-read (look up, post ARG READs of the whole block without waiting for
+them, then wait to be killed: the kill lands while the transport moves them). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -42,7 +43,16 @@ def main() -> None:
                                            grant.rkey)], timeout=5.0)
         print(json.dumps({"reserved": grant.generation}), flush=True)
     elif mode == "hang-read":
-        print(json.dumps({"hits": len(client.lookup_prefix([key]))}), flush=True)
+        refs = client.lookup_prefix([key]).refs
+        reads = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+        if refs and reads:
+            (ref,) = refs
+            size = block.block_size(ref.length)
+            target = client.transport.allocate(size)  # every READ lands in this buffer: only bytes matter
+            conn.endpoint.post([WorkRequest(n, Opcode.READ, (target.sge(0, size),), ref.hit.addr,
+                                            ref.hit.rkey) for n in range(reads)])
+        print(json.dumps({"hits": len(refs), "posted": reads if refs else 0,
+                          "outstanding": conn.endpoint.outstanding}), flush=True)
     time.sleep(120)
 
 
