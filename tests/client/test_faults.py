@@ -1,5 +1,6 @@
 """The client over the transport's fault wrapper, against a real server process (tcp and shm): torn READs with a
-slot rewrite between the pieces are misses; a failed queue pair costs misses, then the client reconnects."""
+slot rewrite between the pieces are misses; a payload byte flipped in the slot is a miss; a failed queue pair
+costs misses, then the client reconnects."""
 
 from __future__ import annotations
 
@@ -64,6 +65,39 @@ def test_torn_reads_with_a_rewrite_between_pieces_are_misses(transport: str) -> 
             buf = bytearray(SIZE)
             assert c.read([ref], [buf]) == [SIZE] and bytes(buf) == good
             writer.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_payload_byte_flipped_in_the_slot_is_a_miss(transport: str) -> None:
+    """Checksum corruption end to end: one payload byte of a stored block, flipped in the server's memory by a
+    one-sided WRITE from another endpoint (header, trailer and generation untouched), makes the get a miss
+    counted as a corrupt block; with the byte restored the block hits byte-exact again."""
+    with procs.running(transport, "4MiB", "--size-classes", "64KiB") as srv, \
+            PoolClient([srv.address], ClientConfig(token=procs.TOKENS["a"], staging_bytes=1 << 20),
+                       transport_name=transport) as c, transports.create(transport) as other:
+        good = os.urandom(SIZE)
+        assert c.put([key(1)], [good]) == [PutStatus.STORED]
+        (ref,) = c.lookup_prefix([key(1)]).refs
+        writer = other.connect(srv.info["peer_info"], timeout=5.0)
+        scratch = other.allocate(64)
+
+        def poke(at: int, value: int) -> None:
+            """Write one byte at payload offset `at` of the slot."""
+            scratch.view[0] = value
+            wr = WorkRequest(1, Opcode.WRITE, (scratch.sge(0, 1),), ref.hit.addr + block.HEADER_SIZE + at,
+                             ref.hit.rkey)
+            (done,) = writer.execute([wr], 5.0)
+            assert done.ok
+
+        for n, at in enumerate((0, SIZE // 2, SIZE - 1), 1):
+            poke(at, good[at] ^ 0x01)
+            assert c.get([key(1)], [bytearray(SIZE)]) == [None]
+            assert c.counters["corrupt_blocks"] == n
+            poke(at, good[at])
+            buf = bytearray(SIZE)
+            assert c.get([key(1)], [buf]) == [SIZE] and buf == good
+        assert c.counters["corrupt_blocks"] == 3
+        writer.close()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
