@@ -15,7 +15,7 @@ from rdmapool.config import ClientConfig, ServerConfig, TenantConfig
 from rdmapool.errors import UsageError
 from rdmapool.server import MemoryServer
 from rdmapool.server.slots import stride_for
-from rdmapool.transport.base import Transport
+from rdmapool.transport.base import Opcode, Transport, WorkRequest
 from tests.support.localmem import LocalTransport
 
 TOKENS = {"a": "token-a-secret", "b": "token-b-secret"}
@@ -75,17 +75,49 @@ def test_round_trip_byte_exact(server) -> None:
         assert c.put([key(0)], [b"x"]) == [PutStatus.EXISTS]
 
 
-def test_registered_buffers_are_zero_copy_and_round_trip(server) -> None:
+def test_registered_buffers_are_zero_copy_and_round_trip(server, monkeypatch) -> None:
+    """Buffers inside regions registered with the client move in place: once the first batch made the staging
+    arena (headers, trailers), puts and gets register and allocate nothing more with the transport, and every
+    payload's SGE is the user's own buffer (a WRITE's gather source, a READ's scatter target), not a staged
+    copy."""
+    from rdmapool.client import datapath
+
+    posted: list[WorkRequest] = []  # every request the data path posts, whichever way it posts them
+    post, post_many = datapath._Batch.post, datapath._Batch.post_many
+    monkeypatch.setattr(datapath._Batch, "post", lambda self, wr: posted.append(wr) or post(self, wr))
+    monkeypatch.setattr(datapath._Batch, "post_many",
+                        lambda self, wrs: posted.extend(wrs) or post_many(self, wrs))
+    size = 4096
     with make_client(server) as c:
-        src = np.frombuffer(os.urandom(3 * 4096), dtype=np.uint8).copy()
-        dst = np.zeros(3 * 4096, dtype=np.uint8)
-        c.register(src)
-        c.register(dst)
-        parts = [src[i * 4096 : (i + 1) * 4096] for i in range(3)]
-        assert c.put([key(i) for i in range(3)], parts) == [PutStatus.STORED] * 3
-        outs = [dst[i * 4096 : (i + 1) * 4096] for i in range(3)]
-        assert c.get([key(i) for i in range(3)], outs) == [4096] * 3
+        src = np.frombuffer(os.urandom(6 * size), dtype=np.uint8).copy()
+        dst = np.zeros(6 * size, dtype=np.uint8)
+        src_region, dst_region = c.register(src), c.register(dst)
+        parts = [src[i * size : (i + 1) * size] for i in range(6)]
+        outs = [dst[i * size : (i + 1) * size] for i in range(6)]
+        assert c.put([key(i) for i in range(3)], parts[:3]) == [PutStatus.STORED] * 3  # makes the arena
+        assert c.get([key(i) for i in range(3)], outs[:3]) == [size] * 3
+
+        made: list[str] = []
+        for name in ("register", "register_pointer", "allocate"):
+            real = getattr(c.transport, name)
+            monkeypatch.setattr(c.transport, name, lambda *a, _name=name, _real=real, **kw:
+                                made.append(_name) or _real(*a, **kw))
+        posted.clear()
+        keys = [key(i) for i in range(3, 6)]
+        assert c.put(keys, parts[3:]) == [PutStatus.STORED] * 3
+        assert c.get(keys, outs[3:]) == [size] * 3
         assert np.array_equal(src, dst)
+        assert made == []  # no registration, no allocation: the arena and the user's regions serve it all
+
+        def payload_sges(opcode: Opcode) -> set[tuple[int, int, int]]:
+            return {(sge.addr, sge.length, sge.lkey) for wr in posted if wr.opcode is opcode
+                    for sge in wr.sgl if sge.length == size}
+
+        def inside(region) -> set[tuple[int, int, int]]:
+            return {(region.addr + i * size, size, region.lkey) for i in (3, 4, 5)}
+
+        assert payload_sges(Opcode.WRITE) == inside(src_region)  # gathered straight from `src`
+        assert payload_sges(Opcode.READ) == inside(dst_region)  # scattered straight into `dst`
 
 
 def test_lookup_prefix_and_read(server) -> None:
@@ -196,6 +228,9 @@ def test_fused_digest_detects_corruption_like_the_client_hash(server, fused: boo
 
     from rdmapool.client import datapath
 
+    # a two-CPU process's path, wherever the test runs (with spare cores landed blocks go to the workers, as
+    # test_large_last_block_of_a_get_is_hashed_while_it_moves checks)
+    monkeypatch.setattr(datapath, "spare_cores", lambda: False)
     if not fused:
         reap = datapath._Batch._reap
         monkeypatch.setattr(datapath._Batch, "_reap",
