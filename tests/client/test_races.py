@@ -71,6 +71,9 @@ def test_reads_racing_a_slot_rewrite_never_return_wrong_bytes(transport: str) ->
             stop.set()
             thread.join(10)
         assert outcomes["hit"] + outcomes["miss"] == 300
+        # the rewrites did race the reads (100-300 misses in 300, also with two CPU hogs running): without any
+        # miss this test would prove nothing
+        assert outcomes["miss"] > 0
         assert reader.counters["corrupt_blocks"] == outcomes["miss"]
         print(f"{transport}: {outcomes} (misses are detected torn or foreign reads)")
 
