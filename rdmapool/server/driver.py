@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 << 10
 MAX_CONNECTIONS = 1024
+#: refused clients (bad token, malformed requests) are logged at most once per this many seconds
+REFUSAL_LOG_S = 10.0
 #: queued access reports are applied once no request has come for ACCESS_IDLE_S, then a chunk at a time until
 #: the next request (which waits for at most one chunk); beyond ACCESS_BACKLOG_MAX at once (the core queues at
 #: most one report per resident slot, so only a pool of more resident slots than this reaches it). Not while
@@ -91,6 +93,7 @@ class MemoryServer:
         self.failure: BaseException | None = None
         self._wake_r, self._wake_w = -1, -1
         self._servicing: _Conn | None = None
+        self._refusal_log_at, self._refusals_unlogged = 0.0, 0  # see `_log_refusal`
         # every connection's bytes are received into this one buffer (the loop is one thread; sessions copy what
         # they keep): `recv(n)` allocated n bytes per read
         self._rbuf = bytearray(READ_CHUNK)
@@ -117,8 +120,11 @@ class MemoryServer:
         if cfg.memory == "host" and cfg.prefault:
             check_host_memory(sum(t.quota for t in cfg.tenants))
         if self._transport is None:
+            options = dict(cfg.transport_options)
+            if cfg.transport == "tcp" and "host" in options:  # peers are told the advertised host, never 0.0.0.0
+                options.setdefault("advertise", cfg.advertise or advertised_host(options["host"]))
             try:
-                self._transport = transports.create(cfg.transport, **cfg.transport_options)
+                self._transport = transports.create(cfg.transport, **options)
             except OSError as exc:
                 where = f" on {cfg.transport_options['host']}" if "host" in cfg.transport_options else ""
                 raise UsageError(f"cannot start the {cfg.transport} transport{where}: {exc.strerror or exc}") from None
@@ -316,6 +322,17 @@ class MemoryServer:
             self._conns[sock.fileno()] = conn
             self._sel.register(sock, selectors.EVENT_READ, conn)
 
+    def _log_refusal(self, conn: _Conn) -> None:
+        """A client refused (bad token, malformed request) is told why in its error reply; the operator sees it
+        here, at most once per `REFUSAL_LOG_S` so a flood of bad clients cannot flood the log."""
+        now = self.clock()
+        if now < self._refusal_log_at:
+            self._refusals_unlogged += 1
+            return
+        more = f" ({self._refusals_unlogged} more refused since the last report)" if self._refusals_unlogged else ""
+        log.warning("refused %s: %s%s", conn.peer, conn.session.close_reason, more)
+        self._refusal_log_at, self._refusals_unlogged = now + REFUSAL_LOG_S, 0
+
     def _close_oldest_unauthenticated(self) -> bool:
         """At the connection limit, room for a newcomer: the oldest connection still waiting for its `hello`
         goes (so connections opened and left silent cannot lock authenticated clients out). False if none."""
@@ -378,6 +395,8 @@ class MemoryServer:
                 self._sel.modify(conn.sock, events, conn)
 
     def _close(self, conn: _Conn) -> None:
+        if conn.session.close_reason.startswith(("AuthError", "ProtocolError")):
+            self._log_refusal(conn)
         self._conns.pop(conn.sock.fileno(), None)
         if self._sel is not None:
             with contextlib.suppress(KeyError, ValueError):

@@ -182,3 +182,13 @@ def test_a_size_class_that_gets_no_slot_is_reported(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="rdmapool.server.driver"), MemoryServer(cfg) as srv:
         assert [c.layout.capacity for c in srv.core.tenants["a"].classes] == [64 << 10]
     assert f"tenant a: size classes {32 << 20} get no slot in its {4 << 20}-byte quota" in caplog.text
+
+
+def test_an_in_process_server_listening_everywhere_advertises_a_real_address() -> None:
+    from rdmapool.config import ServerConfig, TenantConfig
+    from rdmapool.server import MemoryServer
+
+    cfg = ServerConfig(tenants=(TenantConfig("a", "token-123456", 1 << 20),), size_classes=(64 << 10,),
+                       host="0.0.0.0", transport="tcp", transport_options={"host": "0.0.0.0"})
+    with MemoryServer(cfg) as srv:
+        assert srv.info.host not in ("0.0.0.0", "") and srv.info.peer_info["host"] == srv.info.host

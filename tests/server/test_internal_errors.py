@@ -94,3 +94,17 @@ def test_a_failed_loop_is_reported_and_the_command_exits_non_zero(monkeypatch, c
     assert run(args) == 1
     err = capsys.readouterr().err
     assert "the serving loop failed (RuntimeError: sweep bug)" in err
+
+
+def test_refused_clients_are_logged_without_flooding_the_log(server, caplog) -> None:
+    """A wrong token is the client's error reply, and the operator's log line, at most one per REFUSAL_LOG_S."""
+    from rdmapool.client import PutStatus
+
+    bad = PoolClient([server.address], ClientConfig(token="not-the-token", staging_bytes=1 << 20,
+                                                    request_timeout_s=2.0, retry_after_s=0.0), transport_name="tcp")
+    with caplog.at_level(logging.WARNING, logger="rdmapool.server.driver"), bad:
+        for _ in range(3):
+            assert bad.put([key(1)], [b"x"]) == [PutStatus.UNAVAILABLE]
+    lines = [r.getMessage() for r in caplog.records if r.name == "rdmapool.server.driver"]
+    assert len(lines) == 1 and "refused 127.0.0.1:" in lines[0] and "AuthError: unknown token" in lines[0]
+    assert server.core.counters["auth_failures"] == 3
