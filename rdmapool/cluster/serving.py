@@ -76,7 +76,8 @@ def check_args(args) -> None:
     if not args.etcd:
         given = [f"--{f.replace('_', '-')}" for f, d in CLUSTER_DEFAULTS.items() if getattr(args, f) != d]
         if given:
-            raise UsageError(f"{', '.join(given)} need --etcd (without it the server runs alone)")
+            verb = "needs" if len(given) == 1 else "need"
+            raise UsageError(f"{', '.join(given)} {verb} --etcd (without it the server runs alone)")
         return
     if args.capacity:
         parse_size(args.capacity)

@@ -151,7 +151,7 @@ def test_a_server_listening_everywhere_tells_clients_the_advertised_address() ->
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--capacity", "abc"], "--capacity need --etcd"),
+        (["--capacity", "abc"], "--capacity needs --etcd"),
         (["--replicas", "0", "--member-ttl", "0"], "--member-ttl, --replicas need --etcd"),
         (["--etcd", "127.0.0.1:2379", "--member-ttl", "0"], "--member-ttl must be >= 2"),
         (["--etcd", "127.0.0.1:2379", "--capacity", "abc"], "cannot read size"),
