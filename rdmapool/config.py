@@ -65,10 +65,11 @@ def advertised_host(listen_host: str, advertise: str | None = None) -> str:
         return "127.0.0.1"
 
 
-def _positive(name: str, value: float) -> None:
-    """A finite positive number of seconds (nan or inf would park slots forever: a grace of nan never ends)."""
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise UsageError(f"{name} must be a finite number > 0, got {value!r}")
+def _positive(name: str, value: float, zero_ok: bool = False) -> None:
+    """A finite positive (or with `zero_ok`, non-negative) number of seconds: nan or inf would park slots
+    forever (a grace of nan never ends)."""
+    if not (isinstance(value, int | float) and math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+        raise UsageError(f"{name} must be a finite number {'>=' if zero_ok else '>'} 0, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +149,7 @@ class ServerConfig:
             raise UsageError("class_weights needs one non-negative weight per size class")
         for name in ("lease_s", "reservation_s", "tick_s", "idle_timeout_s", "hello_timeout_s"):
             _positive(name, getattr(self, name))
-        if not (isinstance(self.grace_s, int | float) and math.isfinite(self.grace_s) and self.grace_s >= 0):
-            raise UsageError(f"grace_s must be a finite number >= 0, got {self.grace_s!r}")
+        _positive("grace_s", self.grace_s, zero_ok=True)
         for name in ("ttl_s", "idle_ttl_s"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
@@ -160,6 +160,16 @@ class ServerConfig:
         from rdmapool.policy import create as create_policy
 
         create_policy(self.policy, **self.policy_options)  # a bad name or option fails here, naming it
+
+    def settings(self) -> dict:
+        """The effective settings a user needs to reason about hits, leases and expiries (the `stats` op and
+        /healthz); never the tenants, whose tokens are secrets."""
+        options = {k: v if v is None or isinstance(v, bool | int | float | str) else repr(v)
+                   for k, v in self.policy_options.items()}  # plain values only: the reply is msgpack and JSON
+        return {"lease_s": self.lease_s, "grace_s": self.grace_s, "reservation_s": self.reservation_s,
+                "ttl_s": self.ttl_s, "idle_ttl_s": self.idle_ttl_s, "policy": self.policy,
+                "policy_options": options, "size_classes": list(self.size_classes), "max_keys": self.max_keys,
+                "idle_timeout_s": self.idle_timeout_s, "hello_timeout_s": self.hello_timeout_s}
 
 
 @dataclass(frozen=True, slots=True)

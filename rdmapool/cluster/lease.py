@@ -41,12 +41,16 @@ class LeaseClock:
         return not self.gone and now < self.expires_at
 
 
+#: the shortest lease etcd keeps reliably with its default election timing (seconds)
+MIN_TTL = 2
+
+
 class LeaseKeeper:
     """Grant a lease and keep it alive from a daemon thread until `stop()` or until it is lost."""
 
     def __init__(self, etcd: Etcd, ttl: int, clock: Callable[[], float] = time.monotonic) -> None:
-        if ttl < 2:
-            raise UsageError("lease TTL must be >= 2 s (etcd's floor with default election timing)")
+        if ttl < MIN_TTL:
+            raise UsageError(f"lease TTL must be >= {MIN_TTL} s (etcd's floor with default election timing)")
         self.etcd = etcd
         self.ttl = ttl
         self.clock = clock

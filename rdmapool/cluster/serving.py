@@ -81,8 +81,10 @@ def check_args(args) -> None:
         return
     if args.capacity:
         parse_size(args.capacity)
-    if args.member_ttl < 2:
-        raise UsageError(f"--member-ttl must be >= 2 seconds, got {args.member_ttl}")
+    from rdmapool.cluster.lease import MIN_TTL
+
+    if args.member_ttl < MIN_TTL:  # checked here too: before the server allocates its pool
+        raise UsageError(f"--member-ttl must be >= {MIN_TTL} seconds, got {args.member_ttl}")
     if args.replicas < 1 or args.shards < 1:
         raise UsageError("--replicas and --shards must be >= 1")
 

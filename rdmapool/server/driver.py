@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from rdmapool.config import ServerConfig, advertised_host
+from rdmapool.config import WILDCARD_HOSTS, ServerConfig, advertised_host
 from rdmapool.errors import UsageError
 from rdmapool.server.core import PoolCore
 from rdmapool.server.protocol import Handler, ServerInfo, ServerSession, SessionState
@@ -117,12 +117,13 @@ class MemoryServer:
         from rdmapool import transport as transports
 
         cfg = self.config
+        advertise = advertised_host(cfg.host, cfg.advertise)  # what clients are told: never 0.0.0.0
         if cfg.memory == "host" and cfg.prefault:
             check_host_memory(sum(t.quota for t in cfg.tenants))
         if self._transport is None:
             options = dict(cfg.transport_options)
-            if cfg.transport == "tcp" and "host" in options:  # peers are told the advertised host, never 0.0.0.0
-                options.setdefault("advertise", cfg.advertise or advertised_host(options["host"]))
+            if cfg.transport == "tcp" and options.get("host") in WILDCARD_HOSTS:
+                options.setdefault("advertise", advertise)
             try:
                 self._transport = transports.create(cfg.transport, **options)
             except OSError as exc:
@@ -159,9 +160,8 @@ class MemoryServer:
         except OSError as exc:
             raise UsageError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
         self._listener.setblocking(False)
-        host, port = self._listener.getsockname()[:2]
-        host = cfg.advertise or advertised_host(host)
-        self.info = ServerInfo(self.server_id, host, port, self._transport.name, epoch,
+        port = self._listener.getsockname()[1]
+        self.info = ServerInfo(self.server_id, advertise, port, self._transport.name, epoch,
                                self._transport.peer_info(), None, sum(t.quota for t in cfg.tenants))
         self.handler = Handler(self.core, cfg, self.info)
         if hasattr(self._transport, "accept"):

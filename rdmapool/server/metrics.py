@@ -20,7 +20,6 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from rdmapool.server.core import AllocStatus
 
 if TYPE_CHECKING:
-    from rdmapool.config import ServerConfig
     from rdmapool.server.driver import MemoryServer
 
 STATES = ("free", "writing", "resident", "retired")
@@ -35,17 +34,6 @@ EVENTS = ("lookup_hits", "lookup_misses", "leases_granted", "commits", "commit_r
 def known_events(server: MemoryServer) -> list[str]:
     """Every event counter this server can report, whether or not it has happened yet."""
     return [*EVENTS, *(f"allocate_{s.name.lower()}" for s in AllocStatus), *(f"op_{op}" for op in server.handler.ops)]
-
-
-def config_summary(config: ServerConfig) -> dict:
-    """The effective settings a user needs to reason about hits, leases and expiries (for the `stats` op and
-    /healthz); never the tenants, whose tokens are secrets."""
-    options = {k: v if v is None or isinstance(v, bool | int | float | str) else repr(v)
-               for k, v in config.policy_options.items()}  # plain values only: the reply is msgpack and JSON
-    return {"lease_s": config.lease_s, "grace_s": config.grace_s, "reservation_s": config.reservation_s,
-            "ttl_s": config.ttl_s, "idle_ttl_s": config.idle_ttl_s, "policy": config.policy,
-            "policy_options": options, "size_classes": list(config.size_classes), "max_keys": config.max_keys,
-            "idle_timeout_s": config.idle_timeout_s, "hello_timeout_s": config.hello_timeout_s}
 
 
 class PoolCollector:
@@ -103,7 +91,7 @@ class MetricsServer:
                     body = json.dumps({"status": "ok", "uptime_s": round(time.time() - pool.started_at, 3),
                                        **{k: info.get(k) for k in ("server_id", "host", "port", "transport",
                                                                      "epoch")},
-                                       "config": config_summary(pool.config)}).encode()
+                                       "config": pool.config.settings()}).encode()
                     ctype = "application/json"
                 else:
                     self.send_error(404)

@@ -158,8 +158,6 @@ class Handler:
     def _stats(self, tenant: str, msg: dict, now: float) -> dict:
         """This tenant's slots, the server-wide counters and settings: any tenant's token may ask, so other
         tenants' names and usage stay out (the operator's /metrics endpoint shows them)."""
-        from rdmapool.server.metrics import config_summary
-
         snap = self.core.snapshot(now, count_leases=False)
         mine = snap["tenants"][tenant]
         classes = self.core.tenants[tenant].classes
@@ -167,7 +165,7 @@ class Handler:
         if sum(len(cls.slots) for cls in classes) <= LEASE_SCAN_MAX_SLOTS:
             for cls, c in zip(classes, mine["classes"], strict=True):
                 c["leased"] = cls.leased(now)
-        return {"stats": {"server": self.info.to_dict(), "config": config_summary(self.config),
+        return {"stats": {"server": self.info.to_dict(), "config": self.config.settings(),
                           "tenants": {tenant: mine}, "counters": snap["counters"]}}
 
 
