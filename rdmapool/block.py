@@ -212,6 +212,21 @@ def check_header_trailer(header: object, trailer: object, expected: Expected) ->
     return got
 
 
+def check_ends(header: object, trailer: object, key: bytes, generation: int, length: int) -> bytes | None | bool:
+    """`check_header_trailer` for a read's per-block loop: False for a header or trailer that does not name this
+    block (no exception, no `Expected`: it runs once per block of every get)."""
+    if _native is None:
+        try:
+            return check_header_trailer(header, trailer, Expected(key, generation, length))
+        except CorruptBlock:
+            return False
+    try:
+        got = _native.check(header, trailer, key, generation, length)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return False if type(got) is int else got
+
+
 def stored_checksum(header: object) -> bytes:
     """The payload checksum a (validated) header carries; CorruptBlock if it was written without one."""
     h = bytes(memoryview(header).cast("B")[:HEADER_SIZE])

@@ -76,6 +76,17 @@ class Arena:
         region = self.region  # bounds checked above: the Sge is built directly
         return Sge(region.addr + start, n, region.lkey), region.view[start : start + n]
 
+    def take_pair(self, first: int, second: int) -> tuple[Sge, memoryview, Sge, memoryview] | None:
+        """Two small adjacent pieces from one take (a block's header and trailer): (sge, view) of each."""
+        start = -(-self._used // 64) * 64
+        end = start + first + second
+        if end > self.region.length:
+            return None
+        self._used = end
+        region = self.region
+        addr, lkey, view, mid = region.addr, region.lkey, region.view, start + first
+        return Sge(addr + start, first, lkey), view[start:mid], Sge(addr + mid, second, lkey), view[mid:end]
+
     def reset(self) -> None:
         self._used = 0
         for region in self._temporary:

@@ -47,7 +47,7 @@ from rdmapool import block
 from rdmapool.client.buffers import Arena, RegionSlice
 from rdmapool.client.connection import ServerConnection
 from rdmapool.client.hashing import Hasher, PendingChecksum
-from rdmapool.errors import CorruptBlock, ServerUnavailable
+from rdmapool.errors import ServerUnavailable
 from rdmapool.transport.base import CompletionTimeout, EndpointState, Opcode, WcStatus, WorkRequest
 
 if TYPE_CHECKING:
@@ -486,9 +486,10 @@ def _payload_request(client: PoolClient, n: int, arena: Arena, key: bytes, grant
     """Block n's WRITE of payload and trailer (no checksum in it); the header's arena slot is kept in `late`
     for the second request. The digest of the payload is requested, unless `eager` (the caller hashes it
     while it moves and posts the header right behind it: wr_id part 3 instead of 1)."""
-    head, tail = arena.take(block.HEADER_SIZE), arena.take(block.TRAILER_SIZE)
-    if head is None or tail is None:
+    ends = arena.take_pair(block.HEADER_SIZE, block.TRAILER_SIZE)
+    if ends is None:
         return None
+    head, tail = ends[:2], ends[2:]
     view = _host_view(src)
     if isinstance(src, RegionSlice):
         sge = src.region.sge(src.offset, src.length)
@@ -515,9 +516,10 @@ def _host_view(src) -> memoryview | None:
 def _write_request(client: PoolClient, n: int, arena: Arena, key: bytes, grant, src,
                    checksum: bytes | None) -> WorkRequest | None:
     length = src.length if isinstance(src, RegionSlice) else len(src)
-    head, tail = arena.take(block.HEADER_SIZE), arena.take(block.TRAILER_SIZE)
-    if head is None or tail is None:
+    ends = arena.take_pair(block.HEADER_SIZE, block.TRAILER_SIZE)
+    if ends is None:
         return None
+    head, tail = ends[:2], ends[2:]
     if isinstance(src, RegionSlice):
         payload_sge = src.region.sge(src.offset, src.length)
     else:
@@ -536,38 +538,47 @@ def _write_request(client: PoolClient, n: int, arena: Arena, key: bytes, grant, 
 
 def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef], targets: list,
                 idx: list[int], out: list[int | None]) -> None:
-    """One READ per block; each validated as it completes; `out[idx[n]]` = payload length for good blocks."""
+    """One READ per block; each validated as it completes; `out[idx[n]]` = payload length for good blocks.
+    Runs once per block of every get: kept lean (a 1 MiB get of 256 blocks spent ~6 ms of a ~70 ms call in
+    this function on a 16-core Xeon host before; docs/decisions.md)."""
     arena = client.arena()
     arena.reset()
-    staged: dict[int, tuple] = {}
     verify = client.config.verify_checksum
+    count = client.counters.add
+    check = block.check_ends
+    # per block: (header view, payload view or None, trailer view, target, copy), cleared once completed
+    staged: list[tuple | None] = [None] * len(refs)
+    read_bytes = 0
 
     def accept(n: int, payload, target, copy: bool) -> None:
+        nonlocal read_bytes
+        length = refs[n][3][3]
         if copy:
-            target[: refs[n].length] = payload
-        out[idx[n]] = refs[n].length
-        client.counters.add("bytes_read", refs[n].length)
+            target[:length] = payload
+        out[idx[n]] = length
+        read_bytes += length
 
     def done(n: int, success: bool, digest: bytes | None) -> None:
-        head, payload, tail, target, copy = staged.pop(n)
+        head, payload, tail, target, copy = staged[n]
+        staged[n] = None
         if not success:
             return
         ref = refs[n]
-        check = verify and payload is not None
-        try:
-            want = block.check_header_trailer(head, tail, block.Expected(ref.key, ref.hit.generation, ref.length))
-            if check and want is None:
-                raise CorruptBlock("block was written without a checksum but the reader requires one")
-        except CorruptBlock:
-            client.counters.add("corrupt_blocks")
+        hit = ref[3]
+        want = check(head, tail, ref[0], hit[2], hit[3])  # the checksum, None if written without, or False
+        if want is False or (verify and want is None and payload is not None):
+            count("corrupt_blocks")  # header or trailer wrong, or no checksum where the reader needs one
             return
-        if check and digest is None and threaded:  # spare cores: a worker hashes while this thread receives
+        if not verify or payload is None:
+            accept(n, payload, target, copy)
+            return
+        if digest is None and threaded:  # spare cores: a worker hashes while this thread receives
             hashing.append((client.hasher.submit(payload), want, n, payload, target, copy))
             return
-        if check and digest is None:  # the transport did not hash what landed: hash it here, now, while the
+        if digest is None:  # the transport did not hash what landed: hash it here, now, while the
             digest = block.payload_checksum(payload)  # bytes are in this thread's cache (see docs/decisions.md)
-        if check and digest != want:
-            client.counters.add("corrupt_blocks")
+        if digest != want:
+            count("corrupt_blocks")
         else:
             accept(n, payload, target, copy)
 
@@ -581,7 +592,7 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
             if got == want:
                 accept(n, payload, target, copy)
             else:
-                client.counters.add("corrupt_blocks")
+                count("corrupt_blocks")
         hashing.clear()
 
     hashing: list[tuple] = []  # (future, wanted checksum, n, payload, target, copy)
@@ -593,34 +604,42 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
     # landed block measured faster (the trailing reads pull every line across cores; docs/decisions.md)
     offered = client.config.transport_digests and Opcode.READ in batch.endpoint.digests
     together = offered and not (threaded and batch.endpoint.asynchronous)
+    asynchronous = batch.endpoint.asynchronous
+    grouped = together or asynchronous  # in groups: one Mover job per group, not per block
     # ... except a large last block: hashed after it landed, it is the one hash nothing overlaps (a 32 MiB block's
     # took ~4 ms of a ~45 ms get); with the transport's digest it is hashed while it moves
-    last_digest = offered and not together and bool(refs) and refs[-1].length >= TAIL_DIGEST_MIN
+    last = len(refs) - 1
+    last_digest = offered and not together and bool(refs) and refs[-1][3][3] >= TAIL_DIGEST_MIN
+    digest_all = together and verify
     pending: list[WorkRequest] = []
     pending_bytes = 0
     epoch = int(conn.hello.get("epoch", -1))
-    for n, (ref, target) in enumerate(zip(refs, targets, strict=True)):
-        if ref.epoch != epoch:
-            client.counters.add("stale_refs")  # the server restarted since the lookup
+    find = client.registry.find
+    for n, ref in enumerate(refs):
+        if ref[2] != epoch:
+            count("stale_refs")  # the server restarted since the lookup
             continue
-        pieces = _read_pieces(client, arena, ref, target)
+        hit = ref[3]
+        length = hit[3]
+        target = targets[n]
+        pieces = _read_pieces(arena, find, length, target)
         if pieces is None:  # arena full: finish what is in flight, then reuse the arena
             batch.post_many(pending)
             pending.clear()
             batch.drain()
             settle()
             arena.reset()
-            pieces = _read_pieces(client, arena, ref, target)
-        head, payload_sge, payload_view, tail, copy = pieces
-        sgl = (head[0], payload_sge, tail[0]) if ref.length else (head[0], tail[0])
-        staged[n] = (head[1], payload_view, tail[1], target, copy)
-        digest = (1 if (together or (last_digest and n == len(refs) - 1)) and verify and ref.length
-                  and payload_view is not None else None)  # the payload SGE
-        wr = WorkRequest(n, Opcode.READ, sgl, ref.hit.addr, ref.hit.rkey, digest=digest)
-        if together or batch.endpoint.asynchronous:  # in groups: one Mover job per group, not per block
+            pieces = _read_pieces(arena, find, length, target)
+        head_sge, head, payload_sge, payload, tail_sge, tail, copy = pieces
+        staged[n] = (head, payload, tail, target, copy)
+        digest = (1 if (digest_all or (last_digest and verify and n == last)) and length and payload is not None
+                  else None)  # the payload SGE
+        wr = WorkRequest(n, Opcode.READ, (head_sge, payload_sge, tail_sge) if length else (head_sge, tail_sge),
+                         hit[0], hit[1], digest=digest)
+        if grouped:
             pending.append(wr)
-            pending_bytes += ref.length
-            if batch.endpoint.asynchronous and pending_bytes >= STREAM_BYTES:
+            pending_bytes += length
+            if asynchronous and pending_bytes >= STREAM_BYTES:
                 batch.post_many(pending)
                 pending.clear()
                 pending_bytes = 0
@@ -629,8 +648,12 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
     batch.post_many(pending)
     # the transport digests and moves bytes only inside wait (tcp): one wait for the whole batch. shm's waiters
     # hash trailing its Mover per completion; a bulk wait there measured slower (1 MiB get 10-11% vs 1%)
-    batch.drain(bulk=together and not batch.endpoint.asynchronous)
-    settle()
+    try:
+        batch.drain(bulk=together and not asynchronous)
+        settle()
+    finally:
+        if read_bytes:
+            count("bytes_read", read_bytes)
 
 
 def spare_cores() -> bool:
@@ -643,19 +666,22 @@ def spare_cores() -> bool:
         return (os.cpu_count() or 1) > 2
 
 
-def _read_pieces(client: PoolClient, arena: Arena, ref: BlockRef, target):
-    head, tail = arena.take(block.HEADER_SIZE), arena.take(block.TRAILER_SIZE)
-    if head is None or tail is None:
+def _read_pieces(arena: Arena, find: Callable, length: int, target):
+    """(header Sge, header view, payload Sge, payload view or None, trailer Sge, trailer view, copy) for one
+    READ, header and trailer from one arena piece; None when the arena is full."""
+    ends = arena.take_pair(block.HEADER_SIZE, block.TRAILER_SIZE)
+    if ends is None:
         return None
-    n = ref.length
     if isinstance(target, RegionSlice):
-        sge = target.region.sge(target.offset, n)
         view = target.view()
-        return head, sge, None if view is None else view[:n], tail, False
-    direct = client.registry.find(target[:n])
+        return (*ends[:2], target.region.sge(target.offset, length), None if view is None else view[:length],
+                *ends[2:], False)
+    if len(target) != length:
+        target = target[:length]
+    direct = find(target)
     if direct is not None:
-        return head, direct, target[:n], tail, False
-    staged = arena.take(n)
+        return (*ends[:2], direct, target, *ends[2:], False)
+    staged = arena.take(length)
     if staged is None:
         return None
-    return head, staged[0], staged[1], tail, True
+    return (*ends[:2], staged[0], staged[1], *ends[2:], True)

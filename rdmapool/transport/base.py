@@ -124,7 +124,10 @@ class Opcode(enum.IntEnum):
     FAA = 4
 
 
-@dataclass(frozen=True, slots=True)
+#: Sge and WorkRequest are built per block of every put and get: plain slotted dataclasses, not frozen ones
+#: (a frozen one sets each field through object.__setattr__: a WorkRequest took 1.1 us to build, now 0.26 us).
+#: Treat them as values all the same: nothing changes one after building it.
+@dataclass(slots=True)
 class Sge:
     """One local piece of a scatter/gather list: address inside a registered region, length, lkey."""
 
@@ -133,7 +136,7 @@ class Sge:
     lkey: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WorkRequest:
     """One operation. READ/WRITE move sum(sge lengths) bytes to/from `remote_addr`; CAS/FAA act on 8 bytes
     at `remote_addr` and put the old value in the single 8-byte SGE. CAS: if *remote == compare then
