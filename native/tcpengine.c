@@ -33,7 +33,8 @@
  * [header, payload SGEs, next header, ...] so READ payloads land straight in the local buffers. wait()
  * busy-polls for spin_us before blocking in poll(2). A READ that names a digest SGE keeps a streaming xxh3-128
  * state; each recvmsg() (at most 256 KiB) feeds it the bytes that just landed in that SGE, while they are in
- * cache, and the completion carries the 16 canonical bytes (native/xxhash/digest.h; AVX2 CPUs only). Responses come back in request order (one connection,
+ * cache (by the receiving thread, or with dx_mode by the endpoint's digest thread while the receiver goes on), and
+ * the completion carries the 16 canonical bytes (native/xxhash/digest.h; AVX2 CPUs only). Responses come back in request order (one connection,
  * executed in order), so completions are delivered in posting order.
  *
  * Wire format (little-endian, see docs/transport.md): hello "RDMPTCP1" both ways; request = 48-byte header

@@ -5,6 +5,21 @@ typedef struct {
     uint64_t addr, len;
 } sge_t;
 
+/* A READ digest: the streaming xxh3-128 state and how many of its bytes were queued and hashed. Inline hashing
+ * moves both counters together; with a digest thread (dx_mode) the receiver queues chunks (`queued`, under the
+ * endpoint lock) and the thread hashes them in order (`hashed`, atomic). The op completes once they are equal. */
+typedef struct {
+    XXH3_state_t st; /* first: it wants 64-byte alignment (the struct is aligned_alloc'ed) */
+    uint64_t queued, hashed;
+} dstate;
+
+/* One chunk for the digest thread: `n` bytes at `p` that just landed, for digest `d`. */
+typedef struct {
+    dstate *d;
+    const void *p;
+    uint64_t n;
+} dx_job;
+
 typedef struct cop {
     uint64_t seq, wr_id, len;
     uint8_t opcode, signaled, expect;
@@ -12,7 +27,7 @@ typedef struct cop {
     sge_t sge[MAX_SGE];
     region *pins[MAX_SGE];
     int npins;
-    XXH3_state_t *digest;     /* READ with a digest: streaming xxh3-128 of SGE `dsge` as its bytes land */
+    dstate *digest;           /* READ with a digest: streaming xxh3-128 of SGE `dsge` as its bytes land */
     uint64_t dstart, dend;    /* that SGE's byte range within the payload */
     int dsge;
     uint8_t req[REQ_HDR];
@@ -36,6 +51,7 @@ typedef struct {
     cop *ring;
     uint64_t cap; /* power of two */
     uint64_t head, recv_seq, send_seq, tail; /* head <= recv_seq, send_seq <= tail */
+    uint64_t landed;                         /* ops before it received whole: head <= landed <= recv_seq + 1 */
     uint64_t recv_off, send_off;
     cqe_t *cq;
     uint64_t cq_cap, cq_head, cq_tail;
@@ -51,6 +67,16 @@ typedef struct {
     int tx_hold;               /* threads waiting for tx_busy to drop: the sender starts no new send meanwhile */
     pthread_t tx_thread;
     pthread_cond_t tx_cond;    /* broadcast on new work, on stop and when tx_busy drops */
+    /* digest thread (dx_mode, see dx_main): READ digests hashed a chunk behind the receive, on a thread of their own */
+    int dx_mode, dx_started, dx_stop;
+    int dx_busy;               /* the thread is hashing a job it took (dx_lock released) */
+    int dx_sleeping;           /* the thread waits on dx_work: a new job signals it */
+    pthread_t dx_thread;
+    pthread_mutex_t dx_lock;   /* the job queue and the flags above; never held while taking `lock` */
+    pthread_cond_t dx_work;    /* new job, or stop */
+    pthread_cond_t dx_done;    /* a job finished (broadcast) */
+    dx_job *dx_q;
+    uint64_t dx_cap, dx_head, dx_tail; /* dx_cap: a power of two, or 0 */
 } EndpointObject;
 
 static inline cop *OP(EndpointObject *s, uint64_t seq) { return &s->ring[seq & (s->cap - 1)]; }
@@ -83,12 +109,104 @@ static void op_release(EndpointObject *s, cop *o) {
     o->digest = NULL;
 }
 
+/* Digest thread (dx_mode). The receiving thread hashing each chunk right after recv() placed it reads it from its
+ * own cache, but hashing is then serialised with receiving: the socket waits meanwhile (and on loopback the peer's
+ * send path takes over the receive processing). With cores to spare, a thread of the endpoint's own hashes each
+ * chunk while the receiver is already back in recv() for the next one; the chunk is still in the receiving core's
+ * cache. Jobs are hashed in order (one thread), so each digest's streaming state sees its bytes in order. On where
+ * it is on: rdmapool/transport/tcp.py. The thread never takes the endpoint lock: whoever releases ops first waits
+ * until the queue is empty and the thread idle (dx_drain), and the completion of a landed op waits for its
+ * digest (complete_ready). It sleeps when the queue is empty and is woken once two chunks wait or a digest's last
+ * chunk landed: on the H200 host's split, a wake-up per chunk or a 200 us spin before sleeping was no faster and
+ * cost the client up to twice the CPU (docs/decisions.md). */
+#define DX_WAKE_DEPTH 2 /* a sleeping digest thread is woken once this many chunks wait, or at a digest's last chunk */
+
+static void *dx_main(void *arg) {
+    EndpointObject *s = arg;
+    pthread_mutex_lock(&s->dx_lock);
+    while (!__atomic_load_n(&s->dx_stop, __ATOMIC_RELAXED)) {
+        if (s->dx_head == s->dx_tail) {
+            s->dx_sleeping = 1;
+            pthread_cond_wait(&s->dx_work, &s->dx_lock);
+            s->dx_sleeping = 0;
+            continue;
+        }
+        dx_job j = s->dx_q[s->dx_head++ & (s->dx_cap - 1)];
+        s->dx_busy = 1;
+        pthread_mutex_unlock(&s->dx_lock);
+        XXH3_128bits_update(&j.d->st, j.p, j.n);
+        pthread_mutex_lock(&s->dx_lock);
+        s->dx_busy = 0;
+        __atomic_store_n(&j.d->hashed, j.d->hashed + j.n, __ATOMIC_RELEASE);
+        pthread_cond_broadcast(&s->dx_done);
+    }
+    pthread_mutex_unlock(&s->dx_lock);
+    return NULL;
+}
+
+/* Under s->lock: queue a chunk for the digest thread (started on first use). 0 if queued; -1: hash it here. */
+static int dx_push(EndpointObject *s, dstate *d, const void *p, uint64_t n, int last) {
+    if (!s->dx_started) {
+        if (s->dx_stop || pthread_create(&s->dx_thread, NULL, dx_main, s) != 0) {
+            __atomic_store_n(&s->dx_mode, 0, __ATOMIC_RELEASE); /* no thread: this endpoint hashes inline */
+            return -1;
+        }
+        s->dx_started = 1;
+        pthread_setname_np(s->dx_thread, "rdmapool-dx");
+    }
+    pthread_mutex_lock(&s->dx_lock);
+    if (s->dx_tail - s->dx_head == s->dx_cap) {
+        uint64_t ncap = s->dx_cap ? s->dx_cap * 2 : 64;
+        dx_job *q = malloc(ncap * sizeof *q);
+        if (!q) { pthread_mutex_unlock(&s->dx_lock); return -1; }
+        for (uint64_t i = s->dx_head; i < s->dx_tail; i++) q[i & (ncap - 1)] = s->dx_q[i & (s->dx_cap - 1)];
+        free(s->dx_q);
+        s->dx_q = q;
+        s->dx_cap = ncap;
+    }
+    s->dx_q[s->dx_tail++ & (s->dx_cap - 1)] = (dx_job){d, p, n};
+    d->queued += n;
+    int wake = s->dx_sleeping && (last || s->dx_tail - s->dx_head >= DX_WAKE_DEPTH);
+    pthread_mutex_unlock(&s->dx_lock);
+    if (wake) pthread_cond_signal(&s->dx_work);
+    return 0;
+}
+
+/* Under s->lock: wait until every queued chunk is hashed and the thread is idle (before ops are released). */
+static void dx_drain(EndpointObject *s) {
+    if (!s->dx_started) return;
+    pthread_mutex_lock(&s->dx_lock);
+    if (s->dx_sleeping && s->dx_head != s->dx_tail) pthread_cond_signal(&s->dx_work); /* jobs it was not woken for */
+    while (s->dx_head != s->dx_tail || s->dx_busy) pthread_cond_wait(&s->dx_done, &s->dx_lock);
+    pthread_mutex_unlock(&s->dx_lock);
+}
+
+/* Stop the digest thread (lock not held; nothing queued: callers drained first). */
+static void dx_stop_thread(EndpointObject *s) {
+    pthread_mutex_lock(&s->lock);
+    int started = s->dx_started;
+    s->dx_started = 0;
+    __atomic_store_n(&s->dx_stop, 1, __ATOMIC_RELAXED); /* dx_push reads it under `lock`, the thread atomically */
+    pthread_mutex_unlock(&s->lock);
+    pthread_mutex_lock(&s->dx_lock); /* the thread checks it under dx_lock before it sleeps: no lost wake-up */
+    pthread_cond_broadcast(&s->dx_work);
+    pthread_mutex_unlock(&s->dx_lock);
+    if (started) pthread_join(s->dx_thread, NULL);
+}
+
 /* Bytes [off, off+n) of op o's payload just landed: the part inside the digest SGE goes into the hash while it is
- * still in cache (hashing after the whole payload landed reads it back from L3/DRAM at a third of the speed). */
-static void op_digest_landed(cop *o, uint64_t off, uint64_t n) {
+ * still in cache (hashing after the whole payload landed reads it back from L3/DRAM at a third of the speed):
+ * here, or on the digest thread. */
+static void op_digest_landed(EndpointObject *s, cop *o, uint64_t off, uint64_t n) {
     uint64_t lo = off > o->dstart ? off : o->dstart, hi = off + n < o->dend ? off + n : o->dend;
-    if (lo < hi)
-        XXH3_128bits_update(o->digest, (const void *)(uintptr_t)(o->sge[o->dsge].addr + (lo - o->dstart)), hi - lo);
+    if (lo >= hi) return;
+    const void *p = (const void *)(uintptr_t)(o->sge[o->dsge].addr + (lo - o->dstart));
+    if (__atomic_load_n(&s->dx_mode, __ATOMIC_RELAXED) && dx_push(s, o->digest, p, hi - lo, hi == o->dend) == 0) return;
+    dx_drain(s); /* earlier chunks of this digest may still be queued: keep the order */
+    XXH3_128bits_update(&o->digest->st, p, hi - lo);
+    o->digest->queued += hi - lo;
+    __atomic_store_n(&o->digest->hashed, __atomic_load_n(&o->digest->hashed, __ATOMIC_RELAXED) + (hi - lo),
+                     __ATOMIC_RELEASE);
 }
 
 /* Under s->lock: wait until the sender thread is outside sendmsg (its iovecs point into the ring and it uses the
@@ -106,15 +224,19 @@ static void ep_close_fd(EndpointObject *s) {
 
 /* Move to ERROR: `bad` (if in [head, tail)) completes with `status`, ops before it succeeded silently
  * (they are unsignalled WRITEs executed before it), everything after it flushes. */
+static void complete_ready(EndpointObject *s);
 static void ep_fail_ex(EndpointObject *s, uint64_t bad, int status, int flush_before) {
     tx_quiesce(s);
+    dx_drain(s);       /* ops that landed whole before the failure complete first, with their digests */
+    complete_ready(s);
+    if (bad < s->head) bad = s->head;
     for (uint64_t q = s->head; q < s->tail; q++) {
         cop *o = OP(s, q);
         if (q == bad) cq_push(s, o->wr_id, status, o->opcode, 0, o->signaled);
         else if (q > bad || flush_before) cq_push(s, o->wr_id, ST_FLUSH, o->opcode, 0, o->signaled);
         op_release(s, o);
     }
-    s->head = s->recv_seq = s->send_seq = s->tail;
+    s->head = s->recv_seq = s->send_seq = s->landed = s->tail;
     s->recv_off = s->send_off = 0;
     __atomic_store_n(&s->state, EP_ERROR, __ATOMIC_RELEASE); /* read unlocked by the Python-facing checks */
     ep_close_fd(s);
@@ -122,17 +244,25 @@ static void ep_fail_ex(EndpointObject *s, uint64_t bad, int status, int flush_be
 
 static void ep_fail(EndpointObject *s, uint64_t bad, int status) { ep_fail_ex(s, bad, status, 0); }
 
-static void complete_upto(EndpointObject *s, uint64_t seq) {
-    for (uint64_t q = s->head; q <= seq; q++) {
-        cop *o = OP(s, q);
+/* Complete, in order, the ops that landed whole, up to the first whose digest the digest thread still owes. */
+static void complete_ready(EndpointObject *s) {
+    while (s->head < s->landed) {
+        cop *o = OP(s, s->head);
+        if (o->digest && __atomic_load_n(&o->digest->hashed, __ATOMIC_ACQUIRE) != o->digest->queued) break;
         if (o->signaled && o->digest) {
             XXH128_canonical_t c;
-            XXH128_canonicalFromHash(&c, XXH3_128bits_digest(o->digest));
+            XXH128_canonicalFromHash(&c, XXH3_128bits_digest(&o->digest->st));
             cq_push_digest(s, o->wr_id, ST_SUCCESS, o->opcode, o->len, 1, c.digest);
         } else if (o->signaled) cq_push(s, o->wr_id, ST_SUCCESS, o->opcode, o->len, 1);
         op_release(s, o);
+        s->head++;
     }
-    s->head = seq + 1;
+}
+
+/* Ops up to `seq` landed whole (the unsignalled WRITEs among them executed). */
+static void complete_upto(EndpointObject *s, uint64_t seq) {
+    if (seq + 1 > s->landed) s->landed = seq + 1;
+    complete_ready(s);
 }
 
 static inline uint64_t resp_payload(const cop *o) { return o->opcode == OP_WRITE ? 0 : o->len; }
@@ -296,7 +426,7 @@ static long ep_progress_recv_mode(EndpointObject *s, int block_one) {
         }
         uint64_t need = RESP_HDR + resp_payload(o) - s->recv_off;
         uint64_t take = need < left ? need : left;
-        if (o->digest && take) op_digest_landed(o, s->recv_off - RESP_HDR, take);
+        if (o->digest && take) op_digest_landed(s, o, s->recv_off - RESP_HDR, take);
         s->recv_off += take; left -= take;
         if (take == need) {
             complete_upto(s, s->recv_seq);
@@ -310,6 +440,7 @@ static long ep_progress_recv_mode(EndpointObject *s, int block_one) {
 
 static int ep_progress(EndpointObject *s) {
     s->last_progress_ns = now_ns();
+    complete_ready(s); /* digests the digest thread finished since */
     if (s->state != EP_READY || s->fd < 0) return 0;
     if (!s->tx_mode && ep_progress_send(s) < 0) return -1;
     long got;

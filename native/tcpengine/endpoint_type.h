@@ -1,18 +1,22 @@
 /* The Python Endpoint type: connect, post, post_plan, poll, wait, close (part of rdmapool._tcpengine: included by native/tcpengine.c, one translation unit) */
 static int Endpoint_init(EndpointObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"engine", "host", "port", "timeout", "spin_us", "sender", NULL};
+    static char *kwlist[] = {"engine", "host", "port", "timeout", "spin_us", "sender", "digester", NULL};
     PyObject *eng;
     const char *host;
-    int port, spin_us = 50, sender = 0;
+    int port, spin_us = 50, sender = 0, digester = 0;
     double timeout = 5.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!si|dip", kwlist, &EngineType, &eng, &host, &port, &timeout, &spin_us,
-                                     &sender))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!si|dipp", kwlist, &EngineType, &eng, &host, &port, &timeout, &spin_us,
+                                     &sender, &digester))
         return -1;
     if (!((EngineObject *)eng)->e || ((EngineObject *)eng)->e->closed) { engine_closed(); return -1; }
     self->fd = -1;
     pthread_mutex_init(&self->lock, NULL);
     pthread_cond_init(&self->tx_cond, NULL);
+    pthread_mutex_init(&self->dx_lock, NULL);
+    pthread_cond_init(&self->dx_work, NULL);
+    pthread_cond_init(&self->dx_done, NULL);
     __atomic_store_n(&self->tx_mode, sender, __ATOMIC_RELEASE);
+    __atomic_store_n(&self->dx_mode, digester && have_digest, __ATOMIC_RELEASE);
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     if (inet_pton(AF_INET, host, &sa.sin_addr) != 1 || port <= 0 || port > 65535) {
         PyErr_Format(UsageError, "bad tcp peer address %s:%d (need an IPv4 address and a port)", host, port);
@@ -203,9 +207,10 @@ static void ep_enqueue(EndpointObject *s, const pending_t *p) {
         return;
     }
     if (o->dsge >= 0 && p->signaled) {
-        o->digest = aligned_alloc(64, sizeof(XXH3_state_t));
+        o->digest = aligned_alloc(64, (sizeof(dstate) + 63) / 64 * 64);
         if (o->digest) {
-            XXH3_128bits_reset(o->digest);
+            XXH3_128bits_reset(&o->digest->st);
+            o->digest->queued = o->digest->hashed = 0;
             o->dstart = 0;
             for (int i = 0; i < o->dsge; i++) o->dstart += o->sge[i].len;
             o->dend = o->dstart + o->sge[o->dsge].len;
@@ -382,10 +387,25 @@ static PyObject *Endpoint_wait(EndpointObject *self, PyObject *args) {
         /* a large payload is on its way: wait for it in one MSG_WAITALL recv rather than spinning on chunks */
         int big = self->state == EP_READY && fd >= 0 && self->recv_seq < self->send_seq &&
                   resp_payload(OP(self, self->recv_seq)) >= BLOCKING_RECV_MIN;
+        /* everything owed landed and only digests are due: wait for the digest thread, not for the socket */
+        int digests_due = self->head < self->landed && self->recv_seq >= self->tail;
         pthread_mutex_unlock(&self->lock);
         if (have >= count || fd < 0 || idle) break;
         uint64_t t = now_ns();
         if (t >= deadline) break;
+        if (digests_due) {
+            pthread_mutex_lock(&self->dx_lock);
+            if (self->dx_sleeping && self->dx_head != self->dx_tail) pthread_cond_signal(&self->dx_work);
+            if (self->dx_head != self->dx_tail || self->dx_busy) {
+                struct timespec ts;
+                clock_gettime(CLOCK_REALTIME, &ts);
+                ts.tv_nsec += 1000000; /* 1 ms at most: the deadline is checked in the loop */
+                if (ts.tv_nsec >= 1000000000) { ts.tv_sec++; ts.tv_nsec -= 1000000000; }
+                pthread_cond_timedwait(&self->dx_done, &self->dx_lock, &ts);
+            }
+            pthread_mutex_unlock(&self->dx_lock);
+            continue;
+        }
         if (big) {
             pthread_mutex_lock(&self->lock);
             if (self->fd >= 0 && self->state == EP_READY) {
@@ -421,9 +441,13 @@ static void ep_shutdown(EndpointObject *s) {
     ep_unregister(s); /* first: the background thread never touches it again */
     tx_stop_thread(s);
     pthread_mutex_lock(&s->lock);
+    dx_drain(s); /* the digest thread reads the ops' memory until then */
+    pthread_mutex_unlock(&s->lock);
+    dx_stop_thread(s);
+    pthread_mutex_lock(&s->lock);
     if (s->state != EP_CLOSED && s->e) {
         for (uint64_t q = s->head; q < s->tail; q++) op_release(s, OP(s, q));
-        s->head = s->recv_seq = s->send_seq = s->tail;
+        s->head = s->recv_seq = s->send_seq = s->landed = s->tail;
         ep_close_fd(s);
         __atomic_store_n(&s->state, EP_CLOSED, __ATOMIC_RELEASE);
     }
@@ -451,6 +475,10 @@ static void Endpoint_dealloc(EndpointObject *self) {
     free(self->cq);
     pthread_mutex_destroy(&self->lock);
     pthread_cond_destroy(&self->tx_cond);
+    pthread_mutex_destroy(&self->dx_lock);
+    pthread_cond_destroy(&self->dx_work);
+    pthread_cond_destroy(&self->dx_done);
+    free(self->dx_q);
     Py_XDECREF(self->engine_obj);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -461,6 +489,9 @@ static PyObject *Endpoint_state(EndpointObject *self, void *c) {
 static PyObject *Endpoint_outstanding(EndpointObject *self, void *c) { return PyLong_FromLong(self->outstanding); }
 static PyObject *Endpoint_sender(EndpointObject *self, void *c) {
     return PyBool_FromLong(__atomic_load_n(&self->tx_mode, __ATOMIC_ACQUIRE));
+}
+static PyObject *Endpoint_digester(EndpointObject *self, void *c) {
+    return PyBool_FromLong(__atomic_load_n(&self->dx_mode, __ATOMIC_ACQUIRE));
 }
 
 static PyMethodDef Endpoint_methods[] = {
@@ -475,6 +506,8 @@ static PyGetSetDef Endpoint_getset[] = {
     {"outstanding", (getter)Endpoint_outstanding, NULL, "signalled requests not yet returned", NULL},
     {"sender", (getter)Endpoint_sender, NULL, "whether backlogs go out on a sender thread (off if it could not start)",
      NULL},
+    {"digester", (getter)Endpoint_digester, NULL,
+     "whether READ digests are hashed on a digest thread (off if it could not start, or without digests)", NULL},
     {NULL}};
 static PyTypeObject EndpointType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "rdmapool._tcpengine.Endpoint",

@@ -10,7 +10,8 @@ connection to the peer's engine; that connection is the queue pair: requests on 
 complete in order. Progress (sending queued frames, receiving responses straight into the local SGEs) runs in
 the caller's thread inside `post`/`poll`/`wait` with the GIL released; `wait` busy-polls `spin_us` before it
 blocks. Where the process has CPUs to spare, an endpoint's backlog of request bytes goes out on a sender thread
-of its own instead (`sender_thread`), so a caller working between posts does not hold the transfer up. See
+of its own instead (`sender_thread`), so a caller working between posts does not hold the transfer up, and READ
+digests are hashed on a digest thread of its own, a chunk behind the receive (`digest_thread`). See
 native/tcpengine.c for the wire format and why deregister cannot race into a use-after-free, and
 docs/transport.md for the semantics.
 
@@ -193,12 +194,15 @@ class TcpTransport(Transport):
     """The tcp backend. `host`/`port`: where this process's engine listens (port 0 = any free port);
     `spin_us`: how long engine threads and waits busy-poll before they block; `sender_thread`: whether each
     endpoint's backlog of request bytes goes out on a thread of its own, as a NIC sends while the caller works
-    (default: where this process may run on more than two CPUs; `RDMAPOOL_TCP_SENDER=0/1` overrides)."""
+    (default: where this process may run on more than two CPUs; `RDMAPOOL_TCP_SENDER=0/1` overrides);
+    `digest_thread`: whether each endpoint hashes READ digests on a thread of its own, a chunk behind the receive,
+    instead of in the receiving thread (same default; `RDMAPOOL_TCP_DIGESTER=0/1` overrides)."""
 
     name = "tcp"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, spin_us: int | None = None,
-                 sender_thread: bool | None = None, advertise: str | None = None) -> None:
+                 sender_thread: bool | None = None, advertise: str | None = None,
+                 digest_thread: bool | None = None) -> None:
         if spin_us is None:
             spin_us = int(os.environ.get("RDMAPOOL_TCP_SPIN_US", DEFAULT_SPIN_US))
         if not 0 <= spin_us <= 1_000_000:
@@ -208,7 +212,8 @@ class TcpTransport(Transport):
         #: the host peers are told to connect to (`peer_info`): the listen host unless that is a wildcard
         self._advertise = advertise or host
         self._spin_us = spin_us
-        self.sender_thread = _sender_default() if sender_thread is None else bool(sender_thread)
+        self.sender_thread = _spare_cores("RDMAPOOL_TCP_SENDER") if sender_thread is None else bool(sender_thread)
+        self.digest_thread = _spare_cores("RDMAPOOL_TCP_DIGESTER") if digest_thread is None else bool(digest_thread)
         self._regions: dict[int, MemoryRegion] = {}
         self._endpoints: weakref.WeakSet[TcpEndpoint] = weakref.WeakSet()
         self._lock = threading.Lock()
@@ -294,7 +299,8 @@ class TcpTransport(Transport):
         if timeout is None or timeout <= 0:
             raise UsageError("connect needs a positive timeout")
         try:
-            native = _native.Endpoint(self._engine, host, port, timeout, self._spin_us, self.sender_thread)
+            native = _native.Endpoint(self._engine, host, port, timeout, self._spin_us, self.sender_thread,
+                                      self.digest_thread)
         except ConnectionError as exc:
             raise ServerUnavailable(str(exc)) from exc
         ep = TcpEndpoint(native, self)
@@ -331,14 +337,14 @@ class TcpTransport(Transport):
         self._engine.close()
 
 
-def _sender_default() -> bool:
-    """A sender thread per endpoint is one more busy thread: worth it only with CPUs to spare (on two it measured
-    no better: docs/decisions.md)."""
-    forced = os.environ.get("RDMAPOOL_TCP_SENDER")
+def _spare_cores(variable: str) -> bool:
+    """The default of a per-endpoint thread (sender, digester): one more busy thread, worth it only with CPUs to
+    spare (on two the sender measured no better: docs/decisions.md); the environment `variable` (0/1) overrides."""
+    forced = os.environ.get(variable)
     if forced in ("0", "1"):
         return forced == "1"
     if forced:
-        raise UsageError(f"RDMAPOOL_TCP_SENDER must be 0 or 1, got {forced!r}")
+        raise UsageError(f"{variable} must be 0 or 1, got {forced!r}")
     try:
         return len(os.sched_getaffinity(0)) > 2
     except (AttributeError, OSError):

@@ -30,11 +30,12 @@ def key(i: int) -> bytes:
 
 
 def client_transport(srv):
-    """A new client-side transport for this server (`tcp-sender`: tcp whose endpoints send on a thread)."""
+    """A new client-side transport for this server (`tcp-sender`: tcp whose endpoints send and hash digests on threads)."""
     if srv.variant == "local":
         return LocalTransport()
     if srv.transport_name == "tcp":
-        return transports.create("tcp", sender_thread=srv.variant == "tcp-sender")
+        threads = srv.variant == "tcp-sender"
+        return transports.create("tcp", sender_thread=threads, digest_thread=threads)
     return transports.create(srv.transport_name)
 
 

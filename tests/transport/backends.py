@@ -27,9 +27,11 @@ class BackendSpec:
 
 
 BACKENDS: list[BackendSpec] = [
-    BackendSpec("tcp", "rdmapool.transport.tcp", (("sender_thread", False),)),
-    # the initiator's bytes going out on a sender thread (on by default where a process has more than two CPUs)
-    BackendSpec("tcp-sender", "rdmapool.transport.tcp", (("sender_thread", True),), transport="tcp"),
+    BackendSpec("tcp", "rdmapool.transport.tcp", (("sender_thread", False), ("digest_thread", False))),
+    # the threads an endpoint gets by default where a process has more than two CPUs: the initiator's bytes go out
+    # on a sender thread, READ digests are hashed on a digest thread
+    BackendSpec("tcp-sender", "rdmapool.transport.tcp", (("sender_thread", True), ("digest_thread", True)),
+                transport="tcp"),
     BackendSpec("shm", "rdmapool.transport.shm"),
     # skipped with NoDevice as the reason where no RDMA device exists; runs for real in tests/vm (rxe in QEMU)
     BackendSpec("verbs", "rdmapool.transport.verbs_probe"),

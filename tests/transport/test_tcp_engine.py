@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from transport_harness import settle
 
+from rdmapool import _tcpengine
 from rdmapool.errors import ServerUnavailable, UsageError
 from rdmapool.transport import EndpointState, Opcode, TransferPlan, WcStatus, WorkRequest
 from rdmapool.transport.tcp import TcpTransport
@@ -253,13 +254,18 @@ def test_fork_child_refuses_the_parents_transport_and_can_make_its_own(tcp):
     ep.close()
 
 
-def _senders() -> int:
-    """The sender threads of this process's tcp endpoints (named by the engine; other threads come and go)."""
+def _threads(name: str) -> int:
+    """This process's threads called `name` (the engine names its own; other threads come and go)."""
     names = []
     for tid in os.listdir("/proc/self/task"):
         with contextlib.suppress(OSError):  # a thread that just ended
             names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
-    return names.count("rdmapool-tx")
+    return names.count(name)
+
+
+def _senders() -> int:
+    """The sender threads of this process's tcp endpoints."""
+    return _threads("rdmapool-tx")
 
 
 @pytest.fixture
@@ -328,4 +334,80 @@ def test_sender_thread_backlog_cut_short(sender, how):
     assert _senders() == 1
     ep.close()
     assert _senders() == 0  # joined when the endpoint closed
+    client.deregister(local)
+
+
+# -- the digest thread ---------------------------------------------------------------------------------------
+needs_digests = pytest.mark.skipif(not _tcpengine.DIGEST,
+                                   reason="this CPU has no AVX2: the tcp engine offers no READ digests")
+
+
+@pytest.fixture
+def digester():
+    """(serving transport, initiating transport whose endpoints hash READ digests on a thread of their own)."""
+    server, client = TcpTransport(), TcpTransport(digest_thread=True)
+    yield server, client
+    client.close()
+    server.close()
+
+
+@needs_digests
+def test_digest_thread_hashes_reads_and_ends_with_its_endpoint(digester):
+    """READs with digests, many chunks each: every completion carries the hash of the bytes that landed, in
+    posting order, computed on the endpoint's digest thread (started for them, joined when the endpoint closes).
+    A wait for one completion at a time returns as each digest is done (no wait on a socket with nothing coming)."""
+    import xxhash
+
+    server, client = digester
+    size, n = 3 << 20, 12
+    remote, local = server.allocate(n * size), client.allocate(n * size)
+    remote.view[:] = os.urandom(n * size)
+    with client.connect(server.peer_info()) as ep:
+        assert ep._ep.digester
+        assert _threads("rdmapool-dx") == 0  # not before a digest is due
+        wrs = [WorkRequest(i, Opcode.READ, (local.sge(i * size, size),), remote.remote(i * size), remote.rkey,
+                           digest=0) for i in range(n)]
+        got = ep.execute(wrs, T)
+        assert [c.wr_id for c in got] == list(range(n)) and all(c.ok for c in got)
+        assert _threads("rdmapool-dx") == 1
+        for i, c in enumerate(got):
+            assert c.digest == xxhash.xxh3_128_digest(bytes(remote.view[i * size : (i + 1) * size]))
+        ep.post(wrs[:3])
+        started = time.monotonic()
+        one_by_one = [ep.wait(1, T)[0] for _ in range(3)]
+        assert [c.wr_id for c in one_by_one] == [0, 1, 2] and all(c.ok and c.digest == got[c.wr_id].digest
+                                                                   for c in one_by_one)
+        assert time.monotonic() - started < 1.0  # not a 100 ms socket poll per completion
+    assert _threads("rdmapool-dx") == 0  # joined when the endpoint closed
+    client.deregister(local)  # unpinned: nothing of the thread still holds it
+
+
+@needs_digests
+@pytest.mark.parametrize("how", ["peer-closes", "caller-closes"])
+def test_digest_thread_when_the_connection_ends_mid_batch(digester, how):
+    """The serving side goes away (or the caller closes) while digested READs stream in: what landed whole
+    completes with its true digest, the rest fails or flushes, nothing hangs, the thread ends and the local
+    region deregisters at once."""
+    import xxhash
+
+    server, client = digester
+    size, n = 4 << 20, 32
+    remote, local = server.allocate(n * size), client.allocate(n * size)
+    remote.view[:] = os.urandom(n * size)
+    ep = client.connect(server.peer_info())
+    ep.post([WorkRequest(i, Opcode.READ, (local.sge(i * size, size),), remote.remote(i * size), remote.rkey,
+                         digest=0) for i in range(n)])
+    first = ep.wait(1, T)  # the stream is under way
+    assert first[0].ok
+    if how == "peer-closes":
+        server.close()
+        got = first + ep.wait(n - 1, T)
+        assert len(got) == n and not all(c.ok for c in got)
+        for c in got:
+            if c.ok:
+                i = c.wr_id
+                assert c.digest == xxhash.xxh3_128_digest(bytes(local.view[i * size : (i + 1) * size]))
+        assert ep.state == EndpointState.ERROR
+    ep.close()
+    assert _threads("rdmapool-dx") == 0
     client.deregister(local)
