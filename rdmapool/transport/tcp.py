@@ -204,16 +204,21 @@ class TcpTransport(Transport):
                  sender_thread: bool | None = None, advertise: str | None = None,
                  digest_thread: bool | None = None) -> None:
         if spin_us is None:
-            spin_us = int(os.environ.get("RDMAPOOL_TCP_SPIN_US", DEFAULT_SPIN_US))
+            try:
+                spin_us = int(os.environ.get("RDMAPOOL_TCP_SPIN_US", DEFAULT_SPIN_US))
+            except ValueError:
+                raise UsageError("RDMAPOOL_TCP_SPIN_US must be a whole number of microseconds, got "
+                                 f"{os.environ['RDMAPOOL_TCP_SPIN_US']!r}") from None
         if not 0 <= spin_us <= 1_000_000:
             raise UsageError(f"spin_us must be between 0 and 1000000, got {spin_us}")
+        # settings first: a bad one must not leave an engine (a listening socket, threads) behind
+        self.sender_thread = _spare_cores("RDMAPOOL_TCP_SENDER") if sender_thread is None else bool(sender_thread)
+        self.digest_thread = _spare_cores("RDMAPOOL_TCP_DIGESTER") if digest_thread is None else bool(digest_thread)
         self._engine = _native.Engine(host, port, spin_us)
         self._host = host
         #: the host peers are told to connect to (`peer_info`): the listen host unless that is a wildcard
         self._advertise = advertise or host
         self._spin_us = spin_us
-        self.sender_thread = _spare_cores("RDMAPOOL_TCP_SENDER") if sender_thread is None else bool(sender_thread)
-        self.digest_thread = _spare_cores("RDMAPOOL_TCP_DIGESTER") if digest_thread is None else bool(digest_thread)
         self._regions: dict[int, MemoryRegion] = {}
         self._endpoints: weakref.WeakSet[TcpEndpoint] = weakref.WeakSet()
         self._lock = threading.Lock()

@@ -411,3 +411,30 @@ def test_digest_thread_when_the_connection_ends_mid_batch(digester, how):
     ep.close()
     assert _threads("rdmapool-dx") == 0
     client.deregister(local)
+
+
+@pytest.mark.parametrize("variable, option", [("RDMAPOOL_TCP_SENDER", "sender_thread"),
+                                              ("RDMAPOOL_TCP_DIGESTER", "digest_thread")])
+def test_thread_settings_from_the_environment(monkeypatch, variable, option):
+    """0/1 in the environment decide an endpoint thread's default (an explicit option still wins); anything else
+    is refused with the variable's name, not silently read as off."""
+    monkeypatch.setenv(variable, "1")
+    t = TcpTransport()
+    assert getattr(t, option) is True
+    t.close()
+    t = TcpTransport(**{option: False})
+    assert getattr(t, option) is False
+    t.close()
+    monkeypatch.setenv(variable, "0")
+    t = TcpTransport()
+    assert getattr(t, option) is False
+    t.close()
+    monkeypatch.setenv(variable, "yes")
+    with pytest.raises(UsageError, match=variable):
+        TcpTransport()
+
+
+def test_spin_setting_from_the_environment_is_checked(monkeypatch):
+    monkeypatch.setenv("RDMAPOOL_TCP_SPIN_US", "fast")
+    with pytest.raises(UsageError, match="RDMAPOOL_TCP_SPIN_US"):
+        TcpTransport()
