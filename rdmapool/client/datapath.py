@@ -552,7 +552,7 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
 
     def accept(n: int, payload, target, copy: bool) -> None:
         nonlocal read_bytes
-        length = refs[n][3][3]
+        length = refs[n].hit.length
         if copy:
             target[:length] = payload
         out[idx[n]] = length
@@ -564,8 +564,8 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         if not success:
             return
         ref = refs[n]
-        hit = ref[3]
-        want = check(head, tail, ref[0], hit[2], hit[3])  # the checksum, None if written without, or False
+        hit = ref.hit
+        want = check(head, tail, ref.key, hit.generation, hit.length)  # the checksum, None if written without, or False
         if want is False or (verify and want is None and payload is not None):
             count("corrupt_blocks")  # header or trailer wrong, or no checksum where the reader needs one
             return
@@ -609,18 +609,18 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
     # ... except a large last block: hashed after it landed, it is the one hash nothing overlaps (a 32 MiB block's
     # took ~4 ms of a ~45 ms get); with the transport's digest it is hashed while it moves
     last = len(refs) - 1
-    last_digest = offered and not together and bool(refs) and refs[-1][3][3] >= TAIL_DIGEST_MIN
+    last_digest = offered and not together and bool(refs) and refs[-1].hit.length >= TAIL_DIGEST_MIN
     digest_all = together and verify
     pending: list[WorkRequest] = []
     pending_bytes = 0
     epoch = int(conn.hello.get("epoch", -1))
     find = client.registry.find
     for n, ref in enumerate(refs):
-        if ref[2] != epoch:
+        if ref.epoch != epoch:
             count("stale_refs")  # the server restarted since the lookup
             continue
-        hit = ref[3]
-        length = hit[3]
+        hit = ref.hit
+        length = hit.length
         target = targets[n]
         pieces = _read_pieces(arena, find, length, target)
         if pieces is None:  # arena full: finish what is in flight, then reuse the arena
@@ -635,7 +635,7 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         digest = (1 if (digest_all or (last_digest and verify and n == last)) and length and payload is not None
                   else None)  # the payload SGE
         wr = WorkRequest(n, Opcode.READ, (head_sge, payload_sge, tail_sge) if length else (head_sge, tail_sge),
-                         hit[0], hit[1], digest=digest)
+                         hit.addr, hit.rkey, digest=digest)
         if grouped:
             pending.append(wr)
             pending_bytes += length
