@@ -268,13 +268,18 @@ def _senders() -> int:
     return _threads("rdmapool-tx")
 
 
-@pytest.fixture
-def sender():
-    """(serving transport, initiating transport whose endpoints send their backlogs on a thread of their own)."""
-    server, client = TcpTransport(), TcpTransport(sender_thread=True)
+def _pair(**client_options):
+    """(serving transport, initiating transport with `client_options`), closed afterwards."""
+    server, client = TcpTransport(), TcpTransport(**client_options)
     yield server, client
     client.close()
     server.close()
+
+
+@pytest.fixture
+def sender():
+    """(serving transport, initiating transport whose endpoints send their backlogs on a thread of their own)."""
+    yield from _pair(sender_thread=True, digest_thread=False)
 
 
 def test_sender_thread_moves_a_backlog_and_ends_with_its_endpoint(sender):
@@ -345,10 +350,7 @@ needs_digests = pytest.mark.skipif(not _tcpengine.DIGEST,
 @pytest.fixture
 def digester():
     """(serving transport, initiating transport whose endpoints hash READ digests on a thread of their own)."""
-    server, client = TcpTransport(), TcpTransport(digest_thread=True)
-    yield server, client
-    client.close()
-    server.close()
+    yield from _pair(sender_thread=False, digest_thread=True)
 
 
 @needs_digests
