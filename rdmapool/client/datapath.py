@@ -12,8 +12,9 @@ that moves bytes inside `post` gets a batch's digest requests in one post), and 
 (`_Batch`), so building or validating one block overlaps the transfer of others; on an asynchronous endpoint
 (`Endpoint.asynchronous`: shm's Mover thread) the bytes move while this thread works. Checksums:
 - reads: the transport's digest of the payload SGE where the endpoint offers one (`Endpoint.digests`; shm's
-  waiting caller hashes trailing the Mover's copy, the tcp engine hashes each received chunk as it lands, and a
-  tcp batch then waits in one call per endpoint); otherwise this thread hashes each payload as its completion arrives,
+  waiting caller hashes trailing the Mover's copy, the tcp engine hashes each received chunk as it lands, on a
+  digest thread where the process has spare cores, and a tcp batch then waits in one call per endpoint);
+  otherwise this thread hashes each payload as its completion arrives,
   while the bytes are still in its cache (or a worker does, where the process has spare cores). shm on a process
   with spare cores takes the workers too (`spare_cores`: measured faster than hashing trailing the Mover),
   except for a large last block (`TAIL_DIGEST_MIN`), whose hash after landing nothing would overlap;
