@@ -271,6 +271,16 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+def _shared_cpus(client_cpus: set[int], server_cpus: set[int]) -> str:
+    """Why a tcp miss on this machine may say more about the machine than about the protocol ('' if not)."""
+    if len(client_cpus or os.sched_getaffinity(0)) > 2:
+        return ""
+    return ("the client runs on at most two CPUs: the checksum's pass over each payload competes with the copies of "
+            "both engines, which tcp's raw baseline does not pay (with both sides on two CPUs the floor for tcp put is "
+            "near 12.5%: docs/decisions.md, 'what bounds tcp on two cores'). For a client host and a server host, run "
+            "scripts/pool-bench-split.sh on a machine with 12 or more cores.")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rdmapool bench pool", description=__doc__.splitlines()[0])
     ap.add_argument("--transports", default="tcp,shm")
@@ -315,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
                 max(v["paired_overhead_put"], v["paired_overhead_get"]) <= 0.10 for v in big),
             "goal_lookup_p99_le_1ms": lookup["p99_ms"] <= 1.0,
         }
+    shared = _shared_cpus(client_cpus, server_cpus)
+    if shared:
+        result["note"] = shared
+        print(f"note: {shared}", file=sys.stderr, flush=True)
     if args.record:
         meta = {"machine": platform.node(), "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(),
                 "platform": platform.platform(),
