@@ -457,15 +457,21 @@ static int ep_progress(EndpointObject *s) {
     return 0;
 }
 
+/* The oldest op whose ring slot is still in use. Usually `head`; but a response can complete an op before the
+ * sender thread, back from the sendmsg that carried it, has counted it as sent (send_seq < head): until it has,
+ * its iovecs may point at that op's header in the ring and its count reads the op's length there, so the slot
+ * must not be reused (reusing it sent garbled headers: a failed or misdirected WRITE). */
+static uint64_t ring_oldest(const EndpointObject *s) { return s->send_seq < s->head ? s->send_seq : s->head; }
+
 static int ep_grow(EndpointObject *s, uint64_t need) {
-    uint64_t used = s->tail - s->head;
-    if (used + need <= s->cap) return 0;
+    if (s->tail - ring_oldest(s) + need <= s->cap) return 0;
     tx_quiesce(s); /* the sender's iovecs point into the ring */
+    uint64_t from = ring_oldest(s), used = s->tail - from;
     uint64_t ncap = s->cap ? s->cap : 256;
     while (ncap < used + need) ncap *= 2;
     cop *n = malloc(ncap * sizeof *n);
     if (!n) return -1;
-    for (uint64_t q = s->head; q < s->tail; q++) n[q & (ncap - 1)] = *OP(s, q);
+    for (uint64_t q = from; q < s->tail; q++) n[q & (ncap - 1)] = *OP(s, q);
     free(s->ring);
     s->ring = n;
     s->cap = ncap;
