@@ -7,8 +7,8 @@ pieces, so a registered payload is never copied and the remote bytes are contigu
 in the client's registered staging arena (as do payloads of unregistered buffers); when the arena fills, the
 batch drains (every request in flight completes) before the arena is reused.
 
-Requests are posted as they are built (to an asynchronous endpoint in groups of `STREAM_BYTES`; an endpoint
-that moves bytes inside `post` gets a batch's digest requests in one post), and completions are taken as they arrive
+Requests are posted as they are built (reads that need no per-block work between them, and every read on an
+asynchronous endpoint, in groups of `STREAM_BYTES`), and completions are taken as they arrive
 (`_Batch`), so building or validating one block overlaps the transfer of others; on an asynchronous endpoint
 (`Endpoint.asynchronous`: shm's Mover thread) the bytes move while this thread works. Checksums:
 - reads: the transport's digest of the payload SGE where the endpoint offers one (`Endpoint.digests`; shm's
@@ -599,7 +599,8 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
     hashing: list[tuple] = []  # (future, wanted checksum, n, payload, target, copy)
     threaded = client.hasher.threads > 0 and spare_cores()
     batch = _Batch(client, conn, done)
-    # an endpoint that digests READs needs no hashing to overlap: its requests go in one post
+    # an endpoint that digests READs needs no hashing to overlap: its requests go in groups, the first moving while
+    # the rest are built
     # shm's READ digests come from a waiting thread hashing right behind the Mover's copy: on two CPUs (sibling
     # threads of one core here) that is nearly free, but with spare cores the client's workers hashing each
     # landed block measured faster (the trailing reads pull every line across cores; docs/decisions.md)
@@ -640,7 +641,7 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         if grouped:
             pending.append(wr)
             pending_bytes += length
-            if asynchronous and pending_bytes >= STREAM_BYTES:
+            if pending_bytes >= STREAM_BYTES:  # moving (tcp: the server sending) while the rest is built
                 batch.post_many(pending)
                 pending.clear()
                 pending_bytes = 0
