@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from rdmapool import block  # noqa: E402
 from rdmapool.client import PoolClient, PutStatus  # noqa: E402
 from rdmapool.client.protocol import parse_grants  # noqa: E402
-from rdmapool.config import ClientConfig, parse_size  # noqa: E402
+from rdmapool.config import ClientConfig, default_hash_threads, parse_size  # noqa: E402
 from rdmapool.transport.base import Opcode, WorkRequest  # noqa: E402
 from tests.support import procs  # noqa: E402
 
@@ -77,7 +77,7 @@ def pin_process(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(int(tid), cpus)
 
 
-def bench_size(transport: str, size: int, batch_bytes: int, repeat: int, hash_threads: int = 2,
+def bench_size(transport: str, size: int, batch_bytes: int, repeat: int, hash_threads: int | None = None,
                server_cpus: set[int] | None = None, transport_digests: bool = True,
                native_hash_workers: bool = True) -> dict:
     n = max(1, batch_bytes // size)
@@ -87,7 +87,8 @@ def bench_size(transport: str, size: int, batch_bytes: int, repeat: int, hash_th
         if server_cpus:
             pin_process(srv.pid, server_cpus)
         cfg = ClientConfig(token=procs.TOKENS["a"], staging_bytes=1 << 20, data_timeout_s=60.0,
-                           request_timeout_s=10.0, hash_threads=hash_threads, transport_digests=transport_digests)
+                           request_timeout_s=10.0, transport_digests=transport_digests,
+                           **({} if hash_threads is None else {"hash_threads": hash_threads}))
         with PoolClient([srv.address], cfg, transport_name=transport) as c:
             c.hasher.native = c.hasher.native and native_hash_workers
             src = c.transport.allocate(n * size)
@@ -304,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lookup-samples", type=_at_least(0), default=2000, help="0: no lookup bench")
     ap.add_argument("--no-gc-freeze", action="store_true",
                     help="sample lookups without gc.freeze() in this process (the tail a full GC adds)")
-    ap.add_argument("--hash-threads", type=int, default=2, help="client checksum workers (0: inline)")
+    ap.add_argument("--hash-threads", type=_at_least(0), default=None,
+                    help="client checksum workers (0: inline; default: the client's, 2, or 4 on more than 8 CPUs)")
     ap.add_argument("--python-hash-workers", action="store_true",
                     help="hash on Python threads (futures) instead of the native pool (to compare the two)")
     ap.add_argument("--no-transport-digests", action="store_true",
@@ -318,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     client_cpus, server_cpus = parse_cpus(args.client_cpus), parse_cpus(args.server_cpus)
     if client_cpus:
         os.sched_setaffinity(0, client_cpus)  # before any transport starts a thread: they all inherit it
+    if args.hash_threads is None:
+        args.hash_threads = default_hash_threads()  # after pinning: what a client on these CPUs gets
     result: dict = {"bench": "pool", "hash_threads": args.hash_threads,
                     "hash_workers": "python" if args.python_hash_workers else "native",
                     "transport_digests": not args.no_transport_digests, "client_cpus": sorted(client_cpus),

@@ -108,3 +108,13 @@ def test_a_forked_child_hashes_with_its_own_pool() -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert hashing._hashpool is hashpool
+
+
+@pytest.mark.parametrize(("cpus", "workers"), [(1, 2), (2, 2), (8, 2), (9, 4), (16, 4)])
+def test_client_hash_workers_default_to_four_only_on_more_than_eight_cpus(monkeypatch, cpus: int,
+                                                                          workers: int) -> None:
+    from rdmapool.config import ClientConfig
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cpus)))
+    assert ClientConfig(token="t").hash_threads == workers
+    assert ClientConfig(token="t", hash_threads=1).hash_threads == 1  # an explicit count is kept
