@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-gc-freeze", action="store_true",
                     help="sample lookups without gc.freeze() in this process (the tail a full GC adds)")
     ap.add_argument("--hash-threads", type=_at_least(0), default=None,
-                    help="client checksum workers (0: inline; default: the client's, 2, or 4 on more than 8 CPUs)")
+                    help="client checksum workers (0: inline; default: the client's, 2, or 4 on 8 or more CPUs)")
     ap.add_argument("--python-hash-workers", action="store_true",
                     help="hash on Python threads (futures) instead of the native pool (to compare the two)")
     ap.add_argument("--no-transport-digests", action="store_true",

@@ -189,14 +189,14 @@ class ServerAddress:
 
 
 def default_hash_threads() -> int:
-    """4 checksum workers where the process may run on more than 8 CPUs, else 2. On the 16-CPU H200 host, client
+    """4 checksum workers where the process may run on 8 or more CPUs, else 2. On the 16-CPU H200 host, client
     and server unpinned, 4 against 2 took tcp get of 1 MiB blocks from 9-14% to 2-12% over the raw READ and shm
     put of 1 MiB from 14-15% to 2-3% (64 MiB calls; docs/decisions.md); on two CPUs more workers only compete."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    return 4 if cpus > 8 else 2
+    return 4 if cpus >= 8 else 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +210,7 @@ class ClientConfig:
     staging_bytes: int = 64 << 20  # registered staging memory for unregistered user buffers
     max_frame: int = 16 << 20
     #: workers hashing large payloads while transfers run (0: hash inline); by default 2, or 4 where the process
-    #: may run on more than 8 CPUs (`default_hash_threads`)
+    #: may run on 8 or more CPUs (`default_hash_threads`)
     hash_threads: int = field(default_factory=lambda: default_hash_threads())
     #: use the checksums a transport computes as it moves bytes (`Endpoint.digests`); False: the client hashes
     #: payloads itself (`hash_threads`), in parallel with the transfer

@@ -110,8 +110,8 @@ def test_a_forked_child_hashes_with_its_own_pool() -> None:
     assert hashing._hashpool is hashpool
 
 
-@pytest.mark.parametrize(("cpus", "workers"), [(1, 2), (2, 2), (8, 2), (9, 4), (16, 4)])
-def test_client_hash_workers_default_to_four_only_on_more_than_eight_cpus(monkeypatch, cpus: int,
+@pytest.mark.parametrize(("cpus", "workers"), [(1, 2), (2, 2), (7, 2), (8, 4), (16, 4)])
+def test_client_hash_workers_default_to_four_only_on_eight_or_more_cpus(monkeypatch, cpus: int,
                                                                           workers: int) -> None:
     from rdmapool.config import ClientConfig
 
