@@ -211,7 +211,7 @@ class ClientConfig:
     max_frame: int = 16 << 20
     #: workers hashing large payloads while transfers run (0: hash inline); by default 2, or 4 where the process
     #: may run on 8 or more CPUs (`default_hash_threads`)
-    hash_threads: int = field(default_factory=lambda: default_hash_threads())
+    hash_threads: int = field(default_factory=default_hash_threads)
     #: use the checksums a transport computes as it moves bytes (`Endpoint.digests`); False: the client hashes
     #: payloads itself (`hash_threads`), in parallel with the transfer
     transport_digests: bool = True

@@ -214,7 +214,7 @@ def test_reservation_chunks_grow_so_each_round_trip_overlaps_the_chunk_before() 
 def test_large_reads_go_out_in_groups_while_the_rest_are_built(server, monkeypatch) -> None:
     """A get of many large blocks posts its READs every `STREAM_BYTES` as it builds them, tcp included: the
     server sends the first group while this thread builds the rest (one post after all were built cost tcp
-    get of 1 MiB blocks 2-4 points of bandwidth on the split host; docs/decisions.md)."""
+    get of 1 MiB blocks 1-5 points of bandwidth on the split host; docs/decisions.md)."""
     if server.variant == "local":
         pytest.skip("the in-process transport has no READ digests and moves bytes inside post")
     per_group = datapath.STREAM_BYTES // SIZE
