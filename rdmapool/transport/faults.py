@@ -14,9 +14,11 @@ Faults, switched on and off at any time:
   in the hook or concurrently lands in some pieces and not others, so the READ returns a mix of old and new
   bytes, as an RDMA READ overlapping a WRITE may. The sub-reads run synchronously inside `post`.
 - delayed and reordered completions (`delay_completions`): each completion is released after a random delay
-  between `min_delay_s` and `max_delay_s` (a floor makes a fast backend a slow link, deterministically);
-  release times are monotonic within an endpoint (order kept) but independent across endpoints sharing a
-  `Faults`, so completions of different endpoints arrive reordered.
+  between `min_delay_s` and `max_delay_s` (a floor makes a fast backend a slow link, deterministically), and
+  at least `spacing_s` after the one before it (a link of limited bandwidth: completions arrive one by one,
+  never in a burst, however the caller's polls fall); release times are monotonic within an endpoint (order
+  kept) but independent across endpoints sharing a `Faults`, so completions of different endpoints arrive
+  reordered.
 - QP failure (`fail`): at once (the oldest request not yet completed gets the status, e.g. RETRY_EXC_ERR as
   when the peer vanishes) or at the n-th request posted from now (it gets the status, e.g. REM_ACCESS_ERR).
   Either way the endpoint is in ERROR from then on: every later request, and every outstanding one behind the
@@ -107,7 +109,7 @@ class FaultyEndpoint(Endpoint):
         self._by_seq: dict[int, _Slot] = {}
         self._next_seq = 0
         self._torn: TornReads | None = None
-        self._min_delay = self._max_delay = 0.0
+        self._min_delay = self._max_delay = self._spacing = 0.0
         self._last_release = 0.0
         self._pending_failure: _Failure | None = None
         self._failed = False
@@ -120,10 +122,12 @@ class FaultyEndpoint(Endpoint):
         """Tear every READ posted from now on (None switches it off)."""
         self._torn = how
 
-    def delay_completions(self, max_delay_s: float, min_delay_s: float = 0.0) -> None:
+    def delay_completions(self, max_delay_s: float, min_delay_s: float = 0.0, spacing_s: float = 0.0) -> None:
         if not 0 <= min_delay_s <= max_delay_s:
             raise UsageError("delays must satisfy 0 <= min_delay_s <= max_delay_s")
-        self._min_delay, self._max_delay = min_delay_s, max_delay_s
+        if spacing_s < 0:
+            raise UsageError("spacing_s must be >= 0")
+        self._min_delay, self._max_delay, self._spacing = min_delay_s, max_delay_s, spacing_s
 
     def fail(self, status: WcStatus = WcStatus.RETRY_EXC_ERR, after: int | None = None) -> None:
         """Fail as a QP does: now (after=None) or at the `after`-th request posted from now (0 = the next)."""
@@ -230,7 +234,8 @@ class FaultyEndpoint(Endpoint):
         release = self._faults.clock()
         if self._max_delay:
             release += self._faults.rng.uniform(self._min_delay, self._max_delay)
-        self._last_release = slot.release_at = max(self._last_release, release)
+        after = self._last_release + self._spacing if self._spacing else self._last_release
+        self._last_release = slot.release_at = max(after, release)
 
     def _flush_inner(self, batch: list[WorkRequest]) -> None:
         if batch:

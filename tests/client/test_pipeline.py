@@ -127,13 +127,15 @@ def test_large_put_and_get_are_byte_exact_and_pipelined_where_the_endpoint_is_as
     data = [os.urandom(SIZE) for _ in range(BLOCKS)]
     keys = [key(i) for i in range(BLOCKS)]
     # shm's Mover copies 20 MiB faster than a loaded machine hashes and posts it, so whether anything is still
-    # moving when blocks are written is a race; completions held back 20-25 ms each make it a slow link, where
-    # blocks must be committed while later ones move
+    # moving when blocks are written is a race. Completions held back 20-25 ms and released at least 5 ms apart
+    # make it a slow link, where blocks must be committed while later ones move. (Without the spacing, completions
+    # the caller drained in one poll came back in one burst: under two CPU hogs, about one run in 100 saw every
+    # block land before its first commit, and made one commit, as it should, but not the case this test checks.)
     slow = (FaultyTransport(client_transport(server)) if server.variant in ("shm", "tcp-sender") else None)
     with client_for(server, slow) as c:
         if slow is not None:
             assert c.put([key(99)], [b"connect"]) == [PutStatus.STORED]
-            slow.endpoints[-1].delay_completions(0.025, min_delay_s=0.02)
+            slow.endpoints[-1].delay_completions(0.025, min_delay_s=0.02, spacing_s=0.005)
         on_workers = []
         submit = c.hasher.submit
         c.hasher.submit = lambda p: on_workers.append(len(p)) or submit(p)

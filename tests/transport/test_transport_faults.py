@@ -211,3 +211,28 @@ def test_a_delay_floor_holds_every_completion_back_at_least_that_long(pair):
         assert ep.poll() == []
         clock.now += 0.102
         assert sorted(c.wr_id for c in ep.poll()) == list(range(10))
+
+
+def test_spaced_completions_arrive_one_by_one_however_late_the_caller_polls(pair):
+    """A slow link of limited bandwidth: completions that the inner endpoint finished at once are released at
+    least `spacing_s` apart, so a caller polling late still sees them arrive one at a time."""
+    server, client = pair
+    remote = server.allocate(4096)
+    local = client.allocate(4096)
+    clock = FakeClock()
+    with client.connect(server.peer_info()) as raw:
+        ep = Faults(seed=5, clock=clock).wrap(raw)
+        with pytest.raises(UsageError, match="spacing_s"):
+            ep.delay_completions(0.1, spacing_s=-1)
+        ep.delay_completions(0.01, min_delay_s=0.01, spacing_s=0.05)
+        ep.post([WorkRequest.read(i, local.sge(8 * i, 8), remote.remote(0), remote.rkey) for i in range(4)])
+        deadline = time.monotonic() + 10
+        while raw.outstanding and time.monotonic() < deadline:
+            assert ep.poll() == []
+            time.sleep(0.001)
+        assert raw.outstanding == 0
+        got = []
+        for _ in range(4):
+            clock.now += 0.05
+            got.append([c.wr_id for c in ep.poll()])
+        assert got == [[0], [1], [2], [3]]
