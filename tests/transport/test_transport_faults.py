@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -191,22 +192,30 @@ def test_faulty_transport_wraps_every_endpoint(backend, pair):
     ep.close()
 
 
-def test_a_delay_floor_holds_every_completion_back_at_least_that_long(pair):
+@contextlib.contextmanager
+def _held_reads(pair, seed: int, count: int, **delays: float):
+    """`count` 8-byte READs through a faulty endpoint with these `delays` and a clock that stands still: yields
+    (endpoint, clock) once the inner endpoint has finished them all, none released yet."""
     server, client = pair
     remote = server.allocate(4096)
     local = client.allocate(4096)
     clock = FakeClock()
     with client.connect(server.peer_info()) as raw:
-        ep = Faults(seed=3, clock=clock).wrap(raw)
-        with pytest.raises(UsageError, match="min_delay_s"):
-            ep.delay_completions(0.1, min_delay_s=0.2)
-        ep.delay_completions(0.3, min_delay_s=0.2)
-        ep.post([WorkRequest.read(i, local.sge(8 * i, 8), remote.remote(0), remote.rkey) for i in range(10)])
+        ep = Faults(seed=seed, clock=clock).wrap(raw)
+        ep.delay_completions(**delays)
+        ep.post([WorkRequest.read(i, local.sge(8 * i, 8), remote.remote(0), remote.rkey) for i in range(count)])
         deadline = time.monotonic() + 10
         while raw.outstanding and time.monotonic() < deadline:  # the inner endpoint finishes (tcp: in polls)
             assert ep.poll() == []  # the fake clock stands still, so nothing is released
             time.sleep(0.001)
         assert raw.outstanding == 0
+        yield ep, clock
+
+
+def test_a_delay_floor_holds_every_completion_back_at_least_that_long(pair):
+    with _held_reads(pair, 3, 10, max_delay_s=0.3, min_delay_s=0.2) as (ep, clock):
+        with pytest.raises(UsageError, match="min_delay_s"):
+            ep.delay_completions(0.1, min_delay_s=0.2)
         clock.now += 0.199
         assert ep.poll() == []
         clock.now += 0.102
@@ -216,21 +225,9 @@ def test_a_delay_floor_holds_every_completion_back_at_least_that_long(pair):
 def test_spaced_completions_arrive_one_by_one_however_late_the_caller_polls(pair):
     """A slow link of limited bandwidth: completions that the inner endpoint finished at once are released at
     least `spacing_s` apart, so a caller polling late still sees them arrive one at a time."""
-    server, client = pair
-    remote = server.allocate(4096)
-    local = client.allocate(4096)
-    clock = FakeClock()
-    with client.connect(server.peer_info()) as raw:
-        ep = Faults(seed=5, clock=clock).wrap(raw)
+    with _held_reads(pair, 5, 4, max_delay_s=0.01, min_delay_s=0.01, spacing_s=0.05) as (ep, clock):
         with pytest.raises(UsageError, match="spacing_s"):
             ep.delay_completions(0.1, spacing_s=-1)
-        ep.delay_completions(0.01, min_delay_s=0.01, spacing_s=0.05)
-        ep.post([WorkRequest.read(i, local.sge(8 * i, 8), remote.remote(0), remote.rkey) for i in range(4)])
-        deadline = time.monotonic() + 10
-        while raw.outstanding and time.monotonic() < deadline:
-            assert ep.poll() == []
-            time.sleep(0.001)
-        assert raw.outstanding == 0
         got = []
         for _ in range(4):
             clock.now += 0.05
