@@ -77,7 +77,7 @@ def pin_process(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(int(tid), cpus)
 
 
-def bench_size(transport: str, size: int, batch_bytes: int, repeat: int, hash_threads: int | None = None,
+def bench_size(transport: str, size: int, batch_bytes: int, repeat: int, hash_threads: int,
                server_cpus: set[int] | None = None, transport_digests: bool = True,
                native_hash_workers: bool = True) -> dict:
     n = max(1, batch_bytes // size)
@@ -87,8 +87,7 @@ def bench_size(transport: str, size: int, batch_bytes: int, repeat: int, hash_th
         if server_cpus:
             pin_process(srv.pid, server_cpus)
         cfg = ClientConfig(token=procs.TOKENS["a"], staging_bytes=1 << 20, data_timeout_s=60.0,
-                           request_timeout_s=10.0, transport_digests=transport_digests,
-                           **({} if hash_threads is None else {"hash_threads": hash_threads}))
+                           request_timeout_s=10.0, hash_threads=hash_threads, transport_digests=transport_digests)
         with PoolClient([srv.address], cfg, transport_name=transport) as c:
             c.hasher.native = c.hasher.native and native_hash_workers
             src = c.transport.allocate(n * size)

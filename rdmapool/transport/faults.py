@@ -234,8 +234,7 @@ class FaultyEndpoint(Endpoint):
         release = self._faults.clock()
         if self._max_delay:
             release += self._faults.rng.uniform(self._min_delay, self._max_delay)
-        after = self._last_release + self._spacing if self._spacing else self._last_release
-        self._last_release = slot.release_at = max(after, release)
+        self._last_release = slot.release_at = max(self._last_release + self._spacing, release)
 
     def _flush_inner(self, batch: list[WorkRequest]) -> None:
         if batch:
