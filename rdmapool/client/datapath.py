@@ -15,7 +15,8 @@ asynchronous endpoint, in groups of `STREAM_BYTES`), and completions are taken a
   waiting caller hashes trailing the Mover's copy, the tcp engine hashes each received chunk as it lands, on a
   digest thread where the process has spare cores, and a tcp batch then waits in one call per endpoint);
   otherwise this thread hashes each payload as its completion arrives,
-  while the bytes are still in its cache (or a worker does, where the process has spare cores). shm on a process
+  while the bytes are still in its cache (or a worker does, where the process has spare cores: payloads under
+  `THREAD_MIN` handed over `SMALL_HASH_BYTES` at a time, see `Hasher.submit_many`). shm on a process
   with spare cores takes the workers too (`spare_cores`: measured faster than hashing trailing the Mover),
   except for a large last block (`TAIL_DIGEST_MIN`), whose hash after landing nothing would overlap;
 - writes of payloads from `SPLIT_MIN` (256 KiB) up, asynchronous endpoint with transport digests on: payload and
@@ -25,7 +26,8 @@ asynchronous endpoint, in groups of `STREAM_BYTES`), and completions are taken a
 - writes of such payloads on an endpoint that digests WRITEs but moves them in the posting thread: payload and
   trailer first with the digest requested, the header once it landed;
 - writes, otherwise (tcp, and every payload under `SPLIT_MIN`): checksums run ahead on the `Hasher`'s workers
-  (small ones here, when due) and one WRITE carries header, payload and trailer, posted in `GROUP_BYTES` groups;
+  (small ones here, when due, or, with spare cores, on the workers `SMALL_HASH_BYTES` at a time) and one WRITE
+  carries header, payload and trailer, posted in `GROUP_BYTES` groups;
   only a put's first block, from `LEAD_MIN` up, goes payload first, so nothing waits for the first checksum.
   The slot is reserved and invisible until commit, so the order in which the pieces land does not matter.
   Everything completes within the call's data deadline.
@@ -47,7 +49,7 @@ from typing import TYPE_CHECKING
 from rdmapool import block
 from rdmapool.client.buffers import Arena, RegionSlice
 from rdmapool.client.connection import ServerConnection
-from rdmapool.client.hashing import Hasher, PendingChecksum
+from rdmapool.client.hashing import THREAD_MIN, Hasher, PendingChecksum
 from rdmapool.errors import ServerUnavailable
 from rdmapool.transport.base import CompletionTimeout, EndpointState, Opcode, WcStatus, WorkRequest
 
@@ -78,6 +80,10 @@ DRIVE_S = 0.0002
 #: a get whose blocks are hashed by this thread or the workers once they landed asks the transport for the last
 #: block's digest (hashed while it moves) from this size up
 TAIL_DIGEST_MIN = 8 << 20
+#: small payloads (under `THREAD_MIN`) hashed on the workers, where the process has spare cores, go to them in
+#: one hand-off per this many bytes (`Hasher.submit_many`). This thread hashing every 64 KiB block in turn cost
+#: the H200 host's shm get 47% of the raw READ's bandwidth, 25% with the workers (docs/decisions.md)
+SMALL_HASH_BYTES = 1 << 20
 #: tcp (bytes move only inside this thread's calls): a put's first block, from this size up, goes payload first with
 #: its checksum on a worker and the header once it is known, so bytes move at once instead of after the first
 #: checksum (a 32 MiB block's took ~2.7 ms here, with nothing moving)
@@ -242,6 +248,9 @@ class BlockWriter:
         two_part = self.asynchronous and client.config.transport_digests
         self.offload = two_part and self.hasher.threads > 0 and spare_cores()
         self.inline = two_part and not self.offload
+        #: payloads under `THREAD_MIN` written whole are hashed by the workers, `SMALL_HASH_BYTES` per hand-off,
+        #: where the process has spare cores (on two, this thread hashing each just before its block was cheaper)
+        self.small_offload = self.hasher.threads > 0 and self.hasher.native and spare_cores()
         self.fused = (client.config.transport_digests and ep is not None and Opcode.WRITE in ep.digests
                       and not two_part)
         self.hashing: dict[int, PendingChecksum] = {}  # offload: block n's checksum, on a worker; its header not posted
@@ -302,6 +311,9 @@ class BlockWriter:
         for k in whole[:FIRST_HASHES]:
             sums[k] = self.hasher.submit_large(hosts[k])
         rest = whole[FIRST_HASHES:]
+        small = [k for k in whole if len(hosts[k]) < THREAD_MIN] if self.small_offload else []
+        if small:  # the first hand-off now, the rest once the first group is on its way
+            small = self._submit_small(hosts, small, sums, SMALL_HASH_BYTES)
         self.ok.extend([False] * len(items))
         self.good.extend([0] * len(items))
         self.need.extend([2 if sp else 1 for sp in split])
@@ -331,9 +343,16 @@ class BlockWriter:
                 continue
             if self.hashing:
                 self._post_hashed()  # the lead block's header, once its checksum is in
+            if small and small[0] == k:  # no group posted yet (the arena filled first): hand over the rest now
+                small = self._submit_small(hosts, small, sums)
             pending_sum = sums[k]
             if pending_sum is None and hosts[k] is not None:
                 checksum = block.payload_checksum(hosts[k])  # small: cheaper here than a hand-off
+            elif pending_sum is not None and len(hosts[k]) < THREAD_MIN:  # a worker has it, or this thread hashes
+                try:  # it now (`Hasher.result`): too short a wait to drive the transport in
+                    checksum = self.hasher.result(pending_sum, batch.remaining())
+                except TimeoutError:
+                    raise batch.timed_out() from None
             else:
                 if pending_sum is not None and not pending_sum.done():
                     self._post_whole()  # what is built moves while this checksum finishes
@@ -352,14 +371,32 @@ class BlockWriter:
             self.whole_bytes += self._sizes[n]
             if self.whole_bytes >= GROUP_BYTES:  # right away: its transfer overlaps the next checksums
                 self._post_whole()
-            if rest and not self.whole:  # the first group is on its way: start every other checksum
+            if (rest or small) and not self.whole:  # the first group is on its way: start every other checksum
                 for j in rest:
                     sums[j] = self.hasher.submit_large(hosts[j])
                 rest = []
+                small = self._submit_small(hosts, small, sums)
         self._post_whole()
         self._post_pending()
         if self.ready:
             self._post_ready()
+
+    def _submit_small(self, hosts: list, small: list[int], sums: list, limit: int | None = None) -> list[int]:
+        """Hand the small payloads of blocks `small` to the workers, `SMALL_HASH_BYTES` at a time, up to `limit`
+        bytes (all without); returns the blocks not handed over."""
+        chunk: list[int] = []
+        size = total = 0
+        for i, k in enumerate(small):
+            if limit is not None and total >= limit and not chunk:
+                return small[i:]
+            chunk.append(k)
+            size += len(hosts[k])
+            total += len(hosts[k])
+            if size >= SMALL_HASH_BYTES or i == len(small) - 1:
+                for j, pending in zip(chunk, self.hasher.submit_many([hosts[j] for j in chunk]), strict=True):
+                    sums[j] = pending
+                chunk, size = [], 0
+        return []
 
     def _post_whole(self) -> None:
         """Post the whole-block WRITEs built so far, in one post (one pass of the transport's send loop)."""
@@ -560,6 +597,7 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         read_bytes += length
 
     def done(n: int, success: bool, digest: bytes | None) -> None:
+        nonlocal small_bytes
         head, payload, tail, target, copy = staged[n]
         staged[n] = None
         if not success:
@@ -574,7 +612,13 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
             accept(n, payload, target, copy)
             return
         if digest is None and threaded:  # spare cores: a worker hashes while this thread receives
-            hashing.append((client.hasher.submit(payload), want, n, payload, target, copy))
+            if len(payload) >= THREAD_MIN:
+                hashing.append((client.hasher.submit(payload), want, n, payload, target, copy))
+            else:  # small: handed over several at a time
+                small.append((want, n, payload, target, copy))
+                small_bytes += len(payload)
+                if small_bytes >= SMALL_HASH_BYTES:
+                    hand_small()
             return
         if digest is None:  # the transport did not hash what landed: hash it here, now, while the
             digest = block.payload_checksum(payload)  # bytes are in this thread's cache (see docs/decisions.md)
@@ -583,8 +627,17 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         else:
             accept(n, payload, target, copy)
 
+    def hand_small() -> None:
+        nonlocal small_bytes
+        pending = client.hasher.submit_many([item[2] for item in small])
+        hashing.extend((p, *item) for p, item in zip(pending, small, strict=True))
+        small.clear()
+        small_bytes = 0
+
     def settle() -> None:
         """Collect the checksums the workers computed (before the arena is reused, and at the end)."""
+        if small:
+            hand_small()
         for fut, want, n, payload, target, copy in hashing:
             try:
                 got = client.hasher.result(fut, batch.remaining())
@@ -597,6 +650,8 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         hashing.clear()
 
     hashing: list[tuple] = []  # (future, wanted checksum, n, payload, target, copy)
+    small: list[tuple] = []  # (wanted checksum, n, payload, target, copy): landed, not yet handed to the workers
+    small_bytes = 0
     threaded = client.hasher.threads > 0 and spare_cores()
     batch = _Batch(client, conn, done)
     # an endpoint that digests READs needs no hashing to overlap: its requests go in groups, the first moving while

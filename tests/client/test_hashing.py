@@ -93,6 +93,22 @@ def test_hasher_gives_the_same_checksums_either_way(native: bool) -> None:
         h.close()
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "futures"])
+def test_small_payloads_go_to_the_native_workers_together(native: bool) -> None:
+    """`submit_many` hands small payloads to the native pool in one batch; without it they are hashed at once."""
+    h = Hasher(2, native=native)
+    try:
+        bufs = [os.urandom(1000 + i) for i in range(20)] + [b""]
+        pending = h.submit_many(bufs)
+        assert all(isinstance(p, bytes) for p in pending) is not native
+        assert [h.result(p, 10.0) for p in pending] == [xxhash.xxh3_128_digest(b) for b in bufs]
+        assert all(isinstance(p, bytes) or p.done() for p in pending)
+        assert h.submit_many([]) == []
+        assert Hasher(0).submit_many(bufs[:2]) == [xxhash.xxh3_128_digest(b) for b in bufs[:2]]
+    finally:
+        h.close()
+
+
 def test_a_forked_child_hashes_with_its_own_pool() -> None:
     hashpool.start(2)
     h = Hasher(2)

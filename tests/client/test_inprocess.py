@@ -158,7 +158,16 @@ def test_torn_read_is_a_miss_never_data(server) -> None:
         assert c.get([key(1)], [bytearray(4096)]) == [4000]
 
 
-@pytest.mark.parametrize("size", [1000, 256 << 10])  # hashed inline / on a worker thread
+def _worker_hashes(c, monkeypatch) -> list[int]:
+    """The lengths of the payloads `c` hands to its hash workers from now on (small ones in batches)."""
+    lengths: list[int] = []
+    submit, submit_many = c.hasher.submit, c.hasher.submit_many
+    monkeypatch.setattr(c.hasher, "submit", lambda p: lengths.append(len(p)) or submit(p))
+    monkeypatch.setattr(c.hasher, "submit_many", lambda ps: lengths.extend(map(len, ps)) or submit_many(ps))
+    return lengths
+
+
+@pytest.mark.parametrize("size", [1000, 256 << 10])  # under THREAD_MIN (batched) / over it
 @pytest.mark.parametrize("spare", [False, True], ids=["two-cores", "spare-cores"])
 def test_corrupted_slot_detected(server, size: int, spare: bool, monkeypatch) -> None:
     """Reads hash inline on two CPUs and on worker threads with more (`datapath.spare_cores`): both reject.
@@ -173,9 +182,7 @@ def test_corrupted_slot_detected(server, size: int, spare: bool, monkeypatch) ->
         region = server.regions["a"]
         off = ref.hit.addr - region.descriptor.addr
         region.view[off + 100 + size // 2] ^= 1  # payload byte
-        on_workers = []
-        submit = c.hasher.submit
-        monkeypatch.setattr(c.hasher, "submit", lambda p: on_workers.append(len(p)) or submit(p))
+        on_workers = _worker_hashes(c, monkeypatch)
         assert c.get([key(1)], [bytearray(size)]) == [None]
         endpoint = c._conn(c.router.servers[0]).endpoint
         transport_digest = Opcode.READ in endpoint.digests and not (spare and endpoint.asynchronous)
@@ -202,9 +209,7 @@ def test_large_last_block_of_a_get_is_hashed_while_it_moves(server, monkeypatch)
     keys = [key(i) for i in (1, 2, 3)]
     with make_client(server) as c:
         assert c.put(keys, data) == [PutStatus.STORED] * 3
-        on_workers = []
-        submit = c.hasher.submit
-        monkeypatch.setattr(c.hasher, "submit", lambda p: on_workers.append(len(p)) or submit(p))
+        on_workers = _worker_hashes(c, monkeypatch)
         outs = [bytearray(size) for _ in range(3)]
         assert c.get(keys, outs) == [size] * 3 and [bytes(o) for o in outs] == data
         endpoint = c._conn(c.router.servers[0]).endpoint

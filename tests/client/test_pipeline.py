@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from rdmapool import block
 from rdmapool import transport as transports
 from rdmapool.client import PoolClient, PutStatus, datapath
 from rdmapool.client import client as client_mod
@@ -16,7 +17,7 @@ from rdmapool.client.connection import ServerConnection
 from rdmapool.config import ClientConfig, ServerConfig, TenantConfig
 from rdmapool.server import MemoryServer
 from rdmapool.server.slots import stride_for
-from rdmapool.transport.base import WcStatus
+from rdmapool.transport.base import Opcode, WcStatus
 from rdmapool.transport.faults import FaultyTransport
 from tests.support.localmem import LocalTransport
 
@@ -232,6 +233,39 @@ def test_large_reads_go_out_in_groups_while_the_rest_are_built(server, monkeypat
         assert c.get(keys, outs) == [SIZE] * BLOCKS and [bytes(o) for o in outs] == data
         assert sum(parts) == BLOCKS
         assert parts[: BLOCKS // per_group] == [per_group] * (BLOCKS // per_group), parts
+
+
+def test_small_blocks_are_hashed_by_the_workers_in_batches_with_spare_cores(server, monkeypatch) -> None:
+    """With spare cores, payloads under `THREAD_MIN` are hashed on the workers, `SMALL_HASH_BYTES` per hand-off,
+    on put and on get (where the transport does not digest the READs itself), instead of by this thread one after
+    another. A block corrupted among them is a miss; the others read back byte-exact."""
+    monkeypatch.setattr(datapath, "spare_cores", lambda: True)
+    n, size = 36, 64 << 10
+    data = [os.urandom(size) for _ in range(n)]
+    keys = [key(500 + i) for i in range(n)]
+    with client_for(server) as c:
+        handed: list[list[int]] = []
+        submit_many = c.hasher.submit_many
+        monkeypatch.setattr(c.hasher, "submit_many", lambda ps: handed.append([len(p) for p in ps]) or submit_many(ps))
+        assert c.put(keys, data) == [PutStatus.STORED] * n
+        per_batch = datapath.SMALL_HASH_BYTES // size
+        assert handed == [[size] * per_batch, [size] * per_batch, [size] * (n - 2 * per_batch)], [len(b) for b in handed]
+        handed.clear()
+        region = server.regions["a"]
+        at = c.lookup_prefix(keys).refs[5].hit.addr - region.descriptor.addr + block.HEADER_SIZE + size // 2
+        region.view[at] ^= 1
+        outs = [bytearray(size) for _ in range(n)]
+        assert c.get(keys, outs) == [None if i == 5 else size for i in range(n)]
+        assert all(bytes(outs[i]) == data[i] for i in range(n) if i != 5)
+        assert c.counters["corrupt_blocks"] == 1
+        endpoint = c._conn(c.router.servers[0]).endpoint
+        if Opcode.READ in endpoint.digests and not endpoint.asynchronous:  # tcp: its engine hashed each READ
+            assert handed == []
+        else:
+            assert sum(handed, []) == [size] * n  # the corrupted one too: its header and trailer match
+            # in batches: one hand-off per SMALL_HASH_BYTES, or less where the staging arena (1 MiB here: the
+            # buffers are not registered) filled first, as its blocks are checked before it is reused
+            assert len(handed) <= 4, [len(b) for b in handed]
 
 
 @pytest.mark.parametrize("fail_at", [None, 0, 1, 2])
