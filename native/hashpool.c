@@ -5,7 +5,8 @@
  * drives the transport, queued behind them for it on every system call it made. These threads never touch the
  * interpreter: a batch's buffers are pinned (Py_buffer) when it is made, workers claim blocks in order with one
  * atomic add and publish each digest with one atomic store, and the caller polls `done(i)` for free or waits in
- * `wait(i, timeout)` with the GIL released (hashing the block itself when no worker has claimed it yet).
+ * `wait(i, timeout)` with the GIL released (hashing the block itself when no worker has claimed it yet, and,
+ * while a worker hashes it, the batch's blocks nobody has claimed: see help_until_done).
  *
  * start(threads) sizes the process's pool (again after a fork: threads do not survive one);
  * Batch(buffers) queues every buffer's hash; done(i) -> bool; wait(i, timeout) -> 16 canonical bytes (as
@@ -235,6 +236,45 @@ static PyObject *Batch_done(BatchObject *self, PyObject *args) {
     return PyBool_FromLong(__atomic_load_n(&self->b.state[i], __ATOMIC_ACQUIRE) == S_DONE);
 }
 
+static double mono_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec * 1e9 + (double)t.tv_nsec;
+}
+
+/* Block i is being hashed by a worker. Rather than sleep until it lands (and need waking: on a VM a sleeping
+ * thread's wake-up can take far longer than a small block's hash), the waiter works as one more worker on
+ * the blocks of this batch nobody claimed yet, then spins up to HELP_SPIN_NS. Returns whether block i landed;
+ * if not, the caller sleeps on `landed` as before. Blocks hashed here are announced on `landed` like a
+ * worker's, for any other thread waiting on them. */
+#define HELP_SPIN_NS 100000.0
+static int help_until_done(struct batch *b, Py_ssize_t i) {
+    int helped = 0;
+    while (__atomic_load_n(&b->state[i], __ATOMIC_ACQUIRE) != S_DONE) {
+        Py_ssize_t j = __atomic_fetch_add(&b->next, 1, __ATOMIC_ACQ_REL);
+        if (j >= b->n) break;
+        if (claim(b, j)) {
+            hash_one(b, j);
+            helped = 1;
+        }
+    }
+    if (helped) {
+        pthread_mutex_lock(&P.mu);
+        pthread_cond_broadcast(&P.landed);
+        pthread_mutex_unlock(&P.mu);
+    }
+    double until = mono_ns() + HELP_SPIN_NS;
+    while (__atomic_load_n(&b->state[i], __ATOMIC_ACQUIRE) != S_DONE) {
+        for (int spin = 0; spin < 64; spin++) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        }
+        if (mono_ns() >= until) return 0;
+    }
+    return 1;
+}
+
 static PyObject *Batch_wait(BatchObject *self, PyObject *args) {
     Py_ssize_t i;
     double timeout;
@@ -246,7 +286,7 @@ static PyObject *Batch_wait(BatchObject *self, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS
         if (claim(b, i)) {
             hash_one(b, i); /* nobody had started it: hashing it here beats waiting behind the queue */
-        } else {
+        } else if (!help_until_done(b, i)) {
             struct timespec now, end;
             clock_gettime(CLOCK_REALTIME, &now);
             double t = timeout > 0 ? timeout : 0;
@@ -254,11 +294,6 @@ static PyObject *Batch_wait(BatchObject *self, PyObject *args) {
             end.tv_sec = now.tv_sec + (time_t)t;
             end.tv_nsec = now.tv_nsec + (long)((t - (double)(time_t)t) * 1e9);
             if (end.tv_nsec >= 1000000000L) { end.tv_sec++; end.tv_nsec -= 1000000000L; }
-            for (int spin = 0; spin < 200 && __atomic_load_n(&b->state[i], __ATOMIC_ACQUIRE) != S_DONE; spin++) {
-#if defined(__x86_64__) || defined(__i386__)
-                __builtin_ia32_pause();
-#endif
-            }
             pthread_mutex_lock(&P.mu);
             while (__atomic_load_n(&b->state[i], __ATOMIC_ACQUIRE) != S_DONE) {
                 if (pthread_cond_timedwait(&P.landed, &P.mu, &end) != 0 &&

@@ -126,6 +126,27 @@ def test_a_forked_child_hashes_with_its_own_pool() -> None:
     assert hashing._hashpool is hashpool
 
 
+def test_a_waiter_hashes_unclaimed_blocks_while_a_worker_has_the_one_it_waits_for() -> None:
+    """With one worker busy on a large block 0, `wait(0)` hashes the small blocks behind it instead of sleeping:
+    they are all done when it returns (without that, the worker would only then start on them). In a forked
+    child, whose pool has exactly one worker."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            hashpool.start(1)
+            bufs = [bytes(256 << 20)] + payloads(40, 64 << 10)
+            b = hashpool.Batch(bufs)
+            time.sleep(0.01)  # the worker claims block 0 (~20-50 ms of hashing) before this thread waits
+            b.wait(0, 30.0)
+            done = all(b.done(i) for i in range(len(bufs)))
+            ok = [b.wait(i, 10.0) for i in range(len(bufs))] == [xxhash.xxh3_128_digest(x) for x in bufs]
+            os._exit(0 if done and ok else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 @pytest.mark.parametrize(("cpus", "workers"), [(1, 2), (2, 2), (7, 2), (8, 4), (16, 4)])
 def test_client_hash_workers_default_to_four_only_on_eight_or_more_cpus(monkeypatch, cpus: int,
                                                                           workers: int) -> None:
