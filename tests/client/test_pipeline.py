@@ -268,6 +268,36 @@ def test_small_blocks_are_hashed_by_the_workers_in_batches_with_spare_cores(serv
             assert len(handed) <= 4, [len(b) for b in handed]
 
 
+def test_blocks_hashed_by_the_workers_are_checked_while_later_ones_still_move(server, monkeypatch) -> None:
+    """A get checks the blocks whose checksums the workers finished as it hands them more, not all after the last
+    READ landed. Here every checksum is ready at once (hashed at hand-off), so when the get starts its final
+    drain, every block handed over so far is checked and in its buffer. (The in-process transport completes each
+    READ inside its post, so the moment is deterministic; the others complete on their own threads.)"""
+    if server.variant != "local":
+        pytest.skip("needs completions at known points: the in-process transport's")
+    monkeypatch.setattr(datapath, "spare_cores", lambda: True)
+    n, size = 36, 64 << 10
+    data = [os.urandom(size) for _ in range(n)]
+    keys = [key(600 + i) for i in range(n)]
+    transport = client_transport(server)
+    server.made.append(transport)
+    # unregistered buffers, filled from the staging arena only once a block is checked; an arena that holds them
+    # all (a full one is drained, and its blocks checked, before it is reused)
+    cfg = ClientConfig(token=TOKEN, staging_bytes=2 * n * size, retry_after_s=0.0)
+    with PoolClient([server.address], cfg, transport=transport, transport_name=server.transport_name) as c:
+        assert c.put(keys, data) == [PutStatus.STORED] * n
+        monkeypatch.setattr(c.hasher, "submit_many", lambda ps: [block.payload_checksum(p) for p in ps])
+        outs = [bytearray(size) for _ in range(n)]
+        checked_before_drain: list[int] = []
+        drain = datapath._Batch.drain
+        monkeypatch.setattr(datapath._Batch, "drain", lambda self, bulk=False: checked_before_drain.append(
+            sum(bytes(o) == d for o, d in zip(outs, data, strict=True))) or drain(self, bulk))
+        assert c.get(keys, outs) == [size] * n
+        per_batch = datapath.SMALL_HASH_BYTES // size
+        assert checked_before_drain == [n // per_batch * per_batch]  # 32: the last 4 are handed over at the end
+        assert all(bytes(o) == d for o, d in zip(outs, data, strict=True))
+
+
 @pytest.mark.parametrize("fail_at", [None, 0, 1, 2])
 def test_tcp_lead_block_moves_before_its_checksum_and_fails_cleanly(fail_at: int | None, monkeypatch) -> None:
     """tcp: a put's first block of `LEAD_MIN` or more goes payload first (its checksum on a worker, the header
