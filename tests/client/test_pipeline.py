@@ -298,6 +298,31 @@ def test_blocks_hashed_by_the_workers_are_checked_while_later_ones_still_move(se
         assert all(bytes(o) == d for o, d in zip(outs, data, strict=True))
 
 
+def test_a_checksum_the_workers_do_not_finish_in_time_costs_misses_not_an_error(server, monkeypatch) -> None:
+    """A get whose worker-hashed checksum times out gives misses (the server is marked unavailable, as for any
+    data-path timeout), and the next get reconnects and reads every block."""
+    if server.variant not in ("local", "shm"):
+        pytest.skip("tcp digests a get's READs in its engine: the workers hash nothing here")
+    monkeypatch.setattr(datapath, "spare_cores", lambda: True)
+    n, size = 20, 64 << 10
+    data = [os.urandom(size) for _ in range(n)]
+    keys = [key(700 + i) for i in range(n)]
+    with client_for(server) as c:
+        assert c.put(keys, data) == [PutStatus.STORED] * n
+        result = c.hasher.result
+
+        def late(value, timeout):
+            raise TimeoutError("payload checksum did not finish in time")
+
+        monkeypatch.setattr(c.hasher, "result", late)
+        outs = [bytearray(size) for _ in range(n)]
+        assert c.get(keys, outs) == [None] * n
+        assert c.counters["unavailable"] == 1
+        monkeypatch.setattr(c.hasher, "result", result)
+        assert c.get(keys, outs) == [size] * n
+        assert [bytes(o) for o in outs] == data
+
+
 @pytest.mark.parametrize("fail_at", [None, 0, 1, 2])
 def test_tcp_lead_block_moves_before_its_checksum_and_fails_cleanly(fail_at: int | None, monkeypatch) -> None:
     """tcp: a put's first block of `LEAD_MIN` or more goes payload first (its checksum on a worker, the header
