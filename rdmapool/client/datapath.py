@@ -313,7 +313,7 @@ class BlockWriter:
         rest = whole[FIRST_HASHES:]
         small = [k for k in whole if len(hosts[k]) < THREAD_MIN] if self.small_offload else []
         if small:  # the first hand-off now, the rest once the first group is on its way
-            small = self._submit_small(hosts, small, sums, SMALL_HASH_BYTES)
+            small = self._submit_small(hosts, small, sums, first_only=True)
         self.ok.extend([False] * len(items))
         self.good.extend([0] * len(items))
         self.need.extend([2 if sp else 1 for sp in split])
@@ -381,20 +381,19 @@ class BlockWriter:
         if self.ready:
             self._post_ready()
 
-    def _submit_small(self, hosts: list, small: list[int], sums: list, limit: int | None = None) -> list[int]:
-        """Hand the small payloads of blocks `small` to the workers, `SMALL_HASH_BYTES` at a time, up to `limit`
-        bytes (all without); returns the blocks not handed over."""
+    def _submit_small(self, hosts: list, small: list[int], sums: list, first_only: bool = False) -> list[int]:
+        """Hand the small payloads of blocks `small` to the workers, `SMALL_HASH_BYTES` at a time (only the first
+        hand-off with `first_only`); returns the blocks not handed over."""
         chunk: list[int] = []
-        size = total = 0
+        size = 0
         for i, k in enumerate(small):
-            if limit is not None and total >= limit and not chunk:
-                return small[i:]
             chunk.append(k)
             size += len(hosts[k])
-            total += len(hosts[k])
             if size >= SMALL_HASH_BYTES or i == len(small) - 1:
                 for j, pending in zip(chunk, self.hasher.submit_many([hosts[j] for j in chunk]), strict=True):
                     sums[j] = pending
+                if first_only:
+                    return small[i + 1 :]
                 chunk, size = [], 0
         return []
 
