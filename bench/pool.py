@@ -262,6 +262,15 @@ def bench_lookup(transport: str, nkeys: int, samples: int, freeze: bool = True,
             "slow": {"over_p50_x": SLOW_LOOKUP, "count": len(slow), "at_ms_and_ms": slow[:SLOW_KEPT]}}
 
 
+def _xxh3_kernel() -> str:
+    """The instruction set the native checksums run on (native/xxhash/kernels.h)."""
+    try:
+        from rdmapool import _hashpool
+    except ImportError:
+        return "none (native modules not built)"
+    return _hashpool.KERNEL
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -323,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         args.hash_threads = default_hash_threads()  # after pinning: what a client on these CPUs gets
     result: dict = {"bench": "pool", "hash_threads": args.hash_threads,
                     "hash_workers": "python" if args.python_hash_workers else "native",
-                    "transport_digests": not args.no_transport_digests, "client_cpus": sorted(client_cpus),
+                    "xxh3_kernel": _xxh3_kernel(), "transport_digests": not args.no_transport_digests, "client_cpus": sorted(client_cpus),
                     "server_cpus": sorted(server_cpus), "transports": {}}
     for transport in args.transports.split(","):
         per = {}

@@ -771,10 +771,12 @@ PyMODINIT_FUNC PyInit__shmatomics(void) {
     PyModule_AddIntConstant(m, "ST_FLUSH", ST_FLUSH);
     PyModule_AddIntConstant(m, "OP_SIZE", (long)sizeof(struct op));
     PyModule_AddIntConstant(m, "OP_HANDOFF", OP_HANDOFF);
+    if (xxh3_pick() < 0) return NULL;
     have_digest = digest_available();
     PyModule_AddIntConstant(m, "OP_DIGEST", OP_DIGEST);
     /* whether OP_DIGEST records are hashed (else they are plain copies and the caller hashes) */
     PyModule_AddObjectRef(m, "DIGEST", have_digest ? Py_True : Py_False);
+    PyModule_AddStringConstant(m, "KERNEL", XXH.isa); /* the xxh3 kernel picked (native/xxhash/kernels.h) */
     PyModule_AddIntConstant(m, "ST_HANDOFF", ST_HANDOFF);
     PyModule_AddIntConstant(m, "GIL_RELEASE_BYTES", (long)GIL_RELEASE_BYTES);
     return m;

@@ -83,8 +83,10 @@ PyMODINIT_FUNC PyInit__tcpengine(void) {
     UsageError = PyExc_ValueError;
     const char *chunk = getenv("RDMAPOOL_TCP_IO_CHUNK"); /* bytes per send/recv call, 0 = no limit (tuning) */
     if (chunk && *chunk) io_chunk = io_chunk_srv_recv = io_chunk_cli_recv = io_chunk_cli_send = (size_t)strtoull(chunk, NULL, 10);
+    if (xxh3_pick() < 0) return NULL;
     have_digest = digest_available() != 0;
     PyModule_AddIntConstant(m, "DIGEST", have_digest);
+    PyModule_AddStringConstant(m, "KERNEL", XXH.isa); /* the xxh3 kernel picked (native/xxhash/kernels.h) */
     Py_INCREF(UsageError);
     Py_INCREF(&EngineType);
     PyModule_AddObject(m, "Engine", (PyObject *)&EngineType);

@@ -134,7 +134,7 @@ static void *dx_main(void *arg) {
         dx_job j = s->dx_q[s->dx_head++ & (s->dx_cap - 1)];
         s->dx_busy = 1;
         pthread_mutex_unlock(&s->dx_lock);
-        XXH3_128bits_update(&j.d->st, j.p, j.n);
+        XXH.update(&j.d->st, j.p, j.n);
         pthread_mutex_lock(&s->dx_lock);
         s->dx_busy = 0;
         __atomic_store_n(&j.d->hashed, j.d->hashed + j.n, __ATOMIC_RELEASE);
@@ -203,7 +203,7 @@ static void op_digest_landed(EndpointObject *s, cop *o, uint64_t off, uint64_t n
     const void *p = (const void *)(uintptr_t)(o->sge[o->dsge].addr + (lo - o->dstart));
     if (__atomic_load_n(&s->dx_mode, __ATOMIC_RELAXED) && dx_push(s, o->digest, p, hi - lo, hi == o->dend) == 0) return;
     dx_drain(s); /* earlier chunks of this digest may still be queued: keep the order */
-    XXH3_128bits_update(&o->digest->st, p, hi - lo);
+    XXH.update(&o->digest->st, p, hi - lo);
     o->digest->queued += hi - lo;
     __atomic_store_n(&o->digest->hashed, __atomic_load_n(&o->digest->hashed, __ATOMIC_RELAXED) + (hi - lo),
                      __ATOMIC_RELEASE);
@@ -250,9 +250,9 @@ static void complete_ready(EndpointObject *s) {
         cop *o = OP(s, s->head);
         if (o->digest && __atomic_load_n(&o->digest->hashed, __ATOMIC_ACQUIRE) != o->digest->queued) break;
         if (o->signaled && o->digest) {
-            XXH128_canonical_t c;
-            XXH128_canonicalFromHash(&c, XXH3_128bits_digest(&o->digest->st));
-            cq_push_digest(s, o->wr_id, ST_SUCCESS, o->opcode, o->len, 1, c.digest);
+            unsigned char d[16];
+            xxh3_canonical(XXH.digest(&o->digest->st), d);
+            cq_push_digest(s, o->wr_id, ST_SUCCESS, o->opcode, o->len, 1, d);
         } else if (o->signaled) cq_push(s, o->wr_id, ST_SUCCESS, o->opcode, o->len, 1);
         op_release(s, o);
         s->head++;

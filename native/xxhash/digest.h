@@ -6,19 +6,13 @@
  * DRAM a second time. The digest is stored in the record's compare/swap words as the 16 canonical (big-endian)
  * bytes that `xxhash.xxh3_128_digest` returns, so Python compares it with a stored checksum directly.
  *
- * xxhash.h is vendored (xxHash 0.8.1, BSD-2-Clause, Yann Collet). On x86-64 its AVX2 kernel is compiled in
- * with a target pragma and used only when the CPU has AVX2 (`digest_available`); otherwise the module says
- * DIGEST = False and the transport leaves hashing to the caller (Completion.digest is None).
+ * xxhash.h is vendored (xxHash 0.8.1, BSD-2-Clause, Yann Collet). The kernel is the best this CPU runs
+ * (native/xxhash/kernels.h: AVX-512, AVX2). An x86 CPU without AVX2 gets no transport digests
+ * (`digest_available`): the module says DIGEST = False and the transport leaves hashing to the caller
+ * (Completion.digest is None), whose xxhash package is as fast as the baseline kernel.
  */
-#if defined(__x86_64__) && defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC target("avx2")
-#define XXH_VECTOR 2 /* XXH_AVX2 */
-#define RDMAPOOL_DIGEST_NEEDS_AVX2 1
-#endif
 #include <sched.h>
-#define XXH_INLINE_ALL
-#include "xxhash.h" /* native/xxhash/xxhash.h */
+#include "kernels.h" /* native/xxhash/kernels.h */
 
 #define DIGEST_STRIDE (16u * 1024u)
 
@@ -28,11 +22,9 @@ static void copy_digest(void *dst, const void *src, size_t n, int hash_dst, unsi
     for (size_t off = 0; off < n; off += DIGEST_STRIDE) {
         size_t k = n - off < DIGEST_STRIDE ? n - off : DIGEST_STRIDE;
         memcpy((char *)dst + off, (const char *)src + off, k);
-        XXH3_128bits_update(&st, (const char *)(hash_dst ? dst : src) + off, k);
+        XXH.update(&st, (const char *)(hash_dst ? dst : src) + off, k);
     }
-    XXH128_canonical_t c;
-    XXH128_canonicalFromHash(&c, XXH3_128bits_digest(&st));
-    memcpy(out, c.digest, 16);
+    xxh3_canonical(XXH.digest(&st), out);
 }
 
 /* Hash n bytes at p that another thread is still writing in order: only the first *progress bytes (an atomic
@@ -46,7 +38,7 @@ static void digest_trailing(const unsigned char *p, size_t n, const size_t *prog
     while (done < n) {
         size_t avail = __atomic_load_n(progress, __ATOMIC_ACQUIRE);
         if (avail > done) {
-            XXH3_128bits_update(&st, p + done, avail - done);
+            XXH.update(&st, p + done, avail - done);
             done = avail;
             idle = 0;
         } else if (++idle % 256 == 0) {
@@ -57,23 +49,10 @@ static void digest_trailing(const unsigned char *p, size_t n, const size_t *prog
 #endif
         }
     }
-    XXH128_canonical_t c;
-    XXH128_canonicalFromHash(&c, XXH3_128bits_digest(&st));
-    memcpy(out, c.digest, 16);
+    xxh3_canonical(XXH.digest(&st), out);
 }
 
-static void digest_only(const void *p, size_t n, unsigned char out[16]) {
-    XXH128_canonical_t c;
-    XXH128_canonicalFromHash(&c, XXH3_128bits(p, n));
-    memcpy(out, c.digest, 16);
-}
+static void digest_only(const void *p, size_t n, unsigned char out[16]) { xxh3_canonical(XXH.oneshot(p, n), out); }
 
-#ifdef RDMAPOOL_DIGEST_NEEDS_AVX2
-#pragma GCC pop_options
-static int digest_available(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2");
-}
-#else
-static int digest_available(void) { return 1; }
-#endif
+/* Whether transports should digest on this CPU (after `xxh3_pick`). */
+static int digest_available(void) { return XXH.vector; }
