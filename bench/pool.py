@@ -332,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         args.hash_threads = default_hash_threads()  # after pinning: what a client on these CPUs gets
     result: dict = {"bench": "pool", "hash_threads": args.hash_threads,
                     "hash_workers": "python" if args.python_hash_workers else "native",
-                    "xxh3_kernel": _xxh3_kernel(), "transport_digests": not args.no_transport_digests, "client_cpus": sorted(client_cpus),
-                    "server_cpus": sorted(server_cpus), "transports": {}}
+                    "xxh3_kernel": _xxh3_kernel(), "transport_digests": not args.no_transport_digests,
+                    "client_cpus": sorted(client_cpus), "server_cpus": sorted(server_cpus), "transports": {}}
     for transport in args.transports.split(","):
         per = {}
         for size in sizes:

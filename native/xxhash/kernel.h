@@ -1,6 +1,6 @@
 /* One xxh3-128 kernel: included by native/xxhash/xxh3_<isa>.c, each compiled for one instruction set (its
  * target pragma and XXH_VECTOR come first), so one module carries several and picks the best the CPU runs
- * (native/xxhash/kernels.h). xxhash.h's own x86 dispatch is not vendored; this is the same idea in 30 lines. */
+ * (native/xxhash/kernels.h). xxHash's own x86 dispatch (xxh_x86dispatch.c) is not vendored; this is the same idea, smaller. */
 #define XXH_INLINE_ALL
 #include "xxhash.h" /* native/xxhash/xxhash.h */
 

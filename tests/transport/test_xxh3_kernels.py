@@ -49,6 +49,8 @@ def test_the_best_kernel_the_cpu_runs_is_picked() -> None:
 
     if sys.platform != "linux" or os.uname().machine != "x86_64":
         pytest.skip("kernels other than the baseline are x86-64 only")
+    if os.environ.get("RDMAPOOL_XXH3_KERNEL"):
+        pytest.skip("RDMAPOOL_XXH3_KERNEL caps the kernel in this process")
     best = runnable_kernels()[-1]
     picked = {hashpool.KERNEL, _shmatomics.KERNEL, _tcpengine.KERNEL}
     assert picked == {best}
