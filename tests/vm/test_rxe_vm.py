@@ -14,7 +14,10 @@ export RDMAPOOL_TIMEOUT_SCALE=4  # TCG on a shared 2-core host: see rdmapool.tra
 # the host scripts, for real: tear rxe0 down and bring it back up
 bash scripts/rxe-teardown.sh rxe0 && bash scripts/rxe-setup.sh ens3 rxe0 || exit 4
 bash scripts/verbs-checks.sh smoke || exit 3
-bash scripts/verbs-checks.sh conformance --junit /mnt/job/junit.xml
+bash scripts/verbs-checks.sh conformance --junit /mnt/job/junit.xml; rc=$?
+# rxe's own counters (retries, sequence errors, duplicates), so a failure's report says what the device saw
+echo "rxe0 counters: $(cd /sys/class/infiniband/rxe0/ports/1/hw_counters 2>/dev/null && grep -H . * | tr '\n' ' ')"
+exit $rc
 """
 
 
