@@ -208,6 +208,9 @@ class ClientConfig:
     retry_after_s: float = 1.0  # a server that failed is not retried before this (misses meanwhile)
     verify_checksum: bool = True  # on reads into host memory (writes from host memory always carry one)
     staging_bytes: int = 64 << 20  # registered staging memory for unregistered user buffers
+    #: pinned host memory through which CUDA tensors outside GPU memory registered with the client move (made on
+    #: first use); a call moving more goes in rounds of this size
+    device_staging_bytes: int = 256 << 20
     max_frame: int = 16 << 20
     #: workers hashing large payloads while transfers run (0: hash inline); by default 2, or 4 where the process
     #: may run on 8 or more CPUs (`default_hash_threads`)
@@ -230,3 +233,5 @@ class ClientConfig:
             raise UsageError("retry_after_s must be >= 0")
         if self.staging_bytes < 0:
             raise UsageError("staging_bytes must be >= 0")
+        if self.device_staging_bytes < 0:
+            raise UsageError("device_staging_bytes must be >= 0")

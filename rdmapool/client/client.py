@@ -31,6 +31,7 @@ from itertools import repeat
 from typing import Any, NamedTuple
 
 from rdmapool import block
+from rdmapool.client import tensors
 from rdmapool.client.buffers import Arena, RegionSlice, Registry
 from rdmapool.client.connection import ServerConnection
 from rdmapool.client.datapath import BlockWriter, read_blocks
@@ -59,7 +60,7 @@ from rdmapool.server import wire
 from rdmapool.server.core import AllocStatus
 from rdmapool.server.slots import BlockHint
 from rdmapool.server.wire import HIT
-from rdmapool.transport.base import Access, MemoryRegion, Transport
+from rdmapool.transport.base import Access, MemoryKind, MemoryRegion, Transport
 
 #: errors that make a server's keys misses instead of failing the caller
 _DEGRADE = (ServerUnavailable, TransportError, ProtocolError, AuthError)
@@ -170,7 +171,14 @@ class LookupResult:
         return len(self.refs)
 
 
-Buffer = Any  # a buffer-protocol object or a RegionSlice
+Buffer = Any  # a buffer-protocol object, a torch tensor (host or CUDA) or a RegionSlice
+
+
+class _OnDevice(NamedTuple):
+    """A CUDA tensor outside GPU memory registered with the client: it moves through `DeviceStaging`."""
+
+    tensor: Any
+    nbytes: int
 
 
 class PoolClient:
@@ -190,6 +198,8 @@ class PoolClient:
         self._conns: dict[ServerAddress, ServerConnection] = {}
         self._arena: Arena | None = None
         self._registry = Registry()
+        self._devices = tensors.DeviceRegions()  # GPU memory registered through `register`
+        self._staging: tensors.DeviceStaging | None = None  # made when the first unregistered CUDA tensor comes
         self.hasher = Hasher(config.hash_threads)
         self._lock = threading.RLock()
 
@@ -203,11 +213,54 @@ class PoolClient:
         return self._transport
 
     def register(self, buffer: Any) -> MemoryRegion:
-        """Register a host buffer so puts from it and gets into it are zero-copy."""
+        """Register memory so puts from it and gets into it are zero-copy: a host buffer or tensor, or a CUDA
+        tensor where the transport can register GPU memory (shm, verbs with GPUDirect; tcp cannot, and says so).
+        Tensors inside it (views, slices) then move in place."""
         with self._lock:
+            if tensors.is_tensor(buffer):
+                tensors.check_dense(buffer, "the tensor to register")
+                if buffer.device.type == "cuda":
+                    ptr, length = buffer.data_ptr(), tensors.nbytes(buffer)
+                    region = self.transport.register_pointer(ptr, length, MemoryKind.CUDA, Access.ALL, owner=buffer)
+                    self._devices.add(ptr, length, region)
+                    self._registry.regions.append(region)  # deregistered on close (`Registry.find` skips it)
+                    return region
+                buffer = tensors.host_bytes(buffer, "the tensor to register")
             region = self.transport.register(buffer, Access.ALL)
             self._registry.regions.append(region)
             return region
+
+    def _device_staging(self) -> tensors.DeviceStaging:
+        if self._staging is None:
+            self._staging = tensors.DeviceStaging(self.register, self._drop_region, self.config.device_staging_bytes)
+        return self._staging
+
+    def _drop_region(self, region: MemoryRegion) -> None:
+        self._registry.regions.remove(region)
+        self.transport.deregister(region)
+
+    def _item(self, buf: Buffer, i: int, call: str):
+        """Buffer i of a put (a source) or get (a target) as the data path takes it: a byte view, a RegionSlice,
+        or an `_OnDevice` CUDA tensor to stage."""
+        if isinstance(buf, RegionSlice):
+            return buf
+        if tensors.is_tensor(buf):
+            tensors.check_dense(buf, f"buffer {i}")
+            if buf.device.type == "cpu":
+                return tensors.host_bytes(buf, f"buffer {i}")
+            found = self._devices.find(buf)
+            return found if found is not None else _OnDevice(buf, tensors.nbytes(buf))
+        try:
+            view = memoryview(buf)
+        except TypeError:
+            what = "buffers (bytes, bytearray, numpy arrays" if call == "put" else "writable buffers (bytearray, numpy arrays"
+            raise UsageError(f"{call} needs {what}, torch tensors, RegionSlices); buffer {i} is a "
+                             f"{type(buf).__name__}") from None
+        if not view.c_contiguous:
+            raise UsageError(f"buffer {i} is not C-contiguous: a block is one contiguous run of bytes")
+        if call == "get" and view.readonly:
+            raise UsageError(f"get needs writable buffers; buffer {i} is read-only")
+        return view.cast("B")
 
     def arena(self) -> Arena:
         """The registered staging arena (made on first use)."""
@@ -269,19 +322,48 @@ class PoolClient:
             raise UsageError(f"put got {len(keys)} keys, {len(buffers)} buffers"
                              + (f" and {len(hints)} hints" if hints is not None else ""))
         wire_hints = None if hints is None else [_hint_to_wire(h) for h in hints]
-        sources = [_as_source(b) for b in buffers]
+        sources = [self._item(b, i, "put") for i, b in enumerate(buffers)]
         out = [PutStatus.UNAVAILABLE] * len(keys)
         with self._lock:
-            for conn, idx in self._batches(keys):
-                try:
-                    hint_part = None if wire_hints is None else [wire_hints[i] for i in idx]
-                    self._put_one_server(conn, [keys[i] for i in idx], [sources[i] for i in idx], idx, out,
-                                         hint_part)
-                except _DEGRADE as exc:
-                    self._degraded(conn, exc)
+            staged = {i: s.nbytes for i, s in enumerate(sources) if type(s) is _OnDevice}
+            if not staged:
+                self._put_all(keys, sources, wire_hints, out)
+            else:  # CUDA tensors copied to pinned staging first, in rounds that fit it
+                staging = self._device_staging()
+                for part in tensors.groups(staged, len(keys), staging.cap):
+                    self._stage_sources(staging, sources, part)
+                    statuses = [PutStatus.UNAVAILABLE] * len(part)
+                    self._put_all([keys[i] for i in part], [sources[i] for i in part],
+                                  None if wire_hints is None else [wire_hints[i] for i in part], statuses)
+                    for i, status in zip(part, statuses, strict=True):
+                        out[i] = status
+                staging.trim()
             for status in out:
                 self.counters.add(f"put_{status.value}")
         return out
+
+    def _put_all(self, keys: list[bytes], sources: list, wire_hints: list | None, out: list[PutStatus]) -> None:
+        for conn, idx in self._batches(keys):
+            try:
+                hint_part = None if wire_hints is None else [wire_hints[i] for i in idx]
+                self._put_one_server(conn, [keys[i] for i in idx], [sources[i] for i in idx], idx, out, hint_part)
+            except _DEGRADE as exc:
+                self._degraded(conn, exc)
+
+    @staticmethod
+    def _stage_sources(staging: tensors.DeviceStaging, sources: list, part: list[int]) -> None:
+        """Copy the CUDA tensors among `sources[part]` into pinned staging (waiting for the copies) and put byte
+        views of the staged copies in their place."""
+        moved = [i for i in part if type(sources[i]) is _OnDevice]
+        pieces = staging.pieces([sources[i].nbytes for i in moved])
+        devices = set()
+        for i, piece in zip(moved, pieces, strict=True):
+            tensor = sources[i].tensor
+            piece.copy_(tensors.byte_tensor(tensor), non_blocking=True)  # on the current stream: after its writers
+            devices.add(tensor.device)
+        _synchronize(devices)
+        for i, piece in zip(moved, pieces, strict=True):
+            sources[i] = memoryview(piece.numpy())
 
     def _put_one_server(self, conn: ServerConnection, keys: list[bytes], sources: list, idx: list[int],
                         out: list[PutStatus], hints: list | None) -> None:
@@ -465,7 +547,33 @@ class PoolClient:
             return self._read(list(refs), into)
 
     def _read(self, refs: list[BlockRef | None], into: Sequence[Buffer]) -> list[int | None]:
-        targets = [_as_target(b) for b in into]
+        targets = [self._item(b, i, "get") for i, b in enumerate(into)]
+        staged = {i: t.nbytes for i, t in enumerate(targets) if type(t) is _OnDevice}
+        if not staged:
+            return self._read_into(refs, targets)
+        for i, ref in enumerate(refs):  # checked here, where the positions are the caller's
+            if ref is not None and _length(targets[i]) < ref.length:
+                raise UsageError(f"buffer {i} holds {_length(targets[i])} bytes, block has {ref.length}")
+        # CUDA tensors: read into pinned staging (validated there, checksum included), then copy the hits
+        out: list[int | None] = [None] * len(refs)
+        staging = self._device_staging()
+        for part in tensors.groups(staged, len(refs), staging.cap):
+            moved = [i for i in part if type(targets[i]) is _OnDevice]
+            pieces = dict(zip(moved, staging.pieces([targets[i].nbytes for i in moved]), strict=True))
+            got = self._read_into([refs[i] for i in part],
+                                  [memoryview(pieces[i].numpy()) if i in pieces else targets[i] for i in part])
+            devices = set()
+            for i, n in zip(part, got, strict=True):
+                out[i] = n
+                if n is not None and i in pieces:
+                    tensor = targets[i].tensor
+                    tensors.byte_tensor(tensor)[:n].copy_(pieces[i][:n], non_blocking=True)
+                    devices.add(tensor.device)
+            _synchronize(devices)  # the tensors hold their bytes on return, and the staging may be reused
+        staging.trim()
+        return out
+
+    def _read_into(self, refs: list[BlockRef | None], targets: list) -> list[int | None]:
         out: list[int | None] = [None] * len(refs)
         now = self.clock()
         by_server: dict[ServerAddress, list[int]] = defaultdict(list)
@@ -529,6 +637,9 @@ class PoolClient:
                 conn.close()
             self._conns.clear()
             self.hasher.close()
+            if self._staging is not None:
+                self._staging.close()
+                self._staging = None
             if self._arena is not None:
                 self._arena.close()
                 self._arena = None
@@ -536,6 +647,7 @@ class PoolClient:
                 for region in self._registry.regions:
                     self._transport.deregister(region)
                 self._registry.regions.clear()
+                self._devices.clear()
                 if self._own_transport:
                     self._transport.close()
                     self._transport = None
@@ -571,26 +683,16 @@ def _hint_to_wire(h: BlockHint) -> list:
     return [h.parent, int(h.depth), int(h.tokens)]
 
 
-def _as_source(buf: Buffer):
-    if isinstance(buf, RegionSlice):
-        return buf
-    try:
-        return memoryview(buf).cast("B")
-    except TypeError:
-        raise UsageError(f"put needs buffers (bytes, bytearray, numpy arrays, RegionSlice), got {type(buf).__name__}") from None
+def _synchronize(devices: set) -> None:
+    """Wait for the copies queued on each device's current stream."""
+    if devices:
+        import torch
 
-
-def _as_target(buf: Buffer):
-    if isinstance(buf, RegionSlice):
-        return buf
-    try:
-        view = memoryview(buf).cast("B")
-    except TypeError:
-        raise UsageError(f"get needs writable buffers or RegionSlices, got {type(buf).__name__}") from None
-    if view.readonly:
-        raise UsageError("get needs writable buffers")
-    return view
+        for device in devices:
+            torch.cuda.current_stream(device).synchronize()
 
 
 def _length(src) -> int:
+    if type(src) is _OnDevice:
+        return src.nbytes
     return src.length if isinstance(src, RegionSlice) else len(src)
