@@ -248,7 +248,9 @@ class PoolClient:
             tensors.check_dense(buf, f"buffer {i}")
             if buf.device.type == "cpu":
                 return tensors.host_bytes(buf, f"buffer {i}")
-            found = self._devices.find(buf)
+            # a put stages even registered device memory: in place, its block would carry no checksum, and
+            # readers into host memory (verify_checksum on) would count it corrupt
+            found = self._devices.find(buf) if call == "get" else None
             return found if found is not None else _OnDevice(buf, tensors.nbytes(buf))
         try:
             view = memoryview(buf)

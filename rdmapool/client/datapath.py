@@ -607,7 +607,10 @@ def read_blocks(client: PoolClient, conn: ServerConnection, refs: list[BlockRef]
         if want is False or (verify and want is None and payload is not None):
             count("corrupt_blocks")  # header or trailer wrong, or no checksum where the reader needs one
             return
-        if not verify or payload is None:
+        if not verify or payload is None:  # no checksum of what landed (device memory, or verify off): the lease,
+            if client.clock() >= ref.lease_until:  # still running now the READ completed, says the server
+                count("lease_expired")  # did not reuse the slot while it was read; otherwise it may have
+                return
             accept(n, payload, target, copy)
             return
         if digest is None and threaded:  # spare cores: a worker hashes while this thread receives

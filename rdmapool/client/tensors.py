@@ -7,13 +7,16 @@ matter (bfloat16 included: the client moves bytes, not numbers).
 
 - Host tensors move in place, through a byte view of their storage; inside memory registered with the client
   (`PoolClient.register`) they are zero-copy on the transport as well.
-- CUDA tensors inside GPU memory registered with the client (`PoolClient.register(tensor)`, on a transport that
-  can register it: shm, verbs with GPUDirect) move in place, as `RegionSlice`s: the transport copies or DMAs
-  straight to or from the device. A read into them skips the payload checksum (hashing would need the bytes on
-  the host); keys, generations, lengths and self-checks are still checked.
-- Other CUDA tensors go through `DeviceStaging`, a pinned host buffer the client registers once and reuses: a put
-  copies them into it first, a get reads into it, validates every block (checksum included), and copies only
-  the hits to the device. The client synchronises those copies before returning, so a get's tensors hold their
+- A get into CUDA tensors inside GPU memory registered with the client (`PoolClient.register(tensor)`, on a
+  transport that can register it: shm, verbs with GPUDirect) lands in place, through `RegionSlice`s: the
+  transport copies or DMAs straight to the device. The payload checksum is not verified there (hashing would
+  need the bytes on the host); keys, generations at both ends, lengths and self-checks are, and the block's read
+  lease must still run when its READ completed, so the server cannot have reused the slot during it.
+- Other CUDA tensors, and every CUDA tensor a put writes, go through `DeviceStaging`, a pinned host buffer the
+  client registers once and reuses: a put copies them into it first and hashes them there, so every block it
+  writes carries its checksum (written from device memory in place, a block has none, and readers into host
+  memory count it corrupt); a get reads into it, validates every block (checksum included), and copies only the
+  hits to the device. The client synchronises those copies before returning, so a get's tensors hold their
   bytes when it returns, as host buffers do.
 
 torch is imported only when a tensor is seen: clients that never pass one never load it.

@@ -158,6 +158,27 @@ def test_torn_read_is_a_miss_never_data(server) -> None:
         assert c.get([key(1)], [bytearray(4096)]) == [4000]
 
 
+@pytest.mark.parametrize("server", ["local"], indirect=True)
+def test_unhashed_read_counts_only_if_its_lease_outlived_it(server) -> None:
+    """Without a checksum of what landed (device memory, or verify_checksum off) nothing but the read lease
+    says the slot was not reused during the READ: a block whose lease ran out while it was read is a miss."""
+    now = [1000.0]
+    cfg = ClientConfig(token=TOKENS["a"], staging_bytes=1 << 20, request_timeout_s=2.0, verify_checksum=False)
+    with PoolClient([server.address], cfg, transport=new_transport("local"), clock=lambda: now[0]) as c:
+        c.put([key(1), key(2)], [b"a" * 4000, b"b" * 4000])
+        refs = c.lookup_prefix([key(1), key(2)]).refs
+        assert c.read(refs, [bytearray(4096), bytearray(4096)]) == [4000, 4000]
+        ep = c._conn(c.router.servers[0]).endpoint
+
+        def slow(wr, data: bytes) -> bytes:  # the READ outlasts the lease (client clock)
+            now[0] = refs[0].lease_until + 0.001
+            return data
+
+        ep.read_filter = slow
+        assert c.read(refs, [bytearray(4096), bytearray(4096)]) == [None, None]
+        assert c.counters["lease_expired"] == 2
+
+
 def _worker_hashes(c, monkeypatch) -> list[int]:
     """The lengths of the payloads `c` hands to its hash workers from now on (small ones in batches)."""
     lengths: list[int] = []

@@ -188,7 +188,9 @@ def test_cuda_tensors_round_trip_through_staging(server, cap: int) -> None:  # n
 
 
 @pytest.mark.gpu
-def test_registered_cuda_tensor_moves_in_place_on_shm(server) -> None:  # noqa: F811
+def test_registered_cuda_tensor_is_read_in_place_on_shm(server) -> None:  # noqa: F811
+    """A get into registered GPU memory lands in place (no staging); a put from it is staged and hashed, so its
+    blocks read back into host memory with the checksum verified."""
     _cuda_or_skip()
     if server.transport_name != "shm":
         with make_client(server) as c:
@@ -202,10 +204,14 @@ def test_registered_cuda_tensor_moves_in_place_on_shm(server) -> None:  # noqa: 
         src = _random((8, 4096), torch.float16, "cuda")
         pool.copy_(src)
         rows = list(pool)
-        assert isinstance(c._item(rows[3], 3, "get"), RegionSlice)  # in place, no staging
+        assert isinstance(c._item(rows[3], 3, "get"), RegionSlice)  # in place
+        assert isinstance(c._item(rows[3], 3, "put"), client_module._OnDevice)  # staged: hashed on the host
         keys = [key(i) for i in range(8)]
         assert c.put(keys, rows) == [client_module.PutStatus.STORED] * 8
+        host = torch.zeros(8, 4096, dtype=torch.float16)
+        assert c.get(keys, list(host)) == [8192] * 8 and c.counters["corrupt_blocks"] == 0
         pool.zero_()
+        staged_before = c._staging._region
         assert c.get(keys, rows) == [8192] * 8
-        torch.cuda.synchronize()
-        assert _same_bytes(pool, src) and c._staging is None
+        assert c._staging._region is staged_before  # the get used no staging
+        assert _same_bytes(pool, src) and _same_bytes(host, src)
