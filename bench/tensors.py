@@ -108,9 +108,11 @@ def bench_size(torch, transport: str, size: int, batch_bytes: int, repeat: int) 
 
 
 def _code() -> str | None:
-    """The checkout's commit, where git can tell (a copied tree without .git cannot: the caller labels it)."""
+    """The checkout's commit: $RDMAPOOL_CODE (for a copied tree without .git), else git's answer."""
     import subprocess
 
+    if os.environ.get("RDMAPOOL_CODE"):
+        return os.environ["RDMAPOOL_CODE"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip() or None
