@@ -18,6 +18,7 @@ JSON on the last line; --record also writes bench/results/tensors-<date>[-label]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -40,12 +41,13 @@ def _key(i: int) -> bytes:
     return i.to_bytes(16, "big")
 
 
-def bench_size(torch, transport: str, size: int, batch_bytes: int, repeat: int) -> dict:
+def bench_size(torch, transport: str, size: int, batch_bytes: int, repeat: int, staging: int | None) -> dict:
     n = max(1, batch_bytes // size)
     quota = (n * (repeat + 4) + 1) * (block.block_size(size) + 64) + (1 << 20)
     with procs.running(transport, str(quota), "--size-classes", str(size), "--lease-s", "2", "--grace-s", "0") as srv:
-        cfg = ClientConfig(token=procs.TOKENS["a"], data_timeout_s=60.0, request_timeout_s=10.0,
-                           device_staging_bytes=max(256 << 20, 2 * size))
+        cfg = ClientConfig(token=procs.TOKENS["a"], data_timeout_s=60.0, request_timeout_s=10.0)
+        if staging is not None:
+            cfg = dataclasses.replace(cfg, device_staging_bytes=staging)
         with PoolClient([srv.address], cfg, transport_name=transport) as c:
             host = torch.randint(0, 256, (n, size), dtype=torch.uint8).pin_memory()
             c.register(host)
@@ -126,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="1MiB,32MiB")
     ap.add_argument("--batch-bytes", default="256MiB", help="payload bytes per get/put call")
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--device-staging-bytes", default=None,
+                    help="ClientConfig.device_staging_bytes (default: the client's); a call goes in rounds of half")
     ap.add_argument("--record", action="store_true", help="also write bench/results/tensors-<date>[-label].json")
     ap.add_argument("--label", default="")
     args = ap.parse_args(argv)
@@ -139,12 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     results = {t: {} for t in args.transports.split(",")}
     for transport in results:
         for size in (parse_size(s) for s in args.sizes.split(",")):
-            r = bench_size(torch, transport, size, parse_size(args.batch_bytes), args.repeat)
+            staging = None if args.device_staging_bytes is None else parse_size(args.device_staging_bytes)
+            r = bench_size(torch, transport, size, parse_size(args.batch_bytes), args.repeat, staging)
             results[transport][size] = r
             print(f"{transport} {size:>9}: {json.dumps({k: v for k, v in r.items() if k != 'rounds_ms'})}",
                   flush=True)
     out = {"meta": {"machine": args.label or platform.node(), "gpu": torch.cuda.get_device_name(),
-                    "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0],
+                    "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "device_staging_bytes": args.device_staging_bytes or "default", "python": sys.version.split()[0],
                     "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "argv": argv or sys.argv[1:],
                     "code": _code()},
            "results": results}
