@@ -15,9 +15,9 @@ matter (bfloat16 included: the client moves bytes, not numbers).
 - Other CUDA tensors, and every CUDA tensor a put writes, go through `DeviceStaging`, a pinned host buffer the
   client registers once and reuses: a put copies them into it first and hashes them there, so every block it
   writes carries its checksum (written from device memory in place, a block has none, and readers into host
-  memory count it corrupt); a get reads into it, validates every block (checksum included), and copies only the
-  hits to the device. The client synchronises those copies before returning, so a get's tensors hold their
-  bytes when it returns, as host buffers do.
+  memory count it corrupt); a get reads into it, validates every block (checksum included), and copies each
+  block to the device as soon as it is accepted, while later ones still move. The client synchronises those
+  copies before returning, so a get's tensors hold their bytes when it returns, as host buffers do.
 
 torch is imported only when a tensor is seen: clients that never pass one never load it.
 """
