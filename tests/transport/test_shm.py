@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from shm_harness import CTX, SHM, TIMEOUT, ours, transport_pair
@@ -39,6 +40,46 @@ def test_round_trip_byte_exact(shm_pair, size):
         assert [c.byte_len for c in done] == [size, size]
     assert dst == src
     assert bytes(region.view[13:13 + size]) == bytes(src)
+
+
+def _rss_kib(addr: int) -> int:
+    """Resident kB of this process's mapping that starts at `addr` (/proc/self/smaps)."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{addr:x}-"))
+    return next(int(line.split()[1]) for line in lines[start + 1 :] if line.startswith("Rss:"))
+
+
+def test_first_touch_of_a_large_mapping_populates_whole_chunks(shm_pair, monkeypatch):
+    """A mapping too large for MAP_POPULATE gets each 2 MiB chunk's page tables filled by one populate record
+    ahead of the first request that reaches it (write: MADV_POPULATE_WRITE; read-only mapping: _READ), not page by
+    page inside the copy; bytes are unaffected, and a warm chunk is never populated again."""
+    from rdmapool.transport.shm import endpoint as shm_endpoint
+    from rdmapool.transport.shm import segment
+
+    monkeypatch.setattr(segment, "POPULATE_MAX", 4 << 20)
+    monkeypatch.setattr(shm_endpoint, "POPULATE_MAX", 4 << 20)
+    srv, cli = shm_pair
+    rw = srv.allocate(16 << 20)
+    ro = srv.allocate(16 << 20, access=Access.LOCAL_WRITE | Access.REMOTE_READ)
+    ro.view[(2 << 20) - 100 : (2 << 20) + 100] = os.urandom(200)
+    src, dst = bytearray(os.urandom(4096)), bytearray(200)
+    ls, ld = cli.register(src), cli.register(dst)
+    populated = []
+    run = shm_endpoint.native.run
+    monkeypatch.setattr(shm_endpoint.native, "run", lambda recs, n, *a: populated.append(
+        sum(1 for i in range(n) if shm_endpoint._REC.unpack_from(recs, i * 64)[0] == shm_endpoint._OP_POPULATE))
+        or run(recs, n, *a))
+    with cli.connect(srv.peer_info()) as ep:
+        assert ep.execute([WorkRequest.write(1, ls.sge(), rw.remote(5 << 20), rw.rkey)], TIMEOUT)[0].ok
+        rem = ep._remotes[rw.rkey]
+        assert list(rem.cold) == [1, 1, 0] + [1] * 5
+        assert _rss_kib(rem.seg.addr) >= 2048  # the whole chunk, not just the page written
+        assert ep.execute([WorkRequest.read(2, ld.sge(), ro.remote((2 << 20) - 100), ro.rkey)], TIMEOUT)[0].ok
+        assert list(ep._remotes[ro.rkey].cold[:3]) == [0, 0, 1]  # a request across a boundary: both chunks
+        assert dst == ro.view[(2 << 20) - 100 : (2 << 20) + 100]
+        assert ep.execute([WorkRequest.write(3, ls.sge(), rw.remote((5 << 20) + 8192), rw.rkey)], TIMEOUT)[0].ok
+    assert populated == [1, 1, 0]  # one record per cold run of chunks; none for a warm one
+    assert bytes(rw.view[5 << 20 : (5 << 20) + 4096]) == bytes(src) == bytes(rw.view[(5 << 20) + 8192 :][:4096])
 
 
 def test_scatter_gather_lists(shm_pair):

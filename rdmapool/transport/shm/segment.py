@@ -4,9 +4,10 @@ The owner asks for transparent huge pages (MADV_HUGEPAGE: used when
 /sys/kernel/mm/transparent_hugepage/shmem_enabled allows it), then faults every page in with
 MADV_POPULATE_WRITE, which fails cleanly when /dev/shm is full (instead of a SIGBUS on first touch later);
 kernels without it (< 5.14) reserve with posix_fallocate instead. Clients map with MAP_POPULATE up to
-POPULATE_MAX; larger regions are faulted in lazily (populating costs ~95 ms per GiB here, and `post` runs in the
-caller's thread: a 64 GiB pool would stall the first operation for seconds, while lazy faults, 16 pages per
-read fault with the kernel's fault-around, cost the first pass over the pool roughly a third of its speed). Sizes are rounded to 2 MiB from 2 MiB up so huge pages can back them.
+POPULATE_MAX; larger regions are populated lazily (populating costs ~95 ms per GiB here, and `post` runs in the
+caller's thread: a 64 GiB pool would stall the first operation for seconds): the endpoint populates each 2 MiB
+chunk ahead of the first request that reaches it (endpoint.py, "First touch"), which halves a first pass's cost
+against letting the copies fault page by page. Sizes are rounded to 2 MiB from 2 MiB up so huge pages can back them.
 """
 
 from __future__ import annotations
