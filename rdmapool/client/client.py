@@ -74,6 +74,9 @@ PIPELINE_BYTES = 4 << 20
 COMMIT_BYTES = 16 << 20
 #: each reservation round trip of a pipelined put covers this many times the bytes of the one before
 CHUNK_GROWTH = 4
+#: a put of CUDA tensors through staging records an event after about this many bytes of device copies (its first
+#: blocks wait only for their own copies; see `PoolClient._stage_sources`)
+COPY_EVENT_BYTES = 4 << 20
 
 
 class PutStatus(enum.Enum):
@@ -333,10 +336,13 @@ class PoolClient:
             else:  # CUDA tensors copied to pinned staging first, in rounds that fit it
                 staging = self._device_staging()
                 for part in tensors.groups(staged, len(keys), staging.cap):
-                    self._stage_sources(staging, sources, part)
+                    gate = self._stage_sources(staging, sources, part)
                     statuses = [PutStatus.UNAVAILABLE] * len(part)
-                    self._put_all([keys[i] for i in part], [sources[i] for i in part],
-                                  None if wire_hints is None else [wire_hints[i] for i in part], statuses)
+                    try:
+                        self._put_all([keys[i] for i in part], [sources[i] for i in part],
+                                      None if wire_hints is None else [wire_hints[i] for i in part], statuses, gate)
+                    finally:
+                        gate(range(len(part)))  # no copy still lands in staging the next call reuses
                     for i, status in zip(part, statuses, strict=True):
                         out[i] = status
                 staging.trim()
@@ -344,31 +350,53 @@ class PoolClient:
                 self.counters.add(f"put_{status.value}")
         return out
 
-    def _put_all(self, keys: list[bytes], sources: list, wire_hints: list | None, out: list[PutStatus]) -> None:
+    def _put_all(self, keys: list[bytes], sources: list, wire_hints: list | None, out: list[PutStatus],
+                 ready: Callable[[Sequence[int]], None] | None = None) -> None:
         for conn, idx in self._batches(keys):
             try:
                 hint_part = None if wire_hints is None else [wire_hints[i] for i in idx]
-                self._put_one_server(conn, [keys[i] for i in idx], [sources[i] for i in idx], idx, out, hint_part)
+                self._put_one_server(conn, [keys[i] for i in idx], [sources[i] for i in idx], idx, out, hint_part,
+                                     ready)
             except _DEGRADE as exc:
                 self._degraded(conn, exc)
 
     @staticmethod
-    def _stage_sources(staging: tensors.DeviceStaging, sources: list, part: list[int]) -> None:
-        """Copy the CUDA tensors among `sources[part]` into pinned staging (waiting for the copies) and put byte
-        views of the staged copies in their place."""
-        moved = [i for i in part if type(sources[i]) is _OnDevice]
-        pieces = staging.pieces([sources[i].nbytes for i in moved])
-        devices = set()
-        for i, piece in zip(moved, pieces, strict=True):
+    def _stage_sources(staging: tensors.DeviceStaging, sources: list,
+                       part: list[int]) -> Callable[[Sequence[int]], None]:
+        """Queue copies of the CUDA tensors among `sources[part]` into pinned staging and put byte views of the
+        staged copies in their place. Returns the gate: `gate(positions)` (0..len(part)-1) returns once the copies
+        of those positions landed. The put calls it before each reservation chunk's blocks are built, so its first
+        blocks move while later ones still copy (waiting for every copy first cost 5-10% of a staged put)."""
+        pieces = dict(zip((moved := [i for i in part if type(sources[i]) is _OnDevice]),
+                          staging.pieces([sources[i].nbytes for i in moved]), strict=True))
+        event_of: list[Any] = [None] * len(part)  # the event recorded after position j's copy
+        since: dict[Any, tuple[list[int], int]] = {}  # device -> (positions copied since its last event, bytes)
+        for j, i in enumerate(part):
+            if i not in pieces:
+                continue
             tensor = sources[i].tensor
-            piece.copy_(tensors.byte_tensor(tensor), non_blocking=True)  # on the current stream: after its writers
-            devices.add(tensor.device)
-        _synchronize(devices)
-        for i, piece in zip(moved, pieces, strict=True):
+            pieces[i].copy_(tensors.byte_tensor(tensor), non_blocking=True)  # current stream: after its writers
+            waiting, nbytes = since.pop(tensor.device, ([], 0))
+            waiting.append(j)
+            nbytes += sources[i].nbytes
+            if nbytes >= COPY_EVENT_BYTES or j == len(part) - 1:
+                _mark(event_of, waiting, tensor.device)
+            else:
+                since[tensor.device] = (waiting, nbytes)
+        for device, (waiting, _) in since.items():
+            _mark(event_of, waiting, device)
+        for i, piece in pieces.items():
             sources[i] = memoryview(piece.numpy())
 
+        def gate(positions: Sequence[int]) -> None:
+            for event in {id(e): e for e in map(event_of.__getitem__, positions) if e is not None}.values():
+                event.synchronize()
+
+        return gate
+
     def _put_one_server(self, conn: ServerConnection, keys: list[bytes], sources: list, idx: list[int],
-                        out: list[PutStatus], hints: list | None) -> None:
+                        out: list[PutStatus], hints: list | None,
+                        ready: Callable[[Sequence[int]], None] | None = None) -> None:
         """allocate -> WRITE -> commit for one server's keys, pipelined for large batches: the first blocks are
         reserved alone so their WRITEs start early, the rest are reserved while those move, and blocks written
         early are committed while later ones move (`PIPELINE_BYTES`). Only the first reservation and the last
@@ -416,7 +444,8 @@ class PoolClient:
         chunks = _allocation_chunks(lengths) if pipelined else [(0, len(keys))]
         first = conn.call_many(reserve(*chunks[0]))[0]  # (a call: reconnects once if the server closed it idle)
         try:
-            self._write_chunks(conn, writer, chunks, reserve, first, keys, sources, lengths, idx, out, grants, todo)
+            self._write_chunks(conn, writer, chunks, reserve, first, keys, sources, lengths, idx, out, grants, todo,
+                               ready)
             # commit early blocks while enough bytes are still moving to cover the round trip
             while pipelined and writer.busy and writer.flying_bytes >= PIPELINE_BYTES:
                 if not commit_written(PIPELINE_BYTES):
@@ -434,7 +463,8 @@ class PoolClient:
 
     def _write_chunks(self, conn: ServerConnection, writer: BlockWriter, chunks: list[tuple[int, int]],
                       reserve: Callable, reply: dict, keys: list[bytes], sources: list, lengths: list[int],
-                      idx: list[int], out: list[PutStatus], grants: dict, todo: list[int]) -> None:
+                      idx: list[int], out: list[PutStatus], grants: dict, todo: list[int],
+                      ready: Callable[[Sequence[int]], None] | None = None) -> None:
         """Hand each chunk's reserved blocks to the writer (which posts them and returns while they move). The
         next chunk's reservation is sent before this chunk is written, so its round trip (~5-10 us a key on the
         server) runs while this chunk moves, not after it was posted."""
@@ -456,6 +486,8 @@ class PoolClient:
                 else:
                     out[idx[j]] = _FROM_ALLOC.get(status, PutStatus.FAILED)
             todo.extend(chunk)
+            if ready is not None:  # staged device copies of these sources have landed
+                ready([idx[j] for j in chunk])
             writer.add([(keys[j], grants[j], sources[j]) for j in chunk])
 
     def _commit(self, conn: ServerConnection, commits: list[int], keys: list[bytes], grants: dict, lengths: list[int],
@@ -694,6 +726,18 @@ def _hint_to_wire(h: BlockHint) -> list:
     if h.parent is not None:
         block.check_key(h.parent)
     return [h.parent, int(h.depth), int(h.tokens)]
+
+
+def _mark(event_of: list, positions: list[int], device: Any) -> None:
+    """Record an event after the copies queued on `device`'s current stream (CUDA; a host copy is done)."""
+    if device.type != "cuda":
+        return
+    import torch
+
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    for j in positions:
+        event_of[j] = event
 
 
 def _synchronize(devices: set) -> None:
