@@ -345,7 +345,7 @@ class PoolClient:
                         gate(range(len(part)))  # no copy still lands in staging the next call reuses
                     for i, status in zip(part, statuses, strict=True):
                         out[i] = status
-                staging.trim()
+                    staging.trim()
             for status in out:
                 self.counters.add(f"put_{status.value}")
         return out
@@ -368,8 +368,8 @@ class PoolClient:
         of those positions landed. The put calls it before each reservation chunk's blocks are built, so its first
         blocks move while later ones still copy (H200 host, 256 MiB puts, two runs: 0.92-1.05 of a host put, against
         0.90-0.98 waiting for every copy first; docs/decisions.md)."""
-        pieces = dict(zip((moved := [i for i in part if type(sources[i]) is _OnDevice]),
-                          staging.pieces([sources[i].nbytes for i in moved]), strict=True))
+        moved = [i for i in part if type(sources[i]) is _OnDevice]
+        pieces = dict(zip(moved, staging.pieces([sources[i].nbytes for i in moved]), strict=True))
         event_of: list[Any] = [None] * len(part)  # the event recorded after position j's copy
         since: dict[Any, tuple[list[int], int]] = {}  # device -> (positions copied since its last event, bytes)
         for j, i in enumerate(part):
