@@ -19,6 +19,7 @@ the first (for callers that need just one, and for properties every endpoint of 
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import time
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from rdmapool.client.protocol import ClientSession, check_reply
 from rdmapool.config import ClientConfig, ServerAddress
 from rdmapool.errors import AuthError, ProtocolError, ServerUnavailable, UsageError
 from rdmapool.transport.base import Endpoint, Transport
+
+log = logging.getLogger(__name__)
 
 RECV_CHUNK = 256 << 10
 #: a wait for the reply may use the socket's timeout while it ends at most this long after the call's deadline
@@ -71,12 +74,20 @@ class ServerConnection:
             raise ServerUnavailable(f"{self.address} marked down")
         try:
             self._connect()
-        except AuthError:
+        except AuthError as exc:
             self.close(mark_down=True)
+            self._warn(exc)
             raise
         except (OSError, ProtocolError, ServerUnavailable, UsageError) as exc:
             self.close(mark_down=True)
+            self._warn(exc)
             raise ServerUnavailable(f"{self.address}: {type(exc).__name__}: {exc}") from None
+
+    def _warn(self, exc: Exception) -> None:
+        """Say why a server's keys are about to be misses (once per retry pause, not per call): a refused token or
+        a transport mismatch otherwise shows up only as `unavailable` counts."""
+        log.warning("rdmapool: server %s unavailable, its keys are misses for the next %.1f s: %s: %s", self.address,
+                    self.config.retry_after_s, type(exc).__name__, exc)
 
     def _connect(self) -> None:
         cfg = self.config

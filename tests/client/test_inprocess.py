@@ -179,6 +179,24 @@ def test_unhashed_read_counts_only_if_its_lease_outlived_it(server) -> None:
         assert c.counters["lease_expired"] == 2
 
 
+@pytest.mark.parametrize("server", ["tcp"], indirect=True)
+def test_why_a_server_is_unavailable_is_logged_once_per_pause(server, caplog) -> None:
+    """A configuration mistake (a transport the server does not speak, a refused token) costs misses like an outage;
+    the log says which it is, once per retry pause, not on every call."""
+    cfg = ClientConfig(token=TOKENS["a"], request_timeout_s=2.0, retry_after_s=30.0)
+    with caplog.at_level("WARNING", logger="rdmapool.client.connection"):
+        with PoolClient([server.address], cfg, transport=new_transport("shm")) as c:
+            assert c.put([key(1)], [b"x"]) == [PutStatus.UNAVAILABLE]
+            assert c.get([key(1)], [bytearray(8)]) == [None]
+        with PoolClient([server.address], ClientConfig(token="not-a-token", request_timeout_s=2.0),
+                        transport=new_transport("tcp")) as c:
+            assert c.put([key(1)], [b"x"]) == [PutStatus.UNAVAILABLE]
+    messages = [r.getMessage() for r in caplog.records if r.name == "rdmapool.client.connection"]
+    assert len(messages) == 2, messages
+    assert "server speaks transport 'tcp', this client 'shm'" in messages[0]
+    assert "AuthError" in messages[1]
+
+
 def _worker_hashes(c, monkeypatch) -> list[int]:
     """The lengths of the payloads `c` hands to its hash workers from now on (small ones in batches)."""
     lengths: list[int] = []
