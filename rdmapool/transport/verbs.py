@@ -27,7 +27,7 @@ import os
 import random
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rdmapool.errors import NoDevice, ProtocolError, UsageError
@@ -43,11 +43,11 @@ from rdmapool.transport.base import (
 )
 from rdmapool.transport.verbs_conn import (
     DEFAULT_RETRY_CNT,
-    DEFAULT_TIMEOUT,
     Handshake,
     PortInfo,
     QpInfo,
     QpParams,
+    default_ack_timeout,
     negotiate,
 )
 from rdmapool.transport.verbs_device import gid_colon, is_ipv4_mapped, memlock_problem, open_device
@@ -65,7 +65,7 @@ class VerbsOptions:
     gid_index: int | None = None
     qps_per_peer: int = 2
     sq_depth: int = 2048
-    timeout: int = DEFAULT_TIMEOUT
+    timeout: int = field(default_factory=default_ack_timeout)  # $RDMAPOOL_VERBS_ACK_TIMEOUT, else 17
     retry_cnt: int = DEFAULT_RETRY_CNT
     rd_atomic_cap: int | None = None
     stall_timeout: float | None = None  # see verbs_endpoint: default 2x the dead-peer time, >= 5 s

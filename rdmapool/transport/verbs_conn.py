@@ -35,6 +35,24 @@ DEFAULT_RETRY_CNT = 7
 MAX_RD_ATOMIC_FIELD = 255  # the QP attribute is 8 bits wide
 
 
+def default_ack_timeout() -> int:
+    """The QP ack timeout exponent from $RDMAPOOL_VERBS_ACK_TIMEOUT (0..31), else `DEFAULT_TIMEOUT`. A fabric that
+    drops packets (RoCE without PFC; rxe under TCG, which lost ~0.8% of its packets in one CI run) recovers each
+    loss one ack timeout later: at 17 (0.54 s) a READ batch that kept losing packets retried 63 times without a
+    completion for 34 s, and the watchdog failed it. A smaller exponent retries sooner (and finds a dead peer
+    sooner: `dead_peer_seconds`)."""
+    text = os.environ.get("RDMAPOOL_VERBS_ACK_TIMEOUT")
+    if text is None or text == "":
+        return DEFAULT_TIMEOUT
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 31:
+        raise UsageError(f"RDMAPOOL_VERBS_ACK_TIMEOUT must be an integer 0..31 (4.096 us * 2**n), got {text!r}")
+    return value
+
+
 def timeout_scale() -> float:
     """Factor for handshake and watchdog timeouts from $RDMAPOOL_TIMEOUT_SCALE (>= 1, default 1). The rxe VM
     harness sets it: under TCG on a loaded host the guest's clock runs at wall speed while its CPUs run tens of

@@ -6,7 +6,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rdmapool.errors import ProtocolError, UsageError
-from rdmapool.transport.verbs_conn import Handshake, PortInfo, QpInfo, dead_peer_seconds, negotiate
+from rdmapool.transport.verbs_conn import (
+    DEFAULT_TIMEOUT,
+    Handshake,
+    PortInfo,
+    QpInfo,
+    dead_peer_seconds,
+    default_ack_timeout,
+    negotiate,
+)
 
 RXE = PortInfo(gid="00000000000000000000ffff0a00020f", gid_index=1, lid=0, link_layer="ethernet", active_mtu=3,
                max_qp_rd_atom=128, max_qp_init_rd_atom=128, atomics=True)
@@ -75,3 +83,17 @@ def test_malformed_handshakes_are_protocol_errors(bad):
 def test_arbitrary_input_never_escapes_as_another_exception(raw):
     with contextlib.suppress(ProtocolError):
         Handshake.from_wire(raw)
+
+
+def test_ack_timeout_comes_from_the_environment_and_bad_values_are_named(monkeypatch):
+    monkeypatch.delenv("RDMAPOOL_VERBS_ACK_TIMEOUT", raising=False)
+    assert default_ack_timeout() == DEFAULT_TIMEOUT
+    monkeypatch.setenv("RDMAPOOL_VERBS_ACK_TIMEOUT", "15")
+    assert default_ack_timeout() == 15
+    from rdmapool.transport.verbs import VerbsOptions
+
+    assert VerbsOptions().timeout == 15 and VerbsOptions(timeout=12).timeout == 12
+    for bad in ("32", "-1", "fast"):
+        monkeypatch.setenv("RDMAPOOL_VERBS_ACK_TIMEOUT", bad)
+        with pytest.raises(UsageError, match="RDMAPOOL_VERBS_ACK_TIMEOUT must be an integer 0..31"):
+            default_ack_timeout()
