@@ -38,8 +38,8 @@ MAX_RD_ATOMIC_FIELD = 255  # the QP attribute is 8 bits wide
 def default_ack_timeout() -> int:
     """The QP ack timeout exponent from $RDMAPOOL_VERBS_ACK_TIMEOUT (0..31), else `DEFAULT_TIMEOUT`. A fabric that
     drops packets (RoCE without PFC; rxe under TCG, which lost ~0.8% of its packets in one CI run) recovers each
-    loss one ack timeout later: at 17 (0.54 s) a READ batch that kept losing packets retried 63 times without a
-    completion for 34 s, and the watchdog failed it. A smaller exponent retries sooner (and finds a dead peer
+    loss one ack timeout later: at 17 (0.54 s) a READ batch that kept losing packets went 34 s without a completion
+    (rxe counted 63 retries over the suite) and the watchdog failed it. A smaller exponent retries sooner (and finds a dead peer
     sooner: `dead_peer_seconds`)."""
     text = os.environ.get("RDMAPOOL_VERBS_ACK_TIMEOUT")
     if text is None or text == "":
