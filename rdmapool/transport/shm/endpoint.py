@@ -18,8 +18,8 @@ state word also before it); a batch during which the owner died reports RETRY_EX
 and flushes the rest, never success on orphaned memory.
 
 First touch of a large mapping: a region over `POPULATE_MAX` is mapped without MAP_POPULATE (see segment.py),
-so the first copy into each of its pages took a page fault: a fresh client's first 64 x 1 MiB put ran 28-36 ms
-against 11 ms warm on the 2-CPU VM. The endpoint keeps one byte per 2 MiB chunk of such a mapping (`_Remote.cold`)
+so the first copy into each of its pages took a page fault: a fresh client's first 64 x 1 MiB put ran 28-44 ms
+against 11-13 ms warm on the 2-CPU VM. The endpoint keeps one byte per 2 MiB chunk of such a mapping (`_Remote.cold`)
 and puts a populate record (madvise MADV_POPULATE_WRITE, or _READ for a read-only mapping) in front of the first
 request that reaches a cold chunk: the mover faults the chunk's page tables in at ~0.1 ms per MiB instead of
 ~0.45 ms per MiB of faults inside the copy, off the GIL like the copy. After that the check is one
