@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from itertools import repeat
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from rdmapool import block
 from rdmapool.client import tensors
 from rdmapool.client.buffers import Arena, RegionSlice, Registry
@@ -175,6 +177,7 @@ class LookupResult:
 
 
 Buffer = Any  # a buffer-protocol object, a torch tensor (host or CUDA) or a RegionSlice
+_PLAIN_BUFFERS = frozenset((memoryview, bytes, bytearray, np.ndarray))
 
 
 class _OnDevice(NamedTuple):
@@ -245,16 +248,11 @@ class PoolClient:
     def _item(self, buf: Buffer, i: int, call: str):
         """Buffer i of a put (a source) or get (a target) as the data path takes it: a byte view, a RegionSlice,
         or an `_OnDevice` CUDA tensor to stage."""
-        if isinstance(buf, RegionSlice):
-            return buf
-        if tensors.is_tensor(buf):
-            tensors.check_dense(buf, f"buffer {i}")
-            if buf.device.type == "cpu":
-                return tensors.host_bytes(buf, f"buffer {i}")
-            # a put stages even registered device memory: in place, its block would carry no checksum, and
-            # readers into host memory (verify_checksum on) would count it corrupt
-            found = self._devices.find(buf) if call == "get" else None
-            return found if found is not None else _OnDevice(buf, tensors.nbytes(buf))
+        if type(buf) not in _PLAIN_BUFFERS:  # (runs once per block: the common types skip the checks below)
+            if isinstance(buf, RegionSlice):
+                return buf
+            if tensors.is_tensor(buf):
+                return self._tensor_item(buf, i, call)
         try:
             view = memoryview(buf)
         except TypeError:
@@ -266,6 +264,15 @@ class PoolClient:
         if call == "get" and view.readonly:
             raise UsageError(f"get needs writable buffers; buffer {i} is read-only")
         return view.cast("B")
+
+    def _tensor_item(self, t: Any, i: int, call: str):
+        tensors.check_dense(t, f"buffer {i}")
+        if t.device.type == "cpu":
+            return tensors.host_bytes(t, f"buffer {i}")
+        # a put stages even registered device memory: in place, its block would carry no checksum, and readers into
+        # host memory (verify_checksum on) would count it corrupt
+        found = self._devices.find(t) if call == "get" else None
+        return found if found is not None else _OnDevice(t, tensors.nbytes(t))
 
     def arena(self) -> Arena:
         """The registered staging arena (made on first use)."""
