@@ -67,8 +67,8 @@ def byte_tensor(t: Any) -> Any:
 
 
 def host_bytes(t: Any, what: str) -> memoryview:
-    """A writable byte view of a host tensor, in place (the view keeps the tensor's storage alive)."""
-    check_dense(t, what)
+    """A writable byte view of a host tensor that passed `check_dense`, in place (the view keeps the tensor's
+    storage alive)."""
     try:
         return memoryview(byte_tensor(t).numpy()).cast("B")
     except (RuntimeError, TypeError) as exc:  # conjugate or negative views, tensor subclasses numpy refuses
