@@ -46,8 +46,9 @@ sys.path.insert(0, str(ROOT))
 
 from rdmapool import block  # noqa: E402
 from rdmapool.client import PoolClient, PutStatus  # noqa: E402
-from rdmapool.client.protocol import parse_grants  # noqa: E402
+from rdmapool.client.protocol import commit_fields, parse_grants  # noqa: E402
 from rdmapool.config import ClientConfig, default_hash_threads, parse_size  # noqa: E402
+from rdmapool.server.wire import pack_u64s  # noqa: E402
 from rdmapool.transport.base import Opcode, WorkRequest  # noqa: E402
 from tests.support import procs  # noqa: E402
 
@@ -100,7 +101,8 @@ def bench_size(transport: str, size: int, batch_bytes: int, repeat: int, hash_th
             conn = c._conn(c.router.servers[0])
             conn.ensure()
             raw_keys = [_key(10**9 + i) for i in range(n)]
-            grants = parse_grants(conn.call("allocate", keys=b"".join(raw_keys), lengths=[size] * n), n)
+            grants = parse_grants(conn.call("allocate", keys=b"".join(raw_keys), lengths=pack_u64s([size] * n)),
+                                  n)
             wire = block.block_size(size)
             stage = c.transport.allocate(n * wire)
             writes = [WorkRequest(i, Opcode.WRITE, (stage.sge(i * wire, wire),), g.addr, g.rkey)
@@ -187,14 +189,14 @@ def _warm_every_slot(conn, ep, stage, size: int, wire: int) -> None:
     faults in this client's mapping of the server's memory (shm maps it; see docs/decisions.md), just as the
     raw baseline, which reuses its warm slots, does not."""
     warm_keys = [_key(2 * 10**9 + i) for i in range(4096)]
-    grants = [g for g in parse_grants(conn.call("allocate", keys=b"".join(warm_keys), lengths=[size] * 4096), 4096)
+    grants = [g for g in parse_grants(conn.call("allocate", keys=b"".join(warm_keys),
+                                                lengths=pack_u64s([size] * 4096)), 4096)
               if g.status == 0]
     for i in range(0, len(grants), 8):
         part = grants[i : i + 8]
         ep.execute([WorkRequest(j, Opcode.WRITE, (stage.sge(0, wire),), g.addr, g.rkey) for j, g in enumerate(part)],
                    60.0)
-    items = [[k, g.generation] for k, g in zip(warm_keys, grants, strict=False)]
-    conn.call("abort", items=items)
+    conn.call("abort", **commit_fields(warm_keys[: len(grants)], [g.generation for g in grants]))
 
 
 def _fields(cfg: ClientConfig) -> dict:

@@ -43,6 +43,7 @@ from rdmapool.client.protocol import (
     Reservation,
     all_hits,
     check_hits,
+    commit_fields,
     leading_hits,
     parse_grants,
     parse_results,
@@ -444,7 +445,7 @@ class PoolClient:
             writer.idle = lambda: commit_written(COMMIT_BYTES)
 
         def reserve(a: int, b: int) -> list[tuple[str, dict]]:
-            fields = {"keys": wire.pack_keys(keys[a:b]), "lengths": lengths[a:b]}
+            fields = {"keys": wire.pack_keys(keys[a:b]), "lengths": wire.pack_u64s(lengths[a:b])}
             if hints is not None:
                 fields["hints"] = hints[a:b]
             return [("allocate", fields)]
@@ -485,14 +486,13 @@ class PoolClient:
             part = parse_grants(reply, b - a)
             chunk = []
             for j, grant in enumerate(part, a):
-                status = AllocStatus(grant.status) if grant.status in AllocStatus._value2member_map_ else None
-                if status is AllocStatus.OK:
+                if grant.status == AllocStatus.OK:
                     if grant.capacity < lengths[j]:
                         raise ProtocolError("server reserved a slot smaller than asked")
                     grants[j] = grant
                     chunk.append(j)
                 else:
-                    out[idx[j]] = _FROM_ALLOC.get(status, PutStatus.FAILED)
+                    out[idx[j]] = _FROM_ALLOC.get(grant.status, PutStatus.FAILED)
             todo.extend(chunk)
             if ready is not None:  # staged device copies of these sources have landed
                 ready([idx[j] for j in chunk])
@@ -504,7 +504,7 @@ class PoolClient:
         for j in aborts:
             out[idx[j]] = PutStatus.FAILED
         requests = self._commit_requests(commits, keys, grants) + (
-            [("abort", {"items": [[keys[j], grants[j].generation] for j in aborts]})] if aborts else [])
+            [("abort", _commit_fields(aborts, keys, grants))] if aborts else [])
         if not requests:
             return
         replies = conn.call_many(requests)
@@ -513,7 +513,7 @@ class PoolClient:
 
     @staticmethod
     def _commit_requests(commits: list[int], keys: list[bytes], grants: dict) -> list[tuple[str, dict]]:
-        return [("commit", {"items": [[keys[j], grants[j].generation] for j in commits]})] if commits else []
+        return [("commit", _commit_fields(commits, keys, grants))] if commits else []
 
     def _committed(self, reply: dict, commits: list[int], lengths: list[int], idx: list[int],
                    out: list[PutStatus]) -> None:
@@ -710,6 +710,10 @@ class PoolClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _commit_fields(positions: list[int], keys: list[bytes], grants: dict) -> dict:
+    return commit_fields([keys[j] for j in positions], [grants[j].generation for j in positions])
 
 
 def _allocation_chunks(lengths: list[int]) -> list[tuple[int, int]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import itertools
 import operator
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from rdmapool.errors import AuthError, ProtocolError, UsageError
@@ -31,13 +30,18 @@ _ZERO_GENERATION = bytes(8)
 _HIT_FIELDS = wire.HIT.size // 8  # u64 fields per record; the generation is the third
 
 
-@dataclass(frozen=True, slots=True)
-class Reservation:
+class Reservation(NamedTuple):
+    """An allocate grant (`wire.GRANT`): where to write a block, and the generation to write into it. (A
+    NamedTuple: one is built per key of every put.)"""
+
     status: int  # rdmapool.server.core.AllocStatus value
     addr: int = 0
     rkey: int = 0
     generation: int = 0
     capacity: int = 0
+
+
+_new_reservation = functools.partial(tuple.__new__, Reservation)
 
 
 class ClientSession:
@@ -67,12 +71,6 @@ def check_reply(reply: dict, rid: int) -> dict:
     if kind == "UsageError":
         raise UsageError(f"server refused: {error}")
     raise ProtocolError(f"server refused the request: {kind}: {error}")
-
-
-def _ints(item: object, n: int, where: str) -> list[int]:
-    if not (isinstance(item, list) and len(item) == n and all(isinstance(v, int) and v >= 0 for v in item)):
-        raise ProtocolError(f"{where}: expected {n} non-negative integers")
-    return item
 
 
 def check_hits(reply: dict, asked: int) -> bytes:
@@ -105,16 +103,17 @@ def all_hits(hits: list[Hit]) -> bool:
 
 
 def parse_grants(reply: dict, asked: int) -> list[Reservation]:
-    raw = wire.get_list(reply, "grants", asked)
-    if len(raw) != asked:
-        raise ProtocolError(f"{len(raw)} grants for {asked} keys")
-    out = []
-    for i, item in enumerate(raw):
-        if isinstance(item, list) and len(item) == 1:
-            out.append(Reservation(*_ints(item, 1, f"grants[{i}]")))
-        else:
-            out.append(Reservation(*_ints(item, 5, f"grants[{i}]")))
-    return out
+    """The reply's packed grants (`wire.GRANT`, one per key asked), unpacked in one C loop: every field is an
+    unsigned 64-bit integer by construction; the caller checks each status and capacity."""
+    raw = reply.get("grants")
+    if type(raw) is not bytes or len(raw) != asked * wire.GRANT.size:
+        raise ProtocolError(f"grants must be bytes of {asked} records of {wire.GRANT.size} bytes")
+    return list(map(_new_reservation, wire.GRANT.iter_unpack(raw)))
+
+
+def commit_fields(keys: list[bytes], generations: list[int]) -> dict:
+    """A commit's or abort's fields: the keys and the generation each was granted."""
+    return {"keys": wire.pack_keys(keys), "generations": wire.pack_u64s(generations)}
 
 
 def parse_results(reply: dict, asked: int) -> list[bool]:

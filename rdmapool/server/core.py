@@ -37,7 +37,7 @@ from rdmapool.policy import BlockInfo
 from rdmapool.policy import create as create_policy
 from rdmapool.server.lifecycle import SlotState
 from rdmapool.server.slots import NEVER, NO_HINT, BlockHint, Slot, SlotClass, plan_classes
-from rdmapool.server.wire import HIT
+from rdmapool.server.wire import GRANT, HIT
 from rdmapool.transport.base import RegionDescriptor
 
 #: how many leased victims the policy may name before an allocate gives up on a full class
@@ -46,6 +46,7 @@ EVICT_TRIES = 16
 HEAP_SLACK = 1024
 _MISS = bytes(HIT.size)  # a miss on the wire (generation 0)
 _wire = operator.attrgetter("wire")
+_first = operator.itemgetter(0)
 
 
 class AllocStatus(enum.IntEnum):
@@ -71,6 +72,12 @@ class SlotRef(NamedTuple):
 class Grant:
     status: AllocStatus
     slot: SlotRef | None = None
+
+
+_EXISTS, _TOO_BIG, _FULL = ((s, None) for s in (AllocStatus.EXISTS, AllocStatus.TOO_BIG, AllocStatus.FULL))
+#: a grant without a slot on the wire, and the counter each status adds to
+_NO_GRANT = {s: GRANT.pack(s.value, 0, 0, 0, 0) for s in AllocStatus}
+_ALLOC_COUNTER = {s: f"allocate_{s.name.lower()}" for s in AllocStatus}
 
 
 class TenantPool:
@@ -107,6 +114,7 @@ class PoolCore:
         self._reservations: list[tuple[float, int, str, Slot]] = []
         self._retired: list[tuple[float, int, str, Slot]] = []
         self._ttl: list[tuple[float, int, str, Slot]] = []
+        self._ttl_on = config.ttl_s is not None or config.idle_ttl_s is not None
         #: a deadline heap longer than this holds stale entries: it is rebuilt without them (`_push`)
         self._heap_limit = 2 * self.total_slots() + HEAP_SLACK
         self.counters: Counter[str] = Counter()
@@ -203,36 +211,59 @@ class PoolCore:
 
     def allocate(self, tenant: str, keys: Sequence[bytes], lengths: Sequence[int], now: float,
                  hints: Sequence[BlockHint] | None = None) -> list[Grant]:
-        self.flush_access()
+        """Reserve a slot per key (see the module docstring): one `Grant` per key, in order."""
         pool = self._pool(tenant)
-        hints = hints if hints is not None else [NO_HINT] * len(keys)
-        if not len(keys) == len(lengths) == len(hints):
+        return [Grant(status) if slot is None else Grant(status, pool.ref(slot))
+                for status, slot in self._allocate_all(pool, keys, lengths, now, hints)]
+
+    def allocate_wire(self, tenant: str, keys: Sequence[bytes], lengths: Sequence[int], now: float,
+                      hints: Sequence[BlockHint] | None = None) -> bytes:
+        """`allocate` packed as the protocol sends it (`wire.GRANT` records), with no object per grant."""
+        pool = self._pool(tenant)
+        base, rkey, pack = pool.region.addr, pool.region.rkey, GRANT.pack
+        return b"".join([_NO_GRANT[status] if slot is None else
+                         pack(0, base + slot.offset, rkey, slot.generation, slot.cls.layout.capacity)
+                         for status, slot in self._allocate_all(pool, keys, lengths, now, hints)])
+
+    def _allocate_all(self, pool: TenantPool, keys: Sequence[bytes], lengths: Sequence[int], now: float,
+                      hints: Sequence[BlockHint] | None) -> list[tuple[AllocStatus, Slot | None]]:
+        self.flush_access()
+        if len(keys) != len(lengths) or (hints is not None and len(hints) != len(keys)):
             raise UsageError("allocate needs one length (and one hint, if any) per key")
         self.sweep(now)
-        grants = []
-        for key, length, hint in zip(keys, lengths, hints, strict=True):
-            grant = self._allocate_one(pool, key, length, hint, now)
-            self.counters[f"allocate_{grant.status.name.lower()}"] += 1
-            grants.append(grant)
-        return grants
+        one = self._allocate_one
+        if hints is None:
+            out = [one(pool, key, length, NO_HINT, now) for key, length in zip(keys, lengths, strict=True)]
+        else:
+            out = [one(pool, key, length, hint, now) for key, length, hint in zip(keys, lengths, hints, strict=True)]
+        for status, count in Counter(map(_first, out)).items():
+            self.counters[_ALLOC_COUNTER[status]] += count
+        return out
 
     def commit(self, tenant: str, items: Sequence[tuple[bytes, int]], now: float) -> list[bool]:
         self.flush_access()
         pool = self._pool(tenant)
         self.sweep(now)
+        index, base, rkey, pack = pool.index, pool.region.addr, pool.region.rkey, HIT.pack
+        writing, resident = SlotState.WRITING, SlotState.RESIDENT
         results = []
         for key, generation in items:
-            slot = pool.index.get(key)
-            ok = (slot is not None and slot.state is SlotState.WRITING and slot.generation == generation
+            slot = index.get(key)
+            ok = (slot is not None and slot.state is writing and slot.generation == generation
                   and now < slot.deadline)
             if ok:
-                slot.move(SlotState.RESIDENT)
-                slot.wire = HIT.pack(pool.region.addr + slot.offset, pool.region.rkey, generation, slot.length)
+                slot.move(resident)
+                slot.wire = pack(base + slot.offset, rkey, generation, slot.length)
                 slot.committed_at = slot.last_access = now
                 slot.cls.policy.on_insert(_info(key, slot.length, slot.hint, tenant), now)
-                self._push_ttl(pool, slot, now)
-            self.counters["commits" if ok else "commit_rejected"] += 1
+                if self._ttl_on:
+                    self._push_ttl(pool, slot, now)
             results.append(ok)
+        stored = sum(results)
+        if stored:
+            self.counters["commits"] += stored
+        if stored < len(results):
+            self.counters["commit_rejected"] += len(results) - stored
         return results
 
     def abort(self, tenant: str, items: Sequence[tuple[bytes, int]], now: float) -> list[bool]:
@@ -298,16 +329,17 @@ class PoolCore:
         except KeyError:
             raise UsageError(f"unknown tenant {tenant!r}") from None
 
-    def _allocate_one(self, pool: TenantPool, key: bytes, length: int, hint: BlockHint, now: float) -> Grant:
+    def _allocate_one(self, pool: TenantPool, key: bytes, length: int, hint: BlockHint,
+                      now: float) -> tuple[AllocStatus, Slot | None]:
         if key in pool.index:
-            return Grant(AllocStatus.EXISTS)
+            return _EXISTS
         ci = pool.class_for(length)
         if ci is None:
-            return Grant(AllocStatus.TOO_BIG)
+            return _TOO_BIG
         cls = pool.classes[ci]
         slot = cls.take_free() or self._evict_for(pool, ci, _info(key, length, hint, pool.name), now)
         if slot is None:
-            return Grant(AllocStatus.FULL)
+            return _FULL
         slot.move(SlotState.WRITING)
         slot.generation = self._next_generation
         self._next_generation += 1
@@ -316,7 +348,7 @@ class PoolCore:
         slot.deadline = now + self.config.reservation_s
         pool.index[key] = slot
         self._push(self._reservations, (slot.deadline, slot.generation, pool.name, slot), SlotState.WRITING)
-        return Grant(AllocStatus.OK, pool.ref(slot))
+        return AllocStatus.OK, slot
 
     def _evict_for(self, pool: TenantPool, ci: int, info: BlockInfo, now: float) -> Slot | None:
         """Free one slot of class `ci` by evicting an unleased resident block, if the policy admits `info`."""

@@ -9,14 +9,17 @@ Any protocol violation (bad frame, bad field, unknown op, wrong version, bad tok
 moves the session to CLOSED; the driver then closes that socket. Nothing here touches a socket or a clock.
 
 Requests and replies (every request also has `v`, `id`, `op`; every reply `v`, `id`, `ok`). `keys` is always
-one binary string of 16 bytes per key (`wire.pack_keys`):
+one binary string of 16 bytes per key (`wire.pack_keys`); `lengths` and `generations` one of 8 bytes (a u64 LE)
+per key (`wire.pack_u64s`):
     hello     {token}                 -> {tenant, server_id, epoch, transport, peer_info, lease_s, max_keys,
                                           max_frame, size_classes}
     lookup    {keys, prefix=true}     -> {hits: bytes, 32 per hit: addr, rkey, generation, length as u64 LE;
                                           generation 0 marks a miss (prefix=false only)}
-    allocate  {keys, lengths, hints?} -> {grants: [[status] | [status, addr, rkey, generation, capacity], ...]}
-    commit    {items: [[key, gen]]}   -> {results: [bool, ...]}
-    abort     {items: [[key, gen]]}   -> {results: [bool, ...]}
+    allocate  {keys, lengths: bytes, hints?}
+                                      -> {grants: bytes, 40 per key: status, addr, rkey, generation, capacity
+                                          as u64 LE (all but the status 0 unless it is OK)}
+    commit    {keys, generations}     -> {results: [bool, ...]}
+    abort     {keys, generations}     -> {results: [bool, ...]}
     delete    {keys}                  -> {results: [bool, ...]}
     touch     {keys}                  -> {count}
     stats     {}                      -> {stats: {...}}
@@ -38,6 +41,7 @@ from rdmapool.server.slots import BlockHint
 
 log = logging.getLogger(__name__)
 
+_REFUSED = wire.GRANT.pack(AllocStatus.REFUSED.value, 0, 0, 0, 0)
 #: the `stats` op counts leased slots only up to this pool size (the metrics endpoint always counts them)
 LEASE_SCAN_MAX_SLOTS = 1 << 16
 
@@ -107,19 +111,11 @@ class Handler:
 
     def _allocate(self, tenant: str, msg: dict, now: float) -> dict:
         keys = self._keys(msg)
-        lengths = wire.get_list(msg, "lengths", self.config.max_keys)
-        if len(lengths) != len(keys):
-            raise ProtocolError("allocate: lengths must have one entry per key")
-        for i, n in enumerate(lengths):
-            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < wire.U64:
-                raise ProtocolError(f"lengths[{i}] must be a non-negative integer")
+        lengths = wire.get_u64s(msg, "lengths", len(keys))
         if self.write_gate is not None and not self.write_gate():
             self.core.counters["writes_refused"] += len(keys)
-            return {"grants": [[AllocStatus.REFUSED.value] for _ in keys]}
-        grants = self.core.allocate(tenant, keys, lengths, now, self._hints(msg, len(keys)))
-        return {"grants": [[g.status.value] if g.slot is None else
-                           [g.status.value, g.slot.addr, g.slot.rkey, g.slot.generation, g.slot.capacity]
-                           for g in grants]}
+            return {"grants": _REFUSED * len(keys)}
+        return {"grants": self.core.allocate_wire(tenant, keys, lengths, now, self._hints(msg, len(keys)))}
 
     def _hints(self, msg: dict, n: int) -> list[BlockHint] | None:
         """Optional per-key `hints: [[parent key | nil, depth, tokens], ...]` for the eviction policy."""
@@ -142,12 +138,14 @@ class Handler:
         return out
 
     def _commit(self, tenant: str, msg: dict, now: float) -> dict:
-        items = wire.get_key_generations(msg, "items", self.config.max_keys)
-        return {"results": self.core.commit(tenant, items, now)}
+        return {"results": self.core.commit(tenant, self._key_generations(msg), now)}
 
     def _abort(self, tenant: str, msg: dict, now: float) -> dict:
-        items = wire.get_key_generations(msg, "items", self.config.max_keys)
-        return {"results": self.core.abort(tenant, items, now)}
+        return {"results": self.core.abort(tenant, self._key_generations(msg), now)}
+
+    def _key_generations(self, msg: dict) -> list[tuple[bytes, int]]:
+        keys = self._keys(msg)
+        return list(zip(keys, wire.get_u64s(msg, "generations", len(keys)), strict=True))
 
     def _delete(self, tenant: str, msg: dict, now: float) -> dict:
         return {"results": self.core.delete(tenant, self._keys(msg), now)}

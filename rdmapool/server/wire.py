@@ -5,7 +5,9 @@ Theory of operation
 A frame is a 4-byte big-endian length N (1 <= N <= max_frame) followed by N bytes of msgpack holding one map.
 Requests carry `v` (protocol version), `id` (echoed in the reply) and `op`; replies carry `v`, `id`, `ok` and
 either the op's fields or `error` + `kind`. A list of keys travels as one binary string of 16 bytes per key
-(version 2; version 1 sent a list of binaries): no msgpack object per key, and checking it is one length test.
+(version 2; version 1 sent a list of binaries), and so do the per-key integers of the write path: allocate's
+lengths and grants, commit's and abort's generations (version 3): no msgpack object per key, and checking a
+field is one length test.
 A peer speaking another version gets an error naming both versions, and its connection is closed. msgpack is
 decoded with extension types refused and container sizes bounded by the frame; nothing is ever unpickled.
 Every field is checked by the `get_*` helpers below, which raise `ProtocolError` naming the field: a peer's
@@ -26,10 +28,13 @@ import msgpack
 from rdmapool.block import KEY_SIZE
 from rdmapool.errors import ProtocolError
 
-VERSION = 2
+VERSION = 3
 _LEN = struct.Struct(">I")
 #: one lookup hit on the wire: addr, rkey, generation, length (u64 little-endian each); generation 0 = miss
 HIT = struct.Struct("<QQQQ")
+#: one allocate grant on the wire: status, addr, rkey, generation, capacity (u64 little-endian each); every field
+#: but the status is 0 unless the status is OK
+GRANT = struct.Struct("<QQQQQ")
 U64 = 2**64
 
 
@@ -148,13 +153,24 @@ def get_keys(msg: dict, name: str, max_items: int) -> tuple[bytes, ...]:
     return unpack_keys(blob)
 
 
-def get_key_generations(msg: dict, name: str, max_items: int) -> list[tuple[bytes, int]]:
-    out = []
-    for i, item in enumerate(get_list(msg, name, max_items)):
-        if not (isinstance(item, list) and len(item) == 2):
-            raise ProtocolError(f"{name}[{i}] must be [key, generation]")
-        key, gen = item
-        if not isinstance(gen, int) or isinstance(gen, bool) or not 0 <= gen < U64:
-            raise ProtocolError(f"{name}[{i}]: generation must be a 64-bit unsigned integer")
-        out.append((check_key(key, f"{name}[{i}]"), gen))
-    return out
+@functools.lru_cache(maxsize=32)
+def _u64s_struct(n: int) -> struct.Struct:
+    return struct.Struct(f"<{n}Q")
+
+
+def pack_u64s(values: Sequence[int]) -> bytes:
+    """Unsigned 64-bit integers as the wire's one binary string (little-endian, 8 bytes each)."""
+    try:
+        return _u64s_struct(len(values)).pack(*values)
+    except struct.error:
+        raise ProtocolError("a per-key integer is not a 64-bit unsigned integer") from None
+
+
+def get_u64s(msg: dict, name: str, count: int) -> tuple[int, ...]:
+    """Field `name`: exactly `count` unsigned 64-bit integers packed by `pack_u64s` (one per key of the request),
+    unpacked in one C call."""
+    blob = msg.get(name)
+    if type(blob) is not bytes or len(blob) != 8 * count:
+        raise ProtocolError(f"field {name!r} must be binary of 8 bytes (a u64) per key: {count} keys, "
+                            f"got {len(blob) if type(blob) is bytes else type(blob).__name__}")
+    return _u64s_struct(count).unpack(blob)

@@ -13,7 +13,7 @@ from rdmapool import transport as transports
 from rdmapool.client import PoolClient, PutStatus
 from rdmapool.config import ClientConfig, ServerConfig, TenantConfig
 from rdmapool.errors import UsageError
-from rdmapool.server import MemoryServer
+from rdmapool.server import MemoryServer, wire
 from rdmapool.server.slots import stride_for
 from rdmapool.transport.base import Opcode, Transport, WorkRequest
 from tests.support.localmem import LocalTransport
@@ -457,7 +457,7 @@ def test_sent_requests_get_their_replies_even_with_a_call_in_between(server) -> 
     with make_client(server) as c:
         assert c.put([key(1)], [b"x" * 100]) == [PutStatus.STORED]
         conn = c._conn(c.router.servers[0])
-        ids = conn.send([("allocate", {"keys": key(2), "lengths": [100]})])
+        ids = conn.send([("allocate", {"keys": key(2), "lengths": wire.pack_u64s([100])})])
         assert conn.owes
         with pytest.raises(UsageError, match="receive"):
             conn.send([("stats", {})])
@@ -466,7 +466,7 @@ def test_sent_requests_get_their_replies_even_with_a_call_in_between(server) -> 
             parse_grants(stats, 1)
         (grant,) = parse_grants(conn.receive(ids)[0], 1)
         assert grant.status == AllocStatus.OK and not conn.owes
-        ids = conn.send([("allocate", {"keys": key(3), "lengths": [100]})])
+        ids = conn.send([("allocate", {"keys": key(3), "lengths": wire.pack_u64s([100])})])
         conn.abandon()  # giving up with a reply owed drops the connection
         assert not conn.connected and not conn.owes
         with pytest.raises(ServerUnavailable):
@@ -474,7 +474,7 @@ def test_sent_requests_get_their_replies_even_with_a_call_in_between(server) -> 
         assert c.get([key(1)], [bytearray(100)]) == [100]  # and the next call reconnects
         # a data endpoint failing while a reply is owed (an early commit, say): the connection goes, the reply
         # is read first and still received (a stress run once lost it, reporting stored blocks unavailable)
-        ids = conn.send([("allocate", {"keys": key(4), "lengths": [100]})])
+        ids = conn.send([("allocate", {"keys": key(4), "lengths": wire.pack_u64s([100])})])
         conn.drop_broken_data_path()
         assert not conn.connected and conn.owes
         (grant,) = parse_grants(conn.receive(ids)[0], 1)

@@ -32,7 +32,10 @@ requests = st.fixed_dictionaries(
      "op": st.sampled_from(OPS)},
     optional={"keys": st.lists(st.binary(min_size=15, max_size=17), max_size=4).map(b"".join)
                       | st.lists(st.binary(min_size=16, max_size=16), max_size=4) | msgpack_values,
-              "lengths": st.lists(st.integers(min_value=-1, max_value=2**64 - 1), max_size=4) | msgpack_values,
+              "lengths": st.lists(st.integers(min_value=0, max_value=2**64 - 1), max_size=4).map(wire.pack_u64s)
+                         | st.lists(st.integers(min_value=-1, max_value=2**64 - 1), max_size=4) | msgpack_values,
+              "generations": st.lists(st.integers(min_value=0, max_value=2**64 - 1), max_size=4).map(wire.pack_u64s)
+                             | msgpack_values,
               "items": msgpack_values, "prefix": msgpack_values, "token": msgpack_values,
               "request": msgpack_values,
               "hints": st.lists(st.tuples(st.none() | st.binary(min_size=16, max_size=16),

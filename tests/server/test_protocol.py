@@ -22,6 +22,15 @@ def frame(**fields) -> bytes:
     return wire.encode({"v": wire.VERSION, **fields})
 
 
+def u64s(*values: int) -> bytes:
+    return wire.pack_u64s(values)
+
+
+def grants(reply: dict) -> list[tuple[int, ...]]:
+    """An allocate reply's grants: (status, addr, rkey, generation, capacity) each."""
+    return list(wire.GRANT.iter_unpack(reply["grants"]))
+
+
 def replies(data: bytes) -> list[dict]:
     dec = wire.FrameDecoder(1 << 20)
     dec.feed(data)
@@ -57,9 +66,9 @@ def test_tenant_field_in_request_is_ignored(handler: Handler) -> None:
     sa, sb = ServerSession(handler), ServerSession(handler)
     hello(sa)
     hello(sb, "token-b-secret")
-    (r,) = replies(sa.receive(frame(id=2, op="allocate", keys=key(1), lengths=[10]), 0.0))
-    gen = r["grants"][0][3]
-    replies(sa.receive(frame(id=3, op="commit", items=[[key(1), gen]]), 0.0))
+    (r,) = replies(sa.receive(frame(id=2, op="allocate", keys=key(1), lengths=u64s(10)), 0.0))
+    gen = grants(r)[0][3]
+    replies(sa.receive(frame(id=3, op="commit", keys=key(1), generations=u64s(gen)), 0.0))
     (ra,) = replies(sa.receive(frame(id=4, op="lookup", keys=key(1), tenant="b"), 0.0))
     (rb,) = replies(sb.receive(frame(id=4, op="lookup", keys=key(1), tenant="a"), 0.0))
     assert len(ra["hits"]) == wire.HIT.size and rb["hits"] == b""
@@ -87,12 +96,18 @@ def test_pipelined_requests_in_one_chunk_and_split_frames(handler: Handler) -> N
         frame(id=2, op="lookup", keys="notbinary"),
         frame(id=2, op="lookup", keys=[key(1)]),  # version 1's list of keys
         frame(id=2, op="lookup", keys=key(1) + b"x"),
-        frame(id=2, op="allocate", keys=key(1), lengths=[-1]),
-        frame(id=2, op="allocate", keys=key(1), lengths=[1, 2]),
-        frame(id=2, op="commit", items=[[key(1)]]),
-        frame(id=2, op="allocate", keys=key(1), lengths=[1], hints=[[b"short", 0, 0]]),
-        frame(id=2, op="allocate", keys=key(1), lengths=[1], hints=[[None, -2, 0]]),
-        frame(id=2, op="allocate", keys=key(1), lengths=[1], hints=[]),
+        frame(id=2, op="allocate", keys=key(1), lengths=[1]),  # version 2's list of lengths
+        frame(id=2, op="allocate", keys=key(1), lengths=u64s(1, 2)),
+        frame(id=2, op="allocate", keys=key(1), lengths=u64s(1)[:7]),
+        frame(id=2, op="allocate", keys=key(1)),
+        frame(id=2, op="commit", items=[[key(1), 5]]),  # version 2's items
+        frame(id=2, op="commit", keys=key(1)),
+        frame(id=2, op="commit", keys=key(1), generations=u64s(5, 6)),
+        frame(id=2, op="abort", keys=key(1) * 2, generations=u64s(5)),
+        frame(id=2, op="abort", keys=key(1), generations=5),
+        frame(id=2, op="allocate", keys=key(1), lengths=u64s(1), hints=[[b"short", 0, 0]]),
+        frame(id=2, op="allocate", keys=key(1), lengths=u64s(1), hints=[[None, -2, 0]]),
+        frame(id=2, op="allocate", keys=key(1), lengths=u64s(1), hints=[]),
         frame(id=-1, op="stats"),
         wire.encode({"v": 99, "id": 1}),
         wire._LEN.pack(len(msgpack.packb({"v": wire.VERSION, "id": msgpack.ExtType(5, b"x")})))
@@ -118,8 +133,9 @@ def test_too_many_keys_refused(handler: Handler) -> None:
 def test_allocate_with_hints(handler: Handler) -> None:
     s = ServerSession(handler)
     hello(s)
-    (r,) = replies(s.receive(frame(id=2, op="allocate", keys=key(2), lengths=[5], hints=[[key(1), 1, 16]]), 0.0))
-    assert r["ok"] and r["grants"][0][0] == 0
+    (r,) = replies(s.receive(frame(id=2, op="allocate", keys=key(2), lengths=u64s(5), hints=[[key(1), 1, 16]]),
+                             0.0))
+    assert r["ok"] and grants(r)[0][0] == 0
     assert handler.core.tenants["a"].index[key(2)].hint.parent == key(1)
 
 
@@ -134,9 +150,10 @@ def test_keys_travel_as_one_blob(handler: Handler) -> None:
     s = ServerSession(handler)
     hello(s)
     keys = [key(i) for i in range(3)]
-    (r,) = replies(s.receive(frame(id=2, op="allocate", keys=wire.pack_keys(keys), lengths=[1, 2, 3]), 0.0))
-    items = [[k, g[3]] for k, g in zip(keys, r["grants"], strict=True)]
-    (r,) = replies(s.receive(frame(id=3, op="commit", items=items), 0.0))
+    (r,) = replies(s.receive(frame(id=2, op="allocate", keys=wire.pack_keys(keys), lengths=u64s(1, 2, 3)), 0.0))
+    items = [[k, g[3]] for k, g in zip(keys, grants(r), strict=True)]
+    (r,) = replies(s.receive(frame(id=3, op="commit", keys=wire.pack_keys(keys),
+                                   generations=u64s(*(g for _, g in items))), 0.0))
     assert r["results"] == [True] * 3
     (r,) = replies(s.receive(frame(id=4, op="lookup", keys=wire.pack_keys([keys[0], key(9), keys[2]]),
                                    prefix=False), 0.0))

@@ -34,8 +34,8 @@ def session(handler: Handler, tenant: str) -> ServerSession:
 
 def test_stats_shows_only_the_asking_tenant(handler: Handler) -> None:
     a, b = session(handler, "alpha"), session(handler, "bravo")
-    (grant,) = call(b, 2, "allocate", keys=key(1), lengths=[10])[0]["grants"]
-    call(b, 3, "commit", items=[[key(1), grant[3]]])
+    (grant,) = wire.GRANT.iter_unpack(call(b, 2, "allocate", keys=key(1), lengths=wire.pack_u64s([10]))[0]["grants"])
+    call(b, 3, "commit", keys=key(1), generations=wire.pack_u64s([grant[3]]))
     stats, raw = call(a, 4, "stats")
     assert list(stats["stats"]["tenants"]) == ["alpha"] and b"bravo" not in raw
     assert stats["stats"]["tenants"]["alpha"]["classes"][0]["resident"] == 0
@@ -47,8 +47,8 @@ def test_stats_shows_only_the_asking_tenant(handler: Handler) -> None:
 
 def test_stats_counts_leases_of_the_tenants_own_slots(handler: Handler) -> None:
     a = session(handler, "alpha")
-    (grant,) = call(a, 2, "allocate", keys=key(1), lengths=[10])[0]["grants"]
-    call(a, 3, "commit", items=[[key(1), grant[3]]])
+    (grant,) = wire.GRANT.iter_unpack(call(a, 2, "allocate", keys=key(1), lengths=wire.pack_u64s([10]))[0]["grants"])
+    call(a, 3, "commit", keys=key(1), generations=wire.pack_u64s([grant[3]]))
     call(a, 4, "lookup", keys=key(1))
     (cls,) = call(a, 5, "stats")[0]["stats"]["tenants"]["alpha"]["classes"]
     assert cls["leased"] == 1

@@ -18,6 +18,7 @@ from rdmapool import block
 from rdmapool.client import PoolClient
 from rdmapool.client.protocol import parse_grants
 from rdmapool.config import ClientConfig
+from rdmapool.server import wire
 from rdmapool.transport.base import Opcode, WorkRequest
 
 
@@ -35,7 +36,7 @@ def main() -> None:
         return
     conn = client._conn(client.router.servers[0])
     if mode == "hang-write":
-        (grant,) = parse_grants(conn.call("allocate", keys=key, lengths=[50_000]), 1)
+        (grant,) = parse_grants(conn.call("allocate", keys=key, lengths=wire.pack_u64s([50_000])), 1)
         data = bytearray(block.encode_block(key, grant.generation, b"w" * 50_000))
         staging = client.transport.allocate(len(data))
         staging.view[: len(data) // 2] = data[: len(data) // 2]
