@@ -24,7 +24,7 @@ import enum
 import functools
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
@@ -354,8 +354,8 @@ class PoolClient:
                     for i, status in zip(part, statuses, strict=True):
                         out[i] = status
                     staging.trim()
-            for status in out:
-                self.counters.add(f"put_{status.value}")
+            for status, n in Counter(out).items():
+                self.counters.add(f"put_{status.value}", n)
         return out
 
     def _put_all(self, keys: list[bytes], sources: list, wire_hints: list | None, out: list[PutStatus],
@@ -518,10 +518,13 @@ class PoolClient:
     def _committed(self, reply: dict, commits: list[int], lengths: list[int], idx: list[int],
                    out: list[PutStatus]) -> None:
         """Put statuses from a commit reply."""
+        written = 0
         for j, ok in zip(commits, parse_results(reply, len(commits)), strict=True):
             out[idx[j]] = PutStatus.STORED if ok else PutStatus.FAILED
             if ok:
-                self.counters.add("bytes_written", lengths[j])
+                written += lengths[j]
+        if written:
+            self.counters.add("bytes_written", written)
 
     # ---- lookup -----------------------------------------------------------------------------------------
     def lookup_prefix(self, keys: Sequence[bytes]) -> LookupResult:
