@@ -233,6 +233,8 @@ class PoolClient:
                     self._registry.regions.append(region)  # deregistered on close (`Registry.find` skips it)
                     return region
                 buffer = tensors.host_bytes(buffer, "the tensor to register")
+            elif _holds_objects(buffer):
+                raise UsageError(_OBJECTS.format("the buffer to register"))
             region = self.transport.register(buffer, Access.ALL)
             self._registry.regions.append(region)
             return region
@@ -262,6 +264,8 @@ class PoolClient:
                              f"{type(buf).__name__}") from None
         if not view.c_contiguous:
             raise UsageError(f"buffer {i} is not C-contiguous: a block is one contiguous run of bytes")
+        if "O" in view.format:
+            raise UsageError(_OBJECTS.format(f"buffer {i}"))
         if call == "get" and view.readonly:
             raise UsageError(f"get needs writable buffers; buffer {i} is read-only")
         return view.cast("B")
@@ -717,6 +721,19 @@ class PoolClient:
 
 def _commit_fields(positions: list[int], keys: list[bytes], grants: dict) -> dict:
     return commit_fields([keys[j] for j in positions], [grants[j].generation for j in positions])
+
+
+_OBJECTS = ("{} holds Python objects (an object dtype): its bytes are pointers into this process, meaningless in "
+            "the pool and unsafe to overwrite; pass numeric data")
+
+
+def _holds_objects(buffer: object) -> bool:
+    """A buffer of Python object pointers, such as a numpy array of dtype object."""
+    try:
+        with memoryview(buffer) as view:  # type: ignore[arg-type]
+            return "O" in view.format
+    except TypeError:
+        return False  # not a buffer at all: the transport's register says so
 
 
 def _allocation_chunks(lengths: list[int]) -> list[tuple[int, int]]:

@@ -66,6 +66,14 @@ def test_bad_tensors_are_refused_by_name(server) -> None:  # noqa: F811
             c.put([key(3)], ["text"])
         with pytest.raises(UsageError, match="read-only"):
             c.get([key(1)], [bytes(400)])
+        # an object array's bytes are pointers: storing them is meaningless, overwriting them crashed the process
+        objects = np.array([object()] * 50)
+        with pytest.raises(UsageError, match="buffer 0 holds Python objects"):
+            c.get([key(1)], [objects])
+        with pytest.raises(UsageError, match="buffer 1 holds Python objects"):
+            c.put([key(4), key(5)], [bytes(8), np.zeros(2, dtype=[("a", "O"), ("b", "i4")])])
+        with pytest.raises(UsageError, match="the buffer to register holds Python objects"):
+            c.register(objects)
         out = torch.zeros(10, 10)
         assert c.get([key(1)], [out]) == [400] and torch.equal(out, grid)  # nothing refused broke the client
 
