@@ -28,6 +28,14 @@ def parse_size(value: int | str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2)]
 
 
+def format_size(n: int) -> str:
+    """Bytes as the largest binary unit that divides them exactly: 4194304 -> "4MiB", 1000 -> "1000B"."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return f"{n}B"
+
+
 def parse_hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
     host, sep, port = str(value).rpartition(":")
     if not sep:

@@ -98,10 +98,15 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
     if args.size_classes is not None and not args.size_classes.strip():
         raise UsageError("--size-classes is empty: give sizes like 64KiB,1MiB,32MiB (or leave it out for defaults)")
     classes = tuple(parse_size(s) for s in args.size_classes.split(",")) if args.size_classes else None
+    if args.data_port is not None and args.transport != "tcp":
+        raise UsageError(f"--data-port is the tcp transport's data engine port; transport {args.transport!r} has none")
+    if args.data_port is not None and not 0 <= args.data_port < 65536:
+        raise UsageError(f"--data-port must be a port number 0..65535, got {args.data_port}")
     return ServerConfig(
         tenants=_tenants(args), host=host, port=port, advertise=advertise, transport=args.transport,
         # the tcp data engine listens where the control port does (else peers on other hosts cannot reach it)
-        transport_options={"host": host, "advertise": advertise} if args.transport == "tcp" else {},
+        transport_options={"host": host, "advertise": advertise, **({"port": args.data_port} if args.data_port else {})}
+        if args.transport == "tcp" else {},
         **({"size_classes": classes} if classes else {}),
         lease_s=args.lease_s, grace_s=args.grace_s, reservation_s=args.reservation_s, ttl_s=args.ttl_s,
         idle_ttl_s=args.idle_ttl_s, idle_timeout_s=args.idle_timeout_s, hello_timeout_s=args.hello_timeout_s, policy=args.policy, policy_options=_policy_options(args.policy_option or []),
@@ -127,11 +132,16 @@ def run(args: argparse.Namespace) -> int:
             agent = start_from_args(server, args)
         print(json.dumps({"ready": True, "address": server.address, **info.to_dict(),
                           "member_id": agent.session.record.id if agent else None}), flush=True)
+        # SIGUSR1: drain (the map moves this server's shards away), then leave. A server outside a cluster has
+        # nothing to drain to: it stops as on SIGTERM, saying why (the signal's default action would kill it)
         drain = threading.Event()
-        if agent is not None:  # SIGUSR1: drain (the map moves this server's shards away), then leave
-            signal.signal(signal.SIGUSR1, lambda *_: drain.set())
+        signal.signal(signal.SIGUSR1, lambda *_: drain.set())
         while not stop.wait(1.0 if agent is None else 0.1):
             if server.failure is not None:
+                break
+            if agent is None and drain.is_set():
+                print("rdmapool server: SIGUSR1 drains a server out of its cluster; this one has none (no --etcd): "
+                      "stopping", file=sys.stderr, flush=True)
                 break
             if agent is not None:
                 for kind, detail in agent.session.take_events():
@@ -163,6 +173,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--advertise", metavar="HOST", help="the host clients are told to connect to (default: the "
                    "--listen host; for 0.0.0.0, this host's address on its default route)")
     p.add_argument("--transport", default="tcp", help="one-sided transport: tcp, shm, verbs")
+    p.add_argument("--data-port", type=int, metavar="PORT",
+                   help="tcp: the port its data engine listens on, on the --listen host (0 or unset: any free port, "
+                   "which clients learn in hello; set it where a firewall must name the port)")
     p.add_argument("--tenant", action="append", metavar="NAME:TOKEN:QUOTA", help="a tenant (repeatable)")
     p.add_argument("--tenants-file", help="TOML file with [tenants.NAME] token = ..., quota = ...")
     p.add_argument("--size-classes", help="comma-separated slot payload sizes, e.g. 64KiB,1MiB,32MiB")

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from rdmapool.config import WILDCARD_HOSTS, ServerConfig, advertised_host
+from rdmapool.config import WILDCARD_HOSTS, ServerConfig, advertised_host, format_size
 from rdmapool.errors import UsageError
 from rdmapool.server.core import PoolCore
 from rdmapool.server.protocol import Handler, ServerInfo, ServerSession, SessionState
@@ -128,6 +128,8 @@ class MemoryServer:
                 self._transport = transports.create(cfg.transport, **options)
             except OSError as exc:
                 where = f" on {cfg.transport_options['host']}" if "host" in cfg.transport_options else ""
+                if cfg.transport_options.get("port"):
+                    where += f" port {cfg.transport_options['port']}"
                 raise UsageError(f"cannot start the {cfg.transport} transport{where}: {exc.strerror or exc}") from None
         for tenant in cfg.tenants:
             if cfg.memory == "cuda":
@@ -147,9 +149,10 @@ class MemoryServer:
         for name, pool in self.core.tenants.items():
             dropped = [c for c in cfg.size_classes if c not in {k.layout.capacity for k in pool.classes}]
             if dropped:
-                log.warning("tenant %s: size classes %s get no slot in its %d-byte quota (split %d ways); blocks of "
+                log.warning("tenant %s: size classes %s get no slot in its %s quota (split %d ways); blocks of "
                             "those sizes are refused as too big or go to a larger class", name,
-                            ",".join(map(str, dropped)), pool.region.length, len(cfg.size_classes))
+                            ",".join(map(format_size, dropped)), format_size(pool.region.length),
+                            len(cfg.size_classes))
         self.core.defer_access = True  # replies first, eviction-policy bookkeeping after (flushed in _loop)
         # one Slot record per slot lives as long as the server: keep them out of the cyclic GC's full scans,
         # which otherwise pause the loop for tens of ms on a pool of a million slots (lookup p99)

@@ -8,6 +8,7 @@ import pytest
 from rdmapool.cli import build_parser
 from rdmapool.commands.server import build_config
 from rdmapool.errors import UsageError
+from tests.support import procs
 
 
 def parse(*argv: str):
@@ -156,6 +157,8 @@ def test_a_server_listening_everywhere_tells_clients_the_advertised_address() ->
         (["--etcd", "127.0.0.1:2379", "--member-ttl", "0"], "--member-ttl must be >= 2"),
         (["--etcd", "127.0.0.1:2379", "--capacity", "abc"], "cannot read size"),
         (["--size-classes", ""], "--size-classes is empty"),
+        (["--transport", "shm", "--data-port", "7401"], "transport 'shm' has none"),
+        (["--data-port", "70000"], "--data-port must be a port number"),
         (["--listen", "no-such-host.invalid:0"], "does not resolve to an IPv4 address"),
     ],
 )
@@ -163,6 +166,20 @@ def test_flags_that_cannot_apply_are_refused(argv: list[str], message: str, monk
     monkeypatch.delenv("RDMAPOOL_TENANTS", raising=False)
     with pytest.raises(UsageError, match=message):
         build_config(parse("--tenant", "a:token-123456:1MiB", *argv))
+
+
+def test_the_tcp_data_port_can_be_fixed() -> None:
+    """--data-port: the tcp data engine listens there (a firewall can name it), and clients learn it in hello."""
+    srv = procs.start("tcp", "8MiB", "127.0.0.1:0", "--data-port", "0")
+    try:
+        free = srv.info["peer_info"]["port"]
+    finally:
+        procs.stop(srv)
+    srv = procs.start("tcp", "8MiB", "127.0.0.1:0", "--data-port", str(free))
+    try:
+        assert srv.info["peer_info"]["port"] == free
+    finally:
+        procs.stop(srv)
 
 
 def test_a_host_name_listens_on_its_address(monkeypatch) -> None:
@@ -181,7 +198,7 @@ def test_a_size_class_that_gets_no_slot_is_reported(caplog) -> None:
                        transport="tcp")
     with caplog.at_level(logging.WARNING, logger="rdmapool.server.driver"), MemoryServer(cfg) as srv:
         assert [c.layout.capacity for c in srv.core.tenants["a"].classes] == [64 << 10]
-    assert f"tenant a: size classes {32 << 20} get no slot in its {4 << 20}-byte quota" in caplog.text
+    assert "tenant a: size classes 32MiB get no slot in its 4MiB quota" in caplog.text
 
 
 def test_an_in_process_server_listening_everywhere_advertises_a_real_address() -> None:

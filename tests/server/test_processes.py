@@ -322,3 +322,16 @@ def test_ttl_expires_blocks_end_to_end() -> None:
         time.sleep(0.8)
         assert c.get([key(1)], [bytearray(16)]) == [None]
         assert fetch(ServerAddress.parse(srv.address), procs.TOKENS["a"])["counters"]["expired_ttl"] == 1
+
+
+def test_sigusr1_stops_a_server_outside_a_cluster_cleanly() -> None:
+    """SIGUSR1 drains a cluster member; a server without --etcd has nothing to drain to and stops as on SIGTERM,
+    saying why, instead of dying by the signal's default action."""
+    srv = procs.start("tcp")
+    try:
+        srv.proc.send_signal(signal.SIGUSR1)
+        assert srv.proc.wait(10) == 0
+        err = srv.proc.stderr.read()
+        assert "no --etcd" in err and '"stopped": true' in err
+    finally:
+        procs.stop(srv)
