@@ -82,14 +82,31 @@ class Expected:
 def check_key(key: object) -> bytes:
     if type(key) is bytes and len(key) == KEY_SIZE:  # the common case, kept cheap: runs once per key
         return key
-    if not isinstance(key, bytes | bytearray) or len(key) != KEY_SIZE:
-        raise UsageError(f"a key is exactly {KEY_SIZE} bytes, got {type(key).__name__} of {len(key) if hasattr(key, '__len__') else '?'}")
+    if not isinstance(key, bytes | bytearray):
+        raise UsageError(f"a key is {KEY_SIZE} bytes as bytes or bytearray, got {type(key).__name__}"
+                         + (" (convert it with bytes(...))" if _is_buffer(key) else ""))
+    if len(key) != KEY_SIZE:
+        raise UsageError(f"a key is exactly {KEY_SIZE} bytes, got {type(key).__name__} of {len(key)}")
     return bytes(key)
+
+
+def _is_buffer(value: object) -> bool:
+    try:
+        memoryview(value)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return True
 
 
 def check_keys(keys: object) -> list[bytes]:
     """`check_key` of each, as a new list; the all-valid case runs as C loops (lookups pass 512 keys)."""
-    keys = list(keys)  # type: ignore[call-overload]
+    if isinstance(keys, bytes | bytearray | memoryview | str):
+        raise UsageError(f"keys must be a sequence of {KEY_SIZE}-byte keys, got one {type(keys).__name__}: "
+                         "wrap a single key in a list")
+    try:
+        keys = list(keys)  # type: ignore[call-overload]
+    except TypeError:
+        raise UsageError(f"keys must be a sequence of {KEY_SIZE}-byte keys, got {type(keys).__name__}") from None
     if set(map(type, keys)) <= {bytes} and set(map(len, keys)) <= {KEY_SIZE}:
         return keys
     return [check_key(k) for k in keys]

@@ -63,6 +63,7 @@ from rdmapool.server import wire
 from rdmapool.server.core import AllocStatus
 from rdmapool.server.slots import BlockHint
 from rdmapool.server.wire import HIT
+from rdmapool.transport import BACKENDS
 from rdmapool.transport.base import Access, MemoryKind, MemoryRegion, Transport
 
 #: errors that make a server's keys misses instead of failing the caller
@@ -192,6 +193,10 @@ class PoolClient:
     def __init__(self, servers: Sequence[ServerAddress | str] | Router, config: ClientConfig,
                  transport: Transport | None = None, transport_name: str | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        if isinstance(servers, str):
+            raise UsageError(f"servers must be a list of HOST:PORT addresses, got one str: write [{servers!r}]")
+        if transport is None and transport_name is not None and transport_name not in BACKENDS:
+            raise UsageError(f"unknown transport {transport_name!r}; choose one of {', '.join(BACKENDS)}")
         if isinstance(servers, Sequence):
             servers = RendezvousRouter([s if isinstance(s, ServerAddress) else ServerAddress.parse(s) for s in servers])
         self.router: Router = servers
@@ -209,6 +214,7 @@ class PoolClient:
         self._staging: tensors.DeviceStaging | None = None  # made when the first unregistered CUDA tensor comes
         self.hasher = Hasher(config.hash_threads)
         self._lock = threading.RLock()
+        self._closed = False
 
     # ---- memory -----------------------------------------------------------------------------------------
     @property
@@ -224,6 +230,8 @@ class PoolClient:
         tensor where the transport can register GPU memory (shm, verbs with GPUDirect; tcp cannot, and says so).
         Tensors inside it (views, slices) then move in place."""
         with self._lock:
+            if self._closed:
+                raise UsageError("this PoolClient is closed: make a new one")
             if tensors.is_tensor(buffer):
                 tensors.check_dense(buffer, "the tensor to register")
                 if buffer.device.type == "cuda":
@@ -298,6 +306,8 @@ class PoolClient:
     def _conn(self, addr: ServerAddress) -> ServerConnection:
         conn = self._conns.get(addr)
         if conn is None:
+            if self._closed:  # (a closed client has no connections: every call after close comes here)
+                raise UsageError("this PoolClient is closed: make a new one")
             conn = self._conns[addr] = ServerConnection(addr, self.config, self._transport_for, self.clock)
         return conn
 
@@ -692,7 +702,10 @@ class PoolClient:
         return stats
 
     def close(self) -> None:
+        """Close connections, the transport (if this client made it) and its memory. Idempotent; any later call
+        raises UsageError rather than quietly opening it all again."""
         with self._lock:
+            self._closed = True
             for conn in self._conns.values():
                 conn.close()
             self._conns.clear()

@@ -480,3 +480,34 @@ def test_sent_requests_get_their_replies_even_with_a_call_in_between(server) -> 
         (grant,) = parse_grants(conn.receive(ids)[0], 1)
         assert grant.status == AllocStatus.OK and not conn.owes
         assert c.get([key(1)], [bytearray(100)]) == [100]
+
+
+def test_common_mistakes_are_named(server) -> None:
+    """What a new user gets wrong first gets an error that says what to do, not a misleading one."""
+    cfg = ClientConfig(token=TOKENS["a"])
+    with pytest.raises(UsageError, match=r"list of HOST:PORT addresses, got one str: write \['127"):
+        PoolClient(server.address, cfg)  # a str is a Sequence: its characters were taken as addresses
+    with pytest.raises(UsageError, match="unknown transport 'tpc'; choose one of tcp, shm, verbs"):
+        PoolClient([server.address], cfg, transport_name="tpc")  # was: every call a miss, with a log line
+    with make_client(server) as c:
+        with pytest.raises(UsageError, match="got one bytes: wrap a single key in a list"):
+            c.get(key(1), [bytearray(8)])
+        with pytest.raises(UsageError, match="got int"):
+            c.lookup_prefix(5)
+        with pytest.raises(UsageError, match=r"as bytes or bytearray, got memoryview \(convert it with bytes"):
+            c.put([memoryview(key(1))], [b"x"])
+        with pytest.raises(UsageError, match="exactly 16 bytes, got bytes of 15"):
+            c.put([key(1)[:15]], [b"x"])
+        assert c.put([bytearray(key(1))], [b"x"]) == [PutStatus.STORED]
+
+
+def test_a_closed_client_refuses_calls(server) -> None:
+    """After close, calls raise instead of quietly reconnecting (and remaking what close released)."""
+    c = make_client(server)
+    assert c.put([key(1)], [b"x"]) == [PutStatus.STORED]
+    c.close()
+    for call in (lambda: c.get([key(1)], [bytearray(8)]), lambda: c.put([key(2)], [b"y"]),
+                 lambda: c.lookup_prefix([key(1)]), lambda: c.delete([key(1)]), lambda: c.register(bytearray(64))):
+        with pytest.raises(UsageError, match="PoolClient is closed"):
+            call()
+    c.close()  # idempotent
