@@ -21,6 +21,7 @@ generation, checksum), so a replica that is stale, moved or half-written yields 
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
@@ -30,7 +31,7 @@ from rdmapool.client.client import BlockRef, PoolClient, PutStatus
 from rdmapool.cluster.router import ShardRouter
 from rdmapool.cluster.shardmap import key_hash
 from rdmapool.config import ClientConfig, ServerAddress
-from rdmapool.errors import UsageError
+from rdmapool.errors import ServerUnavailable, UsageError
 from rdmapool.transport.base import Transport
 
 _RANK = {PutStatus.STORED: 0, PutStatus.EXISTS: 1, PutStatus.FULL: 2, PutStatus.TOO_BIG: 3, PutStatus.FAILED: 4,
@@ -140,6 +141,40 @@ class ReplicatedPoolClient(PoolClient):
         self._failed: set[ServerAddress] = set()
         self._last_refs: list[BlockRef | None] = []
         self._plan: tuple[Sequence[ServerAddress], dict[bytes, tuple[int, ...]]] | None = None
+        self._owned_router: ShardRouter | None = None  # made by `from_etcd`: stopped by `close`
+
+    @classmethod
+    def from_etcd(cls, etcd: Sequence[str], config: ClientConfig, cluster: str = "default",
+                  transport_name: str = "tcp", min_servers: int = 1, timeout: float = 30.0) -> ReplicatedPoolClient:
+        """The usual way in: mirror cluster `cluster`'s membership and shard map from the etcd endpoints (waiting,
+        at most `timeout` s, until the map names at least `min_servers` servers) and route by them. `close()`
+        also stops the mirrors."""
+        from rdmapool.cluster.gateway import GatewayEtcd
+        from rdmapool.cluster.keys import ClusterKeys
+
+        if isinstance(etcd, str):
+            raise UsageError(f"etcd must be a list of endpoints, got one str: write [{etcd!r}]")
+        router = ShardRouter(GatewayEtcd(list(etcd)), ClusterKeys(cluster)).start(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            smap = router.shard_map
+            if smap is not None and len(smap.servers) >= min_servers:
+                break
+            if time.monotonic() >= deadline:
+                router.stop()
+                raise ServerUnavailable(f"cluster {cluster!r}: the shard map in etcd did not name {min_servers} "
+                                        f"server(s) within {timeout:g} s (are the servers started with --etcd "
+                                        f"and --cluster {cluster}?)")
+            time.sleep(0.05)
+        client = cls(ClusterRouter(router), config, transport_name=transport_name)
+        client._owned_router = router
+        return client
+
+    def close(self) -> None:
+        super().close()
+        router, self._owned_router = self._owned_router, None
+        if router is not None:
+            router.stop()
 
     # -- the seam: PoolClient batches keys per server through _groups ------------------------------------
     def _groups(self, keys: Sequence[bytes]) -> dict[ServerAddress, list[int]]:

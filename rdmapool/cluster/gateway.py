@@ -155,8 +155,7 @@ class GatewayEtcd(Etcd):
                     self._current = idx
                     return resp
             if time.monotonic() >= deadline:
-                raise EtcdUnavailable(f"no etcd endpoint of {self.endpoints} answered {path}: "
-                                      f"{type(last).__name__}: {last}")
+                raise EtcdUnavailable(f"no etcd endpoint of {self.endpoints} answered {path}: {_why(last)}")
             time.sleep(0.05)
 
     # -- KV -----------------------------------------------------------------------------------------------
@@ -338,3 +337,14 @@ class _GatewayWatch(WatchStream):
                     sock.shutdown(socket.SHUT_RDWR)
             resp.close()
         self._session.close()
+
+
+def _why(exc: Exception | None) -> str:
+    """What went wrong, for a person: etcd3gw's connection errors carry no text of their own, only a cause."""
+    if exc is None:
+        return "no attempt finished"
+    text = str(exc)
+    cause = exc.__cause__ or exc.__context__
+    while not text and cause is not None:  # the innermost words: requests' "Connection refused", say
+        text, cause = str(cause), cause.__cause__ or cause.__context__
+    return f"{type(exc).__name__}: {text or 'no detail given'}"

@@ -19,10 +19,12 @@ import threading
 import tomllib
 
 from rdmapool.config import (
+    DEFAULT_SIZE_CLASSES,
     WILDCARD_HOSTS,
     ServerConfig,
     TenantConfig,
     advertised_host,
+    format_size,
     parse_hostport,
     parse_size,
 )
@@ -163,9 +165,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one to show and the help text does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, "", False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("server", help="start a memory server (serves until SIGINT/SIGTERM)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=_DefaultsShown,
                        description="Start a memory server. Tenants (NAME:TOKEN:QUOTA) come from --tenant, "
                        "--tenants-file or the RDMAPOOL_TENANTS environment variable (comma-separated; keeps tokens "
                        "out of ps). Prints one JSON line when ready; serves until SIGINT/SIGTERM.")
@@ -178,7 +189,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "which clients learn in hello; set it where a firewall must name the port)")
     p.add_argument("--tenant", action="append", metavar="NAME:TOKEN:QUOTA", help="a tenant (repeatable)")
     p.add_argument("--tenants-file", help="TOML file with [tenants.NAME] token = ..., quota = ...")
-    p.add_argument("--size-classes", help="comma-separated slot payload sizes, e.g. 64KiB,1MiB,32MiB")
+    p.add_argument("--size-classes", help="comma-separated slot payload sizes (default: "
+                   f"{','.join(map(format_size, DEFAULT_SIZE_CLASSES))})")
     p.add_argument("--lease-s", type=float, default=10.0, help="read lease per lookup hit (s)")
     p.add_argument("--grace-s", type=float, default=1.0, help="wait after the last lease before reuse (s)")
     p.add_argument("--reservation-s", type=float, default=10.0, help="time to commit an allocated slot (s)")

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(stats), flush=True)
         else:
-            if not args.once:
+            if not args.once and sys.stdout.isatty():  # a terminal redraws; a pipe or file gets one table after another
                 sys.stdout.write("\x1b[2J\x1b[H")
             print(render(stats, previous, args.interval), flush=True)
         if args.once:

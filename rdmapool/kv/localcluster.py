@@ -156,30 +156,12 @@ def connect(spec: PoolSpec, staging_bytes: int = 64 << 20, timeout: float = 30.0
         from rdmapool.client import PoolClient
 
         return PoolClient(list(spec.addresses), cfg, transport_name=spec.transport)
-    from rdmapool.cluster.client import ClusterRouter, ReplicatedPoolClient
-    from rdmapool.cluster.gateway import GatewayEtcd
-    from rdmapool.cluster.keys import ClusterKeys
-    from rdmapool.cluster.router import ShardRouter
+    from rdmapool.cluster.client import ReplicatedPoolClient
 
-    router = ShardRouter(GatewayEtcd(list(spec.etcd)), ClusterKeys(spec.cluster)).start(timeout)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        smap = router.shard_map
-        if smap is not None and len(smap.servers) >= spec.servers:
-            break
-        time.sleep(0.05)
-    else:
-        router.stop()
-        raise ServerUnavailable(f"the shard map did not name {spec.servers} servers within {timeout:.0f}s")
-    client = ReplicatedPoolClient(ClusterRouter(router), cfg, transport_name=spec.transport)
-    client.shard_router = router  # stopped by close_client
-    return client
+    return ReplicatedPoolClient.from_etcd(spec.etcd, cfg, spec.cluster, spec.transport, spec.servers, timeout)
 
 
 def close_client(client) -> None:
+    """Close a client from `connect` (a routed one stops its etcd mirrors too), whatever state it is in."""
     with contextlib.suppress(Exception):
         client.close()
-    router = getattr(client, "shard_router", None)
-    if router is not None:
-        with contextlib.suppress(Exception):
-            router.stop()

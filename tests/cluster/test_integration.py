@@ -17,6 +17,7 @@ from rdmapool.cluster.gateway import GatewayEtcd
 from rdmapool.cluster.local_etcd import LocalEtcd
 from rdmapool.cluster.router import ShardRouter
 from rdmapool.config import ClientConfig
+from rdmapool.errors import ServerUnavailable
 from tests.support import procs
 from tests.support.wait import wait_for
 
@@ -102,6 +103,28 @@ def test_replicated_writes_failover_and_convergence(etcd1: LocalEtcd, keys) -> N
         for s in servers:
             procs.stop(s)
         etcd.close()
+
+
+def test_a_client_from_etcd_routes_by_the_map_and_stops_its_mirrors_on_close(etcd1: LocalEtcd, keys) -> None:
+    """`ReplicatedPoolClient.from_etcd`: one call waits for the map, routes by it; close stops the mirrors."""
+    with pytest.raises(ServerUnavailable, match="did not name 1 server"):
+        ReplicatedPoolClient.from_etcd(etcd1.endpoints, config(), keys.cluster, timeout=0.5)
+    servers = start_servers(etcd1.endpoints, keys.cluster, 2)
+    before = threading.active_count()
+    client = ReplicatedPoolClient.from_etcd(etcd1.endpoints, config(), keys.cluster, min_servers=2, timeout=15.0)
+    try:
+        assert threading.active_count() > before  # the membership and map mirrors
+        ks = [os.urandom(16) for _ in range(8)]
+        assert client.put(ks, [k * 8 for k in ks]) == [PutStatus.STORED] * len(ks)
+        bufs = [bytearray(128) for _ in ks]
+        assert client.get(ks, bufs) == [128] * len(ks) and all(b == k * 8 for b, k in zip(bufs, ks, strict=True))
+        where = holders(servers, ks, 128)
+        assert all(where[k] == set(client.cluster_router.shard_router.shard_map.replicas_for(k)) for k in ks)
+    finally:
+        client.close()
+        for s in servers:
+            procs.stop(s)
+    assert wait_for(lambda: threading.active_count() <= before, 5.0), "close left the mirrors running"
 
 
 def test_server_without_etcd_refuses_writes(keys) -> None:
