@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from rdmapool.config import ClientConfig, ServerAddress
+from rdmapool.config import ClientConfig, ServerAddress, format_size
 from rdmapool.errors import UsageError
 
 
@@ -41,14 +41,14 @@ def render(stats: dict, previous: dict | None, interval: float) -> str:
         lines.append(f"config  lease {_secs(cfg.get('lease_s'))}  grace {_secs(cfg.get('grace_s'))}"
                      f"  reservation {_secs(cfg.get('reservation_s'))}  ttl {_secs(cfg.get('ttl_s'))}"
                      f"  idle ttl {_secs(cfg.get('idle_ttl_s'))}  idle timeout {_secs(cfg.get('idle_timeout_s'))}")
-        lines.append(f"        policy {policy}  classes {','.join(_size(c) for c in cfg.get('size_classes', []))}"
+        lines.append(f"        policy {policy}  classes {','.join(format_size(c) for c in cfg.get('size_classes', []))}"
                      f"  max keys {cfg.get('max_keys')}")
     lines.append("")
     lines.append(f"{'tenant':<12}{'class':>10}{'slots':>8}{'free':>8}{'writing':>8}{'resident':>9}{'retired':>8}"
                  f"{'leased':>8}{'resident MiB':>14}")
     for tenant, t in stats.get("tenants", {}).items():
         for c in t.get("classes", []):
-            lines.append(f"{tenant:<12}{_size(c['capacity']):>10}{c['slots']:>8}{c['free']:>8}{c['writing']:>8}"
+            lines.append(f"{tenant:<12}{format_size(c['capacity']):>10}{c['slots']:>8}{c['free']:>8}{c['writing']:>8}"
                          f"{c['resident']:>9}{c['retired']:>8}{_opt(c['leased']):>8}{c['resident_bytes'] / 2**20:>14.1f}")
     lines += ["", f"{'event (all tenants)':<28}{'total':>12}{'per s':>10}"]
     prev = (previous or {}).get("counters", {})
@@ -64,13 +64,6 @@ def _secs(v: float | None) -> str:
 
 def _opt(v: int | None) -> str:
     return "-" if v is None else str(v)
-
-
-def _size(n: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift}{unit}"
-    return str(n)
 
 
 def run(args: argparse.Namespace) -> int:
