@@ -1,4 +1,4 @@
-"""Shared by the eviction benchmarks: --record output and machine facts."""
+"""Shared by the benchmarks: --record output, machine facts and the code's version."""
 
 from __future__ import annotations
 
@@ -24,3 +24,16 @@ def record(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}-{now:%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps(payload, indent=1) + "\n")
     return path
+
+
+def code_version() -> str | None:
+    """The checkout's commit: $RDMAPOOL_CODE (for a copied tree without .git), else git's answer."""
+    import subprocess
+
+    if os.environ.get("RDMAPOOL_CODE"):
+        return os.environ["RDMAPOOL_CODE"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS.parent.parent, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

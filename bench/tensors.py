@@ -30,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import code_version  # noqa: E402
 
 from rdmapool import block  # noqa: E402
 from rdmapool.client import PoolClient, PutStatus  # noqa: E402
@@ -109,19 +112,6 @@ def bench_size(torch, transport: str, size: int, batch_bytes: int, repeat: int, 
     return r
 
 
-def _code() -> str | None:
-    """The checkout's commit: $RDMAPOOL_CODE (for a copied tree without .git), else git's answer."""
-    import subprocess
-
-    if os.environ.get("RDMAPOOL_CODE"):
-        return os.environ["RDMAPOOL_CODE"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rdmapool bench tensors", description=__doc__.splitlines()[0])
     ap.add_argument("--transports", default="tcp,shm")
@@ -152,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                     "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "device_staging_bytes": args.device_staging_bytes or "default", "python": sys.version.split()[0],
                     "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "argv": argv or sys.argv[1:],
-                    "code": _code()},
+                    "code": code_version()},
            "results": results}
     if args.record:
         name = f"tensors-{dt.date.today():%Y-%m-%d}" + (f"-{args.label}" if args.label else "")
